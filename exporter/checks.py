@@ -1,0 +1,64 @@
+"""The built-in health checks: the host against the alert thresholds, and the state dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from exporter.collectors.system import CpuUsage, SystemSampler
+from exporter.health import Check, CheckResult, Status
+
+
+def system_check(sampler: SystemSampler, thresholds: dict[str, Any]) -> Check:
+    """Degraded while CPU, memory or any filesystem is above its alert threshold."""
+    cpu = CpuUsage()
+
+    def measure() -> CheckResult:
+        snap = sampler.snapshot(cpu)
+        worst_disk = max(snap["disk_usage_ratio"].items(), key=lambda kv: kv[1],
+                         default=("", 0.0))
+        readings = {
+            "cpu_usage_percent": (snap["cpu_usage_ratio"] * 100, thresholds["cpu_usage_threshold"]),
+            "memory_usage_percent": (snap["memory_usage_ratio"] * 100,
+                                     thresholds["memory_usage_threshold"]),
+            "disk_usage_percent": (worst_disk[1] * 100, thresholds["disk_usage_threshold"]),
+        }
+        over = [f"{name.removesuffix('_percent').replace('_', ' ')} {value:.1f}% > {limit}%"
+                + (f" on {worst_disk[0]}" if name.startswith("disk") else "")
+                for name, (value, limit) in readings.items() if value > limit]
+        details = {name: round(value, 2) for name, (value, _) in readings.items()}
+        details["load1"] = snap["load1"]
+        if over:
+            return CheckResult(Status.DEGRADED, "; ".join(over), details)
+        return CheckResult(Status.HEALTHY, "within thresholds", details)
+
+    async def check() -> CheckResult:
+        return await asyncio.to_thread(measure)
+
+    return check
+
+
+def state_dir_check(path: Path) -> Check:
+    """Unhealthy when the state dir cannot take a durable write: state would not survive."""
+    probe = path / ".health-probe"
+
+    def write() -> CheckResult:
+        data = os.urandom(16)
+        with open(probe, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if probe.read_bytes() != data:
+            return CheckResult(Status.UNHEALTHY, "state dir returned different bytes")
+        return CheckResult(Status.HEALTHY, "writable", {"path": str(path)})
+
+    async def check() -> CheckResult:
+        try:
+            return await asyncio.to_thread(write)
+        except OSError as exc:
+            return CheckResult(Status.UNHEALTHY, f"cannot write {path}: {exc.strerror}",
+                               {"path": str(path)})
+
+    return check

@@ -1,0 +1,175 @@
+"""Command line: run | check-config | generate | hash-password | version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import platform
+import signal
+import ssl
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from exporter import __version__, logs
+from exporter.config import Config, ConfigError, load_config
+
+log = logging.getLogger("exporter")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="a3mailer-exporter",
+        description="Monitoring, health and login-security engines for A3Mailer, Postfix "
+                    "and Dovecot, published as Prometheus metrics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the exporter")
+    run.add_argument("--config", metavar="FILE", help="YAML file merged over the embedded "
+                                                     "defaults (default: defaults only)")
+    run.add_argument("--listen", metavar="HOST:PORT", help="overrides server.listen_address")
+    run.add_argument("--state-dir", metavar="DIR", help="overrides server.state_dir")
+
+    check = sub.add_parser("check-config", help="validate a config file: exit 0 valid, 2 not")
+    check.add_argument("file", metavar="FILE")
+
+    gen = sub.add_parser("generate", help="write the files generated from the schema, "
+                                          "the config and the metric catalogue")
+    gen.add_argument("--config", metavar="FILE", help="config whose thresholds drive the output")
+    gen.add_argument("--out", metavar="DIR", default=".", help="project root to write into")
+    gen.add_argument("--check", action="store_true",
+                     help="write nothing; exit 1 and name the stale files")
+
+    sub.add_parser("hash-password", help="read a password on stdin, print its bcrypt hash "
+                                         "for server.auth.basic_auth_users")
+    sub.add_parser("version", help="print the version")
+
+    args = parser.parse_args(argv)
+    handler = {"run": _run, "check-config": _check_config, "generate": _generate,
+               "hash-password": _hash_password, "version": _version}[args.command]
+    return handler(args)
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"a3mailer-exporter {__version__} (Python {platform.python_version()})")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from exporter.generate import generate
+
+    if args.config:
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+    changed = generate(Path(args.out), check=args.check)
+    if args.check:
+        for path in changed:
+            print(f"stale: {path} (run `a3mailer-exporter generate`)", file=sys.stderr)
+        return 1 if changed else 0
+    for path in changed:
+        print(f"wrote {path}")
+    return 0
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    import bcrypt
+
+    password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
+    password = password.rstrip("\r\n")
+    if not password:
+        print("empty password", file=sys.stderr)
+        return 2
+    print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=10)).decode())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    server: dict[str, Any] = {}
+    if args.listen:
+        server["listen_address"] = args.listen
+    if args.state_dir:
+        server["state_dir"] = args.state_dir
+    try:
+        config = load_config(args.config, {"server": server} if server else None)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logs.setup(config["logging"]["level"], config["logging"]["format"])
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(serve(config))
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def serve(config: Config) -> int:
+    """Runs until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    import uvicorn
+
+    from exporter.http import create_app
+    from exporter.service import Exporter
+
+    class Server(uvicorn.Server):
+        # We own the signal handlers (SIGHUP reloads; SIGTERM exits 0 after draining).
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            return nullcontext()
+
+    exporter = Exporter(config)
+    host, port = split_listen(config["server"]["listen_address"])
+    tls = config["server"]["tls"]
+    uv_config = uvicorn.Config(
+        create_app(exporter), host=host, port=port, lifespan="off", log_config=None,
+        access_log=False, server_header=False, proxy_headers=False,
+        timeout_graceful_shutdown=int(config.seconds("server", "graceful_shutdown_timeout")),
+        ssl_certfile=tls["cert_file"] or None, ssl_keyfile=tls["key_file"] or None,
+        ssl_ca_certs=tls["client_ca_file"] or None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls["client_ca_file"] else ssl.CERT_NONE,
+    )
+    server = Server(uv_config)
+    loop = asyncio.get_running_loop()
+
+    def stop(signame: str) -> None:
+        log.info("shutting down", extra={"signal": signame})
+        server.should_exit = True
+
+    loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, exporter.reload)
+    await exporter.start()
+    log.info("exporter started", extra={"version": __version__, "listen": f"{host}:{port}",
+                                        "config": config.source,
+                                        "state_dir": str(exporter.state_dir)})
+    try:
+        await server.serve()
+    finally:
+        await exporter.stop()
+    if not server.started:
+        return 1
+    log.info("exporter stopped")
+    return 0

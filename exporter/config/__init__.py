@@ -1,0 +1,23 @@
+"""The one config model: YAML validated by config.schema.json, merged over defaults.yaml."""
+
+from exporter.config.loader import (
+    DEFAULTS_PATH,
+    SCHEMA_PATH,
+    Config,
+    ConfigError,
+    load_config,
+    load_schema,
+    parse_duration,
+    read_secret,
+)
+
+__all__ = [
+    "DEFAULTS_PATH",
+    "SCHEMA_PATH",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "load_schema",
+    "parse_duration",
+    "read_secret",
+]

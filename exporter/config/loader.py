@@ -1,0 +1,316 @@
+"""Loads YAML config files and reports every problem as FILE:LINE: key.path: message.
+
+The embedded defaults (defaults.yaml) are loaded first; a user file is validated
+on its own (so line numbers point into it) and then merged over them.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+SCHEMA_PATH = CONFIG_DIR / "config.schema.json"
+DEFAULTS_PATH = CONFIG_DIR / "defaults.yaml"
+
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One config error, located in its file."""
+
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """All the problems found in one config file, reported together."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class Config:
+    """The merged, validated configuration: plain nested dicts, keyed as in the schema."""
+
+    data: dict[str, Any]
+    source: str = "(embedded defaults)"
+    path: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def seconds(self, *keys: str) -> float:
+        """A duration value, in seconds."""
+        value: Any = self.data
+        for key in keys:
+            value = value[key]
+        return parse_duration(value)
+
+
+def parse_duration(text: str) -> float:
+    """'30s' -> 30.0, '1h30m' -> 5400.0. The schema's pattern has already checked the form."""
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"bad duration {text!r}")
+    return total
+
+
+def read_secret(section: Mapping[str, Any], name: str) -> str | None:
+    """A secret from `<name>_file` or `<name>_env`; None when neither is set.
+
+    Secrets never live inline in the config, so they stay out of ConfigMaps and logs.
+    """
+    path = section.get(f"{name}_file") or ""
+    if path:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    env = section.get(f"{name}_env") or ""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise KeyError(f"environment variable {env} named by {name}_env is not set")
+        return value
+    return None
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open(encoding="utf-8") as fh:
+        schema: dict[str, Any] = json.load(fh)
+    return schema
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(
+        load_schema(), format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER
+    )
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Defaults, then the user file, then command-line overrides ({"server": {...}})."""
+    data = copy.deepcopy(_defaults())
+    source = "(embedded defaults)"
+    positions: dict[Path_, tuple[int, int]] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([Problem(source, 0, "", f"cannot read: {exc.strerror}")]) from exc
+        user, positions = _load_text(text, source)
+        data = merge(data, user)
+    if overrides:
+        data = merge(data, dict(overrides))
+    problems = _semantic_problems(data, source, positions)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        data=data,
+        source=source,
+        path=Path(path) if path is not None else None,
+        overrides=dict(overrides or {}),
+    )
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else (lists included) replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    data, _ = _load_text(DEFAULTS_PATH.read_text(encoding="utf-8"), str(DEFAULTS_PATH))
+    return data
+
+
+def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[int, int]]]:
+    """Parses and schema-checks one file; returns its data and the line of every key."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else 0
+            raise ConfigError([Problem(name, line, "", f"invalid YAML: {exc.problem}")]) from exc
+        if node is None:
+            return {}, {}
+        positions: dict[Path_, tuple[int, int]] = {}
+        problems = _index_node(node, (), positions, name)
+        data = loader.construct_document(node)
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(name, node.start_mark.line + 1, "", "must be a mapping")])
+    problems += _schema_problems(data, positions, name)
+    if problems:
+        problems.sort(key=lambda p: (p.line, p.path))
+        raise ConfigError(problems)
+    return data, positions
+
+
+def _index_node(
+    node: yaml.Node, path: Path_, positions: dict[Path_, tuple[int, int]], name: str
+) -> list[Problem]:
+    """Records (value line, key line) for every path; finds duplicate keys."""
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            child = (*path, key)
+            if key in seen:
+                problems.append(
+                    Problem(name, key_node.start_mark.line + 1, _dotted(child), "duplicate key")
+                )
+            seen.add(key)
+            positions[child] = (value_node.start_mark.line + 1, key_node.start_mark.line + 1)
+            problems += _index_node(value_node, child, positions, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = (*path, index)
+            positions[child] = (item.start_mark.line + 1, item.start_mark.line + 1)
+            problems += _index_node(item, child, positions, name)
+    return problems
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problems(
+    data: dict[str, Any], positions: dict[Path_, tuple[int, int]], name: str
+) -> list[Problem]:
+    problems = []
+    for error in _validator().iter_errors(data):
+        for path, message, on_key in _explain(error):
+            line = _line_for(path, positions, on_key)
+            problems.append(Problem(name, line, _dotted(path), message))
+    return problems
+
+
+def _line_for(path: Path_, positions: dict[Path_, tuple[int, int]], on_key: bool) -> int:
+    while path:
+        if path in positions:
+            value_line, key_line = positions[path]
+            return key_line if on_key else value_line
+        path = path[:-1]
+    return 1
+
+
+def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]:
+    """Turns a jsonschema error into (path, message, points-at-key) in the user's words."""
+    path: Path_ = tuple(error.absolute_path)
+    value = error.instance
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(value, dict):
+        known = list(schema.get("properties", {}))
+        out = []
+        for key in sorted(set(value) - set(known), key=str):
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            out.append(((*path, key), f"unknown key{suggestion}", True))
+        if out:
+            return out
+    if error.validator == "type":
+        return [(path, f"wrong type: expected {error.validator_value}, got {_describe(value)}", False)]
+    if error.validator == "pattern" and schema.get("pattern") == _duration_pattern():
+        return [
+            (path, f"bad duration {value!r}: expected a positive number followed by "
+             "ms, s, m, h, d or w (e.g. 30s, 5m, 24h)", False)
+        ]
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bound = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
+                 "exclusiveMaximum": "<"}[str(error.validator)]
+        return [(path, f"out of range: {value!r} must be {bound} {error.validator_value}", False)]
+    if error.validator == "enum":
+        choices = ", ".join(repr(v) for v in error.validator_value)
+        return [(path, f"must be one of {choices}, got {value!r}", False)]
+    return [(path, error.message, False)]
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}" if not isinstance(value, (dict, list)) else kind
+
+
+def _duration_pattern() -> str:
+    pattern: str = load_schema()["definitions"]["duration"]["pattern"]
+    return pattern
+
+
+def _semantic_problems(
+    data: dict[str, Any], source: str, positions: dict[Path_, tuple[int, int]]
+) -> list[Problem]:
+    """Checks a schema cannot express, on the merged result."""
+    problems = []
+
+    def problem(path: Path_, message: str) -> None:
+        problems.append(Problem(source, _line_for(path, positions, True), _dotted(path), message))
+
+    mon = data["monitoring"]
+    if parse_duration(mon["health_check_timeout"]) > parse_duration(mon["health_check_interval"]):
+        problem(("monitoring", "health_check_timeout"),
+                "must not exceed monitoring.health_check_interval")
+    seen: set[str] = set()
+    for index, metric in enumerate(mon["custom_metrics"]):
+        if metric["name"] in seen:
+            problem(("monitoring", "custom_metrics", index, "name"),
+                    f"metric {metric['name']!r} declared twice")
+        seen.add(metric["name"])
+    for section, name in ((("server",), "admin_token"), (("server", "auth"), "bearer_token")):
+        values: Any = data
+        for key in section:
+            values = values[key]
+        try:
+            read_secret(values, name)
+        except (OSError, KeyError) as exc:
+            which = f"{name}_file" if values.get(f"{name}_file") else f"{name}_env"
+            reason = exc.strerror if isinstance(exc, OSError) else exc.args[0]
+            problem((*section, which), f"cannot read secret: {reason}")
+    tls = data["server"]["tls"]
+    if bool(tls["cert_file"]) != bool(tls["key_file"]):
+        problem(("server", "tls"), "cert_file and key_file go together")
+    return problems

@@ -1,0 +1,186 @@
+"""Route table and thin endpoints: parse, call one engine method, format."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_OM
+from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from exporter.config import Config
+from exporter.custom_metrics import UPDATE_SCHEMA, UpdateError
+from exporter.exposition import CONTENT_TYPE_TEXT, render_text
+from exporter.http.auth import ListenerAuth
+from exporter.http.middleware import Guard
+from exporter.http.openapi import openapi_document
+from exporter.service import Exporter
+
+_update_validator = jsonschema.Draft7Validator(UPDATE_SCHEMA)
+GZIP_MIN_BYTES = 1024
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
+
+
+def create_app(exporter: Exporter) -> ASGIApp:
+    """The ASGI app for one Exporter; the Guard in front rebuilds its auth on reload."""
+    config = exporter.config
+
+    async def metrics(request: Request) -> Response:
+        if not exporter.config["monitoring"]["enable_prometheus"]:
+            return error(404, "not_found", "/metrics is disabled (monitoring.enable_prometheus)")
+        openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+        body = await run_in_threadpool(_render, exporter, openmetrics)
+        headers = {"content-type": CONTENT_TYPE_OM if openmetrics else CONTENT_TYPE_TEXT}
+        if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers["content-encoding"] = "gzip"
+        headers["vary"] = "Accept, Accept-Encoding"
+        return Response(body, headers=headers)
+
+    async def livez(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        ready, reasons = exporter.health.ready()
+        if ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+
+    async def health(request: Request) -> Response:
+        if not exporter.config["monitoring"]["enable_health_endpoint"]:
+            return error(404, "not_found", "the health document is disabled "
+                                           "(monitoring.enable_health_endpoint)")
+        return JSONResponse(exporter.health.report())
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(exporter.config))
+
+    async def reload(request: Request) -> Response:
+        denied = _admin_denied(request)
+        if denied:
+            return denied
+        problems = exporter.reload()
+        if problems:
+            return error(400, "invalid_config", "config rejected; the previous config keeps "
+                                                "running", problems=problems)
+        return JSONResponse({"status": "reloaded", "source": exporter.config.source})
+
+    async def history(request: Request) -> Response:
+        try:
+            start = _time_param(request, "start")
+            end = _time_param(request, "end")
+            limit_text = request.query_params.get("limit")
+            limit = int(limit_text) if limit_text else None
+            if limit is not None and limit < 1:
+                raise ValueError("limit must be >= 1")
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        entries = exporter.history.query(start, end, limit)
+        return JSONResponse({
+            "retention_seconds": exporter.history.retention,
+            "interval_seconds": exporter.history.interval,
+            "capacity": exporter.history.capacity,
+            "count": len(entries),
+            "entries": entries,
+        })
+
+    async def custom_metric(request: Request) -> Response:
+        denied = _admin_denied(request)
+        if denied:
+            return denied
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "bad_request", "body must be JSON")
+        problems = sorted(_update_validator.iter_errors(body), key=lambda e: list(e.path))
+        if problems:
+            where = ".".join(str(p) for p in problems[0].absolute_path) or "(body)"
+            return error(400, "bad_request", f"{where}: {problems[0].message}")
+        name = request.path_params["name"]
+        try:
+            value = exporter.custom.update(name, body)
+        except UpdateError as exc:
+            return error(exc.status, exc.code, exc.reason)
+        metric = exporter.custom.metrics[name]
+        return JSONResponse({"metric": metric.spec.name, "labels": body.get("labels", {}),
+                             "value": value})
+
+    def _admin_denied(request: Request) -> Response | None:
+        status = guard.auth.admin_status(request.headers.get("authorization"))
+        if status == 403:
+            return error(403, "forbidden", "admin endpoints are disabled: set "
+                                           "server.admin_token_file or server.admin_token_env")
+        if status == 401:
+            return error(401, "unauthorized", "admin bearer token required",
+                         headers={"www-authenticate": "Bearer"})
+        return None
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        code = getattr(exc, "status_code", 404)
+        if code == 405:
+            return error(405, "method_not_allowed", f"{request.method} not allowed on "
+                                                    f"{request.url.path}")
+        if code == 404:
+            return error(404, "not_found", f"no route {request.url.path}")
+        return error(code, "error", str(getattr(exc, "detail", "")))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error(500, "internal_error", "internal error; see the exporter log")
+
+    routes = [
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route(config["monitoring"]["health_endpoint_path"], health, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/-/reload", reload, methods=["POST"]),
+        Route("/api/v1/monitoring/history", history, methods=["GET"]),
+        Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found,
+                                                       500: server_error})
+    guard = Guard(app, exporter, ListenerAuth(config["server"]))
+
+    def rebuild_auth(new: Config) -> None:
+        guard.auth = ListenerAuth(new["server"])
+
+    exporter.on_reload.append(rebuild_auth)
+    return guard
+
+
+def _render(exporter: Exporter, openmetrics: bool) -> bytes:
+    if openmetrics:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(exporter.scrape)
+        return bytes(render_openmetrics(registry))
+    return render_text(exporter.scrape.collect())
+
+
+def _time_param(request: Request, name: str) -> float | None:
+    """A Unix timestamp or an RFC 3339 time, as Prometheus's API takes them."""
+    text = request.query_params.get(name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"{name}: expected a Unix timestamp or RFC 3339 time, "
+                         f"got {text!r}") from None

@@ -1,0 +1,94 @@
+"""Listener authentication (like Prometheus's web config) and the admin token.
+
+Basic-auth passwords are stored as bcrypt hashes only; a verified pair is
+remembered by its SHA-256 so bcrypt's deliberate slowness is paid once per
+credential, not per scrape. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import bcrypt
+
+from exporter.config import read_secret
+
+log = logging.getLogger(__name__)
+
+_CACHE_SIZE = 1024
+# bcrypt of a random password: checked against for unknown users so timing tells nothing.
+_DUMMY_HASH = bcrypt.hashpw(b"unknown-user", bcrypt.gensalt(rounds=10))
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8")).digest()
+
+
+class ListenerAuth:
+    def __init__(self, server: dict[str, Any]):
+        auth = server["auth"]
+        self.users: dict[str, bytes] = {
+            user: hashed.encode("ascii") for user, hashed in auth["basic_auth_users"].items()}
+        token = read_secret(auth, "bearer_token")
+        admin = read_secret(server, "admin_token")
+        self.bearer = _digest(token) if token else None
+        self.admin = _digest(admin) if admin else None
+        self.open_paths = frozenset(auth["unauthenticated_paths"])
+        self.required = bool(self.users or self.bearer)
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._bcrypt_slots = asyncio.Semaphore(2)
+
+    def needs_auth(self, path: str) -> bool:
+        return self.required and path not in self.open_paths
+
+    async def allows(self, authorization: str | None) -> bool:
+        """Whether the Authorization header passes the listener's authentication."""
+        if not authorization:
+            return False
+        scheme, _, credentials = authorization.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            digest = _digest(credentials.strip())
+            return any(hmac.compare_digest(digest, known)
+                       for known in (self.bearer, self.admin) if known is not None)
+        if scheme == "basic" and self.users:
+            return await self._basic(credentials.strip())
+        return False
+
+    async def _basic(self, credentials: str) -> bool:
+        try:
+            user, sep, password = base64.b64decode(credentials, validate=True).decode(
+                "utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return True
+        hashed = self.users.get(user, _DUMMY_HASH)
+        async with self._bcrypt_slots:
+            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode("utf-8"), hashed)
+        if ok and user in self.users:
+            self._verified[key] = None
+            if len(self._verified) > _CACHE_SIZE:
+                self._verified.popitem(last=False)
+            return True
+        return False
+
+    def admin_status(self, authorization: str | None) -> int:
+        """200 when the header carries the admin token, 401 when not, 403 when none is set."""
+        if self.admin is None:
+            return 403
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(_digest(token.strip()), self.admin):
+            return 200
+        return 401

@@ -1,0 +1,69 @@
+"""Counters and histograms for the exporter's own hot paths.
+
+Recording is a dict update on the event-loop thread, with no lock and no
+per-child object (prometheus_client's Counter takes a lock and a label lookup
+per call); a scrape copies the dict and builds catalogued families. Record from
+one thread only: the event loop. benchmarks/bench_record.py measures the cost.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client.core import Metric
+
+from exporter import catalogue
+
+# Prometheus client default buckets, in seconds: suited to request latencies.
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+
+class CounterVec:
+    """A catalogued counter, one value per label tuple."""
+
+    def __init__(self, name: str):
+        self.spec = catalogue.METRICS[name]
+        self._values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        values = self._values
+        values[labels] = values.get(labels, 0.0) + amount
+
+    def value(self, labels: tuple[str, ...] = ()) -> float:
+        return self._values.get(labels, 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        fam = catalogue.family(self.spec.name)
+        for labels, value in tuple(self._values.items()):
+            fam.add_metric(list(labels), value)
+        yield fam
+
+
+class HistogramVec:
+    """A catalogued histogram, one set of bucket counts per label tuple."""
+
+    def __init__(self, name: str, buckets: Sequence[float] = DEFAULT_BUCKETS):
+        self.spec = catalogue.METRICS[name]
+        self.bounds = tuple(sorted(buckets))
+        # label tuple -> [count per bucket (non-cumulative, last is +Inf)..., sum]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self.bounds) + 2)
+        series[bisect_left(self.bounds, value)] += 1
+        series[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        fam = catalogue.family(self.spec.name)
+        bounds = [*(repr(float(b)) for b in self.bounds), "+Inf"]
+        for labels, series in tuple(self._series.items()):
+            counts = series[:-1]
+            cumulative, running = [], 0.0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            fam.add_metric(list(labels), cumulative, series[-1])
+        yield fam
