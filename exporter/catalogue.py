@@ -9,6 +9,7 @@ prefix a3mailer_, base units, _total on counters, bounded labels only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -152,8 +153,11 @@ def custom_spec(name: str, type_: str, help_: str, labels: list[str]) -> MetricS
     return MetricSpec(full, type_, "", help_, tuple(labels), "custom")
 
 
-def family(name: str, spec: MetricSpec | None = None) -> Metric:
-    """An empty metric family for a catalogued metric; add samples with add_metric()."""
+def family(name: str, spec: MetricSpec | None = None) -> Any:
+    """An empty metric family for a catalogued metric; add samples with add_metric().
+
+    Typed Any: the family classes' add_metric() signatures differ by type.
+    """
     spec = spec or METRICS[name]
     if spec.type == "counter":
         return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)

@@ -10,6 +10,7 @@ component is healthy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -141,10 +142,8 @@ class HealthEngine:
         while True:
             await self.run_once()
             self._wakeup.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.interval)
-            except TimeoutError:
-                pass
 
     def wake(self) -> None:
         """Runs the next round now (after a reload, say)."""

@@ -254,7 +254,8 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
         if out:
             return out
     if error.validator == "type":
-        return [(path, f"wrong type: expected {error.validator_value}, got {_describe(value)}", False)]
+        expected = error.validator_value
+        return [(path, f"wrong type: expected {expected}, got {_describe(value)}", False)]
     if error.validator == "pattern" and schema.get("pattern") == _duration_pattern():
         return [
             (path, f"bad duration {value!r}: expected a positive number followed by "
@@ -265,7 +266,7 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
                  "exclusiveMaximum": "<"}[str(error.validator)]
         return [(path, f"out of range: {value!r} must be {bound} {error.validator_value}", False)]
     if error.validator == "enum":
-        choices = ", ".join(repr(v) for v in error.validator_value)
+        choices = ", ".join(repr(v) for v in error.schema["enum"])  # type: ignore[index]
         return [(path, f"must be one of {choices}, got {value!r}", False)]
     return [(path, error.message, False)]
 

@@ -87,6 +87,10 @@ def _type_of(prop: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _default(prop: dict[str, Any]) -> str:
+    return f"`{json.dumps(prop['default'])}`" if "default" in prop else "required"
+
+
 def configuration_md() -> str:
     schema = load_schema()
     out = [
@@ -113,7 +117,7 @@ def configuration_md() -> str:
             if prop.get("type") == "object" and "properties" in prop:
                 default = ""
             else:
-                default = f"`{json.dumps(prop.get('default'))}`" if "default" in prop else "required"
+                default = _default(prop)
             desc = prop.get("description", "").replace("|", "\\|")
             out.append(f"| `{'.'.join(path)}` | {_type_of(prop)} | {default} | {desc} |")
         out.append("")
@@ -121,7 +125,7 @@ def configuration_md() -> str:
     out += ["### `monitoring.custom_metrics[]` items", "",
             "| key | type | default | description |", "| --- | --- | --- | --- |"]
     for path, prop in _walk(custom["items"], schema):
-        default = f"`{json.dumps(prop['default'])}`" if "default" in prop else "required"
-        out.append(f"| `{path[-1]}` | {_type_of(prop)} | {default} | {prop.get('description', '')} |")
+        desc = prop.get("description", "")
+        out.append(f"| `{path[-1]}` | {_type_of(prop)} | {_default(prop)} | {desc} |")
     out.append("")
     return "\n".join(out)

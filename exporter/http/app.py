@@ -23,7 +23,7 @@ from exporter.config import Config
 from exporter.custom_metrics import UPDATE_SCHEMA, UpdateError
 from exporter.exposition import CONTENT_TYPE_TEXT, render_text
 from exporter.http.auth import ListenerAuth
-from exporter.http.middleware import Guard
+from exporter.http.middleware import BodyTooLarge, Guard
 from exporter.http.openapi import openapi_document
 from exporter.service import Exporter
 
@@ -138,6 +138,10 @@ def create_app(exporter: Exporter) -> ASGIApp:
             return error(404, "not_found", f"no route {request.url.path}")
         return error(code, "error", str(getattr(exc, "detail", "")))
 
+    async def too_large(request: Request, exc: Exception) -> Response:
+        limit = exporter.config["server"]["max_request_body_bytes"]
+        return error(413, "payload_too_large", f"request body over {limit} bytes")
+
     async def server_error(request: Request, exc: Exception) -> Response:
         return error(500, "internal_error", "internal error; see the exporter log")
 
@@ -151,8 +155,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/api/v1/monitoring/history", history, methods=["GET"]),
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found,
-                                                       500: server_error})
+    app = Starlette(routes=routes, exception_handlers={
+        HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
     guard = Guard(app, exporter, ListenerAuth(config["server"]))
 
     def rebuild_auth(new: Config) -> None:

@@ -42,7 +42,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "number", "description": "Unix time of the last check"},
         },
     }
-    admin = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "a3mailer-exporter", "version": __version__,

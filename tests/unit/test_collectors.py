@@ -1,0 +1,102 @@
+"""Collectors: the scrape framework isolates failures; the system collector reads sane values."""
+
+from __future__ import annotations
+
+import psutil
+
+from exporter.collectors import Scrape
+from exporter.collectors.system import TCP_STATES, SystemCollector, tcp_states
+from exporter.config import load_config
+from exporter.exposition import render_text
+
+
+class Broken:
+    name = "broken"
+
+    def collect(self):
+        raise RuntimeError("source down")
+
+
+class Fine:
+    name = "fine"
+
+    def collect(self):
+        from exporter import catalogue
+
+        yield catalogue.gauge("a3mailer_system_cpu_count", 4)
+
+
+def by_name(families):
+    return {f.name: f for f in families}
+
+
+def test_a_raising_collector_never_fails_the_scrape():
+    families = by_name(Scrape([Broken(), Fine()]).collect())
+    success = {s.labels["collector"]: s.value
+               for s in families["a3mailer_exporter_collector_success"].samples}
+    assert success == {"broken": 0.0, "fine": 1.0}
+    assert families["a3mailer_system_cpu_count"].samples[0].value == 4
+    durations = families["a3mailer_exporter_collector_duration_seconds"].samples
+    assert {s.labels["collector"] for s in durations} == {"broken", "fine"}
+    assert all(s.value >= 0 for s in durations)
+
+
+def values(families, name):
+    family = families.get(name) or families[name.removesuffix("_total")]  # counters drop _total
+    return {tuple(s.labels.values()): s.value for s in family.samples}
+
+
+def test_system_collector_reads_the_host():
+    collector = SystemCollector(load_config()["monitoring"])
+    families = by_name(collector.collect())
+    ratio = values(families, "a3mailer_system_cpu_usage_ratio")[()]
+    assert 0.0 <= ratio <= 1.0
+    mem = psutil.virtual_memory()
+    assert values(families, "a3mailer_system_memory_total_bytes")[()] == mem.total
+    assert 0.0 < values(families, "a3mailer_system_memory_usage_ratio")[()] < 1.0
+    disks = values(families, "a3mailer_system_disk_usage_ratio")
+    assert ("/",) in disks and 0.0 < disks[("/",)] < 1.0
+    assert not any(mp[0].startswith(("/proc", "/sys", "/dev")) for mp in disks)
+    nics = values(families, "a3mailer_system_network_receive_bytes_total")
+    assert ("lo",) not in nics  # excluded by default
+    states = values(families, "a3mailer_system_tcp_connections")
+    assert set(states) == {(s,) for s in TCP_STATES.values()}
+    assert values(families, "a3mailer_system_cpu_count")[()] == psutil.cpu_count()
+    assert values(families, "a3mailer_system_uptime_seconds")[()] > 0
+    modes = values(families, "a3mailer_system_cpu_seconds_total")
+    assert modes[("idle",)] > 0
+
+
+def test_tcp_states_counts_a_listening_socket():
+    import socket
+
+    before = tcp_states()["listen"]
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert tcp_states()["listen"] == before + 1
+
+
+def test_filters_come_from_config():
+    config = load_config(None, {"monitoring": {"system": {"mountpoints_exclude": "^/$",
+                                                          "network_devices_exclude": "^$"}}})
+    families = by_name(SystemCollector(config["monitoring"]).collect())
+    assert ("/",) not in values(families, "a3mailer_system_disk_usage_ratio")
+    assert ("lo",) in values(families, "a3mailer_system_network_receive_bytes_total")
+
+
+def test_every_emitted_metric_is_catalogued(make_exporter):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter import catalogue
+
+    exporter = make_exporter({"monitoring": {"custom_metrics": []}})
+    text = render_text(exporter.scrape.collect()).decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    catalogued = {n.removesuffix("_total") for n in catalogue.METRICS}
+    assert names - catalogued == set()
+    for family in text_string_to_metric_families(text):
+        spec = catalogue.METRICS.get(family.name) or catalogue.METRICS[family.name + "_total"]
+        assert family.documentation == spec.help
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == set(spec.labels), family.name

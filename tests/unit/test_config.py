@@ -1,0 +1,249 @@
+"""Config loading: defaults, merging, secrets, and every kind of error with FILE:LINE: key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.cli import main
+from exporter.config import ConfigError, load_config, load_schema, parse_duration
+from exporter.config.loader import merge
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_embedded_defaults_follow_the_seed():
+    config = load_config()
+    mon = config["monitoring"]
+    assert mon["collection_interval"] == "30s"
+    assert mon["health_check_interval"] == "10s"
+    assert mon["retention_period"] == "24h"
+    assert mon["alert_thresholds"] == {
+        "cpu_usage_threshold": 80, "memory_usage_threshold": 85, "disk_usage_threshold": 90,
+        "error_rate_threshold": 5, "response_time_threshold": 5000,
+        "connection_count_threshold": 1000, "queue_size_threshold": 10000}
+    sec = config["security"]
+    assert (sec["max_login_attempts"], sec["login_attempt_window"], sec["lockout_duration"]) == (
+        5, "5m", "15m")
+    assert sec["rate_limits"] == {"authenticated_requests_per_minute": 300,
+                                  "anonymous_requests_per_minute": 60, "burst_allowance": 10,
+                                  "window_duration": "60s"}
+    assert config.seconds("monitoring", "retention_period") == 86400
+
+
+def test_user_file_is_merged_over_defaults(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          alert_thresholds:
+            cpu_usage_threshold: 65
+          custom_metrics:
+            - {name: queue_depth, type: gauge, help: Messages waiting}
+    """)
+    config = load_config(path)
+    thresholds = config["monitoring"]["alert_thresholds"]
+    assert thresholds["cpu_usage_threshold"] == 65
+    assert thresholds["memory_usage_threshold"] == 85  # untouched default survives
+    assert config["monitoring"]["custom_metrics"][0]["name"] == "queue_depth"
+    assert config.source == str(path)
+
+
+def test_overrides_win_over_file(tmp_path):
+    path = write(tmp_path, "server:\n  listen_address: 127.0.0.1:1111\n")
+    config = load_config(path, {"server": {"listen_address": "127.0.0.1:2222"}})
+    assert config["server"]["listen_address"] == "127.0.0.1:2222"
+
+
+def test_merge_replaces_lists_and_merges_maps():
+    assert merge({"a": {"b": 1, "c": [1, 2]}}, {"a": {"c": [3]}}) == {"a": {"b": 1, "c": [3]}}
+
+
+def test_unknown_key_names_file_line_path_and_suggests(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          alert_thresholds:
+            cpu_usage_treshold: 70
+    """)
+    assert problems(path) == [
+        f"{path}:3: monitoring.alert_thresholds.cpu_usage_treshold: unknown key "
+        "(did you mean 'cpu_usage_threshold'?)"]
+
+
+def test_wrong_type(tmp_path):
+    path = write(tmp_path, """
+        security:
+          max_login_attempts: five
+    """)
+    assert problems(path) == [
+        f"{path}:2: security.max_login_attempts: wrong type: expected integer, got string 'five'"]
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "-5s", "0s", "10", "1.5h"])
+def test_bad_durations(tmp_path, value):
+    path = write(tmp_path, f"monitoring:\n  collection_interval: '{value}'\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:2: monitoring.collection_interval: bad duration '{value}'")
+
+
+def test_out_of_range_percentage(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          alert_thresholds:
+            disk_usage_threshold: 120
+    """)
+    assert problems(path) == [f"{path}:3: monitoring.alert_thresholds.disk_usage_threshold: "
+                              "out of range: 120 must be <= 100"]
+
+
+def test_negative_count(tmp_path):
+    path = write(tmp_path, "monitoring:\n  failure_threshold: -1\n")
+    assert problems(path) == [f"{path}:2: monitoring.failure_threshold: out of range: -1 "
+                              "must be >= 1"]
+
+
+def test_all_problems_reported_at_once_in_line_order(tmp_path):
+    path = write(tmp_path, """
+        server:
+          listen_adress: 0.0.0.0:1
+        monitoring:
+          health_check_interval: soon
+          alert_thresholds:
+            cpu_usage_threshold: 101
+        security:
+          lockout_duration: 15
+        logging:
+          level: loud
+    """)
+    found = problems(path)
+    assert [p.split(": ")[0] for p in found] == [f"{path}:{n}" for n in (2, 4, 6, 8, 10)]
+    assert "server.listen_adress: unknown key (did you mean 'listen_address'?)" in found[0]
+    assert "monitoring.health_check_interval: bad duration 'soon'" in found[1]
+    assert "out of range: 101 must be <= 100" in found[2]
+    assert "security.lockout_duration: wrong type: expected string, got integer 15" in found[3]
+    assert "logging.level: must be one of 'debug', 'info', 'warning', 'error', got 'loud'" in (
+        found[4])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "monitoring:\n  enabled: true\n   broken: [\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:3: (top level): invalid YAML")
+
+
+def test_duplicate_keys_are_errors(tmp_path):
+    path = write(tmp_path, "monitoring:\n  enabled: true\n  enabled: false\n")
+    assert problems(path) == [f"{path}:3: monitoring.enabled: duplicate key"]
+
+
+def test_list_item_paths(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          custom_metrics:
+            - name: ok_metric
+              type: gauge
+              help: fine
+            - name: bad-name
+              type: histogram
+              help: no
+    """)
+    found = problems(path)
+    assert any(p.startswith(f"{path}:6: monitoring.custom_metrics[1].name:") for p in found)
+    assert any(p.startswith(f"{path}:7: monitoring.custom_metrics[1].type: must be one of")
+               for p in found)
+
+
+def test_semantic_checks_point_at_the_key(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          health_check_interval: 2s
+          health_check_timeout: 5s
+    """)
+    assert problems(path) == [f"{path}:3: monitoring.health_check_timeout: must not exceed "
+                              "monitoring.health_check_interval"]
+
+
+def test_missing_secret_file_is_a_config_error(tmp_path):
+    path = write(tmp_path, f"server:\n  admin_token_file: {tmp_path}/nope\n")
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:2: server.admin_token_file: cannot read secret")
+
+
+def test_secrets_from_file_and_env(tmp_path, monkeypatch):
+    from exporter.config import read_secret
+
+    (tmp_path / "token").write_text("s3cret\n")
+    assert read_secret({"admin_token_file": str(tmp_path / "token")}, "admin_token") == "s3cret"
+    monkeypatch.setenv("A3_TOKEN", "from-env")
+    assert read_secret({"admin_token_env": "A3_TOKEN"}, "admin_token") == "from-env"
+    assert read_secret({}, "admin_token") is None
+    path = write(tmp_path, "server:\n  admin_token_env: A3_UNSET_VARIABLE\n")
+    [problem] = problems(path)
+    assert "server.admin_token_env: cannot read secret" in problem
+
+
+def test_secrets_have_no_inline_keys():
+    server = load_schema()["properties"]["server"]["properties"]
+    assert "admin_token" not in server
+    assert {"admin_token_file", "admin_token_env"} <= set(server)
+
+
+def test_parse_duration():
+    assert parse_duration("30s") == 30
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("2w") == 1209600
+    with pytest.raises(ValueError):
+        parse_duration("30 s")
+
+
+def test_check_config_cli_exit_codes(tmp_path, capsys):
+    good = write(tmp_path, "monitoring:\n  enabled: true\n", "good.yaml")
+    bad = write(tmp_path, "monitoring:\n  enabeld: true\n", "bad.yaml")
+    assert main(["check-config", str(good)]) == 0
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: monitoring.enabeld: unknown key (did you mean 'enabled'?)" in err
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def _walk(node, schema, path=()):
+    for key, prop in node.get("properties", {}).items():
+        yield (*path, key), prop
+        if prop.get("type") == "object":
+            yield from _walk(prop, schema, (*path, key))
+
+
+def test_every_schema_key_has_description_and_default():
+    import jsonschema
+
+    schema = load_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    for path, prop in _walk(schema, schema):
+        assert prop.get("description"), f"{'.'.join(path)} has no description"
+        assert "default" in prop, f"{'.'.join(path)} has no default"
+
+
+def test_defaults_yaml_holds_exactly_the_schema_defaults():
+    from exporter.config import DEFAULTS_PATH
+
+    schema = load_schema()
+    data = yaml.safe_load(DEFAULTS_PATH.read_text())
+    for path, prop in _walk(schema, schema):
+        if prop.get("type") == "object" and "properties" in prop:
+            continue
+        value = data
+        for key in path:
+            value = value[key]
+        assert value == prop["default"], ".".join(path)

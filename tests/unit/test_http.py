@@ -1,0 +1,257 @@
+"""The ASGI app in process: every endpoint, auth, limits, reload, readiness."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import os
+import shutil
+
+import bcrypt
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.config import load_config
+from exporter.http import create_app
+from exporter.service import Exporter
+
+
+@pytest.fixture
+def serve(config_file):
+    """Builds (exporter, client) for a config; the client talks to the app in process.
+
+    Background tasks are not started: tests drive health rounds themselves.
+    """
+
+    async def build(content=None):
+        exporter = Exporter(load_config(config_file(content)))
+        exporter.state_dir.mkdir(parents=True, exist_ok=True)
+        await exporter.health.run_once()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(exporter)),
+                                   base_url="http://exporter")
+        return exporter, client
+
+    return build
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise AssertionError(f"{name}{labels} not found")
+
+
+async def test_metrics_text_format(serve):
+    _, client = await serve()
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert 0 <= metric_value(r.text, "a3mailer_system_cpu_usage_ratio") <= 1
+    assert metric_value(r.text, "a3mailer_exporter_collector_success", collector="system") == 1
+    assert metric_value(r.text, "a3mailer_health_status", component="state_dir",
+                        status="healthy") == 1
+    assert metric_value(r.text, "a3mailer_exporter_build_info") == 1
+
+
+async def test_metrics_openmetrics_and_gzip(serve):
+    _, client = await serve()
+    r = await client.get("/metrics", headers={"accept": "application/openmetrics-text; "
+                                                        "version=1.0.0"})
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.endswith("# EOF\n")
+    r = await client.get("/metrics", headers={"accept-encoding": "gzip"})
+    assert r.headers["content-encoding"] == "gzip"
+    # httpx decodes transparently; the raw body really is gzip
+    assert b"a3mailer_system_cpu_usage_ratio" in r.content
+    raw = await client.get("/metrics", headers={"accept-encoding": "identity"})
+    assert "content-encoding" not in raw.headers
+    assert len(gzip.compress(raw.content)) < len(raw.content)
+
+
+async def test_livez_and_health_document(serve):
+    _, client = await serve()
+    assert (await client.get("/livez")).json() == {"status": "alive"}
+    doc = (await client.get("/health")).json()
+    assert doc["status"] in {"healthy", "degraded"}
+    names = {c["component"] for c in doc["components"]}
+    assert names == {"state_dir", "config", "system"}
+    for c in doc["components"]:
+        assert c["status"] in {"healthy", "degraded", "unhealthy", "unknown"}
+        assert set(c) >= {"component", "status", "message", "response_time_ms", "details",
+                          "timestamp"}
+
+
+async def test_health_path_and_switches_follow_config(serve):
+    _, client = await serve({"monitoring": {"health_endpoint_path": "/status/health",
+                                            "enable_prometheus": False}})
+    assert (await client.get("/status/health")).status_code == 200
+    assert (await client.get("/health")).status_code == 404
+    assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_readyz_turns_503_when_a_critical_component_fails(serve, tmp_path):
+    exporter, client = await serve({"monitoring": {"failure_threshold": 2}})
+    assert (await client.get("/readyz")).status_code == 200
+    shutil.rmtree(exporter.state_dir)
+    exporter.state_dir.write_text("not a directory")  # writes into it now fail
+    await exporter.health.run_once()
+    assert (await client.get("/readyz")).status_code == 200  # one failure: streak not reached
+    await exporter.health.run_once()
+    r = await client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["reasons"][0].startswith("state_dir is unhealthy: cannot write")
+    metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "a3mailer_exporter_ready") == 0
+    os.remove(exporter.state_dir)
+    exporter.state_dir.mkdir()
+    await exporter.health.run_once()
+    assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_unknown_path_and_method_give_json(serve):
+    _, client = await serve()
+    r = await client.get("/nope")
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "message": "no route /nope"}
+    r = await client.delete("/metrics")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+async def test_openapi_lists_every_route(serve):
+    _, client = await serve()
+    doc = (await client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {"/metrics", "/livez", "/readyz", "/health", "/openapi.json",
+                                 "/-/reload", "/api/v1/monitoring/history",
+                                 "/api/v1/metrics/custom/{name}"}
+
+
+def admin_config(tmp_path, extra=None):
+    token = tmp_path / "admin.token"
+    token.write_text("admin-secret\n")
+    return {"server": {"admin_token_file": str(token)}, **(extra or {})}
+
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+async def test_admin_endpoints_need_the_admin_token(serve, tmp_path):
+    _, client = await serve()
+    r = await client.post("/-/reload")
+    assert r.status_code == 403 and "admin_token_file" in r.json()["message"]
+    _, client = await serve(admin_config(tmp_path))
+    assert (await client.post("/-/reload")).status_code == 401
+    r = await client.post("/-/reload", headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert (await client.post("/-/reload", headers=ADMIN)).status_code == 200
+
+
+async def test_reload_success_and_rejection(serve, tmp_path):
+    exporter, client = await serve(admin_config(tmp_path))
+    path = exporter.config.path
+    data = yaml.safe_load(path.read_text())
+    data["monitoring"] = {"alert_thresholds": {"cpu_usage_threshold": 42}}
+    path.write_text(yaml.safe_dump(data))
+    r = await client.post("/-/reload", headers=ADMIN)
+    assert r.status_code == 200
+    assert exporter.config["monitoring"]["alert_thresholds"]["cpu_usage_threshold"] == 42
+    metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "a3mailer_exporter_config_last_reload_successful") == 1
+
+    data["monitoring"] = {"alert_thresholds": {"cpu_usage_threshold": 420}}
+    path.write_text(yaml.safe_dump(data))
+    r = await client.post("/-/reload", headers=ADMIN)
+    assert r.status_code == 400
+    assert "out of range: 420 must be <= 100" in r.json()["problems"][0]
+    assert exporter.config["monitoring"]["alert_thresholds"]["cpu_usage_threshold"] == 42
+    metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "a3mailer_exporter_config_last_reload_successful") == 0
+    for _ in range(3):  # failure_threshold
+        await exporter.health.run_once()
+    config_health = [c for c in (await client.get("/health")).json()["components"]
+                     if c["component"] == "config"][0]
+    assert config_health["status"] == "degraded"
+
+
+async def test_custom_metrics_endpoint(serve, tmp_path):
+    _, client = await serve(admin_config(tmp_path, {"monitoring": {"custom_metrics": [
+        {"name": "queue_depth", "type": "gauge", "help": "Messages waiting",
+         "labels": ["queue"], "max_series": 1}]}}))
+    url = "/api/v1/metrics/custom/queue_depth"
+    assert (await client.post(url, json={"value": 1})).status_code == 401
+    r = await client.post(url, json={"value": 7, "labels": {"queue": "active"}}, headers=ADMIN)
+    assert r.status_code == 200
+    assert r.json() == {"metric": "a3mailer_custom_queue_depth", "labels": {"queue": "active"},
+                        "value": 7.0}
+    metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "a3mailer_custom_queue_depth", queue="active") == 7
+    r = await client.post(url, json={"value": "seven", "labels": {"queue": "a"}}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["message"].startswith("value:")
+    r = await client.post(url, json={"value": 1, "labels": {"queue": "other"}}, headers=ADMIN)
+    assert r.status_code == 422
+    r = await client.post(url, content=b"{not json", headers=ADMIN)
+    assert r.status_code == 400
+    r = await client.post("/api/v1/metrics/custom/undeclared", json={"value": 1}, headers=ADMIN)
+    assert r.status_code == 404
+
+
+async def test_body_size_limit(serve, tmp_path):
+    _, client = await serve(admin_config(tmp_path, {"server": {
+        "admin_token_file": str(tmp_path / "admin.token"), "max_request_body_bytes": 1024}}))
+    r = await client.post("/-/reload", content=b"x" * 5000, headers=ADMIN)
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
+
+    async def chunks():  # no content-length: counted while streaming
+        for _ in range(5):
+            yield b"y" * 1000
+
+    r = await client.post("/api/v1/metrics/custom/x", content=chunks(), headers=ADMIN)
+    assert r.status_code == 413
+
+
+async def test_basic_and_bearer_listener_auth(serve, tmp_path):
+    token = tmp_path / "bearer"
+    token.write_text("scrape-token")
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    _, client = await serve({"server": {"auth": {"basic_auth_users": {"prom": hashed},
+                                                 "bearer_token_file": str(token)}}})
+    assert (await client.get("/metrics")).status_code == 401
+    assert (await client.get("/livez")).status_code == 200  # open for kubelet
+    assert (await client.get("/readyz")).status_code == 200
+    good = base64.b64encode(b"prom:pw").decode()
+    bad = base64.b64encode(b"prom:nope").decode()
+    ghost = base64.b64encode(b"ghost:pw").decode()
+    assert (await client.get("/metrics", headers={"authorization": f"Basic {good}"})
+            ).status_code == 200
+    assert (await client.get("/metrics", headers={"authorization": f"Basic {good}"})
+            ).status_code == 200  # cached path
+    for header in (f"Basic {bad}", f"Basic {ghost}", "Basic !!!", "Bearer nope", "Token x"):
+        assert (await client.get("/metrics", headers={"authorization": header})
+                ).status_code == 401, header
+    assert (await client.get("/metrics", headers={"authorization": "Bearer scrape-token"})
+            ).status_code == 200
+
+
+async def test_history_endpoint(serve):
+    exporter, client = await serve()
+    exporter.history.add({"n": 1}, now=1000)
+    exporter.history.add({"n": 2}, now=2000)
+    doc = (await client.get("/api/v1/monitoring/history", params={"start": 1500})).json()
+    assert [e["n"] for e in doc["entries"]] == [2]
+    doc = (await client.get("/api/v1/monitoring/history",
+                            params={"start": "1970-01-01T00:15:00Z",
+                                    "end": "1970-01-01T00:20:00Z"})).json()
+    assert [e["n"] for e in doc["entries"]] == [1]
+    assert doc["capacity"] == 2881 and doc["interval_seconds"] == 30
+    r = await client.get("/api/v1/monitoring/history", params={"start": "yesterday"})
+    assert r.status_code == 400
+
+
+async def test_requests_are_counted_by_route_template(serve, tmp_path):
+    exporter, client = await serve(admin_config(tmp_path))
+    await client.post("/api/v1/metrics/custom/a", json={"value": 1}, headers=ADMIN)
+    await client.get("/nope")
+    assert exporter.http_requests.value(("/api/v1/metrics/custom/{name}", "404")) == 1
+    assert exporter.http_requests.value(("other", "404")) == 1
