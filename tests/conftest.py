@@ -37,3 +37,22 @@ def make_exporter(config_file):
         return exporter
 
     return build
+
+
+@pytest.fixture
+def exporter_process(tmp_path: Path):
+    """Starts the real exporter (`python -m exporter run`) and always stops it."""
+    from tests.exporter_process import ExporterProcess
+
+    started: list[ExporterProcess] = []
+
+    def start(config: Path | None = None, **kwargs) -> ExporterProcess:
+        workdir = tmp_path / f"exporter{len(started)}"
+        workdir.mkdir()
+        proc = ExporterProcess(workdir, config, **kwargs)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
