@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -23,8 +24,12 @@ from exporter.config import read_secret
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 1024
-# bcrypt of a random password: checked against for unknown users so timing tells nothing.
-_DUMMY_HASH = bcrypt.hashpw(b"unknown-user", bcrypt.gensalt(rounds=10))
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Checked against for unknown users, so timing does not tell which users exist."""
+    return bcrypt.hashpw(b"unknown-user", bcrypt.gensalt(rounds=10))
 
 
 def _digest(value: str) -> bytes:
@@ -74,7 +79,7 @@ class ListenerAuth:
         if key in self._verified:
             self._verified.move_to_end(key)
             return True
-        hashed = self.users.get(user, _DUMMY_HASH)
+        hashed = self.users.get(user) or _dummy_hash()
         async with self._bcrypt_slots:
             ok = await asyncio.to_thread(bcrypt.checkpw, password.encode("utf-8"), hashed)
         if ok and user in self.users:
