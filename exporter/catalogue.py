@@ -80,7 +80,7 @@ _SPECS = [
           (), "system"),
     _spec("a3mailer_system_cpu_seconds_total", "counter", "seconds",
           "CPU time spent in each mode, summed over all CPUs.", ("mode",), "system"),
-    _spec("a3mailer_system_cpu_count", "gauge", "", "Logical CPUs.", (), "system"),
+    _spec("a3mailer_system_cpus", "gauge", "", "Logical CPUs.", (), "system"),
     _spec("a3mailer_system_load1", "gauge", "", "1-minute load average.", (), "system"),
     _spec("a3mailer_system_load5", "gauge", "", "5-minute load average.", (), "system"),
     _spec("a3mailer_system_load15", "gauge", "", "15-minute load average.", (), "system"),

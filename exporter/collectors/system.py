@@ -171,7 +171,7 @@ class SystemCollector:
             if hasattr(times, mode):
                 seconds.add_metric([mode], getattr(times, mode))
         yield seconds
-        yield catalogue.gauge("a3mailer_system_cpu_count", psutil.cpu_count() or 0)
+        yield catalogue.gauge("a3mailer_system_cpus", psutil.cpu_count() or 0)
         load1, load5, load15 = os.getloadavg()
         yield catalogue.gauge("a3mailer_system_load1", load1)
         yield catalogue.gauge("a3mailer_system_load5", load5)

@@ -23,7 +23,7 @@ class Fine:
     def collect(self):
         from exporter import catalogue
 
-        yield catalogue.gauge("a3mailer_system_cpu_count", 4)
+        yield catalogue.gauge("a3mailer_system_cpus", 4)
 
 
 def by_name(families):
@@ -35,7 +35,7 @@ def test_a_raising_collector_never_fails_the_scrape():
     success = {s.labels["collector"]: s.value
                for s in families["a3mailer_exporter_collector_success"].samples}
     assert success == {"broken": 0.0, "fine": 1.0}
-    assert families["a3mailer_system_cpu_count"].samples[0].value == 4
+    assert families["a3mailer_system_cpus"].samples[0].value == 4
     durations = families["a3mailer_exporter_collector_duration_seconds"].samples
     assert {s.labels["collector"] for s in durations} == {"broken", "fine"}
     assert all(s.value >= 0 for s in durations)
@@ -61,7 +61,7 @@ def test_system_collector_reads_the_host():
     assert ("lo",) not in nics  # excluded by default
     states = values(families, "a3mailer_system_tcp_connections")
     assert set(states) == {(s,) for s in TCP_STATES.values()}
-    assert values(families, "a3mailer_system_cpu_count")[()] == psutil.cpu_count()
+    assert values(families, "a3mailer_system_cpus")[()] == psutil.cpu_count()
     assert values(families, "a3mailer_system_uptime_seconds")[()] > 0
     modes = values(families, "a3mailer_system_cpu_seconds_total")
     assert modes[("idle",)] > 0
