@@ -126,8 +126,9 @@ _SPECS = [
     _spec("a3mailer_system_network_transmit_drops_total", "counter", "",
           "Outgoing packets dropped on the network device.", ("device",), "system"),
     _spec("a3mailer_system_tcp_connections", "gauge", "",
-          "TCP sockets (IPv4 and IPv6) in each state; state=\"established\" is the seed's "
-          "active_connections.", ("state",), "system"),
+          "TCP sockets (IPv4 and IPv6) by state: established (the seed's active_connections) "
+          "and time_wait, or every state with monitoring.system.tcp_state_detail.",
+          ("state",), "system"),
     _spec("a3mailer_system_boot_time_seconds", "gauge", "seconds",
           "Unix time the host booted.", (), "system"),
     _spec("a3mailer_system_uptime_seconds", "gauge", "seconds",

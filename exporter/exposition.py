@@ -1,9 +1,10 @@
-"""Renders metric families as Prometheus text format 0.0.4.
+"""Renders metric families as Prometheus text format 0.0.4 or OpenMetrics 1.0.
 
-Same output as prometheus_client.generate_latest (label order aside), written
-for speed: our names are always legacy-valid, so there is no per-sample name
-check or label-name escaping, and label values are escaped only when they hold
-a character that needs it. benchmarks/bench_scrape.py measures the difference.
+Same output as prometheus_client's two generate_latest functions (label order
+aside), written for speed: our names are always legacy-valid, so there is no
+per-sample name check or label-name escaping, and label values are escaped only
+when they hold a character that needs it. Prometheus 2.x asks for OpenMetrics
+first, so both formats are on the hot path. benchmarks/bench_scrape.py measures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from prometheus_client.core import Metric
 
 CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 _TYPE_MAP = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram",
              "unknown": "untyped"}
@@ -36,6 +38,10 @@ def _number(value: float) -> str:
     return "+Inf" if value > 0 else "-Inf"
 
 
+def _labelset(labels: dict[str, str]) -> str:
+    return ",".join([f'{k}="{_escape(v)}"' for k, v in labels.items()])
+
+
 def render_text(families: Iterable[Metric]) -> bytes:
     out: list[str] = []
     append = out.append
@@ -53,8 +59,7 @@ def render_text(families: Iterable[Metric]) -> bytes:
         for sample in family.samples:
             sname, labels, ts = sample.name, sample.labels, sample.timestamp
             if labels:
-                pairs = ",".join([f'{k}="{_escape(v)}"' for k, v in labels.items()])
-                line = f"{sname}{{{pairs}}} {_number(sample.value)}"
+                line = f"{sname}{{{_labelset(labels)}}} {_number(sample.value)}"
             else:
                 line = f"{sname} {_number(sample.value)}"
             if ts is not None:
@@ -66,4 +71,32 @@ def render_text(families: Iterable[Metric]) -> bytes:
         for suffix, lines in sorted(deferred.items()):
             append(f"# HELP {name}{suffix} {doc}\n# TYPE {name}{suffix} gauge\n")
             out.extend(lines)
+    return "".join(out).encode("utf-8")
+
+
+def render_openmetrics(families: Iterable[Metric]) -> bytes:
+    """OpenMetrics 1.0 text, with exemplars (e.g. trace_id on latency buckets)."""
+    out: list[str] = []
+    append = out.append
+    for family in families:
+        name = family.name
+        doc = _escape(family.documentation)
+        append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
+        if family.unit:
+            append(f"# UNIT {name} {family.unit}\n")
+        for sample in family.samples:
+            labels = sample.labels
+            if labels:
+                line = f"{sample.name}{{{_labelset(labels)}}} {_number(sample.value)}"
+            else:
+                line = f"{sample.name} {_number(sample.value)}"
+            if sample.timestamp is not None:
+                line += f" {sample.timestamp}"
+            exemplar = sample.exemplar
+            if exemplar:
+                line += f" # {{{_labelset(exemplar.labels)}}} {_number(exemplar.value)}"
+                if exemplar.timestamp is not None:
+                    line += f" {exemplar.timestamp}"
+            append(line + "\n")
+    append("# EOF\n")
     return "".join(out).encode("utf-8")

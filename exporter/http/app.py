@@ -8,9 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import jsonschema
-from prometheus_client import CollectorRegistry
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_OM
-from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -21,7 +18,12 @@ from starlette.types import ASGIApp
 
 from exporter.config import Config
 from exporter.custom_metrics import UPDATE_SCHEMA, UpdateError
-from exporter.exposition import CONTENT_TYPE_TEXT, render_text
+from exporter.exposition import (
+    CONTENT_TYPE_OPENMETRICS,
+    CONTENT_TYPE_TEXT,
+    render_openmetrics,
+    render_text,
+)
 from exporter.http.auth import ListenerAuth
 from exporter.http.middleware import BodyTooLarge, Guard
 from exporter.http.openapi import openapi_document
@@ -44,7 +46,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
             return error(404, "not_found", "/metrics is disabled (monitoring.enable_prometheus)")
         openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
         body = await run_in_threadpool(_render, exporter, openmetrics)
-        headers = {"content-type": CONTENT_TYPE_OM if openmetrics else CONTENT_TYPE_TEXT}
+        headers = {"content-type": CONTENT_TYPE_OPENMETRICS if openmetrics else CONTENT_TYPE_TEXT}
         if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
             body = gzip.compress(body, compresslevel=1)
             headers["content-encoding"] = "gzip"
@@ -167,11 +169,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
 
 
 def _render(exporter: Exporter, openmetrics: bool) -> bytes:
-    if openmetrics:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(exporter.scrape)
-        return bytes(render_openmetrics(registry))
-    return render_text(exporter.scrape.collect())
+    families = exporter.scrape.collect()
+    return render_openmetrics(families) if openmetrics else render_text(families)
 
 
 def _time_param(request: Request, name: str) -> float | None:

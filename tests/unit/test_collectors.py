@@ -60,7 +60,7 @@ def test_system_collector_reads_the_host():
     nics = values(families, "a3mailer_system_network_receive_bytes_total")
     assert ("lo",) not in nics  # excluded by default
     states = values(families, "a3mailer_system_tcp_connections")
-    assert set(states) == {(s,) for s in TCP_STATES.values()}
+    assert set(states) == {("established",), ("time_wait",)}
     assert values(families, "a3mailer_system_cpus")[()] == psutil.cpu_count()
     assert values(families, "a3mailer_system_uptime_seconds")[()] > 0
     modes = values(families, "a3mailer_system_cpu_seconds_total")
@@ -75,6 +75,30 @@ def test_tcp_states_counts_a_listening_socket():
         server.bind(("127.0.0.1", 0))
         server.listen()
         assert tcp_states()["listen"] == before + 1
+
+
+def test_tcp_summary_counts_an_established_connection():
+    import socket
+
+    from exporter.collectors.system import tcp_summary
+
+    before = tcp_summary()["established"]
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        # both ends of a loopback connection are established sockets
+        assert tcp_summary()["established"] >= before + 2
+        client.close()
+        accepted.close()
+
+
+def test_tcp_state_detail_lists_every_state():
+    config = load_config(None, {"monitoring": {"system": {"tcp_state_detail": True}}})
+    families = by_name(SystemCollector(config["monitoring"]).collect())
+    states = values(families, "a3mailer_system_tcp_connections")
+    assert set(states) == {(s,) for s in TCP_STATES.values()}
 
 
 def test_filters_come_from_config():

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.exposition import render_text
+from exporter.exposition import render_openmetrics, render_text
 
 
 def samples(text: bytes) -> set:
@@ -48,3 +48,34 @@ def test_any_label_value_and_number_round_trips(pairs):
     for label, value in pairs:
         g.labels(label).set(value)
     assert samples(render_text(registry.collect())) == samples(generate_latest(registry))
+
+
+def openmetrics_samples(text: bytes) -> set:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+
+    out = set()
+    for family in parse(text.decode()):
+        for s in family.samples:
+            value = "nan" if math.isnan(s.value) else s.value
+            exemplar = (tuple(sorted(s.exemplar.labels.items())), s.exemplar.value) if (
+                s.exemplar) else None
+            out.add((family.name, family.type, family.documentation, s.name,
+                     tuple(sorted(s.labels.items())), value, exemplar))
+    return out
+
+
+def test_openmetrics_same_samples_as_prometheus_client():
+    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+
+    registry = CollectorRegistry()
+    g = Gauge("g", 'gauge "help" with \\ and\nnewline', ["a"], registry=registry)
+    g.labels('quote"d').set(1.5)
+    g.labels("nan").set(float("nan"))
+    Counter("c", "counter", registry=registry).inc(3)
+    h = Histogram("h_seconds", "histogram", ["route"], registry=registry, buckets=(0.1, 1.0))
+    h.labels("/x").observe(0.05, exemplar={"trace_id": "abc123"})
+    h.labels("/x").observe(5)
+    ours = render_openmetrics(registry.collect())
+    assert ours.endswith(b"# EOF\n")
+    assert b'# {trace_id="abc123"} 0.05' in ours
+    assert openmetrics_samples(ours) == openmetrics_samples(om_latest(registry))
