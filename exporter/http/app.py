@@ -125,7 +125,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
         status = guard.auth.admin_status(request.headers.get("authorization"))
         if status == 403:
             return error(403, "forbidden", "admin endpoints are disabled: set "
-                                           "server.admin_token_file or server.admin_token_env")
+                                           "security.admin_token_file or the "
+                                           "A3MAILER_ADMIN_TOKEN environment variable")
         if status == 401:
             return error(401, "unauthorized", "admin bearer token required",
                          headers={"www-authenticate": "Bearer"})
@@ -159,10 +160,10 @@ def create_app(exporter: Exporter) -> ASGIApp:
     ]
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
-    guard = Guard(app, exporter, ListenerAuth(config["server"]))
+    guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))
 
     def rebuild_auth(new: Config) -> None:
-        guard.auth = ListenerAuth(new["server"])
+        guard.auth = ListenerAuth(new["server"], new["security"])
 
     exporter.on_reload.append(rebuild_auth)
     return guard

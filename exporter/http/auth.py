@@ -37,12 +37,12 @@ def _digest(value: str) -> bytes:
 
 
 class ListenerAuth:
-    def __init__(self, server: dict[str, Any]):
+    def __init__(self, server: dict[str, Any], security: dict[str, Any]):
         auth = server["auth"]
         self.users: dict[str, bytes] = {
             user: hashed.encode("ascii") for user, hashed in auth["basic_auth_users"].items()}
         token = read_secret(auth, "bearer_token")
-        admin = read_secret(server, "admin_token")
+        admin = read_secret(security, "admin_token")
         self.bearer = _digest(token) if token else None
         self.admin = _digest(admin) if admin else None
         self.open_paths = frozenset(auth["unauthenticated_paths"])

@@ -52,7 +52,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                         "CustomMetricUpdate": UPDATE_SCHEMA},
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",
-                               "description": "server.admin_token_file / admin_token_env"},
+                               "description": "security.admin_token_file or A3MAILER_ADMIN_TOKEN"},
                 "listenerBasic": {"type": "http", "scheme": "basic"},
                 "listenerBearer": {"type": "http", "scheme": "bearer"},
             },

@@ -42,7 +42,7 @@ def wait_for(predicate, timeout: float = 10, what: str = "condition"):
 def test_sighup_reload_applies_valid_and_rejects_invalid(exporter_process, config_file, tmp_path):
     token = tmp_path / "admin"
     token.write_text("t0ken")
-    base = {"server": {"admin_token_file": str(token)}}
+    base = {"security": {"admin_token_file": str(token)}}
     path = config_file(base)
     proc = exporter_process(path)
     admin = {"authorization": "Bearer t0ken"}
@@ -77,7 +77,7 @@ def test_sigterm_finishes_in_flight_request_and_exits_zero(exporter_process, con
     token = tmp_path / "admin"
     token.write_text("t0ken")
     proc = exporter_process(config_file({
-        "server": {"admin_token_file": str(token)},
+        "security": {"admin_token_file": str(token)},
         "monitoring": {"custom_metrics": [{"name": "jobs", "type": "gauge", "help": "J"}]}}))
     body = b'{"value": 12.5}'
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as conn:

@@ -131,7 +131,7 @@ async def test_openapi_lists_every_route(serve):
 def admin_config(tmp_path, extra=None):
     token = tmp_path / "admin.token"
     token.write_text("admin-secret\n")
-    return {"server": {"admin_token_file": str(token)}, **(extra or {})}
+    return {"security": {"admin_token_file": str(token)}, **(extra or {})}
 
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -198,8 +198,7 @@ async def test_custom_metrics_endpoint(serve, tmp_path):
 
 
 async def test_body_size_limit(serve, tmp_path):
-    _, client = await serve(admin_config(tmp_path, {"server": {
-        "admin_token_file": str(tmp_path / "admin.token"), "max_request_body_bytes": 1024}}))
+    _, client = await serve(admin_config(tmp_path, {"server": {"max_request_body_bytes": 1024}}))
     r = await client.post("/-/reload", content=b"x" * 5000, headers=ADMIN)
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 
