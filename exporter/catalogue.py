@@ -133,6 +133,39 @@ _SPECS = [
           "Unix time the host booted.", (), "system"),
     _spec("a3mailer_system_uptime_seconds", "gauge", "seconds",
           "Seconds since the host booted.", (), "system"),
+    # --- security engine
+    _spec("a3mailer_security_attempts_total", "counter", "",
+          "Logins reported to the security engine, by protocol and result (success, failure).",
+          ("protocol", "result"), "security"),
+    _spec("a3mailer_security_decisions_total", "counter", "",
+          "Login decisions by action (allow, delay, reject) and reason (ok, trusted, "
+          "allowlisted, tarpit, banned, locked, account_locked, store_unavailable).",
+          ("action", "reason"), "security"),
+    _spec("a3mailer_security_decision_duration_seconds", "histogram", "seconds",
+          "Time the engine took to decide, store calls included (HTTP excluded).", (),
+          "security"),
+    _spec("a3mailer_security_active_lockouts", "gauge", "",
+          "Lockouts in force, by scope (source_account, account); recounted every 5 s and on "
+          "every change.", ("scope",), "security"),
+    _spec("a3mailer_security_active_bans", "gauge", "",
+          "Banned networks, by how they were banned (manual, automatic, feed).", ("source",),
+          "security"),
+    _spec("a3mailer_security_store_errors_total", "counter", "",
+          "Security store calls that failed, by engine operation.", ("operation",), "security"),
+    _spec("a3mailer_security_fail_open_decisions_total", "counter", "",
+          "Logins allowed because the store failed and security.store.fail_open is true.", (),
+          "security"),
+    _spec("a3mailer_security_tracked_keys", "gauge", "",
+          "Failure-counter keys held in memory (capped by security.store.max_tracked_keys).",
+          (), "security"),
+    _spec("a3mailer_security_audit_events_total", "counter", "",
+          "Audit records written since start, by type.", ("type",), "security"),
+    _spec("a3mailer_security_audit_chain_ok", "gauge", "",
+          "1 when the audit log's hash chain verified at the last check (start-up, then "
+          "hourly), 0 when it is broken; absent before the first check.", (), "security"),
+    _spec("a3mailer_security_frontend_requests_total", "counter", "",
+          "Requests to the security front ends, by front end and outcome (ok, bad_request, "
+          "unauthorized).", ("frontend", "outcome"), "security"),
     # --- health engine
     _spec("a3mailer_health_status", "gauge", "",
           "State set: 1 for the component's current status (healthy, degraded, unhealthy, "
@@ -167,8 +200,8 @@ def family(name: str, spec: MetricSpec | None = None) -> Any:
     return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
 
 
-def gauge(name: str, value: float) -> Metric:
-    """A catalogued gauge with no labels and one value."""
+def single(name: str, value: float) -> Metric:
+    """A catalogued metric with no labels and one value."""
     fam = family(name)
     fam.add_metric([], value)
     return fam

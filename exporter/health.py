@@ -180,4 +180,4 @@ class HealthEngine:
             duration.add_metric([c.name], c.response_time_ms / 1000.0)
             stamp.add_metric([c.name], c.timestamp)
         yield from (status, duration, stamp)
-        yield catalogue.gauge("a3mailer_exporter_ready", 1.0 if self.ready()[0] else 0.0)
+        yield catalogue.single("a3mailer_exporter_ready", 1.0 if self.ready()[0] else 0.0)

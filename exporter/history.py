@@ -48,4 +48,4 @@ class History:
         return len(self._entries)
 
     def collect(self) -> Iterator[Metric]:
-        yield catalogue.gauge("a3mailer_monitoring_history_entries", len(self._entries))
+        yield catalogue.single("a3mailer_monitoring_history_entries", len(self._entries))

@@ -10,22 +10,29 @@ import asyncio
 import contextlib
 import logging
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import Metric
 
 from exporter import __version__, catalogue
 from exporter.checks import state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
+from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
-from exporter.config import Config, ConfigError, load_config
+from exporter.config import Config, ConfigError, load_config, parse_duration
 from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
 from exporter.instruments import CounterVec, HistogramVec
+from security.audit import AuditLog, AuditPolicy
+from security.engine import SecurityManager
+from security.settings import Settings
+from security.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class Exporter:
         self.on_reload: list[Callable[[Config], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._history_wakeup = asyncio.Event()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
+        self.audit, self.security = _build_security(config, self.state_dir)
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
         self._apply(config)
@@ -83,8 +93,15 @@ class Exporter:
             self.health.register("system", system_check(self.sampler, mon["alert_thresholds"]))
         else:
             self.health.unregister("system")
+        if self.security is not None:
+            self.security.configure(Settings.from_config(config["security"], parse_duration))
+        if self.audit is not None:
+            self.audit.policy = _audit_policy(config["security"])
+        security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends)
+                            ] if self.security is not None else []
         self.scrape = Scrape([
             *enabled_collectors(mon),
+            *security_sources,
             Source("health", self.health.collect),
             Source("history", self.history.collect),
             Source("custom", self.custom.collect),
@@ -101,10 +118,11 @@ class Exporter:
             log.error("config reload rejected; previous config keeps running",
                       extra={"problems": len(exc.problems), "first": self.reload_problems[0]})
             return self.reload_problems
-        for key in ("listen_address", "state_dir", "tls"):
-            if new["server"][key] != self.config["server"][key]:
-                log.warning("changing server.%s needs a restart; keeping the old value", key)
-                new.data["server"][key] = self.config["server"][key]
+        for section, key in (("server", "listen_address"), ("server", "state_dir"),
+                             ("server", "tls"), ("security", "enabled"), ("security", "store")):
+            if new[section][key] != self.config[section][key]:
+                log.warning("changing %s.%s needs a restart; keeping the old value", section, key)
+                new.data[section][key] = self.config[section][key]
         self._apply(new)
         for callback in self.on_reload:
             callback(new)
@@ -124,8 +142,12 @@ class Exporter:
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.security is not None:
+            await self.security.start()
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
+        if self.audit is not None:
+            self._tasks.append(asyncio.create_task(self._maintain_audit(), name="audit"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -134,6 +156,10 @@ class Exporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.security is not None:
+            await self.security.stop()
+        if self.audit is not None:
+            self.audit.close()
 
     async def _record_history(self) -> None:
         while True:
@@ -151,15 +177,64 @@ class Exporter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._history_wakeup.wait(), self.history.interval)
 
+    async def _maintain_audit(self, sync_every: float = 1.0, check_every: float = 3600.0) -> None:
+        """fsync the audit log every second; verify and purge it at start and hourly."""
+        assert self.audit is not None
+        audit = self.audit
+        last_check = -check_every
+        while True:
+            try:
+                if time.monotonic() - last_check >= check_every:
+                    last_check = time.monotonic()
+                    result = await asyncio.to_thread(audit.verify)
+                    if result.ok:
+                        await asyncio.to_thread(audit.purge)
+                await asyncio.to_thread(audit.sync)
+            except Exception:
+                log.exception("audit log maintenance failed")
+            await asyncio.sleep(sync_every)
+
     # --- the exporter's own metrics
 
     def _collect_self(self) -> Iterator[Metric]:
         info = catalogue.family("a3mailer_exporter_build_info")
         info.add_metric([__version__, platform.python_version()], 1.0)
         yield info
-        yield catalogue.gauge("a3mailer_exporter_config_last_reload_successful",
+        yield catalogue.single("a3mailer_exporter_config_last_reload_successful",
                               1.0 if self.reload_ok else 0.0)
-        yield catalogue.gauge("a3mailer_exporter_config_last_reload_success_timestamp_seconds",
+        yield catalogue.single("a3mailer_exporter_config_last_reload_success_timestamp_seconds",
                               self.reload_time)
         yield from self.http_requests.collect()
         yield from self.http_duration.collect()
+
+
+def _audit_policy(security: dict[str, Any]) -> AuditPolicy:
+    audit = security["audit_config"]
+    return AuditPolicy(
+        enabled=audit["enabled"],
+        log_successful_auth=audit["log_successful_auth"],
+        log_failed_auth=audit["log_failed_auth"],
+        log_privilege_escalation=audit["log_privilege_escalation"],
+        log_data_access=audit["log_data_access"],
+        log_config_changes=audit["log_config_changes"],
+        retention_seconds=parse_duration(audit["retention_period"]),
+    )
+
+
+def _build_security(config: Config, state_dir: Path
+                    ) -> tuple[AuditLog | None, SecurityManager | None]:
+    """The audit log and the engine with its store, when security.enabled."""
+    security = config["security"]
+    if not security["enabled"]:
+        return None, None
+    audit_config = security["audit_config"]
+    audit_path = Path(audit_config["file"]) if audit_config["file"] else state_dir / "audit.log"
+    audit = AuditLog(audit_path.parent, _audit_policy(security), filename=audit_path.name,
+                     sink=sys.stdout if audit_config["stdout"] else None)
+    store_config = security["store"]
+    store = open_store(store_config["type"],
+                       path=store_config["path"] or str(state_dir / "security.db"),
+                       max_keys=store_config["max_tracked_keys"],
+                       flush_interval=parse_duration(store_config["flush_interval"]))
+    engine = SecurityManager(Settings.from_config(security, parse_duration), store, audit)
+    return audit, engine

@@ -186,34 +186,34 @@ class SystemCollector:
             states.add_metric([state], count)
         yield states
         boot = psutil.boot_time()
-        yield catalogue.gauge("a3mailer_system_boot_time_seconds", boot)
-        yield catalogue.gauge("a3mailer_system_uptime_seconds", max(0.0, time.time() - boot))
+        yield catalogue.single("a3mailer_system_boot_time_seconds", boot)
+        yield catalogue.single("a3mailer_system_uptime_seconds", max(0.0, time.time() - boot))
 
     def _cpu(self) -> Iterator[Metric]:
-        yield catalogue.gauge("a3mailer_system_cpu_usage_ratio", self.cpu.ratio())
+        yield catalogue.single("a3mailer_system_cpu_usage_ratio", self.cpu.ratio())
         times = psutil.cpu_times()
         seconds = catalogue.family("a3mailer_system_cpu_seconds_total")
         for mode in CPU_MODES:
             if hasattr(times, mode):
                 seconds.add_metric([mode], getattr(times, mode))
         yield seconds
-        yield catalogue.gauge("a3mailer_system_cpus", psutil.cpu_count() or 0)
+        yield catalogue.single("a3mailer_system_cpus", psutil.cpu_count() or 0)
         load1, load5, load15 = os.getloadavg()
-        yield catalogue.gauge("a3mailer_system_load1", load1)
-        yield catalogue.gauge("a3mailer_system_load5", load5)
-        yield catalogue.gauge("a3mailer_system_load15", load15)
+        yield catalogue.single("a3mailer_system_load1", load1)
+        yield catalogue.single("a3mailer_system_load5", load5)
+        yield catalogue.single("a3mailer_system_load15", load15)
 
     def _memory(self) -> Iterator[Metric]:
         mem = psutil.virtual_memory()
         used = mem.total - mem.available
-        yield catalogue.gauge("a3mailer_system_memory_usage_ratio",
+        yield catalogue.single("a3mailer_system_memory_usage_ratio",
                               used / mem.total if mem.total else 0.0)
-        yield catalogue.gauge("a3mailer_system_memory_total_bytes", mem.total)
-        yield catalogue.gauge("a3mailer_system_memory_available_bytes", mem.available)
-        yield catalogue.gauge("a3mailer_system_memory_used_bytes", used)
+        yield catalogue.single("a3mailer_system_memory_total_bytes", mem.total)
+        yield catalogue.single("a3mailer_system_memory_available_bytes", mem.available)
+        yield catalogue.single("a3mailer_system_memory_used_bytes", used)
         swap = psutil.swap_memory()
-        yield catalogue.gauge("a3mailer_system_swap_total_bytes", swap.total)
-        yield catalogue.gauge("a3mailer_system_swap_used_bytes", swap.used)
+        yield catalogue.single("a3mailer_system_swap_total_bytes", swap.total)
+        yield catalogue.single("a3mailer_system_swap_used_bytes", swap.used)
 
     def _filesystems(self) -> Iterator[Metric]:
         ratio = catalogue.family("a3mailer_system_disk_usage_ratio")

@@ -27,6 +27,7 @@ from exporter.exposition import (
 from exporter.http.auth import ListenerAuth
 from exporter.http.middleware import BodyTooLarge, Guard
 from exporter.http.openapi import openapi_document
+from exporter.http.security_routes import security_routes
 from exporter.service import Exporter
 
 _update_validator = jsonschema.Draft7Validator(UPDATE_SCHEMA)
@@ -158,6 +159,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/api/v1/monitoring/history", history, methods=["GET"]),
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
+    routes += security_routes(exporter, _admin_denied)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))

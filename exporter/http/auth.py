@@ -45,7 +45,8 @@ class ListenerAuth:
         admin = read_secret(security, "admin_token")
         self.bearer = _digest(token) if token else None
         self.admin = _digest(admin) if admin else None
-        self.open_paths = frozenset(auth["unauthenticated_paths"])
+        # the Dovecot policy endpoint authenticates with its own API key
+        self.open_paths = frozenset([*auth["unauthenticated_paths"], "/dovecot/policy"])
         self.required = bool(self.users or self.bearer)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._bcrypt_slots = asyncio.Semaphore(2)

@@ -25,6 +25,101 @@ def _errors(*codes: int) -> dict[str, Any]:
             for code in codes}
 
 
+def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.security_routes import ATTEMPT_SCHEMA, BAN_SCHEMA
+
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+    dovecot_request = {"type": "object", "required": ["login", "remote"],
+                       "description": "As Dovecot 2.3 sends it: strings, except tls, success "
+                                      "and policy_reject (booleans).",
+                       "properties": {"login": {"type": "string"}, "remote": {"type": "string"},
+                                      "pwhash": {"type": "string"},
+                                      "protocol": {"type": "string"},
+                                      "session_id": {"type": "string"},
+                                      "tls": {"type": ["boolean", "string"]},
+                                      "success": {"type": "boolean"},
+                                      "policy_reject": {"type": "boolean"}}}
+    dovecot_answer = {"type": "object", "required": ["status", "msg"],
+                      "properties": {"status": {"type": "integer", "minimum": -1,
+                                                "description": "-1 reject, 0 allow, N>0 delay "
+                                                               "N seconds"},
+                                     "msg": {"type": "string"}}}
+    decision = {"type": "object", "properties": {
+        "action": {"type": "string", "enum": ["allow", "delay", "reject"]},
+        "reason": {"type": "string"}, "delay": {"type": "number"},
+        "message": {"type": "string"}, "retry_after": {"type": "number"}}}
+    return {
+        "/dovecot/policy": {"post": {
+            "summary": "Dovecot auth policy (auth_policy_server_url)",
+            "description": "Authenticated by security.dovecot_policy.api_key_header; loopback "
+                           "may call without a key (allow_loopback_without_key).",
+            "parameters": [{"name": "command", "in": "query", "required": True,
+                            "schema": {"type": "string", "enum": ["allow", "report"]}}],
+            "requestBody": body(dovecot_request),
+            "responses": {"200": _json("Policy answer", dovecot_answer),
+                          **_errors(400, 401, 413)}}},
+        "/api/v1/security/check": {"post": {
+            "summary": "May this login proceed? (before the password check)",
+            "security": admin, "requestBody": body(ATTEMPT_SCHEMA),
+            "responses": {"200": _json("Decision", decision), **_errors(400, 401, 403)}}},
+        "/api/v1/security/report": {"post": {
+            "summary": "Report a login's outcome (success required)",
+            "security": admin, "requestBody": body(ATTEMPT_SCHEMA),
+            "responses": {"200": _json("Recorded; actions taken (lock, account_lock, ban)"),
+                          **_errors(400, 401, 403)}}},
+        "/api/v1/security/lockouts": {"get": {
+            "summary": "Lockouts in force", "security": admin,
+            "responses": {"200": _json("Lockouts"), **_errors(401, 403)}}},
+        "/api/v1/security/lockouts/{account}": {"delete": {
+            "summary": "Unlock an account (all its lockouts, or ?source=NETWORK only)",
+            "security": admin,
+            "parameters": [{"name": "account", "in": "path", "required": True,
+                            "schema": {"type": "string"}},
+                           {"name": "source", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": _json("Unlocked"), **_errors(401, 403, 404)}}},
+        "/api/v1/security/blocklist": {
+            "get": {"summary": "Banned networks", "security": admin,
+                    "responses": {"200": _json("Bans"), **_errors(401, 403)}},
+            "post": {"summary": "Ban a network", "security": admin,
+                     "requestBody": body(BAN_SCHEMA),
+                     "responses": {"201": _json("Banned"), **_errors(400, 401, 403)}},
+            "delete": {"summary": "Unban a network", "security": admin,
+                       "parameters": [{"name": "network", "in": "query", "required": True,
+                                       "schema": {"type": "string"}}],
+                       "responses": {"200": _json("Unbanned"), **_errors(400, 401, 403, 404)}},
+        },
+        "/api/v1/security/blocklist.txt": {
+            "get": {"summary": "Export bans as plain text", "security": admin,
+                    "responses": {"200": {"description": "One network per line",
+                                          "content": {"text/plain": {"schema": {
+                                              "type": "string"}}}}, **_errors(401, 403)}},
+            "post": {"summary": "Import bans from plain text (?feed=NAME marks a feed)",
+                     "security": admin,
+                     "parameters": [{"name": "feed", "in": "query",
+                                     "schema": {"type": "string"}}],
+                     "requestBody": {"required": True, "content": {"text/plain": {
+                         "schema": {"type": "string"}}}},
+                     "responses": {"200": _json("Imported, with per-line errors"),
+                                   **_errors(400, 401, 403)}},
+        },
+        "/api/v1/security/audit": {"get": {
+            "summary": "Audit records, newest first",
+            "security": admin,
+            "parameters": [{"name": n, "in": "query", "schema": {"type": t}}
+                           for n, t in (("start", "number"), ("end", "number"),
+                                        ("type", "string"), ("actor", "string"),
+                                        ("subject", "string"), ("limit", "integer"),
+                                        ("cursor", "string"))],
+            "responses": {"200": _json("Records and next_cursor"), **_errors(400, 401, 403)}}},
+        "/api/v1/security/audit/verify": {"get": {
+            "summary": "Verify the audit log's hash chain", "security": admin,
+            "responses": {"200": _json("Chain intact"),
+                          "409": _json("Chain broken: where and why"), **_errors(401, 403)}}},
+    }
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     health_path = config["monitoring"]["health_endpoint_path"]
     component = {
@@ -109,5 +204,6 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/CustomMetricUpdate"}}}},
                 "responses": {"200": _json("The series' new value"),
                               **_errors(400, 401, 403, 404, 413, 422)}}},
+            **(_security_paths(admin) if config["security"]["enabled"] else {}),
         },
     }

@@ -23,7 +23,7 @@ class Fine:
     def collect(self):
         from exporter import catalogue
 
-        yield catalogue.gauge("a3mailer_system_cpus", 4)
+        yield catalogue.single("a3mailer_system_cpus", 4)
 
 
 def by_name(families):

@@ -1,0 +1,246 @@
+"""HTTP front ends of the security engine: the Dovecot policy endpoint and the JSON API.
+
+Thin endpoints: parse (protocol code lives in security/protocols/), call one
+engine method, format. The admin API needs the admin bearer token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jsonschema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from exporter.config import read_secret
+from exporter.service import Exporter
+from security.attempts import Attempt
+from security.blocklist import export_text, import_text
+from security.protocols import dovecot
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+ATTEMPT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["login", "remote_ip"],
+    "properties": {
+        "login": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "remote_ip": {"type": "string", "maxLength": 64},
+        "protocol": {"type": "string", "maxLength": 32, "default": "unknown"},
+        "tls": {"type": "boolean", "default": False},
+        "session_id": {"type": "string", "maxLength": 256, "default": ""},
+        "pwhash": {"type": "string", "maxLength": 256, "default": "",
+                   "description": "A hash that tells distinct passwords apart; never the "
+                                  "password."},
+        "success": {"type": "boolean", "description": "Required by report."},
+    },
+}
+BAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["network"],
+    "properties": {
+        "network": {"type": "string", "maxLength": 64, "description": "IP address or CIDR"},
+        "reason": {"type": "string", "maxLength": 500, "default": ""},
+        "duration_seconds": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                             "description": "Omitted or null: until unbanned."},
+    },
+}
+_attempt_validator = jsonschema.Draft7Validator(ATTEMPT_SCHEMA)
+_ban_validator = jsonschema.Draft7Validator(BAN_SCHEMA)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _json_body(request: Request, validator: jsonschema.Draft7Validator) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"body must be UTF-8 JSON: {exc}") from None
+    errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "(body)"
+        raise BadRequest(f"{where}: {errors[0].message}")
+    result: dict[str, Any] = body
+    return result
+
+
+def _decision_json(decision: Any) -> dict[str, Any]:
+    return {"action": decision.action, "reason": decision.reason, "delay": decision.delay,
+            "message": decision.message, "retry_after": round(decision.retry_after, 3)}
+
+
+def security_routes(exporter: Exporter,
+                    admin_denied: Callable[[Request], Response | None]) -> list[Route]:
+    """The routes, or none when security.enabled is false."""
+    engine = exporter.security
+    if engine is None:
+        return []
+    frontends = exporter.security_frontends
+
+    def admin(handler: Endpoint) -> Endpoint:
+        async def guarded(request: Request) -> Response:
+            denied = admin_denied(request)
+            if denied is not None:
+                return denied
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return _error(400, "bad_request", str(exc))
+        return guarded
+
+    async def dovecot_policy(request: Request) -> Response:
+        settings = exporter.config["security"]["dovecot_policy"]
+        if not settings["enabled"]:
+            return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
+        key = read_secret(settings, "api_key")
+        sent = request.headers.get(settings["api_key_header"], "")
+        if key is not None and sent:
+            allowed = hmac.compare_digest(sent.encode(), key.encode())
+        else:
+            allowed = settings["allow_loopback_without_key"] and _is_loopback(request)
+        if not allowed:
+            frontends.inc(("dovecot", "unauthorized"))
+            return _error(401, "unauthorized", f"{settings['api_key_header']} required")
+        try:
+            command, attempt, fields = dovecot.parse_request(
+                request.query_params.get("command"), await request.body())
+            if command == "allow":
+                answer = dovecot.answer(await engine.check(attempt))
+            else:
+                # a login our own policy refused is not a wrong password
+                if not fields.get("policy_reject"):
+                    await engine.report(attempt, fields["success"])
+                answer = dovecot.OK
+        except dovecot.PolicyRequestError as exc:
+            frontends.inc(("dovecot", "bad_request"))
+            return _error(400, "bad_request", str(exc))
+        frontends.inc(("dovecot", "ok"))
+        return JSONResponse(answer)
+
+    def _attempt(body: dict[str, Any]) -> Attempt:
+        attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
+                          protocol=body.get("protocol", "unknown"), tls=body.get("tls", False),
+                          session_id=body.get("session_id", ""), pwhash=body.get("pwhash", ""))
+        try:
+            ipaddress.ip_address(attempt.remote_ip)
+        except ValueError:
+            raise BadRequest(f"remote_ip: not an IP address: {attempt.remote_ip!r}") from None
+        return attempt
+
+    async def check(request: Request) -> Response:
+        attempt = _attempt(await _json_body(request, _attempt_validator))
+        return JSONResponse(_decision_json(await engine.check(attempt)))
+
+    async def report(request: Request) -> Response:
+        body = await _json_body(request, _attempt_validator)
+        if "success" not in body:
+            raise BadRequest("success: required")
+        actions = await engine.report(_attempt(body), body["success"])
+        return JSONResponse({"recorded": True, "actions": actions})
+
+    async def lockouts(request: Request) -> Response:
+        return JSONResponse({"lockouts": [lock.as_dict() for lock in await engine.lockouts()]})
+
+    async def unlock(request: Request) -> Response:
+        account = request.path_params["account"]
+        removed = await engine.unlock(account, request.query_params.get("source"), actor="admin")
+        if not removed:
+            return _error(404, "not_found", f"no lockout for {account!r}")
+        return JSONResponse({"unlocked": [lock.as_dict() for lock in removed]})
+
+    async def blocklist(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse({"bans": [dataclasses.asdict(b) for b in await engine.banned()]})
+        if request.method == "DELETE":
+            network = request.query_params.get("network", "")
+            try:
+                ban = await engine.unban(network, actor="admin")
+            except ValueError as exc:
+                raise BadRequest(f"network: {exc}") from None
+            if ban is None:
+                return _error(404, "not_found", f"{network!r} is not banned")
+            return JSONResponse({"unbanned": dataclasses.asdict(ban)})
+        body = await _json_body(request, _ban_validator)
+        try:
+            ban = await engine.ban(body["network"], body.get("reason", ""),
+                                   body.get("duration_seconds"), actor="admin")
+        except ValueError as exc:
+            raise BadRequest(f"network: {exc}") from None
+        return JSONResponse({"banned": dataclasses.asdict(ban)}, status_code=201)
+
+    async def blocklist_text(request: Request) -> Response:
+        if request.method == "GET":
+            return PlainTextResponse(export_text(await engine.banned()))
+        try:
+            text = (await request.body()).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("body must be UTF-8 text") from None
+        name = request.query_params.get("feed", "")
+        source = f"feed:{name}" if name else "manual"
+        entries, errors = import_text(text, source, engine.clock())
+        for entry in entries:
+            duration = entry.expires - engine.clock() if entry.expires else None
+            if duration is not None and duration <= 0:
+                continue
+            await engine.ban(entry.network, entry.reason, duration, source=source,
+                             actor="admin")
+        return JSONResponse({"imported": len(entries),
+                             "errors": [{"line": n, "message": m} for n, m in errors]})
+
+    async def audit(request: Request) -> Response:
+        if exporter.audit is None:
+            return _error(404, "not_found", "the audit log is disabled")
+        q = request.query_params
+        try:
+            start = float(q["start"]) if "start" in q else None
+            end = float(q["end"]) if "end" in q else None
+            limit = int(q.get("limit", "100"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        types = q.getlist("type") or None
+        records, cursor = exporter.audit.query(start=start, end=end, types=types,
+                                               actor=q.get("actor"), subject=q.get("subject"),
+                                               limit=limit, cursor=q.get("cursor"))
+        return JSONResponse({"records": records, "next_cursor": cursor})
+
+    async def audit_verify(request: Request) -> Response:
+        if exporter.audit is None:
+            return _error(404, "not_found", "the audit log is disabled")
+        result = exporter.audit.verify()
+        return JSONResponse({**dataclasses.asdict(result), "message": str(result)},
+                            status_code=200 if result.ok else 409)
+
+    return [
+        Route("/dovecot/policy", dovecot_policy, methods=["POST"]),
+        Route("/api/v1/security/check", admin(check), methods=["POST"]),
+        Route("/api/v1/security/report", admin(report), methods=["POST"]),
+        Route("/api/v1/security/lockouts", admin(lockouts), methods=["GET"]),
+        Route("/api/v1/security/lockouts/{account}", admin(unlock), methods=["DELETE"]),
+        Route("/api/v1/security/blocklist", admin(blocklist), methods=["GET", "POST", "DELETE"]),
+        Route("/api/v1/security/blocklist.txt", admin(blocklist_text), methods=["GET", "POST"]),
+        Route("/api/v1/security/audit", admin(audit), methods=["GET"]),
+        Route("/api/v1/security/audit/verify", admin(audit_verify), methods=["GET"]),
+    ]

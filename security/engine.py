@@ -1,0 +1,298 @@
+"""SecurityManager: the one entry for login decisions.
+
+check(attempt) answers before the password is verified: allow, delay (tarpit) or
+reject. report(attempt, success) feeds the outcome back. Failures are counted as
+*distinct* passwords (by pwhash) per key, so a phone retrying one stale password,
+or many users behind one NAT address, do not look like password guessing.
+
+Lockout scoping, so an attacker cannot lock a real user out from anywhere:
+- account + source network (the IPv4 address, or the IPv6 /64): locked after
+  max_login_attempts distinct wrong passwords within login_attempt_window, for
+  lockout_duration, doubling for each repeat within escalation_window (capped);
+  the user still logs in from anywhere else;
+- the whole account: only after account_lock_threshold distinct wrong passwords
+  from all sources within the window (at most 100, NIST SP 800-63B's limit);
+- a source network that tries auto_ban_threshold distinct passwords on any
+  accounts is banned for auto_ban_duration.
+Trusted networks and allowlisted addresses are never delayed, locked or banned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
+from security.blocklist import CidrSet, Entry, Lists, parse_network, prefix_of
+from security.settings import Settings
+from security.store import Lock, Store
+
+log = logging.getLogger(__name__)
+
+# Decision latency buckets (seconds): an in-memory decision takes microseconds.
+LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                   0.01, 0.025, 0.05, 0.1)
+
+
+class Auditor(Protocol):
+    def record(self, type: str, actor: str, subject: str,
+               details: dict[str, Any] | None = None) -> Any: ...
+
+
+class Stats:
+    """Plain counters the exporter turns into metrics (no user names or IPs in keys)."""
+
+    def __init__(self) -> None:
+        self.attempts: dict[tuple[str, str], float] = {}  # (protocol, result)
+        self.decisions: dict[tuple[str, str], float] = {}  # (action, reason)
+        self.store_errors: dict[str, float] = {}  # operation
+        self.fail_open = 0.0
+        self.latency_counts = [0.0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.active_locks: dict[str, int] = {"source_account": 0, "account": 0}
+        self.active_bans: dict[str, int] = {"manual": 0, "automatic": 0, "feed": 0}
+
+    def count(self, table: dict[Any, float], key: Any) -> None:
+        table[key] = table.get(key, 0.0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+
+class SecurityManager:
+    def __init__(self, settings: Settings, store: Store, audit: Auditor | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+        self.stats = Stats()
+        self.lists = Lists()
+        self._maintenance: asyncio.Task[None] | None = None
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Applies new settings (also on reload)."""
+        self.settings = settings
+        now = self.clock()
+        self.lists.trusted = CidrSet([Entry(network, "trusted network", "config", now)
+                                      for network in settings.trusted_networks])
+        self.lists.allow = CidrSet([Entry(network, "allowlist", "config", now)
+                                    for network in settings.allowlist])
+
+    # --- lifecycle
+
+    async def start(self, maintenance_interval: float = 5.0) -> None:
+        await self.store.open()
+        for ban in await self.store.bans(self.clock()):
+            self.lists.block.add(ban)
+        await self.refresh()
+        self._maintenance = asyncio.create_task(self._maintain(maintenance_interval),
+                                                name="security-maintenance")
+
+    async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        await self.store.close()
+
+    async def _maintain(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("security maintenance failed")
+
+    async def refresh(self) -> None:
+        """Expires bans from the index (auditing them) and recounts the active gauges."""
+        now = self.clock()
+        for entry in self.lists.block.expire(now):
+            await self.store.delete_ban(entry.network)
+            self._audit("blocklist.expire", "engine", entry.network, {"reason": entry.reason})
+        locks = await self.store.locks(now)
+        self.stats.active_locks = {"source_account": 0, "account": 0}
+        for lock in locks:
+            self.stats.active_locks[lock.scope] += 1
+        bans = await self.store.bans(now)
+        self.stats.active_bans = {"manual": 0, "automatic": 0, "feed": 0}
+        for ban in bans:
+            self.stats.active_bans[ban.source.split(":")[0]] = (
+                self.stats.active_bans.get(ban.source.split(":")[0], 0) + 1)
+
+    # --- decisions
+
+    def _keys(self, attempt: Attempt) -> tuple[Any, Keys]:
+        ip = parse_ip(attempt.remote_ip)
+        return ip, tracking_keys(attempt.login, prefix_of(ip, self.settings.ipv6_prefix_length))
+
+    async def check(self, attempt: Attempt) -> Decision:
+        """Before the password check: may this login proceed? Raises ValueError on a bad IP."""
+        start = time.perf_counter()
+        ip, keys = self._keys(attempt)
+        try:
+            decision = await self._decide(ip, keys)
+        except Exception as exc:
+            decision = self._store_failed("check", exc)
+        self.stats.count(self.stats.decisions, (decision.action, decision.reason))
+        self.stats.observe(time.perf_counter() - start)
+        return decision
+
+    async def _decide(self, ip: Any, keys: Keys) -> Decision:
+        now = self.clock()
+        if self.lists.trusted_entry(ip, now):
+            return Decision("allow", "trusted")
+        verdict, entry = self.lists.decide(ip, now)
+        if verdict == "allow":
+            return Decision("allow", "allowlisted")
+        if entry is not None:
+            return Decision("reject", "banned", message=self.settings.reject_message,
+                            retry_after=_remaining(entry.expires, now))
+        for key, reason in ((keys.pair, "locked"), (keys.account, "account_locked")):
+            lock = await self.store.get_lock(key, now)
+            if lock is not None:
+                return Decision("reject", reason, message=self.settings.reject_message,
+                                retry_after=lock.until - now)
+        if self.settings.tarpit_enabled:
+            failures = await self.store.failure_count(keys.pair, now,
+                                                      self.settings.login_attempt_window)
+            if failures:
+                delay = min(self.settings.tarpit_max_delay,
+                            failures * self.settings.tarpit_delay_per_failure)
+                return Decision("delay", "tarpit", delay=delay)
+        return ALLOW
+
+    def _store_failed(self, operation: str, exc: Exception) -> Decision:
+        self.stats.count(self.stats.store_errors, operation)
+        log.warning("security store failed", extra={"operation": operation, "error": str(exc)})
+        if self.settings.fail_open:
+            self.stats.fail_open += 1
+            return Decision("allow", "store_unavailable")
+        return Decision("reject", "store_unavailable", message=self.settings.reject_message)
+
+    async def report(self, attempt: Attempt, success: bool) -> list[str]:
+        """After the password check; returns the actions taken (lock, ban)."""
+        ip, keys = self._keys(attempt)
+        self.stats.count(self.stats.attempts,
+                         (attempt.protocol_label, "success" if success else "failure"))
+        subject = f"{attempt.login}@{ip}"
+        try:
+            if success:
+                await self.store.clear_failures(keys.pair)
+                self._audit("auth.success", "engine", subject, {"protocol": attempt.protocol})
+                return []
+            self._audit("auth.failure", "engine", subject, {"protocol": attempt.protocol})
+            now = self.clock()
+            if self.lists.decide(ip, now)[0] == "allow":
+                return []
+            return await self._count_failure(attempt, ip, keys, now)
+        except Exception as exc:
+            self._store_failed("report", exc)
+            return []
+
+    async def _count_failure(self, attempt: Attempt, ip: Any, keys: Keys,
+                             now: float) -> list[str]:
+        s = self.settings
+        window = s.login_attempt_window
+        pair = await self.store.record_failure(keys.pair, attempt.pwhash, now, window)
+        account = await self.store.record_failure(keys.account, attempt.pwhash, now, window)
+        source = await self.store.record_failure(keys.source, attempt.pwhash, now, window)
+        network = keys.source.removeprefix("s:")
+        login = keys.account.removeprefix("a:")
+        actions = []
+        if pair >= s.max_login_attempts and await self.store.get_lock(keys.pair, now) is None:
+            await self._lock(keys.pair, "source_account", login, network, now,
+                             f"{pair} distinct wrong passwords in {window:g}s")
+            actions.append("lock")
+        if account >= s.account_lock_threshold and await self.store.get_lock(
+                keys.account, now) is None:
+            await self._lock(keys.account, "account", login, "", now,
+                             f"{account} distinct wrong passwords from all sources in {window:g}s")
+            actions.append("account_lock")
+        if s.auto_ban_enabled and source >= s.auto_ban_threshold and self.lists.block.match(
+                ip, now) is None:
+            await self.ban(network, f"{source} distinct wrong passwords in {window:g}s",
+                           s.auto_ban_duration, source="automatic", actor="engine")
+            await self.store.clear_failures(keys.source)
+            actions.append("ban")
+        return actions
+
+    async def _lock(self, key: str, scope: str, account: str, source: str, now: float,
+                    reason: str) -> Lock:
+        level = await self.store.bump_offences(key, now, self.settings.escalation_window)
+        lock = Lock(key, scope, account, source, reason, now,
+                    now + self.settings.lock_duration(level), level)
+        await self.store.put_lock(lock)
+        await self.store.clear_failures(key)
+        self.stats.active_locks[scope] = self.stats.active_locks.get(scope, 0) + 1
+        self._audit("lockout.lock", "engine", account if not source else f"{account}@{source}",
+                    {"scope": scope, "until": lock.until, "level": level, "reason": reason})
+        return lock
+
+    # --- administration
+
+    async def lockouts(self) -> list[Lock]:
+        return await self.store.locks(self.clock())
+
+    async def unlock(self, account: str, source: str | None = None,
+                     actor: str = "admin") -> list[Lock]:
+        """Lifts the account's locks (all of them, or only the one for source)."""
+        account = account.strip().lower()
+        removed = []
+        for lock in await self.store.locks(self.clock()):
+            if lock.account != account:
+                continue
+            if source is not None and lock.source != source:
+                continue
+            await self.store.delete_lock(lock.key)
+            await self.store.clear_failures(lock.key)
+            removed.append(lock)
+            self._audit("lockout.unlock", actor,
+                        account if not lock.source else f"{account}@{lock.source}",
+                        {"scope": lock.scope})
+        await self.refresh()
+        return removed
+
+    async def ban(self, network: str, reason: str, duration: float | None,
+                  source: str = "manual", actor: str = "admin") -> Entry:
+        """Blocks a CIDR (an IP is a /32 or /128) for duration seconds, or until unbanned."""
+        now = self.clock()
+        cidr = str(parse_network(network))
+        ban = Entry(cidr, reason, source, now, now + duration if duration else None)
+        await self.store.put_ban(ban)
+        self.lists.block.add(ban)
+        kind = source.split(":")[0]
+        self.stats.active_bans[kind] = self.stats.active_bans.get(kind, 0) + 1
+        self._audit("blocklist.ban", actor, cidr, {"reason": reason, "source": source,
+                                                    "expires": ban.expires})
+        return ban
+
+    async def unban(self, network: str, actor: str = "admin") -> Entry | None:
+        cidr = str(parse_network(network))
+        ban = await self.store.delete_ban(cidr)
+        self.lists.block.remove(cidr)
+        if ban is not None:
+            self._audit("blocklist.unban", actor, cidr, {"reason": ban.reason})
+            await self.refresh()
+        return ban
+
+    async def banned(self) -> list[Entry]:
+        return await self.store.bans(self.clock())
+
+    def _audit(self, type_: str, actor: str, subject: str, details: dict[str, Any]) -> None:
+        if self.audit is not None:
+            try:
+                self.audit.record(type_, actor, subject, details)
+            except Exception:
+                log.exception("audit record failed", extra={"type": type_})
+
+
+def _remaining(expires: float | None, now: float) -> float:
+    return 0.0 if expires is None else max(0.0, expires - now)

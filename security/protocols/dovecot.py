@@ -1,0 +1,81 @@
+"""Dovecot 2.3 auth policy: the JSON Dovecot POSTs and the answers it understands.
+
+Dovecot calls `?command=allow` before checking the password (and again after a
+success) and `?command=report` afterwards. With the default
+auth_policy_request_attributes every value is a string except `tls`, `success`
+and `policy_reject`, which are JSON booleans. `pwhash` is a truncated, salted
+hash of the password tried: enough to tell distinct passwords apart, useless to
+recover one. The answer is `{"status": S, "msg": M}`: S = -1 rejects (the
+client sees M), 0 allows, N > 0 delays the answer by N seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from security.attempts import Attempt, Decision, parse_ip
+
+COMMANDS = ("allow", "report")
+
+
+class PolicyRequestError(ValueError):
+    """A request Dovecot could not have meant: answered with HTTP 400."""
+
+
+def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[str, Any]]:
+    """(command, attempt, raw fields); raises PolicyRequestError with a clear reason."""
+    if command not in COMMANDS:
+        raise PolicyRequestError(f"command must be one of {', '.join(COMMANDS)}")
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyRequestError("body is not UTF-8") from exc
+    except ValueError as exc:
+        raise PolicyRequestError(f"body is not JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise PolicyRequestError("body must be a JSON object")
+    login = _text(fields, "login", required=True)
+    remote = _text(fields, "remote", required=True)
+    try:
+        parse_ip(remote)
+    except ValueError as exc:
+        raise PolicyRequestError(f"remote: not an IP address: {remote!r}") from exc
+    if command == "report" and not isinstance(fields.get("success"), bool):
+        raise PolicyRequestError("success: a boolean is required with command=report")
+    tls = fields.get("tls", False)
+    attempt = Attempt(
+        login=login,
+        remote_ip=remote,
+        protocol=_text(fields, "protocol") or "unknown",
+        tls=tls is True or tls in ("1", "yes", "true"),
+        session_id=_text(fields, "session_id"),
+        pwhash=_text(fields, "pwhash"),
+    )
+    return command, attempt, fields
+
+
+def _text(fields: dict[str, Any], name: str, required: bool = False) -> str:
+    value = fields.get(name)
+    if value is None or value == "":
+        if required:
+            raise PolicyRequestError(f"{name}: required")
+        return ""
+    if not isinstance(value, str):
+        raise PolicyRequestError(f"{name}: expected a string, got {type(value).__name__}")
+    if len(value) > 1024:
+        raise PolicyRequestError(f"{name}: longer than 1024 characters")
+    return value
+
+
+def answer(decision: Decision) -> dict[str, Any]:
+    """Dovecot's answer for a decision."""
+    if decision.action == "reject":
+        return {"status": -1, "msg": decision.message or "Access denied"}
+    if decision.action == "delay":
+        return {"status": max(1, math.ceil(decision.delay)), "msg": ""}
+    return {"status": 0, "msg": ""}
+
+
+OK = {"status": 0, "msg": ""}

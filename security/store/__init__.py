@@ -1,0 +1,84 @@
+"""Where the security engine keeps its state: one interface, several backends.
+
+`memory` (tests, or when nothing may touch disk), `sqlite` (the embedded default,
+in the state dir: the memory store plus a write-through of locks and bans and a
+write-behind of failure counters every flush interval, so no request waits for
+a disk write) and, later, `redis` (state shared by replicas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from security.blocklist import Entry
+
+# A key never remembers more distinct passwords than this: every threshold is below it.
+MAX_DISTINCT = 256
+
+
+@dataclass
+class Lock:
+    key: str  # the failure key it guards: p:<network>|<account> or a:<account>
+    scope: str  # source_account | account
+    account: str
+    source: str  # the network, or "" for a whole-account lock
+    reason: str
+    created: float
+    until: float
+    level: int  # 1 for a first offence, 2 for the next within the escalation window, ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StoreUnavailable(Exception):
+    """The backend cannot be reached; the engine fails open or closed as configured."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
+        """Remembers one failed password for key; returns the distinct ones within window."""
+        ...
+
+    async def failure_count(self, key: str, now: float, window: float) -> int: ...
+
+    async def clear_failures(self, key: str) -> None: ...
+
+    async def get_lock(self, key: str, now: float) -> Lock | None: ...
+
+    async def put_lock(self, lock: Lock) -> None: ...
+
+    async def delete_lock(self, key: str) -> Lock | None: ...
+
+    async def locks(self, now: float) -> list[Lock]: ...
+
+    async def bump_offences(self, key: str, now: float, window: float) -> int:
+        """Counts one more lockout of key within window; returns the count."""
+        ...
+
+    async def put_ban(self, ban: Entry) -> None: ...
+
+    async def delete_ban(self, network: str) -> Entry | None: ...
+
+    async def bans(self, now: float) -> list[Entry]: ...
+
+    def tracked_keys(self) -> int: ...
+
+
+def open_store(kind: str, *, path: str = "", max_keys: int = 250_000,
+               flush_interval: float = 1.0) -> Store:
+    """The configured backend (not yet opened)."""
+    from security.store.memory import MemoryStore
+
+    if kind == "memory":
+        return MemoryStore(max_keys=max_keys)
+    if kind == "sqlite":
+        from security.store.sqlite import SqliteStore
+
+        return SqliteStore(path, max_keys=max_keys, flush_interval=flush_interval)
+    raise ValueError(f"unknown store type {kind!r}")

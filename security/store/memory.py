@@ -1,0 +1,113 @@
+"""The in-process store: dicts, with the failure table bounded as an LRU.
+
+A flood of distinct source addresses evicts the least recently seen keys, so
+memory stays under max_keys entries; an evicted key has simply been forgotten,
+which can only make the engine more lenient towards that one source.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+from security.blocklist import Entry
+from security.store import MAX_DISTINCT, Lock
+
+
+class MemoryStore:
+    def __init__(self, max_keys: int = 250_000):
+        self.max_keys = max_keys
+        self._failures: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._locks: dict[str, Lock] = {}
+        self._offences: dict[str, tuple[int, float]] = {}
+        self._bans: dict[str, Entry] = {}
+        self._anonymous = itertools.count()
+        self.dirty: set[str] = set()  # failure keys changed since the last flush
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def tracked_keys(self) -> int:
+        return len(self._failures)
+
+    # --- failures
+
+    async def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
+        seen = self._failures.get(key)
+        if seen is None:
+            seen = self._failures[key] = {}
+            if len(self._failures) > self.max_keys:
+                evicted, _ = self._failures.popitem(last=False)
+                self.dirty.add(evicted)
+        else:
+            self._failures.move_to_end(key)
+            _prune(seen, now - window)
+        # without a hash every failure is a distinct password
+        seen[pwhash or f"#{next(self._anonymous)}"] = now
+        if len(seen) > MAX_DISTINCT:
+            del seen[min(seen, key=seen.__getitem__)]
+        self.dirty.add(key)
+        return len(seen)
+
+    async def failure_count(self, key: str, now: float, window: float) -> int:
+        seen = self._failures.get(key)
+        if not seen:
+            return 0
+        cutoff = now - window
+        return sum(1 for t in seen.values() if t >= cutoff)
+
+    async def clear_failures(self, key: str) -> None:
+        if self._failures.pop(key, None) is not None:
+            self.dirty.add(key)
+
+    def failures_of(self, key: str) -> dict[str, float] | None:
+        return self._failures.get(key)
+
+    def load_failures(self, key: str, seen: dict[str, float]) -> None:
+        self._failures[key] = seen
+
+    # --- locks and offences
+
+    async def get_lock(self, key: str, now: float) -> Lock | None:
+        lock = self._locks.get(key)
+        if lock is not None and lock.until <= now:
+            return None
+        return lock
+
+    async def put_lock(self, lock: Lock) -> None:
+        self._locks[lock.key] = lock
+
+    async def delete_lock(self, key: str) -> Lock | None:
+        return self._locks.pop(key, None)
+
+    async def locks(self, now: float) -> list[Lock]:
+        for key in [k for k, lock in self._locks.items() if lock.until <= now]:
+            del self._locks[key]
+        return sorted(self._locks.values(), key=lambda lock: lock.created)
+
+    async def bump_offences(self, key: str, now: float, window: float) -> int:
+        count, expires = self._offences.get(key, (0, 0.0))
+        count = count + 1 if expires > now else 1
+        self._offences[key] = (count, now + window)
+        return count
+
+    # --- bans
+
+    async def put_ban(self, ban: Entry) -> None:
+        self._bans[ban.network] = ban
+
+    async def delete_ban(self, network: str) -> Entry | None:
+        return self._bans.pop(network, None)
+
+    async def bans(self, now: float) -> list[Entry]:
+        for key in [k for k, b in self._bans.items() if b.expires is not None and b.expires <= now]:
+            del self._bans[key]
+        return sorted(self._bans.values(), key=lambda b: b.created)
+
+
+def _prune(seen: dict[str, float], cutoff: float) -> None:
+    for pwhash in [h for h, t in seen.items() if t < cutoff]:
+        del seen[pwhash]

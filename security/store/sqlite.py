@@ -1,0 +1,157 @@
+"""The embedded default store: the memory store, persisted to SQLite in the state dir.
+
+Locks, bans and offence counts are written through before the call returns (they
+are rare, and a restart must never forget them); failure counters are written
+behind, every flush_interval, so no login decision waits for a disk write. All
+SQLite work runs on one worker thread, in order. With WAL and synchronous=NORMAL a
+killed process loses nothing that was written; a power cut can lose the last
+flush interval of failure counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from security.blocklist import Entry
+from security.store import Lock
+from security.store.memory import MemoryStore
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (key TEXT, pwhash TEXT, ts REAL, PRIMARY KEY (key, pwhash))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bans (network TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS offences (key TEXT PRIMARY KEY, count INTEGER, expires REAL);
+"""
+# Failure rows older than this are dropped at start-up: no window is longer.
+MAX_FAILURE_AGE = 7 * 86400
+
+
+class SqliteStore(MemoryStore):
+    def __init__(self, path: str | Path, max_keys: int = 250_000, flush_interval: float = 1.0):
+        super().__init__(max_keys=max_keys)
+        self.path = Path(path)
+        self.flush_interval = flush_interval
+        self._db: sqlite3.Connection | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # --- lifecycle
+
+    async def open(self) -> None:
+        await self._run(self._open_db)
+        self._flusher = asyncio.create_task(self._flush_forever(), name="sqlite-flush")
+
+    def _open_db(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        now = time.time()
+        db.execute("DELETE FROM failures WHERE ts < ?", (now - MAX_FAILURE_AGE,))
+        for (data,) in db.execute("SELECT data FROM locks"):
+            lock = Lock(**json.loads(data))
+            self._locks[lock.key] = lock
+        for (data,) in db.execute("SELECT data FROM bans"):
+            ban = Entry(**json.loads(data))
+            self._bans[ban.network] = ban
+        for key, count, expires in db.execute("SELECT key, count, expires FROM offences"):
+            self._offences[key] = (count, expires)
+        for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures ORDER BY ts"):
+            seen = self.failures_of(key)
+            if seen is None:
+                seen = {}
+                self.load_failures(key, seen)
+            seen[pwhash] = ts
+        self._db = db
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        if self._db is not None:
+            await self.flush()
+            await self._run(self._db.close)
+            self._db = None
+        self._worker.shutdown(wait=True)
+
+    # --- write-behind of failure counters
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("flushing failure counters to SQLite failed; will retry")
+
+    async def flush(self) -> None:
+        """Writes the failure keys changed since the last flush."""
+        if not self.dirty:
+            return
+        keys, self.dirty = self.dirty, set()
+        rows = [(key, dict(self.failures_of(key) or {})) for key in keys]
+        try:
+            await self._run(self._write_failures, rows)
+        except Exception:
+            self.dirty |= keys
+            raise
+
+    def _write_failures(self, rows: list[tuple[str, dict[str, float]]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM failures WHERE key = ?", [(k,) for k, _ in rows])
+            self._db.executemany(
+                "INSERT INTO failures (key, pwhash, ts) VALUES (?, ?, ?)",
+                [(key, pwhash, ts) for key, seen in rows for pwhash, ts in seen.items()])
+
+    # --- write-through of rare, important state
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> None:
+        assert self._db is not None
+        self._db.execute(sql, args)
+
+    async def put_lock(self, lock: Lock) -> None:
+        await super().put_lock(lock)
+        await self._run(self._execute, "INSERT OR REPLACE INTO locks (key, data) VALUES (?, ?)",
+                        (lock.key, json.dumps(lock.as_dict())))
+
+    async def delete_lock(self, key: str) -> Lock | None:
+        lock = await super().delete_lock(key)
+        await self._run(self._execute, "DELETE FROM locks WHERE key = ?", (key,))
+        return lock
+
+    async def bump_offences(self, key: str, now: float, window: float) -> int:
+        count = await super().bump_offences(key, now, window)
+        await self._run(self._execute,
+                        "INSERT OR REPLACE INTO offences (key, count, expires) VALUES (?, ?, ?)",
+                        (key, count, now + window))
+        return count
+
+    async def put_ban(self, ban: Entry) -> None:
+        await super().put_ban(ban)
+        await self._run(self._execute, "INSERT OR REPLACE INTO bans (network, data) VALUES (?, ?)",
+                        (ban.network, json.dumps(dataclasses.asdict(ban))))
+
+    async def delete_ban(self, network: str) -> Entry | None:
+        ban = await super().delete_ban(network)
+        await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
+        return ban
