@@ -18,10 +18,12 @@ import atexit
 import contextlib
 import grp
 import http.server
+import imaplib
 import ipaddress
 import itertools
 import json
 import os
+import poplib
 import pwd
 import secrets
 import shutil
@@ -1403,3 +1405,26 @@ class MailStack:
             self.postfix.stop()
         finally:
             self.dovecot.stop()
+
+
+# --------------------------------------------------------------------------- mail clients
+# Dovecot delays repeated auth failures per client IP, so each client binds its
+# own 127.0.0.x source address.
+
+
+class BoundIMAP4(imaplib.IMAP4):
+    def __init__(self, host: str, port: int, source_ip: str) -> None:
+        self._source_ip = source_ip
+        super().__init__(host, port, timeout=15)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))
+
+
+class BoundPOP3(poplib.POP3):
+    def __init__(self, host: str, port: int, source_ip: str) -> None:
+        self._source_ip = source_ip
+        super().__init__(host, port, timeout=15)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))

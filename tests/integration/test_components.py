@@ -8,7 +8,6 @@ import base64
 import imaplib
 import poplib
 import smtplib
-import socket
 import ssl
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -19,6 +18,8 @@ import redis
 
 from tests.integration.components import (
     Alertmanager,
+    BoundIMAP4,
+    BoundPOP3,
     Dovecot,
     MailStack,
     Prometheus,
@@ -39,24 +40,6 @@ METRICS = "# HELP smoke_value A fixed value.\n# TYPE smoke_value gauge\nsmoke_va
 # --------------------------------------------------------------------------- clients
 # Dovecot delays repeated auth failures per client IP, so each client binds its
 # own 127.0.0.x source address.
-
-
-class BoundIMAP4(imaplib.IMAP4):
-    def __init__(self, host: str, port: int, source_ip: str) -> None:
-        self._source_ip = source_ip
-        super().__init__(host, port, timeout=15)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))
-
-
-class BoundPOP3(poplib.POP3):
-    def __init__(self, host: str, port: int, source_ip: str) -> None:
-        self._source_ip = source_ip
-        super().__init__(host, port, timeout=15)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))
 
 
 def message(sender: str, recipient: str, subject: str) -> EmailMessage:
