@@ -1,4 +1,4 @@
-"""Command line: run | check-config | generate | hash-password | version."""
+"""Command line: run | check-config | generate | hash-password | security | audit | version."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from exporter import __version__, logs
+from exporter import __version__, cli_security, logs
 from exporter.config import Config, ConfigError, load_config
 
 log = logging.getLogger("exporter")
@@ -47,10 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("hash-password", help="read a password on stdin, print its bcrypt hash "
                                          "for server.auth.basic_auth_users")
     sub.add_parser("version", help="print the version")
+    cli_security.add_parsers(sub)
 
     args = parser.parse_args(argv)
     handler = {"run": _run, "check-config": _check_config, "generate": _generate,
-               "hash-password": _hash_password, "version": _version}[args.command]
+               "hash-password": _hash_password, "version": _version,
+               "security": cli_security.run_security, "audit": cli_security.run_audit,
+               }[args.command]
     return handler(args)
 
 

@@ -1,0 +1,121 @@
+"""`a3mailer-exporter security ...` and `audit verify`: the admin API from a shell.
+
+The running exporter owns the store, so commands that change state go through
+its HTTP API (with the admin token); `audit verify` reads the file directly and
+works with the exporter stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:10587"
+
+
+def add_parsers(sub: Any) -> None:
+    sec = sub.add_parser("security", help="lockouts and bans of a running exporter")
+    sec.add_argument("--url", default=os.environ.get("A3MAILER_URL", DEFAULT_URL),
+                     help=f"exporter base URL (default {DEFAULT_URL}, or $A3MAILER_URL)")
+    sec.add_argument("--token-file", help="file holding the admin token "
+                                          "(default: $A3MAILER_ADMIN_TOKEN)")
+    actions = sec.add_subparsers(dest="action", required=True)
+    actions.add_parser("lockouts", help="list lockouts in force")
+    unlock = actions.add_parser("unlock", help="lift an account's lockouts")
+    unlock.add_argument("account")
+    unlock.add_argument("--source", help="only the lockout for this network (e.g. 192.0.2.7/32)")
+    actions.add_parser("bans", help="list banned networks")
+    ban = actions.add_parser("ban", help="ban an IP address or CIDR")
+    ban.add_argument("network")
+    ban.add_argument("--reason", default="")
+    ban.add_argument("--duration", help="e.g. 1h, 7d (default: until unbanned)")
+    unban = actions.add_parser("unban", help="lift a ban")
+    unban.add_argument("network")
+    imp = actions.add_parser("import", help="ban the networks listed in a text file")
+    imp.add_argument("file")
+    imp.add_argument("--feed", default="", help="mark the entries as feed:NAME")
+    actions.add_parser("export", help="print the bans as plain text")
+
+    audit = sub.add_parser("audit", help="the audit log")
+    audit_actions = audit.add_subparsers(dest="action", required=True)
+    verify = audit_actions.add_parser("verify", help="check the hash chain; exit 1 if broken")
+    verify.add_argument("--file", help="audit log file (default: STATE_DIR/audit.log)")
+    verify.add_argument("--state-dir", default="/var/lib/a3mailer-exporter")
+
+
+def run_security(args: argparse.Namespace) -> int:
+    token = _token(args.token_file)
+    if token is None:
+        print("no admin token: use --token-file or set A3MAILER_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    base = args.url.rstrip("/") + "/api/v1/security"
+    action = args.action
+    if action == "lockouts":
+        status, body = _call("GET", f"{base}/lockouts", token)
+    elif action == "unlock":
+        query = f"?source={urllib.parse.quote(args.source)}" if args.source else ""
+        status, body = _call("DELETE", f"{base}/lockouts/{urllib.parse.quote(args.account)}"
+                             + query, token)
+    elif action == "bans":
+        status, body = _call("GET", f"{base}/blocklist", token)
+    elif action == "ban":
+        from exporter.config import parse_duration
+
+        payload = {"network": args.network, "reason": args.reason,
+                   "duration_seconds": parse_duration(args.duration) if args.duration else None}
+        status, body = _call("POST", f"{base}/blocklist", token, json.dumps(payload).encode())
+    elif action == "unban":
+        status, body = _call("DELETE", f"{base}/blocklist?network="
+                             + urllib.parse.quote(args.network), token)
+    elif action == "import":
+        feed = f"?feed={urllib.parse.quote(args.feed)}" if args.feed else ""
+        status, body = _call("POST", f"{base}/blocklist.txt{feed}", token,
+                             Path(args.file).read_bytes(), "text/plain")
+    else:  # export
+        status, body = _call("GET", f"{base}/blocklist.txt", token)
+    print(body if isinstance(body, str) else json.dumps(body, indent=2))
+    return 0 if status < 400 else 1
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from security.audit import verify_file
+
+    path = Path(args.file) if args.file else Path(args.state_dir) / "audit.log"
+    try:
+        result = verify_file(path)
+    except OSError as exc:
+        print(f"{path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"{path}: {result}")
+    return 0 if result.ok else 1
+
+
+def _token(path: str | None) -> str | None:
+    if path:
+        return Path(path).read_text(encoding="utf-8").strip()
+    return os.environ.get("A3MAILER_ADMIN_TOKEN") or None
+
+
+def _call(method: str, url: str, token: str, data: bytes | None = None,
+          content_type: str = "application/json") -> tuple[int, Any]:
+    if not url.startswith(("http://", "https://")):
+        return 599, {"error": "bad_url", "message": f"not an http(s) URL: {url}"}
+    request = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310
+        "Authorization": f"Bearer {token}", "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            status, raw, kind = response.status, response.read(), response.headers.get(
+                "content-type", "")
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers.get("content-type", "")
+    except urllib.error.URLError as exc:
+        return 599, {"error": "unreachable", "message": str(exc.reason)}
+    text = raw.decode("utf-8", errors="replace")
+    return status, json.loads(text) if "json" in kind else text

@@ -1,0 +1,133 @@
+"""The security admin API and CLI against the real exporter process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.exporter_process import ROOT
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-admin"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def exporter(exporter_process, config_file, tmp_path):
+    token = tmp_path / "admin.token"
+    token.write_text(TOKEN + "\n")
+    return exporter_process(config_file({"security": {
+        "admin_token_file": str(token), "trusted_networks": [], "max_login_attempts": 3,
+        "tarpit": {"enabled": True, "delay_per_failure": "1s", "max_delay": "2s"},
+        "auto_ban": {"threshold": 4, "duration": "1h"}}}))
+
+
+def cli(exporter, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "A3MAILER_ADMIN_TOKEN": TOKEN, "A3MAILER_URL": exporter.url}
+    return subprocess.run([sys.executable, "-m", "exporter", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def attempt(login: str, ip: str, pwhash: str, **extra) -> dict:
+    return {"login": login, "remote_ip": ip, "pwhash": pwhash, "protocol": "webmail", **extra}
+
+
+def test_check_report_tarpit_lock_and_ban(exporter):
+    url = exporter.url + "/api/v1/security"
+    assert httpx.post(url + "/check", json=attempt("bob", "192.0.2.10", "")).status_code == 401
+    check = httpx.post(url + "/check", json=attempt("bob", "192.0.2.10", ""), headers=ADMIN)
+    assert check.json()["action"] == "allow"
+    for n in range(2):
+        r = httpx.post(url + "/report", json=attempt("bob", "192.0.2.10", f"h{n}",
+                                                     success=False), headers=ADMIN)
+        assert r.json() == {"recorded": True, "actions": []}
+    tarpit = httpx.post(url + "/check", json=attempt("bob", "192.0.2.10", ""), headers=ADMIN)
+    assert tarpit.json()["action"] == "delay" and tarpit.json()["delay"] == 2.0
+    r = httpx.post(url + "/report", json=attempt("bob", "192.0.2.10", "h2", success=False),
+                   headers=ADMIN)
+    assert r.json()["actions"] == ["lock"]
+    locked = httpx.post(url + "/check", json=attempt("bob", "192.0.2.10", ""), headers=ADMIN)
+    assert locked.json()["action"] == "reject" and locked.json()["reason"] == "locked"
+    assert 890 < locked.json()["retry_after"] <= 900
+    # a fourth distinct password from that source on another account: source banned
+    r = httpx.post(url + "/report", json=attempt("carol", "192.0.2.10", "h3", success=False),
+                   headers=ADMIN)
+    assert r.json()["actions"] == ["ban"]
+    banned = httpx.post(url + "/check", json=attempt("dave", "192.0.2.10", ""), headers=ADMIN)
+    assert banned.json()["reason"] == "banned"
+    assert httpx.post(url + "/check", json=attempt("dave", "192.0.2.11", ""),
+                      headers=ADMIN).json()["action"] == "allow"
+
+
+@pytest.mark.parametrize("body", [
+    {"login": "x"},  # remote_ip missing
+    {"login": "x", "remote_ip": "999.1.1.1"},
+    {"login": "x", "remote_ip": "192.0.2.1", "tls": "yes"},
+    {"login": "x", "remote_ip": "192.0.2.1", "unexpected": 1},
+])
+def test_bad_api_bodies_are_400(exporter, body):
+    r = httpx.post(exporter.url + "/api/v1/security/check", json=body, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    r = httpx.post(exporter.url + "/api/v1/security/report", json=attempt("x", "192.0.2.1", ""),
+                   headers=ADMIN)
+    assert r.status_code == 400 and "success" in r.json()["message"]
+
+
+def test_cli_ban_list_export_import_unban_and_audit_verify(exporter, tmp_path):
+    ban = cli(exporter, "security", "ban", "198.51.100.0/24", "--reason", "spam run",
+              "--duration", "2h")
+    assert ban.returncode == 0, ban.stderr
+    assert json.loads(ban.stdout)["banned"]["network"] == "198.51.100.0/24"
+    r = httpx.post(exporter.url + "/api/v1/security/check",
+                   json=attempt("eve", "198.51.100.77", ""), headers=ADMIN)
+    assert r.json()["reason"] == "banned"
+    listed = json.loads(cli(exporter, "security", "bans").stdout)["bans"]
+    assert [(b["network"], b["source"], b["reason"]) for b in listed] == [
+        ("198.51.100.0/24", "manual", "spam run")]
+    exported = cli(exporter, "security", "export").stdout
+    assert exported.startswith("198.51.100.0/24 expires=")
+    feed = tmp_path / "drop.txt"
+    feed.write_text("; Spamhaus-style DROP list\n203.0.113.0/24 ; SBL1\nnot-a-network\n")
+    imported = json.loads(cli(exporter, "security", "import", str(feed), "--feed",
+                              "drop").stdout)
+    assert imported["imported"] == 1 and imported["errors"][0]["line"] == 3
+    sources = {b["network"]: b["source"] for b in json.loads(
+        cli(exporter, "security", "bans").stdout)["bans"]}
+    assert sources["203.0.113.0/24"] == "feed:drop"
+    assert cli(exporter, "security", "unban", "198.51.100.0/24").returncode == 0
+    assert cli(exporter, "security", "unban", "198.51.100.0/24").returncode == 1  # 404
+    assert httpx.post(exporter.url + "/api/v1/security/check",
+                      json=attempt("eve", "198.51.100.77", ""),
+                      headers=ADMIN).json()["action"] == "allow"
+    metrics = httpx.get(exporter.url + "/metrics").text
+    assert 'a3mailer_security_active_bans{source="feed"} 1.0' in metrics
+    assert 'a3mailer_security_audit_events_total{type="blocklist.ban"} 2.0' in metrics
+
+    verify = cli(exporter, "audit", "verify", "--state-dir", str(exporter.state_dir))
+    assert verify.returncode == 0 and "OK:" in verify.stdout
+    assert exporter.stop() == 0
+    log = exporter.state_dir / "audit.log"
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == [
+        "blocklist.ban", "blocklist.ban", "blocklist.unban"]
+    lines[1] = lines[1].replace("SBL1", "SBL2")
+    log.write_text("\n".join(lines) + "\n")
+    broken = cli(exporter, "audit", "verify", "--file", str(log))
+    assert broken.returncode == 1 and "BROKEN at seq 2" in broken.stdout
+
+
+def test_cli_without_token_or_server(exporter, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "A3MAILER_ADMIN_TOKEN"}
+    r = subprocess.run([sys.executable, "-m", "exporter", "security", "bans"], cwd=ROOT,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "no admin token" in r.stderr
+    token = tmp_path / "wrong"
+    token.write_text("nope")
+    r = cli(exporter, "security", "--token-file", str(token), "bans")
+    assert r.returncode == 1 and json.loads(r.stdout)["error"] == "unauthorized"
