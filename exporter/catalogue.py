@@ -160,6 +160,9 @@ _SPECS = [
           (), "security"),
     _spec("a3mailer_security_audit_events_total", "counter", "",
           "Audit records written since start, by type.", ("type",), "security"),
+    _spec("a3mailer_security_rate_limited_total", "counter", "",
+          "JSON API requests refused with 429, by client class (authenticated, anonymous).",
+          ("class",), "security"),
     _spec("a3mailer_security_audit_chain_ok", "gauge", "",
           "1 when the audit log's hash chain verified at the last check (start-up, then "
           "hourly), 0 when it is broken; absent before the first check.", (), "security"),

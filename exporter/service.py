@@ -70,6 +70,7 @@ class Exporter:
         self._history_wakeup = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
+        self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
@@ -205,6 +206,7 @@ class Exporter:
         yield catalogue.single("a3mailer_exporter_config_last_reload_success_timestamp_seconds",
                               self.reload_time)
         yield from self.http_requests.collect()
+        yield from self.rate_limited.collect()
         yield from self.http_duration.collect()
 
 

@@ -25,7 +25,7 @@ from exporter.exposition import (
     render_text,
 )
 from exporter.http.auth import ListenerAuth
-from exporter.http.middleware import BodyTooLarge, Guard
+from exporter.http.middleware import BodyTooLarge, Guard, api_limits
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import security_routes
 from exporter.service import Exporter
@@ -166,6 +166,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
 
     def rebuild_auth(new: Config) -> None:
         guard.auth = ListenerAuth(new["server"], new["security"])
+        guard.limits = api_limits(new.data)
 
     exporter.on_reload.append(rebuild_auth)
     return guard

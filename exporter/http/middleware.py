@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from security.ratelimit import Limit, RateLimiter, headers
+
 if TYPE_CHECKING:
     from exporter.http.auth import ListenerAuth
     from exporter.service import Exporter
@@ -34,13 +36,34 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def api_limits(config: dict[str, Any]) -> dict[str, Limit] | None:
+    """security.rate_limits as GCRA limits per client class; None when rate limiting is off."""
+    security = config["security"]
+    if not security["enable_rate_limiting"]:
+        return None
+    from exporter.config import parse_duration
+
+    limits = security["rate_limits"]
+    window = parse_duration(limits["window_duration"])
+    burst = limits["burst_allowance"]
+    return {"authenticated": Limit(limits["authenticated_requests_per_minute"] * window / 60,
+                                   window, burst),
+            "anonymous": Limit(limits["anonymous_requests_per_minute"] * window / 60,
+                               window, burst)}
+
+
 class Guard:
-    """Authenticates the listener, caps request bodies and counts every request."""
+    """Authenticates the listener, rate-limits the JSON API, caps request bodies and
+    counts every request."""
+
+    RATE_LIMITED_PREFIX = "/api/"
 
     def __init__(self, app: ASGIApp, exporter: Exporter, auth: ListenerAuth):
         self.app = app
         self.exporter = exporter
         self.auth = auth
+        self.limits = api_limits(exporter.config.data)
+        self.limiter = RateLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,8 +94,36 @@ class Guard:
         limit = self.exporter.config["server"]["max_request_body_bytes"]
         return {"error": "payload_too_large", "message": f"request body over {limit} bytes"}
 
+    def _rate_limit(self, scope: Scope) -> tuple[dict[str, str], bool]:
+        """RateLimit headers for an /api/ request, and whether it may proceed.
+
+        Clients holding the admin token are 'authenticated' (keyed by the token),
+        everyone else 'anonymous' (keyed by client address), so guessing tokens is
+        throttled as hard as any anonymous traffic.
+        """
+        if self.limits is None or not scope["path"].startswith(self.RATE_LIMITED_PREFIX):
+            return {}, True
+        authorization = header(scope, b"authorization")
+        if authorization and self.auth.admin_status(authorization) == 200:
+            klass, key = "authenticated", "admin"
+        else:
+            klass, key = "anonymous", (scope.get("client") or ("?", 0))[0]
+        result = self.limiter.hit(klass, key, self.limits[klass])
+        if not result.allowed:
+            self.exporter.rate_limited.inc((klass,))
+        return headers(result), result.allowed
+
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = self.auth
+        limit_headers, allowed = self._rate_limit(scope)
+        if limit_headers:
+            encoded = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]
+            if not allowed:
+                await send_json(send, 429, {"error": "rate_limited",
+                                            "message": "too many requests; see Retry-After"},
+                                encoded)
+                return
+            send = _with_headers(send, encoded)
         if auth.needs_auth(scope["path"]) and not await auth.allows(
                 header(scope, b"authorization")):
             await send_json(send, 401, {"error": "unauthorized",
@@ -97,3 +148,11 @@ class Guard:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+    return wrapped

@@ -267,3 +267,34 @@ async def test_requests_are_counted_by_route_template(serve, tmp_path):
     await client.get("/nope")
     assert exporter.http_requests.value(("/api/v1/metrics/custom/{name}", "404")) == 1
     assert exporter.http_requests.value(("other", "404")) == 1
+
+
+async def test_api_rate_limits_send_ratelimit_headers_and_429(serve, tmp_path):
+    _, client = await serve(admin_config(tmp_path, {"security": {
+        "admin_token_file": str(tmp_path / "admin.token"),
+        "rate_limits": {"anonymous_requests_per_minute": 60, "burst_allowance": 2,
+                        "authenticated_requests_per_minute": 600}}}))
+    url = "/api/v1/monitoring/history"
+    first = await client.get(url)
+    assert first.status_code == 200
+    assert first.headers["ratelimit-limit"] == "3"
+    assert first.headers["ratelimit-remaining"] == "2"
+    await client.get(url)
+    await client.get(url)
+    refused = await client.get(url)
+    assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+    assert refused.headers["retry-after"] == "1"
+    # the admin token is its own, larger budget
+    ok = await client.get(url, headers=ADMIN)
+    assert ok.status_code == 200 and ok.headers["ratelimit-limit"] == "3"
+    assert (await client.get("/metrics")).status_code == 200  # only /api/ is limited
+    metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "a3mailer_security_rate_limited_total", **{"class": "anonymous"}
+                        ) == 1
+
+
+async def test_rate_limiting_can_be_switched_off(serve):
+    _, client = await serve({"security": {"enable_rate_limiting": False}})
+    for _ in range(20):
+        r = await client.get("/api/v1/monitoring/history")
+        assert r.status_code == 200 and "ratelimit-limit" not in r.headers
