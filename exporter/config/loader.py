@@ -296,7 +296,9 @@ def _semantic_problems(
             problem(("monitoring", "custom_metrics", index, "name"),
                     f"metric {metric['name']!r} declared twice")
         seen.add(metric["name"])
-    for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token")):
+    for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
+                          (("security", "dovecot_policy"), "api_key"),
+                          (("security", "stalwart_webhook"), "secret")):
         values: Any = data
         for key in section:
             values = values[key]

@@ -24,6 +24,7 @@ from exporter.config import read_secret
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 1024
+SELF_AUTHENTICATED = ("/dovecot/policy", "/api/v1/webhooks/stalwart")
 
 
 @functools.cache
@@ -45,8 +46,8 @@ class ListenerAuth:
         admin = read_secret(security, "admin_token")
         self.bearer = _digest(token) if token else None
         self.admin = _digest(admin) if admin else None
-        # the Dovecot policy endpoint authenticates with its own API key
-        self.open_paths = frozenset([*auth["unauthenticated_paths"], "/dovecot/policy"])
+        # these authenticate by themselves: an API key, an HMAC signature
+        self.open_paths = frozenset([*auth["unauthenticated_paths"], *SELF_AUTHENTICATED])
         self.required = bool(self.users or self.bearer)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._bcrypt_slots = asyncio.Semaphore(2)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter.http.auth import SELF_AUTHENTICATED
 from security.ratelimit import Limit, RateLimiter, headers
 
 if TYPE_CHECKING:
@@ -101,7 +102,9 @@ class Guard:
         everyone else 'anonymous' (keyed by client address), so guessing tokens is
         throttled as hard as any anonymous traffic.
         """
-        if self.limits is None or not scope["path"].startswith(self.RATE_LIMITED_PREFIX):
+        path = scope["path"]
+        if self.limits is None or not path.startswith(self.RATE_LIMITED_PREFIX) or (
+                path in SELF_AUTHENTICATED):
             return {}, True
         authorization = header(scope, b"authorization")
         if authorization and self.auth.admin_status(authorization) == 200:

@@ -60,6 +60,16 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
             "requestBody": body(dovecot_request),
             "responses": {"200": _json("Policy answer", dovecot_answer),
                           **_errors(400, 401, 413)}}},
+        "/api/v1/webhooks/stalwart": {"post": {
+            "summary": "Stalwart/A3Mailer webhook events (auth.*, security.*)",
+            "description": "Authenticated by X-Signature: base64(HMAC-SHA256(secret, body)).",
+            "parameters": [{"name": "X-Signature", "in": "header", "required": True,
+                            "schema": {"type": "string"}}],
+            "requestBody": body({"type": "object", "required": ["events"], "properties": {
+                "events": {"type": "array", "items": {"type": "object", "required": [
+                    "id", "createdAt", "type"]}}}}),
+            "responses": {"200": _json("Accepted and skipped (replayed or stale) events"),
+                          **_errors(400, 401, 403, 413)}}},
         "/api/v1/security/check": {"post": {
             "summary": "May this login proceed? (before the password check)",
             "security": admin, "requestBody": body(ATTEMPT_SCHEMA),

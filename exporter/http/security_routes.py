@@ -22,7 +22,7 @@ from exporter.config import read_secret
 from exporter.service import Exporter
 from security.attempts import Attempt
 from security.blocklist import export_text, import_text
-from security.protocols import dovecot
+from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -233,8 +233,53 @@ def security_routes(exporter: Exporter,
         return JSONResponse({**dataclasses.asdict(result), "message": str(result)},
                             status_code=200 if result.ok else 409)
 
+    replay = stalwart.ReplayGuard(exporter.config.seconds("security", "stalwart_webhook",
+                                                          "replay_window"))
+
+    async def stalwart_webhook(request: Request) -> Response:
+        settings = exporter.config["security"]["stalwart_webhook"]
+        if not settings["enabled"]:
+            return _error(404, "not_found", "the Stalwart webhook is disabled")
+        key = read_secret(settings, "secret")
+        if key is None:
+            frontends.inc(("stalwart", "unauthorized"))
+            return _error(403, "forbidden", "no webhook secret configured "
+                                            "(security.stalwart_webhook.secret_file)")
+        body = await request.body()
+        if not stalwart.signature_ok(key.encode(), body, request.headers.get("x-signature")):
+            frontends.inc(("stalwart", "unauthorized"))
+            return _error(401, "unauthorized", "bad or missing X-Signature")
+        try:
+            events = stalwart.parse_batch(body)
+        except stalwart.WebhookError as exc:
+            frontends.inc(("stalwart", "bad_request"))
+            return _error(400, "bad_request", str(exc))
+        replay.window = exporter.config.seconds("security", "stalwart_webhook", "replay_window")
+        accepted = 0
+        for event in events:
+            if not replay.fresh(event, engine.clock()):
+                continue
+            accepted += 1
+            await _apply_stalwart_event(event)
+        frontends.inc(("stalwart", "ok"))
+        return JSONResponse({"accepted": accepted, "skipped": len(events) - accepted})
+
+    async def _apply_stalwart_event(event: stalwart.Event) -> None:
+        attempt = event.attempt()
+        if event.type in ("auth.success", "auth.failed") and attempt is not None:
+            await engine.report(attempt, event.type == "auth.success")
+        elif event.type.startswith("security.") and event.type.endswith("-ban") and (
+                event.remote_ip):
+            try:
+                await engine.ban(event.remote_ip, f"stalwart {event.type}",
+                                 engine.settings.auto_ban_duration, source="feed:stalwart",
+                                 actor="stalwart")
+            except ValueError:
+                return
+
     return [
         Route("/dovecot/policy", dovecot_policy, methods=["POST"]),
+        Route("/api/v1/webhooks/stalwart", stalwart_webhook, methods=["POST"]),
         Route("/api/v1/security/check", admin(check), methods=["POST"]),
         Route("/api/v1/security/report", admin(report), methods=["POST"]),
         Route("/api/v1/security/lockouts", admin(lockouts), methods=["GET"]),

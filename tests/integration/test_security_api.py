@@ -131,3 +131,67 @@ def test_cli_without_token_or_server(exporter, tmp_path):
     token.write_text("nope")
     r = cli(exporter, "security", "--token-file", str(token), "bans")
     assert r.returncode == 1 and json.loads(r.stdout)["error"] == "unauthorized"
+
+
+def signed(secret: bytes, events: list[dict]) -> tuple[bytes, dict]:
+    from security.protocols.stalwart import signature
+
+    body = json.dumps({"events": events}).encode()
+    return body, {"x-signature": signature(secret, body), "content-type": "application/json"}
+
+
+def event(event_id: str, kind: str, age: float = 0, **data) -> dict:
+    import datetime
+
+    created = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=age)
+    return {"id": event_id, "createdAt": created.isoformat().replace("+00:00", "Z"),
+            "type": kind, "data": data}
+
+
+def test_stalwart_webhook_feeds_the_engine(exporter_process, config_file, tmp_path):
+    secret = tmp_path / "webhook.key"
+    secret.write_bytes(b"hmac-key")
+    token = tmp_path / "admin.token"
+    token.write_text(TOKEN)
+    exporter = exporter_process(config_file({"security": {
+        "admin_token_file": str(token), "trusted_networks": [], "max_login_attempts": 3,
+        "stalwart_webhook": {"secret_file": str(secret)}}}))
+    url = exporter.url + "/api/v1/webhooks/stalwart"
+    check = exporter.url + "/api/v1/security/check"
+    failures = [event(f"ev{n}", "auth.failed", accountName="frank", remoteIp="192.0.2.50",
+                      protocol="imap") for n in range(3)]
+
+    body, headers = signed(b"wrong-key", failures)
+    r = httpx.post(url, content=body, headers=headers)
+    assert r.status_code == 401
+    assert httpx.post(check, json=attempt("frank", "192.0.2.50", ""),
+                      headers=ADMIN).json()["action"] == "allow"  # nothing changed
+
+    body, headers = signed(b"hmac-key", failures)
+    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 3,
+                                                                     "skipped": 0}
+    assert httpx.post(check, json=attempt("frank", "192.0.2.50", ""),
+                      headers=ADMIN).json()["reason"] == "locked"
+    # the same signed request replayed changes nothing
+    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 0,
+                                                                     "skipped": 3}
+    stale_body, stale_headers = signed(b"hmac-key", [
+        event("old", "security.authentication-ban", age=3600, remoteIp="198.51.100.9")])
+    assert httpx.post(url, content=stale_body, headers=stale_headers).json()["skipped"] == 1
+    ban_body, ban_headers = signed(b"hmac-key", [
+        event("ban1", "security.authentication-ban", remoteIp="198.51.100.9")])
+    assert httpx.post(url, content=ban_body, headers=ban_headers).json()["accepted"] == 1
+    bans = httpx.get(exporter.url + "/api/v1/security/blocklist", headers=ADMIN).json()["bans"]
+    assert [(b["network"], b["source"]) for b in bans] == [("198.51.100.9/32", "feed:stalwart")]
+
+    bad, bad_headers = signed(b"hmac-key", [{"id": 1}])
+    assert httpx.post(url, content=bad, headers=bad_headers).status_code == 400
+    garbage = b"\xff not json"
+    from security.protocols.stalwart import signature
+
+    r = httpx.post(url, content=garbage, headers={"x-signature": signature(b"hmac-key",
+                                                                           garbage)})
+    assert r.status_code == 400
+    metrics = httpx.get(exporter.url + "/metrics").text
+    assert ('a3mailer_security_frontend_requests_total{frontend="stalwart",'
+            'outcome="unauthorized"} 1.0') in metrics
