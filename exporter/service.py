@@ -24,7 +24,7 @@ from exporter.checks import state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
-from exporter.config import Config, ConfigError, load_config, parse_duration
+from exporter.config import Config, ConfigError, load_config, parse_duration, read_secret
 from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
@@ -237,6 +237,9 @@ def _build_security(config: Config, state_dir: Path
     store = open_store(store_config["type"],
                        path=store_config["path"] or str(state_dir / "security.db"),
                        max_keys=store_config["max_tracked_keys"],
-                       flush_interval=parse_duration(store_config["flush_interval"]))
+                       flush_interval=parse_duration(store_config["flush_interval"]),
+                       url=store_config["redis_url"],
+                       password=read_secret(store_config, "redis_password"),
+                       prefix=store_config["redis_key_prefix"])
     engine = SecurityManager(Settings.from_config(security, parse_duration), store, audit)
     return audit, engine

@@ -112,8 +112,12 @@ class SecurityManager:
                 log.exception("security maintenance failed")
 
     async def refresh(self) -> None:
-        """Expires bans from the index (auditing them) and recounts the active gauges."""
+        """Expires bans from the index (auditing them) and recounts the active gauges;
+        with a shared store, also reloads the bans other replicas made."""
         now = self.clock()
+        await self.store.refresh()
+        if getattr(self.store, "shared", False):
+            self.lists.block = CidrSet(await self.store.bans(now))
         for entry in self.lists.block.expire(now):
             await self.store.delete_ban(entry.network)
             self._audit("blocklist.expire", "engine", entry.network, {"reason": entry.reason})

@@ -298,7 +298,8 @@ def _semantic_problems(
         seen.add(metric["name"])
     for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
                           (("security", "dovecot_policy"), "api_key"),
-                          (("security", "stalwart_webhook"), "secret")):
+                          (("security", "stalwart_webhook"), "secret"),
+                          (("security", "store"), "redis_password")):
         values: Any = data
         for key in section:
             values = values[key]

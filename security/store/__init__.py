@@ -3,7 +3,7 @@
 `memory` (tests, or when nothing may touch disk), `sqlite` (the embedded default,
 in the state dir: the memory store plus a write-through of locks and bans and a
 write-behind of failure counters every flush interval, so no request waits for
-a disk write) and, later, `redis` (state shared by replicas).
+a disk write) and `redis` (state shared by several replicas).
 """
 
 from __future__ import annotations
@@ -69,12 +69,21 @@ class Store(Protocol):
 
     def tracked_keys(self) -> int: ...
 
+    async def refresh(self) -> None:
+        """Periodic upkeep (the engine calls it every maintenance interval)."""
+        ...
+
 
 def open_store(kind: str, *, path: str = "", max_keys: int = 250_000,
-               flush_interval: float = 1.0) -> Store:
+               flush_interval: float = 1.0, url: str = "", password: str | None = None,
+               prefix: str = "a3m:") -> Store:
     """The configured backend (not yet opened)."""
     from security.store.memory import MemoryStore
 
+    if kind == "redis":
+        from security.store.redis import RedisStore
+
+        return RedisStore(url, password=password, prefix=prefix)
     if kind == "memory":
         return MemoryStore(max_keys=max_keys)
     if kind == "sqlite":

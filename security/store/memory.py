@@ -15,6 +15,8 @@ from security.store import MAX_DISTINCT, Lock
 
 
 class MemoryStore:
+    shared = False  # this process is the only one writing: the ban index needs no reload
+
     def __init__(self, max_keys: int = 250_000):
         self.max_keys = max_keys
         self._failures: OrderedDict[str, dict[str, float]] = OrderedDict()
@@ -32,6 +34,9 @@ class MemoryStore:
 
     def tracked_keys(self) -> int:
         return len(self._failures)
+
+    async def refresh(self) -> None:
+        return None
 
     # --- failures
 

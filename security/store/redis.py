@@ -1,0 +1,158 @@
+"""The shared store: several exporter replicas keep one state in Redis.
+
+Every update is atomic on the server (a Lua script for the failure window, one
+SET/SADD transaction for locks), every key carries a TTL, so Redis memory is
+bounded by the windows and lock durations (run it with maxmemory and
+`maxmemory-policy volatile-lru` as a last resort). A lock written through one
+replica is seen by the others at their next check; bans reach the other
+replicas' in-memory index within the engine's maintenance interval (5 s).
+Connection errors surface as exceptions: the engine fails open or closed as
+configured, and redis-py reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+from typing import Any
+
+from redis import asyncio as aioredis
+
+from security.blocklist import Entry
+from security.store import MAX_DISTINCT, Lock
+
+# KEYS[1] failure zset; ARGV: now, window, member, max distinct -> distinct count
+_RECORD_FAILURE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[1]) - tonumber(ARGV[2])))
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+local n = redis.call('ZCARD', KEYS[1])
+local cap = tonumber(ARGV[4])
+if n > cap then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1)
+  n = cap
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
+return n
+"""
+# KEYS[1] offence counter; ARGV: window seconds -> count within the window
+_BUMP_OFFENCES = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
+return n
+"""
+
+
+class RedisStore:
+    shared = True
+
+    def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:"):
+        self.url = url
+        self.prefix = prefix
+        self._redis: Any = aioredis.from_url(url, password=password, decode_responses=True,
+                                             socket_timeout=2.0, socket_connect_timeout=2.0,
+                                             health_check_interval=30)
+        self._record = self._redis.register_script(_RECORD_FAILURE)
+        self._bump = self._redis.register_script(_BUMP_OFFENCES)
+        self._keys = 0
+
+    def _k(self, kind: str, key: str = "") -> str:
+        return f"{self.prefix}{kind}:{key}" if key else f"{self.prefix}{kind}"
+
+    async def open(self) -> None:
+        await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def tracked_keys(self) -> int:
+        """Failure keys in Redis at the last refresh()."""
+        return self._keys
+
+    async def refresh(self) -> None:
+        count = 0
+        async for _ in self._redis.scan_iter(match=self._k("f", "*"), count=1000):
+            count += 1
+        self._keys = count
+
+    # --- failures
+
+    async def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
+        member = pwhash or f"#{secrets.token_hex(8)}"
+        return int(await self._record(keys=[self._k("f", key)],
+                                      args=[now, window, member, MAX_DISTINCT]))
+
+    async def failure_count(self, key: str, now: float, window: float) -> int:
+        return int(await self._redis.zcount(self._k("f", key), now - window, "+inf"))
+
+    async def clear_failures(self, key: str) -> None:
+        await self._redis.delete(self._k("f", key))
+
+    # --- locks and offences
+
+    async def get_lock(self, key: str, now: float) -> Lock | None:
+        raw = await self._redis.get(self._k("lock", key))
+        if raw is None:
+            return None
+        lock = Lock(**json.loads(raw))
+        return lock if lock.until > now else None
+
+    async def put_lock(self, lock: Lock) -> None:
+        ttl = max(1, math.ceil((lock.until - lock.created) * 1000))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("lock", lock.key), json.dumps(lock.as_dict()), px=ttl)
+            pipe.sadd(self._k("locks"), lock.key)
+            await pipe.execute()
+
+    async def delete_lock(self, key: str) -> Lock | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._k("lock", key))
+            pipe.delete(self._k("lock", key))
+            pipe.srem(self._k("locks"), key)
+            raw, _, _ = await pipe.execute()
+        return Lock(**json.loads(raw)) if raw else None
+
+    async def locks(self, now: float) -> list[Lock]:
+        keys = sorted(await self._redis.smembers(self._k("locks")))
+        if not keys:
+            return []
+        values = await self._redis.mget([self._k("lock", k) for k in keys])
+        out, gone = [], []
+        for key, raw in zip(keys, values, strict=True):
+            lock = Lock(**json.loads(raw)) if raw else None
+            if lock is None or lock.until <= now:
+                gone.append(key)
+            else:
+                out.append(lock)
+        if gone:
+            await self._redis.srem(self._k("locks"), *gone)
+        return sorted(out, key=lambda lock: lock.created)
+
+    async def bump_offences(self, key: str, now: float, window: float) -> int:
+        return int(await self._bump(keys=[self._k("off", key)], args=[window]))
+
+    # --- bans
+
+    async def put_ban(self, ban: Entry) -> None:
+        await self._redis.hset(self._k("bans"), ban.network,
+                               json.dumps(dataclasses.asdict(ban)))
+
+    async def delete_ban(self, network: str) -> Entry | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._k("bans"), network)
+            pipe.hdel(self._k("bans"), network)
+            raw, _ = await pipe.execute()
+        return Entry(**json.loads(raw)) if raw else None
+
+    async def bans(self, now: float) -> list[Entry]:
+        out, gone = [], []
+        for network, raw in (await self._redis.hgetall(self._k("bans"))).items():
+            ban = Entry(**json.loads(raw))
+            if ban.expires is not None and ban.expires <= now:
+                gone.append(network)
+            else:
+                out.append(ban)
+        if gone:
+            await self._redis.hdel(self._k("bans"), *gone)
+        return sorted(out, key=lambda b: b.created)
