@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,5 +61,20 @@ def state_dir_check(path: Path) -> Check:
         except OSError as exc:
             return CheckResult(Status.UNHEALTHY, f"cannot write {path}: {exc.strerror}",
                                {"path": str(path)})
+
+    return check
+
+
+def security_store_check(engine: Any) -> Check:
+    """Unhealthy when the security store does not answer (the engine then fails open or
+    closed, as security.store.fail_open says)."""
+
+    async def check() -> CheckResult:
+        start = time.monotonic()
+        await engine.store.failure_count("health-check", engine.clock(), 1.0)
+        return CheckResult(Status.HEALTHY, "store answers",
+                           {"store": type(engine.store).__name__,
+                            "tracked_keys": engine.store.tracked_keys(),
+                            "round_trip_ms": round((time.monotonic() - start) * 1000, 3)})
 
     return check

@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from exporter import __version__, catalogue
-from exporter.checks import state_dir_check, system_check
+from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
@@ -96,6 +96,9 @@ class Exporter:
             self.health.unregister("system")
         if self.security is not None:
             self.security.configure(Settings.from_config(config["security"], parse_duration))
+            # a fail-closed engine refuses every login while its store is down: not ready
+            self.health.register("security_store", security_store_check(self.security),
+                                 critical=not config["security"]["store"]["fail_open"])
         if self.audit is not None:
             self.audit.policy = _audit_policy(config["security"])
         security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends)

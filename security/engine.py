@@ -73,6 +73,8 @@ class SecurityManager:
         self.clock = clock
         self.stats = Stats()
         self.lists = Lists()
+        self._lock_scopes: dict[str, str] = {}  # lock key -> scope
+        self._ban_kinds: dict[str, str] = {}  # network -> manual | automatic | feed | config
         self._maintenance: asyncio.Task[None] | None = None
         self.configure(settings)
 
@@ -121,15 +123,20 @@ class SecurityManager:
         for entry in self.lists.block.expire(now):
             await self.store.delete_ban(entry.network)
             self._audit("blocklist.expire", "engine", entry.network, {"reason": entry.reason})
-        locks = await self.store.locks(now)
-        self.stats.active_locks = {"source_account": 0, "account": 0}
-        for lock in locks:
-            self.stats.active_locks[lock.scope] += 1
-        bans = await self.store.bans(now)
-        self.stats.active_bans = {"manual": 0, "automatic": 0, "feed": 0}
-        for ban in bans:
-            self.stats.active_bans[ban.source.split(":")[0]] = (
-                self.stats.active_bans.get(ban.source.split(":")[0], 0) + 1)
+        self._lock_scopes = {lock.key: lock.scope for lock in await self.store.locks(now)}
+        self._ban_kinds = {ban.network: ban.source.split(":")[0]
+                           for ban in await self.store.bans(now)}
+        self._recount()
+
+    def _recount(self) -> None:
+        """The active gauges, from the maps kept in step with every change."""
+        locks = {"source_account": 0, "account": 0}
+        for scope in self._lock_scopes.values():
+            locks[scope] = locks.get(scope, 0) + 1
+        bans = {"manual": 0, "automatic": 0, "feed": 0}
+        for kind in self._ban_kinds.values():
+            bans[kind] = bans.get(kind, 0) + 1
+        self.stats.active_locks, self.stats.active_bans = locks, bans
 
     # --- decisions
 
@@ -144,7 +151,13 @@ class SecurityManager:
         try:
             decision = await self._decide(ip, keys)
         except Exception as exc:
-            decision = self._store_failed("check", exc)
+            self._store_failed("check", exc)
+            if self.settings.fail_open:
+                self.stats.fail_open += 1
+                decision = Decision("allow", "store_unavailable")
+            else:
+                decision = Decision("reject", "store_unavailable",
+                                    message=self.settings.reject_message)
         self.stats.count(self.stats.decisions, (decision.action, decision.reason))
         self.stats.observe(time.perf_counter() - start)
         return decision
@@ -173,13 +186,9 @@ class SecurityManager:
                 return Decision("delay", "tarpit", delay=delay)
         return ALLOW
 
-    def _store_failed(self, operation: str, exc: Exception) -> Decision:
+    def _store_failed(self, operation: str, exc: Exception) -> None:
         self.stats.count(self.stats.store_errors, operation)
         log.warning("security store failed", extra={"operation": operation, "error": str(exc)})
-        if self.settings.fail_open:
-            self.stats.fail_open += 1
-            return Decision("allow", "store_unavailable")
-        return Decision("reject", "store_unavailable", message=self.settings.reject_message)
 
     async def report(self, attempt: Attempt, success: bool) -> list[str]:
         """After the password check; returns the actions taken (lock, ban)."""
@@ -205,13 +214,16 @@ class SecurityManager:
                              now: float) -> list[str]:
         s = self.settings
         window = s.login_attempt_window
+        pair_locked = await self.store.get_lock(keys.pair, now) is not None
         pair = await self.store.record_failure(keys.pair, attempt.pwhash, now, window)
-        account = await self.store.record_failure(keys.account, attempt.pwhash, now, window)
+        # a source already locked out of this account cannot push it to a whole-account lock
+        account = 0 if pair_locked else await self.store.record_failure(
+            keys.account, attempt.pwhash, now, window)
         source = await self.store.record_failure(keys.source, attempt.pwhash, now, window)
         network = keys.source.removeprefix("s:")
         login = keys.account.removeprefix("a:")
         actions = []
-        if pair >= s.max_login_attempts and await self.store.get_lock(keys.pair, now) is None:
+        if pair >= s.max_login_attempts and not pair_locked:
             await self._lock(keys.pair, "source_account", login, network, now,
                              f"{pair} distinct wrong passwords in {window:g}s")
             actions.append("lock")
@@ -235,7 +247,8 @@ class SecurityManager:
                     now + self.settings.lock_duration(level), level)
         await self.store.put_lock(lock)
         await self.store.clear_failures(key)
-        self.stats.active_locks[scope] = self.stats.active_locks.get(scope, 0) + 1
+        self._lock_scopes[key] = scope
+        self._recount()
         self._audit("lockout.lock", "engine", account if not source else f"{account}@{source}",
                     {"scope": scope, "until": lock.until, "level": level, "reason": reason})
         return lock
@@ -247,8 +260,12 @@ class SecurityManager:
 
     async def unlock(self, account: str, source: str | None = None,
                      actor: str = "admin") -> list[Lock]:
-        """Lifts the account's locks (all of them, or only the one for source)."""
+        """Lifts the account's locks (all of them, or only the one for source, given as an
+        address or a network)."""
         account = account.strip().lower()
+        if source is not None:
+            source = str(parse_network(source)) if "/" in source else prefix_of(
+                parse_ip(source), self.settings.ipv6_prefix_length)
         removed = []
         for lock in await self.store.locks(self.clock()):
             if lock.account != account:
@@ -257,6 +274,7 @@ class SecurityManager:
                 continue
             await self.store.delete_lock(lock.key)
             await self.store.clear_failures(lock.key)
+            self._lock_scopes.pop(lock.key, None)
             removed.append(lock)
             self._audit("lockout.unlock", actor,
                         account if not lock.source else f"{account}@{lock.source}",
@@ -269,11 +287,11 @@ class SecurityManager:
         """Blocks a CIDR (an IP is a /32 or /128) for duration seconds, or until unbanned."""
         now = self.clock()
         cidr = str(parse_network(network))
-        ban = Entry(cidr, reason, source, now, now + duration if duration else None)
+        ban = Entry(cidr, reason, source, now, None if duration is None else now + duration)
         await self.store.put_ban(ban)
         self.lists.block.add(ban)
-        kind = source.split(":")[0]
-        self.stats.active_bans[kind] = self.stats.active_bans.get(kind, 0) + 1
+        self._ban_kinds[cidr] = source.split(":")[0]
+        self._recount()
         self._audit("blocklist.ban", actor, cidr, {"reason": reason, "source": source,
                                                     "expires": ban.expires})
         return ban
@@ -282,6 +300,8 @@ class SecurityManager:
         cidr = str(parse_network(network))
         ban = await self.store.delete_ban(cidr)
         self.lists.block.remove(cidr)
+        self._ban_kinds.pop(cidr, None)
+        self._recount()
         if ban is not None:
             self._audit("blocklist.unban", actor, cidr, {"reason": ban.reason})
             await self.refresh()

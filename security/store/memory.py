@@ -7,7 +7,8 @@ which can only make the engine more lenient towards that one source.
 
 from __future__ import annotations
 
-import itertools
+import secrets
+import time
 from collections import OrderedDict
 
 from security.blocklist import Entry
@@ -23,7 +24,6 @@ class MemoryStore:
         self._locks: dict[str, Lock] = {}
         self._offences: dict[str, tuple[int, float]] = {}
         self._bans: dict[str, Entry] = {}
-        self._anonymous = itertools.count()
         self.dirty: set[str] = set()  # failure keys changed since the last flush
 
     async def open(self) -> None:
@@ -36,7 +36,10 @@ class MemoryStore:
         return len(self._failures)
 
     async def refresh(self) -> None:
-        return None
+        """Drops offence counts whose window has passed."""
+        now = time.time()
+        for key in [k for k, (_, expires) in self._offences.items() if expires <= now]:
+            del self._offences[key]
 
     # --- failures
 
@@ -50,8 +53,8 @@ class MemoryStore:
         else:
             self._failures.move_to_end(key)
             _prune(seen, now - window)
-        # without a hash every failure is a distinct password
-        seen[pwhash or f"#{next(self._anonymous)}"] = now
+        # without a hash every failure is a distinct password (unique across restarts)
+        seen[pwhash or f"#{secrets.token_hex(8)}"] = now
         if len(seen) > MAX_DISTINCT:
             del seen[min(seen, key=seen.__getitem__)]
         self.dirty.add(key)

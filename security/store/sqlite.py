@@ -72,12 +72,13 @@ class SqliteStore(MemoryStore):
             self._bans[ban.network] = ban
         for key, count, expires in db.execute("SELECT key, count, expires FROM offences"):
             self._offences[key] = (count, expires)
-        for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures ORDER BY ts"):
-            seen = self.failures_of(key)
-            if seen is None:
-                seen = {}
-                self.load_failures(key, seen)
-            seen[pwhash] = ts
+        loaded: dict[str, dict[str, float]] = {}
+        for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures"):
+            loaded.setdefault(key, {})[pwhash] = ts
+        # least recently failed first, and never more than max_keys
+        newest = sorted(loaded, key=lambda k: max(loaded[k].values()))[-self.max_keys:]
+        for key in newest:
+            self.load_failures(key, loaded[key])
         self._db = db
 
     async def close(self) -> None:
@@ -110,7 +111,7 @@ class SqliteStore(MemoryStore):
         rows = [(key, dict(self.failures_of(key) or {})) for key in keys]
         try:
             await self._run(self._write_failures, rows)
-        except Exception:
+        except BaseException:  # cancelled too: the keys stay dirty for the final flush
             self.dirty |= keys
             raise
 
@@ -138,6 +139,32 @@ class SqliteStore(MemoryStore):
         lock = await super().delete_lock(key)
         await self._run(self._execute, "DELETE FROM locks WHERE key = ?", (key,))
         return lock
+
+    async def locks(self, now: float) -> list[Lock]:
+        expired = [key for key, lock in self._locks.items() if lock.until <= now]
+        current = await super().locks(now)
+        if expired:
+            await self._run(self._execute_many, "DELETE FROM locks WHERE key = ?",
+                            [(key,) for key in expired])
+        return current
+
+    async def bans(self, now: float) -> list[Entry]:
+        expired = [net for net, ban in self._bans.items()
+                   if ban.expires is not None and ban.expires <= now]
+        current = await super().bans(now)
+        if expired:
+            await self._run(self._execute_many, "DELETE FROM bans WHERE network = ?",
+                            [(net,) for net in expired])
+        return current
+
+    async def refresh(self) -> None:
+        await super().refresh()
+        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?",
+                        (time.time(),))
+
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        assert self._db is not None
+        self._db.executemany(sql, rows)
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
         count = await super().bump_offences(key, now, window)

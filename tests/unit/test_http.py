@@ -85,7 +85,7 @@ async def test_livez_and_health_document(serve):
     doc = (await client.get("/health")).json()
     assert doc["status"] in {"healthy", "degraded"}
     names = {c["component"] for c in doc["components"]}
-    assert names == {"state_dir", "config", "system"}
+    assert names == {"state_dir", "config", "system", "security_store"}
     for c in doc["components"]:
         assert c["status"] in {"healthy", "degraded", "unhealthy", "unknown"}
         assert set(c) >= {"component", "status", "message", "response_time_ms", "details",

@@ -1,0 +1,400 @@
+"""Security stores: one behaviour suite run against every backend, plus SQLite persistence.
+
+Times are explicit `now` arguments. T0 lies far in the future on purpose: SqliteStore.open()
+drops failure rows older than 7 days by the *wall clock* (not by a caller's `now`), so a
+base time in the past would make persisted failure counters vanish on reopen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from security.blocklist import Entry
+from security.store import MAX_DISTINCT, Lock, Store, open_store
+from security.store.sqlite import SqliteStore
+
+T0 = 4_000_000_000.0  # 2096: see the module docstring
+WINDOW = 60.0
+FLUSH = 0.05
+
+StoreFactory = Callable[..., Awaitable[Store]]
+
+
+def a_lock(key: str = "p:192.0.2.1/32|alice", *, created: float = T0, duration: float = 60.0,
+           level: int = 1, scope: str = "source_account") -> Lock:
+    account = key.rsplit("|", 1)[-1].removeprefix("a:")
+    source = key[2:].split("|", 1)[0] if key.startswith("p:") else ""
+    return Lock(key, scope, account, source, "test", created, created + duration, level)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def make_store(request, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Opens stores of the parametrized kind (SQLite: one file per test); closes them all."""
+    opened: list[Store] = []
+
+    async def make(max_keys: int = 250_000) -> Store:
+        store = open_store(request.param, path=str(tmp_path / "security.db"),
+                           max_keys=max_keys, flush_interval=FLUSH)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in reversed(opened):
+        await store.close()
+
+
+@pytest.fixture
+async def store(make_store: StoreFactory) -> Store:
+    return await make_store()
+
+
+@pytest.fixture
+async def sqlite_stores(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[SqliteStore]]]:
+    """Opens SqliteStores on one file; closes every one still open at the end."""
+    opened: list[SqliteStore] = []
+    path = tmp_path / "state" / "security.db"
+
+    async def make(flush_interval: float = FLUSH, max_keys: int = 250_000) -> SqliteStore:
+        store = SqliteStore(path, max_keys=max_keys, flush_interval=flush_interval)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in reversed(opened):
+        if store._db is not None:  # not closed by the test
+            await store.close()
+
+
+# --- failures: distinct counting, window, clear
+
+
+async def test_a_repeated_pwhash_counts_once(store: Store):
+    for i in range(5):
+        assert await store.record_failure("k", "same", T0 + i, WINDOW) == 1
+    assert await store.failure_count("k", T0 + 5, WINDOW) == 1
+
+
+async def test_distinct_pwhashes_are_counted(store: Store):
+    counts = [await store.record_failure("k", h, T0, WINDOW) for h in ("a", "b", "c", "b", "a")]
+    assert counts == [1, 2, 3, 3, 3]
+    assert await store.failure_count("k", T0, WINDOW) == 3
+
+
+async def test_an_empty_pwhash_is_a_new_distinct_password_each_time(store: Store):
+    counts = [await store.record_failure("k", h, T0, WINDOW) for h in ("", "", "a", "", "a")]
+    assert counts == [1, 2, 3, 4, 4]
+    assert await store.failure_count("k", T0, WINDOW) == 4
+
+
+async def test_keys_are_counted_separately(store: Store):
+    await store.record_failure("k1", "a", T0, WINDOW)
+    await store.record_failure("k1", "b", T0, WINDOW)
+    assert await store.record_failure("k2", "a", T0, WINDOW) == 1
+    assert await store.failure_count("k1", T0, WINDOW) == 2
+    assert await store.failure_count("unknown", T0, WINDOW) == 0
+    await store.refresh()  # Redis counts its keys here
+    assert store.tracked_keys() == 2
+
+
+async def test_failures_older_than_the_window_drop_out(store: Store):
+    await store.record_failure("k", "a", T0, WINDOW)
+    await store.record_failure("k", "b", T0 + 10, WINDOW)
+    assert await store.failure_count("k", T0 + WINDOW - 1, WINDOW) == 2
+    assert await store.failure_count("k", T0 + WINDOW + 1, WINDOW) == 1  # "a" is out
+    assert await store.record_failure("k", "c", T0 + WINDOW + 1, WINDOW) == 2  # b, c
+    assert await store.failure_count("k", T0 + WINDOW + 1, WINDOW) == 2
+    assert await store.failure_count("k", T0 + WINDOW + 11, WINDOW) == 1  # only c
+    assert await store.record_failure("k", "d", T0 + 10 * WINDOW, WINDOW) == 1
+    assert await store.failure_count("k", T0 + 10 * WINDOW, WINDOW) == 1
+
+
+async def test_record_and_count_agree_on_the_window_boundary(store: Store):
+    await store.record_failure("k", "a", T0, WINDOW)
+    # exactly one window later "a" is still inside (the window is inclusive) ...
+    assert await store.failure_count("k", T0 + WINDOW, WINDOW) == 1
+    assert await store.record_failure("k", "b", T0 + WINDOW, WINDOW) == 2
+    # ... and a moment later it is out, for both calls
+    assert await store.failure_count("k", T0 + WINDOW + 0.5, WINDOW) == 1
+    assert await store.record_failure("k", "c", T0 + WINDOW + 0.5, WINDOW) == 2
+
+
+async def test_retrying_a_password_keeps_it_in_the_window_from_its_latest_try(store: Store):
+    await store.record_failure("k", "a", T0, WINDOW)
+    await store.record_failure("k", "a", T0 + 50, WINDOW)
+    assert await store.failure_count("k", T0 + 100, WINDOW) == 1
+    assert await store.failure_count("k", T0 + 111, WINDOW) == 0
+
+
+async def test_clear_failures_resets_the_key_only(store: Store):
+    for h in ("a", "b", "c"):
+        await store.record_failure("k", h, T0, WINDOW)
+    await store.record_failure("other", "a", T0, WINDOW)
+    await store.clear_failures("k")
+    await store.clear_failures("never-seen")  # no error
+    assert await store.failure_count("k", T0, WINDOW) == 0
+    assert await store.failure_count("other", T0, WINDOW) == 1
+    assert await store.record_failure("k", "a", T0, WINDOW) == 1  # "a" counts afresh
+
+
+async def test_a_key_remembers_at_most_max_distinct_passwords(store: Store):
+    counts = [await store.record_failure("k", f"h{i}", T0 + i / 1000, 3600)
+              for i in range(MAX_DISTINCT + 44)]
+    assert counts[:MAX_DISTINCT] == list(range(1, MAX_DISTINCT + 1))
+    assert set(counts[MAX_DISTINCT:]) == {MAX_DISTINCT}
+    assert await store.failure_count("k", T0 + 1, 3600) == MAX_DISTINCT
+    await store.refresh()  # Redis counts its keys here
+    assert store.tracked_keys() == 1
+
+
+# --- the LRU bound on failure keys
+
+
+async def test_max_keys_bounds_the_failure_table_and_keeps_the_newest(make_store: StoreFactory):
+    max_keys = 10
+    store = await make_store(max_keys=max_keys)
+    for i in range(5 * max_keys):
+        await store.record_failure(f"s:{i}", "a", T0 + i, 3600)
+        assert store.tracked_keys() <= max_keys
+    await store.refresh()  # Redis counts its keys here
+    assert store.tracked_keys() == max_keys
+    now = T0 + 5 * max_keys
+    kept = [i for i in range(5 * max_keys) if await store.failure_count(f"s:{i}", now, 3600)]
+    assert kept == list(range(4 * max_keys, 5 * max_keys))
+
+
+async def test_a_key_that_failed_again_is_recent_and_survives_eviction(make_store: StoreFactory):
+    store = await make_store(max_keys=3)
+    for i in range(3):
+        await store.record_failure(f"k{i}", "a", T0 + i, 3600)
+    await store.record_failure("k0", "b", T0 + 3, 3600)  # k0 is now the most recent
+    await store.record_failure("k3", "a", T0 + 4, 3600)  # evicts k1, the least recent
+    now = T0 + 5
+    assert [await store.failure_count(f"k{i}", now, 3600) for i in range(4)] == [2, 0, 1, 1]
+
+
+# --- locks
+
+
+async def test_put_get_delete_lock(store: Store):
+    lock = a_lock()
+    assert await store.get_lock(lock.key, T0) is None
+    await store.put_lock(lock)
+    assert await store.get_lock(lock.key, T0) == lock
+    assert await store.get_lock(lock.key, T0 + 59.5) == lock
+    assert await store.get_lock("p:192.0.2.2/32|alice", T0) is None
+    assert await store.locks(T0) == [lock]
+    assert await store.delete_lock(lock.key) == lock
+    assert await store.get_lock(lock.key, T0) is None
+    assert await store.locks(T0) == []
+    assert await store.delete_lock(lock.key) is None
+
+
+async def test_put_lock_replaces_the_lock_of_the_same_key(store: Store):
+    await store.put_lock(a_lock(duration=60))
+    longer = a_lock(created=T0 + 1, duration=120, level=2)
+    await store.put_lock(longer)
+    assert await store.get_lock(longer.key, T0 + 100) == longer
+    assert await store.locks(T0 + 1) == [longer]
+
+
+async def test_an_expired_lock_is_not_returned_and_is_dropped_from_locks(store: Store):
+    short = a_lock("p:192.0.2.1/32|alice", duration=60)
+    account = a_lock("a:bob", created=T0 + 1, duration=600, scope="account")
+    await store.put_lock(account)
+    await store.put_lock(short)
+    assert await store.locks(T0 + 1) == [short, account]  # oldest first
+    assert await store.get_lock(short.key, T0 + 60) is None  # expired from `until` on
+    assert await store.get_lock(account.key, T0 + 60) == account
+    assert await store.locks(T0 + 60) == [account]
+    assert await store.locks(T0 + 601) == []
+
+
+# --- offences
+
+
+async def test_bump_offences_counts_within_the_window_and_restarts_after_it(store: Store):
+    window = 1000.0
+    assert await store.bump_offences("k", T0, window) == 1
+    assert await store.bump_offences("k", T0 + 10, window) == 2
+    assert await store.bump_offences("other", T0 + 10, window) == 1
+    assert await store.bump_offences("k", T0 + 20, window) == 3
+    assert await store.bump_offences("k", T0 + 20 + window + 1, window) == 1
+    assert await store.bump_offences("k", T0 + 30 + window, window) == 2
+
+
+# --- bans
+
+
+async def test_put_list_delete_bans(store: Store):
+    timed = Entry("198.51.100.0/24", "abuse", "manual", T0, T0 + 100)
+    forever = Entry("2001:db8::/64", "scanner", "automatic", T0 + 1, None)
+    await store.put_ban(forever)
+    await store.put_ban(timed)
+    assert await store.bans(T0 + 1) == [timed, forever]  # by creation time
+    assert await store.delete_ban("198.51.100.0/24") == timed
+    assert await store.delete_ban("198.51.100.0/24") is None
+    assert await store.bans(T0 + 1) == [forever]
+
+
+async def test_put_ban_replaces_the_ban_of_the_same_network(store: Store):
+    await store.put_ban(Entry("192.0.2.9", "first", "manual", T0, T0 + 10))
+    second = Entry("192.0.2.9/32", "second", "automatic", T0 + 5, T0 + 500)
+    await store.put_ban(second)
+    assert await store.bans(T0 + 100) == [second]
+
+
+async def test_expired_bans_are_dropped_and_permanent_ones_stay(store: Store):
+    timed = Entry("192.0.2.1", "x", "manual", T0, T0 + 100)
+    forever = Entry("192.0.2.2", "y", "feed:drop", T0, None)
+    await store.put_ban(timed)
+    await store.put_ban(forever)
+    assert await store.bans(T0 + 99.9) == [timed, forever]
+    assert await store.bans(T0 + 100) == [forever]  # expired from `expires` on
+    assert await store.bans(T0 + 10**6) == [forever]
+
+
+# --- SQLite persistence
+
+
+async def test_sqlite_locks_bans_and_offences_survive_close_and_reopen(sqlite_stores):
+    first = await sqlite_stores()
+    lock = a_lock(duration=600, level=2)
+    account_lock = a_lock("a:bob", duration=900, scope="account")
+    ban = Entry("2001:db8::/64", "scanner", "automatic", T0, T0 + 3600)
+    permanent = Entry("192.0.2.0/24", "", "manual", T0 + 1, None)
+    await first.put_lock(lock)
+    await first.put_lock(account_lock)
+    await first.put_ban(ban)
+    await first.put_ban(permanent)
+    await first.bump_offences(lock.key, T0, 1000)
+    await first.bump_offences(lock.key, T0, 1000)
+    await first.close()
+
+    second = await sqlite_stores()
+    assert await second.get_lock(lock.key, T0 + 1) == lock
+    assert await second.locks(T0 + 1) == [lock, account_lock]
+    assert await second.bans(T0 + 1) == [ban, permanent]
+    assert await second.bump_offences(lock.key, T0 + 5, 1000) == 3
+
+
+async def test_sqlite_deletions_survive_a_reopen(sqlite_stores):
+    first = await sqlite_stores()
+    await first.put_lock(a_lock())
+    await first.put_ban(Entry("192.0.2.1", "", "manual", T0, None))
+    await first.record_failure("k", "a", T0, WINDOW)
+    await first.flush()
+    await first.delete_lock(a_lock().key)
+    await first.delete_ban("192.0.2.1/32")
+    await first.clear_failures("k")
+    await first.close()
+
+    second = await sqlite_stores()
+    assert await second.locks(T0) == []
+    assert await second.bans(T0) == []
+    assert await second.failure_count("k", T0, WINDOW) == 0
+    assert second.tracked_keys() == 0
+
+
+async def test_sqlite_failure_counters_survive_an_explicit_flush(sqlite_stores):
+    first = await sqlite_stores(flush_interval=3600)  # the flusher never runs by itself
+    for h in ("a", "b", "a", ""):
+        await first.record_failure("p:192.0.2.1/32|alice", h, T0, WINDOW)
+    await first.flush()
+    second = await sqlite_stores()  # the first is still open: it never closed
+    assert await second.failure_count("p:192.0.2.1/32|alice", T0, WINDOW) == 3
+    assert await second.record_failure("p:192.0.2.1/32|alice", "b", T0 + 1, WINDOW) == 3
+    assert await second.record_failure("p:192.0.2.1/32|alice", "c", T0 + 1, WINDOW) == 4
+
+
+async def test_sqlite_failure_counters_survive_close(sqlite_stores):
+    first = await sqlite_stores(flush_interval=3600)
+    await first.record_failure("k", "a", T0, WINDOW)
+    await first.record_failure("k", "b", T0, WINDOW)
+    await first.close()  # flushes
+    second = await sqlite_stores()
+    assert await second.failure_count("k", T0, WINDOW) == 2
+    # the window still applies to the reloaded timestamps
+    assert await second.failure_count("k", T0 + WINDOW + 1, WINDOW) == 0
+
+
+async def test_sqlite_flush_task_writes_failure_counters_by_itself(sqlite_stores):
+    first = await sqlite_stores(flush_interval=FLUSH)
+    await first.record_failure("k", "a", T0, WINDOW)
+    await first.record_failure("k", "b", T0, WINDOW)
+    await asyncio.sleep(FLUSH * 4)  # no flush() call: the flusher task runs on its own
+    second = await sqlite_stores()
+    assert await second.failure_count("k", T0, WINDOW) == 2
+
+
+async def test_sqlite_write_through_state_survives_a_kill_without_any_flush(sqlite_stores):
+    """A process killed without close(): the first store is simply never closed or flushed."""
+    first = await sqlite_stores(flush_interval=3600)
+    lock = a_lock(duration=600)
+    ban = Entry("198.51.100.7", "kill test", "automatic", T0, T0 + 3600)
+    await first.put_lock(lock)
+    await first.put_ban(ban)
+    assert await first.bump_offences(lock.key, T0, 1000) == 1
+    second = await sqlite_stores()
+    assert await second.get_lock(lock.key, T0 + 1) == lock
+    assert await second.bans(T0 + 1) == [ban]
+    assert await second.bump_offences(lock.key, T0 + 1, 1000) == 2
+
+
+async def test_sqlite_evicted_keys_leave_the_file_too(sqlite_stores):
+    first = await sqlite_stores(max_keys=5)
+    for i in range(20):
+        await first.record_failure(f"k{i}", "a", T0 + i, 3600)
+    await first.close()
+    second = await sqlite_stores(max_keys=5)
+    assert second.tracked_keys() == 5
+    now = T0 + 20
+    assert [i for i in range(20) if await second.failure_count(f"k{i}", now, 3600)] == [
+        15, 16, 17, 18, 19]
+
+
+async def test_sqlite_anonymous_failures_still_add_up_after_a_restart(sqlite_stores):
+    first = await sqlite_stores()
+    for expected in (1, 2, 3):
+        assert await first.record_failure("k", "", T0, WINDOW) == expected
+    await first.close()
+    second = await sqlite_stores()
+    assert await second.failure_count("k", T0, WINDOW) == 3
+    assert await second.record_failure("k", "", T0 + 1, WINDOW) == 4
+
+
+async def test_sqlite_lru_order_survives_a_restart(sqlite_stores):
+    first = await sqlite_stores(max_keys=2)
+    await first.record_failure("busy", "a", T0, 3600)
+    await first.record_failure("idle", "a", T0 + 10, 3600)
+    await first.record_failure("busy", "b", T0 + 20, 3600)  # busy is now the most recent
+    await first.close()
+    second = await sqlite_stores(max_keys=2)
+    await second.record_failure("new", "a", T0 + 30, 3600)  # evicts the least recent
+    assert await second.failure_count("idle", T0 + 30, 3600) == 0
+    assert await second.failure_count("busy", T0 + 30, 3600) == 2
+
+
+async def test_sqlite_a_cancelled_flush_does_not_lose_failure_counters(sqlite_stores):
+    store = await sqlite_stores(flush_interval=3600)
+    await store.record_failure("k", "a", T0, WINDOW)
+    await store.record_failure("k", "b", T0, WINDOW)
+    # The one SQLite worker is busy (as with a concurrent lock write-through) ...
+    release = threading.Event()
+    busy = store._worker.submit(release.wait, 5)
+    flushing = asyncio.create_task(store.flush())
+    await asyncio.sleep(0)  # ... so the flush's write is queued behind it
+    flushing.cancel()  # what close() does to a flusher caught inside flush()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    release.set()
+    busy.result(timeout=5)
+    await store.close()
+    reopened = await sqlite_stores()
+    assert await reopened.failure_count("k", T0, WINDOW) == 2
