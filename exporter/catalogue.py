@@ -163,6 +163,14 @@ _SPECS = [
     _spec("a3mailer_security_rate_limited_total", "counter", "",
           "JSON API requests refused with 429, by client class (authenticated, anonymous).",
           ("class",), "security"),
+    _spec("a3mailer_security_postfix_requests_total", "counter", "",
+          "Postfix policy requests answered, by action (dunno, reject, defer); present once "
+          "Postfix has connected.", ("action",), "security"),
+    _spec("a3mailer_security_postfix_errors_total", "counter", "",
+          "Postfix policy requests that were malformed, incomplete or failed, by reason.",
+          ("reason",), "security"),
+    _spec("a3mailer_security_postfix_connections", "gauge", "",
+          "Open Postfix policy connections.", (), "security"),
     _spec("a3mailer_security_audit_chain_ok", "gauge", "",
           "1 when the audit log's hash chain verified at the last check (start-up, then "
           "hourly), 0 when it is broken; absent before the first check.", (), "security"),

@@ -31,6 +31,8 @@ from exporter.history import History
 from exporter.instruments import CounterVec, HistogramVec
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
+from security.protocols.postfix import PostfixPolicyServer
+from security.ratelimit import Limit
 from security.settings import Settings
 from security.store import open_store
 
@@ -72,6 +74,8 @@ class Exporter:
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
+        self.postfix_policy = PostfixPolicyServer(self.security, None) if (
+            self.security is not None) else None
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
         self._apply(config)
@@ -96,12 +100,18 @@ class Exporter:
             self.health.unregister("system")
         if self.security is not None:
             self.security.configure(Settings.from_config(config["security"], parse_duration))
+            if self.postfix_policy is not None:
+                settings = config["security"]["postfix_policy"]
+                self.postfix_policy.limits = _postfix_limit(settings)
+                self.postfix_policy.idle_timeout = parse_duration(settings["idle_timeout"])
+                self.postfix_policy.max_connections = settings["max_connections"]
             # a fail-closed engine refuses every login while its store is down: not ready
             self.health.register("security_store", security_store_check(self.security),
                                  critical=not config["security"]["store"]["fail_open"])
         if self.audit is not None:
             self.audit.policy = _audit_policy(config["security"])
-        security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends)
+        security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends,
+                                              self.postfix_policy)
                             ] if self.security is not None else []
         self.scrape = Scrape([
             *enabled_collectors(mon),
@@ -122,11 +132,17 @@ class Exporter:
             log.error("config reload rejected; previous config keeps running",
                       extra={"problems": len(exc.problems), "first": self.reload_problems[0]})
             return self.reload_problems
-        for section, key in (("server", "listen_address"), ("server", "state_dir"),
-                             ("server", "tls"), ("security", "enabled"), ("security", "store")):
-            if new[section][key] != self.config[section][key]:
-                log.warning("changing %s.%s needs a restart; keeping the old value", section, key)
-                new.data[section][key] = self.config[section][key]
+        for path in (("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
+                     ("security", "enabled"), ("security", "store"),
+                     ("security", "postfix_policy", "enabled"),
+                     ("security", "postfix_policy", "listen")):
+            *parents, key = path
+            old_section, new_section = self.config.data, new.data
+            for part in parents:
+                old_section, new_section = old_section[part], new_section[part]
+            if new_section[key] != old_section[key]:
+                log.warning("changing %s needs a restart; keeping the old value", ".".join(path))
+                new_section[key] = old_section[key]
         self._apply(new)
         for callback in self.on_reload:
             callback(new)
@@ -148,6 +164,12 @@ class Exporter:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
+        policy = self.config["security"]["postfix_policy"]
+        if self.postfix_policy is not None and policy["enabled"]:
+            from exporter.cli import split_listen
+
+            host, port = await self.postfix_policy.start(*split_listen(policy["listen"]))
+            log.info("postfix policy server listening", extra={"listen": f"{host}:{port}"})
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
         if self.audit is not None:
@@ -160,6 +182,8 @@ class Exporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.postfix_policy is not None:
+            await self.postfix_policy.stop()
         if self.security is not None:
             await self.security.stop()
         if self.audit is not None:
@@ -211,6 +235,11 @@ class Exporter:
         yield from self.http_requests.collect()
         yield from self.rate_limited.collect()
         yield from self.http_duration.collect()
+
+
+def _postfix_limit(settings: dict[str, Any]) -> Limit | None:
+    per_hour = settings["recipients_per_hour"]
+    return Limit(per_hour, 3600.0, settings["burst"]) if per_hour else None
 
 
 def _audit_policy(security: dict[str, Any]) -> AuditPolicy:

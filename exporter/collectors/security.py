@@ -10,15 +10,18 @@ from prometheus_client.core import Metric
 from exporter import catalogue
 from exporter.instruments import CounterVec
 from security.engine import LATENCY_BUCKETS, SecurityManager
+from security.protocols.postfix import PostfixPolicyServer
 
 
 class SecurityCollector:
     name = "security"
 
-    def __init__(self, engine: SecurityManager, audit: Any, frontends: CounterVec):
+    def __init__(self, engine: SecurityManager, audit: Any, frontends: CounterVec,
+                 postfix: PostfixPolicyServer | None = None):
         self.engine = engine
         self.audit = audit
         self.frontends = frontends
+        self.postfix = postfix
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats
@@ -45,6 +48,13 @@ class SecurityCollector:
         if verified is not None:
             yield catalogue.single("a3mailer_security_audit_chain_ok", 1.0 if verified else 0.0)
         yield from self.frontends.collect()
+        if self.postfix is not None and self.postfix.stats.connections:
+            postfix = self.postfix.stats
+            yield _counter("a3mailer_security_postfix_requests_total",
+                           {(k,): v for k, v in postfix.requests.items()})
+            yield _counter("a3mailer_security_postfix_errors_total",
+                           {(k,): v for k, v in postfix.errors.items()})
+            yield catalogue.single("a3mailer_security_postfix_connections", postfix.active)
 
 
 def _counter(name: str, table: dict[Any, float]) -> Metric:
