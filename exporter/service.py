@@ -122,7 +122,7 @@ class Exporter:
             Source("exporter", self._collect_self),
         ])
 
-    def reload(self) -> list[str]:
+    def reload(self, actor: str = "signal") -> list[str]:
         """Re-reads the config file; on any problem the running config stays. Returns them."""
         try:
             new = load_config(self.config.path, self.config.overrides)
@@ -131,6 +131,7 @@ class Exporter:
             self.reload_problems = [str(p) for p in exc.problems]
             log.error("config reload rejected; previous config keeps running",
                       extra={"problems": len(exc.problems), "first": self.reload_problems[0]})
+            self._audit_reload(actor, False, self.reload_problems)
             return self.reload_problems
         for path in (("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
                      ("security", "enabled"), ("security", "store"),
@@ -148,9 +149,15 @@ class Exporter:
             callback(new)
         self.reload_ok, self.reload_time, self.reload_problems = True, time.time(), []
         log.info("config reloaded", extra={"source": new.source})
+        self._audit_reload(actor, True, [])
         self.health.wake()
         self._history_wakeup.set()
         return []
+
+    def _audit_reload(self, actor: str, ok: bool, problems: list[str]) -> None:
+        if self.audit is not None:
+            self.audit.record("config.reload", actor, self.config.source,
+                              {"ok": ok, "problems": problems[:10]})
 
     async def _config_check(self) -> CheckResult:
         if self.reload_ok:

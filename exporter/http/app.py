@@ -76,7 +76,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
         denied = _admin_denied(request)
         if denied:
             return denied
-        problems = exporter.reload()
+        problems = exporter.reload(actor="admin")
         if problems:
             return error(400, "invalid_config", "config rejected; the previous config keeps "
                                                 "running", problems=problems)

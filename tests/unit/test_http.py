@@ -181,6 +181,9 @@ async def test_reload_success_and_rejection(serve, tmp_path):
     assert exporter.config["monitoring"]["alert_thresholds"]["cpu_usage_threshold"] == 42
     metrics = (await client.get("/metrics")).text
     assert metric_value(metrics, "a3mailer_exporter_config_last_reload_successful") == 0
+    records, _ = exporter.audit.query(types=["config.reload"])
+    assert [(r["actor"], r["details"]["ok"]) for r in records] == [("admin", False),
+                                                                   ("admin", True)]
     for _ in range(3):  # failure_threshold
         await exporter.health.run_once()
     config_health = [c for c in (await client.get("/health")).json()["components"]
