@@ -94,7 +94,7 @@ class MemoryStore:
     async def locks(self, now: float) -> list[Lock]:
         for key in [k for k, lock in self._locks.items() if lock.until <= now]:
             del self._locks[key]
-        return sorted(self._locks.values(), key=lambda lock: lock.created)
+        return sorted(self._locks.values(), key=lambda lock: (lock.created, lock.key))
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
         count, expires = self._offences.get(key, (0, 0.0))
@@ -113,7 +113,7 @@ class MemoryStore:
     async def bans(self, now: float) -> list[Entry]:
         for key in [k for k, b in self._bans.items() if b.expires is not None and b.expires <= now]:
             del self._bans[key]
-        return sorted(self._bans.values(), key=lambda b: b.created)
+        return sorted(self._bans.values(), key=lambda b: (b.created, b.network))
 
 
 def _prune(seen: dict[str, float], cutoff: float) -> None:

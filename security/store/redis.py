@@ -127,7 +127,7 @@ class RedisStore:
                 out.append(lock)
         if gone:
             await self._redis.srem(self._k("locks"), *gone)
-        return sorted(out, key=lambda lock: lock.created)
+        return sorted(out, key=lambda lock: (lock.created, lock.key))
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
         return int(await self._bump(keys=[self._k("off", key)], args=[window]))
@@ -155,4 +155,4 @@ class RedisStore:
                 out.append(ban)
         if gone:
             await self._redis.hdel(self._k("bans"), *gone)
-        return sorted(out, key=lambda b: b.created)
+        return sorted(out, key=lambda b: (b.created, b.network))

@@ -279,7 +279,7 @@ async def test_sqlite_locks_bans_and_offences_survive_close_and_reopen(sqlite_st
 
     second = await sqlite_stores()
     assert await second.get_lock(lock.key, T0 + 1) == lock
-    assert await second.locks(T0 + 1) == [lock, account_lock]
+    assert await second.locks(T0 + 1) == [account_lock, lock]  # by (created, key)
     assert await second.bans(T0 + 1) == [ban, permanent]
     assert await second.bump_offences(lock.key, T0 + 5, 1000) == 3
 
