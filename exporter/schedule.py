@@ -1,0 +1,84 @@
+"""Slow sources (probes, DNS, DNSBL, queues, delivery round trips) run on their own
+interval; a scrape reads their last result and never waits for them (DESIGN.md).
+
+`Periodic` runs one coroutine function every `interval` seconds, bounded by
+`timeout`, and keeps the outcome; collectors and health checks read `last`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """The last run: its value (None until the first success), or the error it raised."""
+
+    value: T | None = None
+    error: str = ""
+    started: float = 0.0  # Unix time
+    duration: float = 0.0
+    runs: int = 0
+    failures: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.runs > 0 and not self.error
+
+
+class Periodic(Generic[T]):
+    def __init__(self, name: str, run: Callable[[], Awaitable[T]], interval: float,
+                 timeout: float):
+        self.name = name
+        self.run = run
+        self.interval = interval
+        self.timeout = timeout
+        self.last: Outcome[T] = Outcome()
+        self._task: asyncio.Task[None] | None = None
+
+    async def once(self) -> Outcome[T]:
+        """Runs now (also used by tests); a timeout or an exception is recorded, not raised."""
+        started, clock = time.time(), time.perf_counter()
+        outcome: Outcome[T] = Outcome(started=started, runs=self.last.runs + 1,
+                                      failures=self.last.failures)
+        try:
+            outcome.value = await asyncio.wait_for(self.run(), self.timeout)
+        except TimeoutError:
+            outcome.error = f"timed out after {self.timeout:g}s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if outcome.error:
+            outcome.failures += 1
+            log.debug("periodic run failed", extra={"source": self.name, "error": outcome.error})
+        outcome.duration = time.perf_counter() - clock
+        self.last = outcome
+        return outcome
+
+    async def _forever(self) -> None:
+        while True:
+            await self.once()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._forever(), name=f"periodic-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
