@@ -183,7 +183,7 @@ def security_section(r: dict[str, Any]) -> list[str]:
             f"log's share. wrk and the server share the machine's {http['cores']} cores; "
             "wrk is closed-loop (no coordinated-omission correction).", "",
             "| case | requests/s | p50 ms | p99 ms | max ms | queueing floor ms "
-            "| non-2xx | server CPU, % of a core | server CPU µs per request "
+            "| non-2xx | server CPU, % of a core (main thread) | server CPU µs per request "
             "| wrk CPU, % of a core |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, c in cases.items():
@@ -191,6 +191,7 @@ def security_section(r: dict[str, Any]) -> list[str]:
                    f"| {rng(c['p99_ms'])} | {c['max_ms']['max']:.1f} "
                    f"| {c['queueing_mean_ms']:.2f} | {c['non_2xx']} "
                    f"| {c['server_cpu_percent_of_core']['median']:.0f} "
+                   f"({c['server_main_thread_cpu_percent_of_core']['median']:.0f}) "
                    f"| {c['server_cpu_us_per_request']['median']:.0f} "
                    f"| {c['wrk_cpu_percent_of_core']['median']:.0f} |")
     out += ["", "Queueing floor: connections / requests per second, the mean latency any "

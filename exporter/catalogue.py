@@ -177,6 +177,10 @@ _SPECS = [
     _spec("a3mailer_security_frontend_requests_total", "counter", "",
           "Requests to the security front ends, by front end and outcome (ok, bad_request, "
           "unauthorized).", ("frontend", "outcome"), "security"),
+    # --- probes and delivery round trip (exporter/probes/)
+    # --- mail DNS and DNSBL checks (exporter/probes/dns.py, dnsbl.py)
+    # --- mail queues and Stalwart metrics (exporter/collectors/queues.py, stalwart.py)
+    # --- log ingestion (exporter/collectors/logs.py)
     # --- health engine
     _spec("a3mailer_health_status", "gauge", "",
           "State set: 1 for the component's current status (healthy, degraded, unhealthy, "
