@@ -209,11 +209,12 @@ def security_section(r: dict[str, Any]) -> list[str]:
                    f"{http['server_rss_mb'][name]:.0f} MB.")
     per_key, traced, engine, bounded = (memory["per_key"], memory["traced"], memory["engine"],
                                         memory["bounded"])
+    sq = memory["bounded_sqlite"]
     parts = ", ".join(f"{k} {v}" for k, v in per_key["entry_parts_bytes"].items())
     undirty = per_key["rss_growth_bytes_after_clearing_dirty"] / per_key["tracked_keys"]
     out += ["", "### security: memory per tracked key", "",
             run_line(r) + " " + memory["method"] + ".", "",
-            "| case | inserted | keys held | RSS growth, MB | bytes per key | notes |",
+            "| case | inserted | keys held | RSS growth, MB | bytes per key held | notes |",
             "| --- | ---: | ---: | ---: | ---: | --- |",
             f"| MemoryStore, max_tracked_keys above N | {per_key['inserted']:,} "
             f"| {per_key['tracked_keys']:,} | {per_key['rss_growth_bytes'] / 2**20:.1f} "
@@ -233,10 +234,20 @@ def security_section(r: dict[str, Any]) -> list[str]:
             f"| {bounded['tracked_keys']:,} | {bounded['rss_growth_bytes'] / 2**20:.1f} "
             f"| {bounded['rss_growth_bytes'] / bounded['tracked_keys']:.0f} "
             f"| +{bounded['rss_growth_mb_first_half']:.1f} MB over the first half, "
-            f"+{bounded['rss_growth_mb_second_half']:.1f} MB over the second; "
+            f"+{bounded['rss_growth_mb_second_half']:.1f} MB over the second "
+            f"({bounded['rss_bytes_per_address_second_half']:.0f} bytes per address); "
             f"{bounded['dirty_keys']:,} keys in `store.dirty`; "
             f"{bounded['rss_growth_bytes_after_clearing_dirty'] / 2**20:.1f} MB once it is "
             "cleared |",
+            f"| SqliteStore, max_tracked_keys {sq['max_keys']:,}, flush() at each tenth "
+            f"| {sq['inserted']:,} | {sq['tracked_keys']:,} "
+            f"| {sq['rss_growth_bytes'] / 2**20:.1f} "
+            f"| {sq['rss_growth_bytes'] / sq['tracked_keys']:.0f} "
+            f"| +{sq['rss_growth_mb_first_half']:.1f} MB over the first half, "
+            f"+{sq['rss_growth_mb_second_half']:.1f} MB over the second "
+            f"({sq['rss_bytes_per_address_second_half']:.0f} bytes per address); "
+            f"{sq['dirty_keys']:,} keys in `store.dirty` (flush drains it); "
+            f"{sq['us_per_insert']:.2f} µs per insert including the flushes |",
             "", f"One entry's parts (sys.getsizeof, bytes): {parts}; the rest of a key's cost "
             "is its slots in the OrderedDict (hash table and linked-list node) and in "
             "`store.dirty`."]
