@@ -178,9 +178,228 @@ _SPECS = [
           "Requests to the security front ends, by front end and outcome (ok, bad_request, "
           "unauthorized).", ("frontend", "outcome"), "security"),
     # --- probes and delivery round trip (exporter/probes/)
+    _spec("a3mailer_probe_success", "gauge", "",
+          "1 when the probe's last scheduled run succeeded, 0 when it failed (the reason is on "
+          "/health); absent before the first run.", ("probe", "protocol"), "probes"),
+    _spec("a3mailer_probe_duration_seconds", "gauge", "seconds",
+          "Seconds each phase took in the probe's last scheduled run: connect, tls (STARTTLS "
+          "included), banner, auth, select (IMAP), response (HTTP), total.",
+          ("probe", "protocol", "phase"), "probes"),
+    _spec("a3mailer_tls_cert_not_after_timestamp_seconds", "gauge", "seconds",
+          "Unix time the server certificate expires (notAfter), read in the probe's last "
+          "scheduled run, whether it verified or not.", ("probe",), "probes"),
+    _spec("a3mailer_probe_tls_version_info", "gauge", "",
+          "Always 1; the version label is the TLS version negotiated in the probe's last "
+          "scheduled run.", ("probe", "version"), "probes"),
+    _spec("a3mailer_probe_tls_verified", "gauge", "",
+          "1 when the certificate chain and name verified (system CAs, or the probe's ca_file) "
+          "in the probe's last scheduled run, 0 when not.", ("probe",), "probes"),
+    _spec("a3mailer_probe_http_status_code", "gauge", "",
+          "HTTP status code answered in the probe's last scheduled run.", ("probe",), "probes"),
+    _spec("a3mailer_delivery_roundtrip_seconds", "histogram", "seconds",
+          "Seconds from the submission server accepting the tagged message to its appearing in "
+          "the IMAP mailbox, over the successful scheduled runs since start.", (), "delivery"),
+    _spec("a3mailer_delivery_roundtrip_last_seconds", "gauge", "seconds",
+          "The round trip of the last scheduled run, in seconds; absent when that run failed.",
+          (), "delivery"),
+    _spec("a3mailer_delivery_roundtrip_success", "gauge", "",
+          "1 when the message of the last scheduled round trip arrived within "
+          "monitoring.delivery.timeout, 0 when it did not or the run failed.", (), "delivery"),
+    _spec("a3mailer_delivery_roundtrip_pending_messages", "gauge", "",
+          "Round-trip messages of earlier scheduled runs that have not arrived yet; each is "
+          "deleted when it does (within monitoring.delivery.cleanup_window).", (), "delivery"),
     # --- mail DNS and DNSBL checks (exporter/probes/dns.py, dnsbl.py)
+    _spec("a3mailer_dns_check_success", "gauge", "",
+          "1 when the mail DNS check (mx, spf, dmarc, dkim, mta_sts, tlsa, fcrdns) of the "
+          "configured domain passed at the last scheduled run (monitoring.dns.interval), 0 "
+          "when it failed; the reason is in /health. Absent before the first run.",
+          ("domain", "check"), "dns"),
+    _spec("a3mailer_dns_dmarc_policy", "gauge", "",
+          "State set: 1 for the domain's DMARC p= policy (none, quarantine, reject) at the last "
+          "scheduled run, 0 for the others; all 0 when the record is missing or invalid.",
+          ("domain", "policy"), "dns"),
+    _spec("a3mailer_dns_mta_sts_mode", "gauge", "",
+          "State set: 1 for the mode (enforce, testing, none) of the domain's MTA-STS policy "
+          "fetched at the last scheduled run, 0 for the others; all 0 when it could not be "
+          "fetched or parsed.", ("domain", "mode"), "dns"),
+    _spec("a3mailer_dns_dkim_success", "gauge", "",
+          "1 when a usable DKIM key was published for the configured selector at the last "
+          "scheduled run, 0 when it was missing, revoked or invalid.",
+          ("domain", "selector"), "dns"),
+    _spec("a3mailer_dns_spf_lookups", "gauge", "",
+          "DNS-querying SPF terms (include, a, mx, ptr, exists, redirect, counting included "
+          "records) at the last scheduled run; receivers fail SPF above 10 (11 means more).",
+          ("domain",), "dns"),
+    _spec("a3mailer_dns_check_duration_seconds", "gauge", "seconds",
+          "How long the domain's mail DNS checks took at the last scheduled run.",
+          ("domain",), "dns"),
+    _spec("a3mailer_dns_last_run_timestamp_seconds", "gauge", "seconds",
+          "Unix time the last scheduled mail DNS run finished.", (), "dns"),
+    _spec("a3mailer_dnsbl_listed", "gauge", "",
+          "1 when at least one IP of the configured set was listed by the DNSBL zone at the "
+          "last scheduled run (monitoring.dnsbl.interval), 0 otherwise.",
+          ("ip_set", "zone"), "dnsbl"),
+    _spec("a3mailer_dnsbl_listed_ips", "gauge", "",
+          "How many IPs of the configured set the DNSBL zone listed at the last scheduled run.",
+          ("ip_set", "zone"), "dnsbl"),
+    _spec("a3mailer_dnsbl_check_success", "gauge", "",
+          "1 when every query of the set against the zone got a definite answer at the last "
+          "scheduled run (and the zone passed its RFC 5782 test points), 0 on timeouts, "
+          "refused queries (127.255.255.x) or unexpected answers; the reason is in /health.",
+          ("ip_set", "zone"), "dnsbl"),
+    _spec("a3mailer_dnsbl_last_run_timestamp_seconds", "gauge", "seconds",
+          "Unix time the last scheduled DNSBL run finished.", (), "dnsbl"),
     # --- mail queues and Stalwart metrics (exporter/collectors/queues.py, stalwart.py)
+    _spec("a3mailer_queue_messages", "gauge", "",
+          "Messages in the mail queue, by queue: Postfix's active, deferred, hold, incoming "
+          "and maildrop (all five, 0 when empty) and stalwart (A3Mailer's whole queue). As of "
+          "the last check, every monitoring.queues.<source>.interval.", ("queue",), "queues"),
+    _spec("a3mailer_queue_size_bytes", "gauge", "bytes",
+          "Total size of the messages in the Postfix queue, as of the last check.",
+          ("queue",), "queues"),
+    _spec("a3mailer_queue_recipients", "gauge", "",
+          "Recipients still to be delivered in the Postfix queue, as of the last check.",
+          ("queue",), "queues"),
+    _spec("a3mailer_queue_oldest_message_age_seconds", "gauge", "seconds",
+          "Age of the oldest message in the Postfix queue (0 when empty), as of the last "
+          "check.", ("queue",), "queues"),
+    _spec("a3mailer_queue_message_age_seconds", "histogram", "seconds",
+          "Ages of the messages in the Postfix queue (now - arrival time), as of the last "
+          "check: a snapshot, not a stream of observations.", ("queue",), "queues"),
+    _spec("a3mailer_queue_message_size_bytes", "histogram", "bytes",
+          "Sizes of the messages in the Postfix queue, as of the last check: a snapshot, not "
+          "a stream of observations.", ("queue",), "queues"),
+    _spec("a3mailer_queue_total_messages", "gauge", "",
+          "Messages in all queues of every source checked successfully; compared with "
+          "monitoring.alert_thresholds.queue_size_threshold.", (), "queues"),
+    _spec("a3mailer_queue_check_success", "gauge", "",
+          "1 when the last queue check of the source (postfix, stalwart) succeeded, 0 when it "
+          "failed or its output was incomplete (the reason is in /health).", ("source",),
+          "queues"),
+    _spec("a3mailer_queue_check_duration_seconds", "gauge", "seconds",
+          "How long the last queue check of the source took.", ("source",), "queues"),
+    _spec("a3mailer_stalwart_up", "gauge", "",
+          "1 when the last poll of Stalwart's /metrics/prometheus succeeded (every "
+          "monitoring.stalwart.interval), 0 when it failed (the reason is logged).", (),
+          "stalwart"),
+    _spec("a3mailer_stalwart_scrape_duration_seconds", "gauge", "seconds",
+          "How long the last poll of Stalwart's /metrics/prometheus took.", (), "stalwart"),
+    _spec("a3mailer_stalwart_dropped_series", "gauge", "",
+          "Stalwart series left out of the last poll, by reason: labelled, unsupported_type, "
+          "name_conflict, max_series (beyond monitoring.stalwart.max_series).", ("reason",),
+          "stalwart"),
+    *(_spec(f"a3mailer_stalwart_{event.replace('.', '_').replace('-', '_')}_total", "counter",
+            "", f"Stalwart's {event} events: {text}. Re-exported every "
+            "monitoring.stalwart.interval; 0 until the first event.", (), "stalwart")
+      for event, text in (
+          ("auth.success", "successful authentications"),
+          ("auth.failed", "failed authentications"),
+          ("auth.too-many-attempts", "authentications refused after too many attempts"),
+          ("auth.error", "authentication errors"),
+          ("security.authentication-ban", "IP addresses banned for failed authentications"),
+          ("security.abuse-ban", "IP addresses banned for abuse"),
+          ("security.scan-ban", "IP addresses banned for scanning"),
+          ("security.loiter-ban", "IP addresses banned for loitering"),
+          ("security.ip-blocked", "connections refused from a blocked IP address"),
+          ("security.unauthorized", "unauthorized accesses"),
+          ("smtp.connection-start", "SMTP connections opened"),
+          ("smtp.connection-end", "SMTP connections closed"),
+          ("imap.connection-start", "IMAP connections opened"),
+          ("imap.connection-end", "IMAP connections closed"),
+          ("pop3.connection-start", "POP3 connections opened"),
+          ("pop3.connection-end", "POP3 connections closed"),
+          ("http.connection-start", "HTTP connections opened"),
+          ("delivery.attempt-start", "delivery attempts started"),
+          ("delivery.completed", "deliveries completed (every recipient done)"),
+          ("delivery.delivered", "messages delivered to a remote server"),
+          ("delivery.message-rejected", "messages rejected by the remote server"),
+          ("delivery.rcpt-to-rejected", "recipients rejected by the remote server"),
+          ("delivery.rcpt-to-failed", "recipients that failed temporarily"),
+          ("delivery.dsn-success", "success notifications (DSN) sent"),
+          ("delivery.dsn-temp-fail", "delay notifications (DSN) sent"),
+          ("delivery.dsn-perm-fail", "bounces (DSN) sent"),
+          ("delivery.double-bounce", "messages discarded after a double bounce"),
+          ("queue.queue-message", "messages queued for delivery"),
+          ("queue.queue-message-authenticated", "messages queued from authenticated senders"),
+          ("queue.queue-dsn", "notifications (DSN) queued"),
+          ("queue.queue-report", "reports queued"),
+          ("queue.rescheduled", "deliveries rescheduled after a temporary failure"),
+      )),
+    *(_spec(f"a3mailer_stalwart_{name}", type_, unit,
+            f"Stalwart's {event} {type_}: {text}. Re-exported every monitoring.stalwart.interval"
+            + ("; 0 until the first event." if type_ == "gauge" and name.endswith(
+                ("_connections", "queue_count")) else "." if type_ == "gauge" else
+               (", milliseconds converted to seconds" if unit == "seconds" else "")
+               + "; only _sum, _count and the +Inf bucket while Stalwart's buckets are not "
+               "cumulative counts; empty until the first event."), (), "stalwart")
+      for name, event, type_, unit, text in (
+          ("server_memory_bytes", "server.memory", "gauge", "bytes", "memory in use"),
+          ("user_count", "user.count", "gauge", "", "accounts (enterprise edition)"),
+          ("domain_count", "domain.count", "gauge", "", "domains (enterprise edition)"),
+          ("queue_count", "queue.count", "gauge", "", "messages in the queue"),
+          ("http_active_connections", "http.active-connections", "gauge", "",
+           "open HTTP connections"),
+          ("imap_active_connections", "imap.active-connections", "gauge", "",
+           "open IMAP connections"),
+          ("pop3_active_connections", "pop3.active-connections", "gauge", "",
+           "open POP3 connections"),
+          ("smtp_active_connections", "smtp.active-connections", "gauge", "",
+           "open SMTP connections"),
+          ("sieve_active_connections", "sieve.active-connections", "gauge", "",
+           "open ManageSieve connections"),
+          ("delivery_active_connections", "delivery.active-connections", "gauge", "",
+           "open outgoing delivery connections"),
+          ("delivery_total_time_seconds", "delivery.total-time", "histogram", "seconds",
+           "time from submission to delivery"),
+          ("delivery_attempt_time_seconds", "delivery.attempt-time", "histogram", "seconds",
+           "duration of one delivery attempt"),
+          ("smtp_request_time_seconds", "smtp.request-time", "histogram", "seconds",
+           "SMTP request duration"),
+          ("imap_request_time_seconds", "imap.request-time", "histogram", "seconds",
+           "IMAP request duration"),
+          ("pop3_request_time_seconds", "pop3.request-time", "histogram", "seconds",
+           "POP3 request duration"),
+          ("http_request_time_seconds", "http.request-time", "histogram", "seconds",
+           "HTTP (JMAP, management API) request duration"),
+          ("sieve_request_time_seconds", "sieve.request-time", "histogram", "seconds",
+           "ManageSieve request duration"),
+          ("store_data_read_time_seconds", "store.data-read-time", "histogram", "seconds",
+           "data store read time"),
+          ("store_data_write_time_seconds", "store.data-write-time", "histogram", "seconds",
+           "data store write time"),
+          ("message_size_bytes", "message.size", "histogram", "bytes",
+           "size of received messages"),
+          ("message_authenticated_size_bytes", "message.authenticated-size", "histogram",
+           "bytes", "size of messages received from authenticated senders"),
+      )),
     # --- log ingestion (exporter/collectors/logs.py)
+    _spec("a3mailer_log_lines_total", "counter", "",
+          "Log lines read, by configured file (source) and result: parsed (counted as an "
+          "event), ignored (a known daemon's line that is not counted), unparsed (malformed).",
+          ("source", "result"), "logs"),
+    _spec("a3mailer_mail_deliveries_total", "counter", "",
+          "Delivery attempts per recipient found in the log, by status (sent, deferred, "
+          "bounced, expired).", ("source", "status"), "logs"),
+    _spec("a3mailer_mail_rejects_total", "counter", "",
+          "SMTP rejections found in the log, by reply class (4xx, 5xx) and stage (connect, "
+          "helo, mail, rcpt, data, end-of-message, header, body, ...).",
+          ("source", "class", "stage"), "logs"),
+    _spec("a3mailer_auth_events_total", "counter", "",
+          "Logins found in the log (SMTP AUTH, IMAP, POP3, ...), by service and result "
+          "(success, failure).", ("source", "service", "result"), "logs"),
+    _spec("a3mailer_tls_failures_total", "counter", "",
+          "Failed TLS handshakes found in the log, by service (smtp_client: outgoing "
+          "deliveries).", ("source", "service"), "logs"),
+    _spec("a3mailer_log_follow_errors_total", "counter", "",
+          "Log ingestion failures, by operation: read (file missing or unreadable, counted "
+          "per poll), state (offset not saved), report (the security engine refused an event).",
+          ("source", "operation"), "logs"),
+    _spec("a3mailer_log_rotations_total", "counter", "",
+          "Log file rotations noticed, by kind: rename (a new file at the path) or truncate "
+          "(truncated or replaced in place).", ("source", "kind"), "logs"),
+    _spec("a3mailer_log_offset_bytes", "gauge", "bytes",
+          "Read position in the current log file (saved in the state directory).",
+          ("source",), "logs"),
     # --- health engine
     _spec("a3mailer_health_status", "gauge", "",
           "State set: 1 for the component's current status (healthy, degraded, unhealthy, "
