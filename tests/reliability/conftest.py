@@ -18,6 +18,15 @@ from typing import Any
 import pytest
 
 from tests.exporter_process import ROOT
+from tests.integration.conftest import (  # noqa: F401 - the real components' fixtures
+    alertmanager,
+    client_ip,
+    dovecot,
+    dovecot_factory,
+    mail_stack,
+    prometheus_factory,
+    redis_server,
+)
 
 LONG = os.environ.get("RELIABILITY_MODE") == "long"
 RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
