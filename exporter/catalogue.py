@@ -49,6 +49,9 @@ _SPECS = [
           "and the previous configuration kept running.", (), "exporter"),
     _spec("a3mailer_exporter_config_last_reload_success_timestamp_seconds", "gauge", "seconds",
           "Unix time of the last successful configuration (re)load.", (), "exporter"),
+    _spec("a3mailer_exporter_asyncio_tasks", "gauge", "",
+          "asyncio tasks alive in the exporter's event loop: steady under steady load; a "
+          "rise that never falls back is a leak.", (), "exporter"),
     _spec("a3mailer_exporter_ready", "gauge", "",
           "1 when every critical health component is healthy (GET /readyz answers 200).",
           (), "exporter"),

@@ -71,6 +71,7 @@ class Exporter:
         self.reload_problems: list[str] = []
         self.on_reload: list[Callable[[Config], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._history_wakeup = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
@@ -181,6 +182,7 @@ class Exporter:
     # --- running
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
@@ -261,6 +263,9 @@ class Exporter:
                               1.0 if self.reload_ok else 0.0)
         yield catalogue.single("a3mailer_exporter_config_last_reload_success_timestamp_seconds",
                               self.reload_time)
+        if self._loop is not None:
+            yield catalogue.single("a3mailer_exporter_asyncio_tasks",
+                                   float(len(asyncio.all_tasks(self._loop))))
         yield from self.http_requests.collect()
         yield from self.rate_limited.collect()
         yield from self.http_duration.collect()
