@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from security.store.redis import RedisStore
+from tests.integration.test_redis_store_suite import store  # noqa: F401 - a fresh prefix
 from tests.unit.test_mfa_store import (  # noqa: F401 - collected here with a Redis store
     test_advance_only_moves_forward,
     test_concurrent_advances_to_one_value_succeed_once,
@@ -21,14 +22,6 @@ from tests.unit.test_mfa_store import (  # noqa: F401 - collected here with a Re
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def store(redis_server):
-    store = RedisStore(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def test_two_replicas_share_replay_and_single_use_state(redis_server):
