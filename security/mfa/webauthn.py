@@ -92,7 +92,7 @@ def verify_registration(settings: WebAuthnSettings, credential: dict[str, Any],
             supported_pub_key_algs=ALGORITHMS, pem_root_certs_bytes_by_fmt=roots)
     except _BAD_INPUT as exc:
         raise WebAuthnError("invalid", f"registration not verified: {exc}") from None
-    fmt = verified.fmt.value
+    fmt = str(getattr(verified.fmt, "value", verified.fmt))
     if fmt not in settings.formats:
         raise WebAuthnError("format_not_allowed",
                             f"attestation format {fmt!r} is not in security.mfa.webauthn.formats")
