@@ -200,10 +200,10 @@ class SecurityManager:
                 return await self.store.failure_count(keys.source, now,
                                                       self.settings.login_attempt_window)
 
-            reason = await self.second_factor.second_factor_reason(
+            why = await self.second_factor.second_factor_reason(
                 attempt.login, attempt.remote_ip, attempt.device_id, source_failures)
-            if reason is not None:  # the tarpit's delay still applies
-                return Decision("mfa_required", reason, delay=decision.delay,
+            if why is not None:  # the tarpit's delay still applies
+                return Decision("mfa_required", why, delay=decision.delay,
                                 message=self.mfa_message)
         return decision
 

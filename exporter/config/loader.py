@@ -299,7 +299,10 @@ def _semantic_problems(
     for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
                           (("security", "dovecot_policy"), "api_key"),
                           (("security", "stalwart_webhook"), "secret"),
-                          (("security", "store"), "redis_password")):
+                          (("security", "store"), "redis_password"),
+                          (("security", "mfa"), "encryption_key"),
+                          (("security", "mfa", "email"), "password"),
+                          (("security", "mfa", "sms"), "auth_value")):
         values: Any = data
         for key in section:
             values = values[key]

@@ -7,7 +7,10 @@ import asyncio
 
 from security.store import Store
 from security.store.sqlite import SqliteStore
-from tests.unit.test_security_store import make_store, sqlite_stores, store  # noqa: F401
+from tests.unit import test_security_store as suite
+
+# the store suite's fixtures: memory and SQLite stores, and SQLite stores on one file
+make_store, store, sqlite_stores = suite.make_store, suite.store, suite.sqlite_stores
 
 
 async def test_fields_put_get_and_list(store: Store):
