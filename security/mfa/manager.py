@@ -37,6 +37,7 @@ from security.store import Store
 log = logging.getLogger(__name__)
 
 METHODS = ("totp", "recovery", "email", "sms", "webauthn")
+UNSEALED_CACHE = 10_000  # TOTP records kept parsed and unsealed (oldest dropped first)
 
 
 class Auditor(Protocol):
@@ -116,6 +117,7 @@ class MfaManager:
         self.stats = MfaStats()
         self.limiter = RateLimiter()
         self.ipv6_prefix_length = ipv6_prefix_length
+        self._unsealed: dict[str, tuple[dict[str, Any], bytes]] = {}
         self.configure(settings, senders or {})
 
     def configure(self, settings: MfaSettings, senders: dict[str, Sender]) -> None:
@@ -216,23 +218,16 @@ class MfaManager:
             return self._finish(Verification(False, "totp", "not_enrolled"), user, context)
         params = self.settings.totp
         code = totp.normalize(code)
-        attempt = self.sealer.digest(code, f"totp|{user}")
         if not totp.well_formed(code, params.digits):
-            return await self._failed(user, "totp", "invalid", attempt, now)
-        record = json.loads(raw)
-        try:
-            key = self.sealer.open(record["s"], f"totp|{user}")
-        except SealError as exc:
-            log.error("TOTP secret does not open; re-enrol the user or restore the key",
-                      extra={"problem": str(exc)})
-            raise MfaError("sealed_secret", "the stored TOTP secret cannot be decrypted with "
-                                            "the configured key") from None
+            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now)
+        record, key = self._totp_record(user, raw)
         counter = totp.step(now, params)
         offset = totp.match(key, code, counter, params, self.settings.skew_steps, record["d"])
         if offset is None:
-            return await self._failed(user, "totp", "invalid", attempt, now)
+            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now)
         if not await self.store.mfa_advance(user, "totp_step", counter + offset):
-            return await self._failed(user, "totp", "replayed", attempt, now)
+            return await self._failed(user, "totp", "replayed", self._attempt(user, code),
+                                      now)
         confirmed_now = not record["c"]
         if confirmed_now or record["d"] != offset:
             record["c"], record["d"] = True, offset
@@ -242,6 +237,29 @@ class MfaManager:
                 self._audit("mfa.totp.confirm", "api", user, {})
         return await self._succeeded(user, "totp", failures, now, context,
                                      {"drift_steps": offset, "confirmed": True})
+
+    def _attempt(self, user: str, code: str) -> str:
+        """A wrong code as the failure counter keeps it: a keyed hash, never the code."""
+        return self.sealer.digest(code[:64], f"totp|{user}")
+
+    def _totp_record(self, user: str, raw: str) -> tuple[dict[str, Any], bytes]:
+        """The stored record, parsed, and its secret, unsealed. Both are cached by the
+        sealed text (a process holding the key can unseal anyway), so a verification
+        costs no JSON parse or AES-GCM decryption; a changed record has a new text."""
+        cached = self._unsealed.get(raw)
+        if cached is None:
+            record = json.loads(raw)
+            try:
+                key = self.sealer.open(record["s"], f"totp|{user}")
+            except SealError as exc:
+                log.error("TOTP secret does not open; re-enrol the user or restore the key",
+                          extra={"problem": str(exc)})
+                raise MfaError("sealed_secret", "the stored TOTP secret cannot be decrypted "
+                                                "with the configured key") from None
+            cached = self._unsealed[raw] = (record, key)
+            if len(self._unsealed) > UNSEALED_CACHE:
+                del self._unsealed[next(iter(self._unsealed))]
+        return dict(cached[0]), cached[1]
 
     async def remove_totp(self, user: str, actor: str = "admin") -> bool:
         user = normalize_user(user)
