@@ -81,7 +81,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "manager_wrong_code": await _manager("memory", workdir, False),
     }
     keys = {}
-    for name, (manager, clock, _) in managers.items():
+    for name, (manager, _clock, _) in managers.items():
         secret = (await manager.enroll_totp("bench@example.org"))["secret"]
         keys[name] = pyotp.TOTP(secret).byte_secret()
     secret = pyotp.random_base32(32)
