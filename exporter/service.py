@@ -147,7 +147,9 @@ class Exporter:
         for path in (("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
                      ("security", "enabled"), ("security", "store"),
                      ("security", "postfix_policy", "enabled"),
-                     ("security", "postfix_policy", "listen")):
+                     ("security", "postfix_policy", "listen"),
+                     ("security", "mfa", "enabled"), ("security", "mfa", "encryption_key_file"),
+                     ("security", "mfa", "encryption_key_env")):
             *parents, key = path
             old_section, new_section = self.config.data, new.data
             for part in parents:

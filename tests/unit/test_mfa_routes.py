@@ -224,3 +224,30 @@ async def test_dovecot_action_reject_refuses_with_the_message(serve, tmp_path): 
     r = await client.post("/dovecot/policy?command=allow",
                           json={"login": "eve", "remote": "203.0.113.10"})
     assert r.json()["status"] == -1 and r.json()["msg"].startswith("Second factor required")
+
+
+async def test_reload_applies_the_policy_and_audit_flags_decide_the_records(serve, tmp_path):  # noqa: F811
+    import yaml
+
+    exporter, client = await serve(mfa_config(tmp_path))
+    secret = (await client.post("/api/v1/mfa/totp/enroll", json={"user": "fay"},
+                                headers=ADMIN)).json()["secret"]
+    await client.post("/api/v1/mfa/totp/verify", json={
+        "user": "fay", "code": pyotp.TOTP(secret).now()}, headers=ADMIN)
+    r = await client.post("/dovecot/policy?command=allow",
+                          json={"login": "fay", "remote": "203.0.113.11"})
+    assert r.json()["status"] == 0
+    data = yaml.safe_load(exporter.config.path.read_text())
+    data["security"]["mfa"]["policy"] = {"dovecot_action": "reject"}
+    data["security"]["audit_config"] = {"log_failed_auth": False}
+    exporter.config.path.write_text(yaml.safe_dump(data))
+    assert (await client.post("/-/reload", headers=ADMIN)).status_code == 200
+    r = await client.post("/dovecot/policy?command=allow",
+                          json={"login": "fay", "remote": "203.0.113.11"})
+    assert r.json()["status"] == -1
+    await client.post("/api/v1/mfa/totp/verify", json={"user": "fay", "code": "000000"},
+                      headers=ADMIN)
+    records = (await client.get("/api/v1/security/audit?limit=1000", headers=ADMIN)).json()
+    types = [record["type"] for record in records["records"]]
+    assert "mfa.verify.success" in types and "mfa.totp.enroll" in types
+    assert "mfa.verify.failure" not in types  # log_failed_auth: false
