@@ -31,6 +31,7 @@ from tests.integration.components import (
     next_loopback_ip,
     wait_until,
 )
+from tests.unit.test_http import serve  # noqa: F401 - the in-process app fixture
 from tests.unit.test_mfa_totp import KEY, Clock
 
 pytestmark = pytest.mark.integration
@@ -238,3 +239,48 @@ async def test_bad_phone_numbers_are_refused():
         with pytest.raises(DeliveryError) as refused:
             await sender.send(bad, "123456", 600)
         assert refused.value.reason == "bad_destination"
+
+
+# --- the same through the exporter's API, configured from YAML
+
+
+async def test_codes_through_the_api_as_configured(mail, serve, tmp_path):  # noqa: F811
+    from tests.unit.test_http import ADMIN
+    from tests.unit.test_mfa_routes import mfa_config
+
+    password, auth = tmp_path / "smtp.password", tmp_path / "sms.auth"
+    password.write_text(mail.users[BOB] + "\n")
+    auth.write_text("Bearer from-a-file\n")
+    subject = f"API code {uuid.uuid4().hex[:8]}"
+    with RecordingHTTPServer(Provider()) as provider:
+        _, client = await serve(mfa_config(
+            tmp_path,
+            email={"enabled": True, "smtp_host": LOOPBACK,
+                   "smtp_port": mail.postfix.submission_port, "username": BOB,
+                   "password_file": str(password), "ca_file": str(mail.dovecot.cert_path),
+                   "from_address": BOB, "subject": subject},
+            sms={"enabled": True, "url": provider.url, "auth_value_file": str(auth)}))
+        r = await client.post("/api/v1/mfa/email/send", json={"user": ALICE, "address": ALICE},
+                              headers=ADMIN)
+        assert r.status_code == 202 and r.json()["sent"] is True
+        code = read_code(mail, ALICE, subject)
+        r = await client.post("/api/v1/mfa/email/verify", json={"user": ALICE, "code": code},
+                              headers=ADMIN)
+        assert r.json() == {"valid": True, "method": "email", "reason": "ok"}
+        r = await client.post("/api/v1/mfa/sms/send", json={"user": ALICE,
+                                                             "phone": "+4915112345678"},
+                              headers=ADMIN)
+        assert r.status_code == 202
+        request = provider.wait_for_request()
+        assert request.headers["authorization"] == "Bearer from-a-file"
+        sms_code = re.search(r"code is (\d{6})", request.json()["text"]).group(1)
+        r = await client.post("/api/v1/mfa/sms/verify", json={"user": ALICE, "code": sms_code},
+                              headers=ADMIN)
+        assert r.json()["valid"] is True
+        r = await client.post("/api/v1/mfa/sms/send", json={"user": ALICE, "phone": "12"},
+                              headers=ADMIN)
+        assert r.status_code == 400 and r.json()["error"] == "bad_request"
+        metrics = (await client.get("/metrics")).text
+        assert 'a3mailer_mfa_code_deliveries_total{channel="email",result="sent"} 1.0' in metrics
+        assert "a3mailer_mfa_sms_circuit_open 0.0" in metrics
+        assert code not in metrics and ALICE not in metrics
