@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from security.blocklist import Entry
-from security.store import Lock
+from security.store import Lock, Record
 from security.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS failures (key TEXT, pwhash TEXT, ts REAL, PRIMARY KEY
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bans (network TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offences (key TEXT PRIMARY KEY, count INTEGER, expires REAL);
+CREATE TABLE IF NOT EXISTS records (kind TEXT, key TEXT, grp TEXT NOT NULL, expires REAL,
+    data TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
 # Failure rows older than this are dropped at start-up: no window is longer.
 MAX_FAILURE_AGE = 7 * 86400
@@ -46,6 +48,7 @@ class SqliteStore(MemoryStore):
         self._db: sqlite3.Connection | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._flusher: asyncio.Task[None] | None = None
+        self._moved: set[tuple[str, str]] = set()  # records whose expiry moved since a flush
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -72,6 +75,13 @@ class SqliteStore(MemoryStore):
             self._bans[ban.network] = ban
         for key, count, expires in db.execute("SELECT key, count, expires FROM offences"):
             self._offences[key] = (count, expires)
+        db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
+        for kind, key, group, expires, data in db.execute(
+                "SELECT kind, key, grp, expires, data FROM records"):
+            rec = Record(kind, key, json.loads(data), expires, group)
+            self._records.setdefault(kind, {})[key] = rec
+            if group:
+                self._groups.setdefault((kind, group), set()).add(key)
         loaded: dict[str, dict[str, float]] = {}
         for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures"):
             loaded.setdefault(key, {})[pwhash] = ts
@@ -104,7 +114,17 @@ class SqliteStore(MemoryStore):
                 log.exception("flushing failure counters to SQLite failed; will retry")
 
     async def flush(self) -> None:
-        """Writes the failure keys changed since the last flush."""
+        """Writes the failure keys and record expiries changed since the last flush."""
+        if self._moved:
+            moved, self._moved = self._moved, set()
+            rows = [(rec.expires, kind, key) for kind, key in moved
+                    if (rec := self._records.get(kind, {}).get(key)) is not None]
+            try:
+                await self._run(self._execute_many,
+                                "UPDATE records SET expires = ? WHERE kind = ? AND key = ?", rows)
+            except BaseException:
+                self._moved |= moved
+                raise
         if not self.dirty:
             return
         keys, self.dirty = self.dirty, set()
@@ -159,8 +179,10 @@ class SqliteStore(MemoryStore):
 
     async def refresh(self) -> None:
         await super().refresh()
-        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?",
-                        (time.time(),))
+        now = time.time()
+        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?", (now,))
+        await self._run(self._execute, "DELETE FROM records WHERE expires IS NOT NULL AND "
+                                       "expires <= ?", (now,))
 
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
@@ -182,3 +204,28 @@ class SqliteStore(MemoryStore):
         ban = await super().delete_ban(network)
         await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
         return ban
+
+    # --- records: written through, except expiry moves (written behind)
+
+    async def put_record(self, record: Record) -> None:
+        await super().put_record(record)
+        await self._run(self._execute,
+                        "INSERT OR REPLACE INTO records (kind, key, grp, expires, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (record.kind, record.key, record.group, record.expires,
+                         json.dumps(record.data)))
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        rec = await super().delete_record(kind, key)
+        if rec is not None:
+            await self._run(self._execute, "DELETE FROM records WHERE kind = ? AND key = ?",
+                            (kind, key))
+        return rec
+
+    def moved(self, record: Record) -> None:
+        self._moved.add((record.kind, record.key))
+
+    def expire_records(self, now: float) -> list[Record]:
+        gone = super().expire_records(now)
+        self._moved -= {(rec.kind, rec.key) for rec in gone}
+        return gone
