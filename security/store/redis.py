@@ -272,5 +272,6 @@ class RedisStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, expires in expiries.items():
                 await self._touch(keys=[self._k(f"r:{kind}", key)],
-                                  args=[repr(expires), _ttl_ms(expires, now)], client=pipe)
+                                  args=[repr(expires), max(1, math.ceil((expires - now) * 1000))],
+                                  client=pipe)
             await pipe.execute()

@@ -117,11 +117,11 @@ class SqliteStore(MemoryStore):
         """Writes the failure keys and record expiries changed since the last flush."""
         if self._moved:
             moved, self._moved = self._moved, set()
-            rows = [(rec.expires, kind, key) for kind, key in moved
-                    if (rec := self._records.get(kind, {}).get(key)) is not None]
+            moves = [(rec.expires, kind, key) for kind, key in moved
+                     if (rec := self._records.get(kind, {}).get(key)) is not None]
             try:
                 await self._run(self._execute_many,
-                                "UPDATE records SET expires = ? WHERE kind = ? AND key = ?", rows)
+                                "UPDATE records SET expires = ? WHERE kind = ? AND key = ?", moves)
             except BaseException:
                 self._moved |= moved
                 raise
