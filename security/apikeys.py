@@ -33,7 +33,7 @@ from security.store import Record, Store
 
 KIND = "apikey"
 USED_KIND = "apikey_used"
-TOKEN_PREFIX = "a3m_"
+TOKEN_PREFIX = "a3m_"  # noqa: S105 - a prefix, not a secret
 SCOPES = ("admin", "security:read", "security:write", "metrics:write")
 """`admin` implies every other scope."""
 MAX_TOKEN_LENGTH = 128

@@ -14,7 +14,7 @@ from security.audit import AuditLog
 from security.csrf import CsrfTokens, load_or_create_key
 from security.identity import IdentityStats
 from security.passwords import PasswordPolicy, PasswordSettings, context_words
-from security.sessions import SessionSettings, Sessions, session_key
+from security.sessions import Sessions, SessionSettings, session_key
 from security.store import open_store
 
 T0 = 4_000_000_000.0

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures imported below are parameters of the tests
 """Store records (API keys, sessions, password history, replay guards): one behaviour suite
 over memory and SQLite (tests/integration/test_redis_identity.py runs it on Redis), plus
 SQLite persistence. Times are explicit `now` arguments, far in the future (see
