@@ -22,12 +22,14 @@ from prometheus_client.core import Metric
 from exporter import __version__, catalogue
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
+from exporter.collectors.identity import IdentityCollector
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
 from exporter.config import Config, ConfigError, load_config, parse_duration, read_secret
 from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
+from exporter.identity import IdentityServices
 from exporter.instruments import CounterVec, HistogramVec
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
@@ -74,6 +76,8 @@ class Exporter:
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
+        self.identity = IdentityServices(config, self.state_dir, self.security.store,
+                                         self.audit) if self.security is not None else None
         self.postfix_policy = PostfixPolicyServer(self.security, None) if (
             self.security is not None) else None
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
@@ -113,9 +117,14 @@ class Exporter:
         security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends,
                                               self.postfix_policy)
                             ] if self.security is not None else []
+        identity_sources = []
+        if self.identity is not None:
+            self.identity.configure(config)
+            identity_sources.append(IdentityCollector(self.identity))
         self.scrape = Scrape([
             *enabled_collectors(mon),
             *security_sources,
+            *identity_sources,
             Source("health", self.health.collect),
             Source("history", self.history.collect),
             Source("custom", self.custom.collect),
@@ -171,6 +180,8 @@ class Exporter:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
+        if self.identity is not None:
+            await self.identity.start()
         policy = self.config["security"]["postfix_policy"]
         if self.postfix_policy is not None and policy["enabled"]:
             from exporter.cli import split_listen
@@ -191,6 +202,8 @@ class Exporter:
         self._tasks = []
         if self.postfix_policy is not None:
             await self.postfix_policy.stop()
+        if self.identity is not None:
+            await self.identity.stop()
         if self.security is not None:
             await self.security.stop()
         if self.audit is not None:

@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from security.engine import Auditor
+from security.identity import IdentityStats, audit_verification
+
 MAX_TOKEN_LENGTH = 128
 CLOCK_SKEW = 60.0
 """Seconds a token's issue time may lie in the future (replicas' clocks differ)."""
@@ -42,12 +45,15 @@ def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
 
 class CsrfTokens:
     def __init__(self, key: bytes, lifetime: float = 3600.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, stats: IdentityStats | None = None,
+                 audit: Auditor | None = None):
         if len(key) < 16:
             raise ValueError("the CSRF key must have at least 16 bytes")
         self.key = key
         self.lifetime = lifetime
         self.clock = clock
+        self.stats = stats or IdentityStats()
+        self.audit = audit
 
     def _mac(self, session_id: str, issued: str) -> str:
         message = f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape")
@@ -76,3 +82,14 @@ class CsrfTokens:
         if age > self.lifetime or age < -CLOCK_SKEW:
             return "expired"
         return "ok"
+
+    def check(self, session_id: str, token: str, session_alive: bool = True) -> bool:
+        """verify(), counted; a failure is audited. A token of a session that has ended
+        (`session_alive` false) fails as no_session."""
+        reason = self.verify(session_id, token) if session_alive else "no_session"
+        ok = reason == "ok"
+        self.stats.verified("csrf", ok, "" if ok else reason)
+        if not ok:
+            self.stats.csrf_failures[reason] = self.stats.csrf_failures.get(reason, 0.0) + 1
+            audit_verification(self.audit, "csrf", False, "unknown", {"reason": reason})
+        return ok

@@ -118,13 +118,13 @@ class Sessions:
     async def validate(self, session_id: str, touch: bool = True) -> Session | None:
         """The live session of this id, or None; `touch` restarts its idle timer."""
         if len(session_id) > MAX_ID_LENGTH:
-            self.stats.verified("session", False, "malformed")
+            self._failed("malformed")
             return None
         now = self.clock()
         key = session_key(session_id)
         record = await self.store.get_record(KIND, key, now)
         if record is None:
-            self.stats.verified("session", False, "unknown_or_expired")
+            self._failed("unknown_or_expired")
             return None
         data = record.data
         absolute = data["absolute"]
@@ -180,10 +180,9 @@ class Sessions:
             self.audit.record(type_, actor, session.user, {"session": session.key[:16],
                                                            **details})
 
-    def failed(self, session_id_given: bool) -> None:
-        """Audits a rejected session id (the HTTP layer calls it for a 404)."""
-        audit_verification(self.audit, "session", False, "unknown",
-                           {"reason": "unknown_or_expired" if session_id_given else "missing"})
+    def _failed(self, reason: str) -> None:
+        self.stats.verified("session", False, reason)
+        audit_verification(self.audit, "session", False, "unknown", {"reason": reason})
 
     # --- cookies
 

@@ -19,7 +19,8 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Credentials missing or wrong",
-            403: "Admin endpoints disabled (no admin token configured)",
+            403: "API key lacks the route's scope (or, with security disabled, no admin "
+                 "token configured)",
             404: "Not found", 413: "Body too large", 422: "Series budget full"}
     return {str(code): _json(text[code], {"$ref": "#/components/schemas/Error"})
             for code in codes}
@@ -130,6 +131,12 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
+def _identity_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.identity_routes import identity_paths
+
+    return identity_paths(admin)
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     health_path = config["monitoring"]["health_endpoint_path"]
     component = {
@@ -147,7 +154,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "number", "description": "Unix time of the last check"},
         },
     }
-    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "a3mailer-exporter", "version": __version__,
@@ -158,6 +165,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",
                                "description": "security.admin_token_file or A3MAILER_ADMIN_TOKEN"},
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "An API key (a3m_<id>_<secret>, POST /api/v1/apikeys) "
+                                          "holding the route's scope"},
                 "listenerBasic": {"type": "http", "scheme": "basic"},
                 "listenerBearer": {"type": "http", "scheme": "bearer"},
             },
@@ -205,6 +215,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                      "description": "Only the newest N entries"},
                 ],
                 "responses": {"200": _json("History"), **_errors(400)}}},
+            **(_identity_paths(admin) if config["security"]["enabled"] else {}),
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,

@@ -1,7 +1,8 @@
 """HTTP front ends of the security engine: the Dovecot policy endpoint and the JSON API.
 
 Thin endpoints: parse (protocol code lives in security/protocols/), call one
-engine method, format. The admin API needs the admin bearer token.
+engine method, format. The admin API needs the admin bearer token or an API key with
+the route's scope: security:read to read, security:write to change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from security.blocklist import export_text, import_text
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+Authorize = Callable[[Request, str], Awaitable[Response | None]]
+"""app.py's check of a route's scope: None when allowed, else the 401/403/429 answer."""
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -92,8 +95,29 @@ def _decision_json(decision: Any) -> dict[str, Any]:
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
 
 
-def security_routes(exporter: Exporter,
-                    admin_denied: Callable[[Request], Response | None]) -> list[Route]:
+def scoped(authorize: Authorize, handler: Endpoint, scope: str | None = None) -> Endpoint:
+    """`handler` behind the admin token or an API key holding `scope` (None: security:read
+    for GET, security:write for other methods); BadRequest becomes a 400."""
+    async def guarded(request: Request) -> Response:
+        needed = scope or ("security:read" if request.method in ("GET", "HEAD")
+                           else "security:write")
+        denied = await authorize(request, needed)
+        if denied is not None:
+            return denied
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+    return guarded
+
+
+def actor(request: Request) -> str:
+    """The caller as the audit log names it: admin, or apikey:<id>."""
+    identity = request.scope.get("state", {}).get("identity")
+    return identity.actor if identity is not None else "admin"
+
+
+def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     """The routes, or none when security.enabled is false."""
     engine = exporter.security
     if engine is None:
@@ -101,15 +125,7 @@ def security_routes(exporter: Exporter,
     frontends = exporter.security_frontends
 
     def admin(handler: Endpoint) -> Endpoint:
-        async def guarded(request: Request) -> Response:
-            denied = admin_denied(request)
-            if denied is not None:
-                return denied
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return _error(400, "bad_request", str(exc))
-        return guarded
+        return scoped(authorize, handler)
 
     async def dovecot_policy(request: Request) -> Response:
         settings = exporter.config["security"]["dovecot_policy"]
@@ -166,7 +182,8 @@ def security_routes(exporter: Exporter,
 
     async def unlock(request: Request) -> Response:
         account = request.path_params["account"]
-        removed = await engine.unlock(account, request.query_params.get("source"), actor="admin")
+        removed = await engine.unlock(account, request.query_params.get("source"),
+                                      actor=actor(request))
         if not removed:
             return _error(404, "not_found", f"no lockout for {account!r}")
         return JSONResponse({"unlocked": [lock.as_dict() for lock in removed]})
@@ -177,7 +194,7 @@ def security_routes(exporter: Exporter,
         if request.method == "DELETE":
             network = request.query_params.get("network", "")
             try:
-                ban = await engine.unban(network, actor="admin")
+                ban = await engine.unban(network, actor=actor(request))
             except ValueError as exc:
                 raise BadRequest(f"network: {exc}") from None
             if ban is None:
@@ -186,7 +203,7 @@ def security_routes(exporter: Exporter,
         body = await _json_body(request, _ban_validator)
         try:
             ban = await engine.ban(body["network"], body.get("reason", ""),
-                                   body.get("duration_seconds"), actor="admin")
+                                   body.get("duration_seconds"), actor=actor(request))
         except ValueError as exc:
             raise BadRequest(f"network: {exc}") from None
         return JSONResponse({"banned": dataclasses.asdict(ban)}, status_code=201)
@@ -206,7 +223,7 @@ def security_routes(exporter: Exporter,
             if duration is not None and duration <= 0:
                 continue
             await engine.ban(entry.network, entry.reason, duration, source=source,
-                             actor="admin")
+                             actor=actor(request))
         return JSONResponse({"imported": len(entries),
                              "errors": [{"line": n, "message": m} for n, m in errors]})
 
