@@ -19,6 +19,8 @@ from exporter.config import Config, parse_duration, read_secret
 from security.apikeys import ApiKeys, ApiKeySettings
 from security.audit import AuditLog
 from security.csrf import CsrfTokens, load_or_create_key
+from security.federation.oidc import OidcSettings, OidcValidator
+from security.federation.saml import SamlServiceProvider, SamlSettings
 from security.identity import IdentityStats
 from security.passwords import PasswordPolicy, PasswordSettings
 from security.sessions import Sessions, SessionSettings
@@ -66,6 +68,31 @@ def password_settings(security: dict[str, Any]) -> PasswordSettings:
         argon2_parallelism=p["argon2"]["parallelism"])
 
 
+def oidc_settings(security: dict[str, Any]) -> OidcSettings:
+    o = security["oidc"]
+    return OidcSettings(
+        issuer=o["issuer"], audience=tuple(o["audience"]), algorithms=tuple(o["algorithms"]),
+        discovery_url=o["discovery_url"], jwks_uri=o["jwks_uri"],
+        jwks_cache_ttl=parse_duration(o["jwks_cache_ttl"]),
+        jwks_min_refresh_interval=parse_duration(o["jwks_min_refresh_interval"]),
+        leeway=parse_duration(o["leeway"]), required_claims=tuple(o["required_claims"]),
+        http_timeout=parse_duration(o["http_timeout"]),
+        introspection_endpoint=o["introspection_endpoint"], client_id=o["client_id"],
+        client_secret=read_secret(o, "client_secret"))
+
+
+def saml_settings(security: dict[str, Any]) -> SamlSettings:
+    s = security["saml"]
+    return SamlSettings(
+        entity_id=s["entity_id"], acs_url=s["acs_url"],
+        idp_metadata_file=s["idp_metadata_file"], sp_key_file=s["sp_key_file"],
+        sp_cert_file=s["sp_cert_file"], want_assertions_signed=s["want_assertions_signed"],
+        want_response_signed=s["want_response_signed"],
+        request_lifetime=parse_duration(s["request_lifetime"]),
+        accepted_time_diff=parse_duration(s["accepted_time_diff"]),
+        allow_unsolicited=s["allow_unsolicited"], xmlsec_binary=s["xmlsec_binary"])
+
+
 def csrf_key(security: dict[str, Any], state_dir: Path) -> bytes:
     key = read_secret(security, "csrf_key")
     return key.encode("utf-8") if key else load_or_create_key(state_dir / "csrf.key")
@@ -84,7 +111,25 @@ class IdentityServices:
                                parse_duration(security["csrf_token_lifetime"]),
                                stats=self.stats, audit=audit)
         self.passwords = PasswordPolicy(password_settings(security), store, audit, self.stats)
+        self.oidc: OidcValidator | None = None
+        self.saml: SamlServiceProvider | None = None
+        self._federation(security)
         self._task: asyncio.Task[None] | None = None
+
+    def _federation(self, security: dict[str, Any]) -> None:
+        """(Re)builds the OIDC validator and the SAML SP when their sections change."""
+        oidc = oidc_settings(security) if security["oidc"]["enabled"] else None
+        if self.oidc is not None and (oidc is None or oidc != self.oidc.settings):
+            old, self.oidc = self.oidc, None
+            with contextlib.suppress(RuntimeError):  # no loop yet: nothing was fetched
+                asyncio.get_running_loop().create_task(old.close())
+        if oidc is not None and self.oidc is None:
+            self.oidc = OidcValidator(oidc, self.stats, self.audit)
+        saml = saml_settings(security) if security["saml"]["enabled"] else None
+        if saml is None:
+            self.saml = None
+        elif self.saml is None or saml != self.saml.settings:
+            self.saml = SamlServiceProvider(saml, self.store, self.stats, self.audit)
 
     def configure(self, config: Config) -> None:
         """Applies a reloaded config (the store and the state dir stay)."""
@@ -96,6 +141,7 @@ class IdentityServices:
                                stats=self.stats, audit=self.audit)
         self.passwords = PasswordPolicy(password_settings(security), self.store, self.audit,
                                         self.stats)
+        self._federation(security)
 
     async def start(self) -> None:
         """After the store is open: counts what is active, then starts the writer task."""
@@ -112,6 +158,8 @@ class IdentityServices:
         with contextlib.suppress(Exception):
             await self.sessions.flush()
             await self.apikeys.flush()
+        if self.oidc is not None:
+            await self.oidc.close()
 
     async def _cleanup(self) -> None:
         await self.sessions.cleanup()

@@ -25,6 +25,7 @@ from exporter.exposition import (
     render_text,
 )
 from exporter.http.auth import NOBODY, Identity, ListenerAuth, identify
+from exporter.http.federation_routes import federation_routes
 from exporter.http.identity_routes import identity_routes
 from exporter.http.middleware import BodyTooLarge, Guard, api_limits
 from exporter.http.openapi import openapi_document
@@ -178,6 +179,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
     ]
     routes += security_routes(exporter, authorize)
     routes += identity_routes(exporter, authorize)
+    routes += federation_routes(exporter, authorize)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))

@@ -18,7 +18,7 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 401: "Credentials missing or wrong",
+    text = {400: "Bad request", 401: "Credentials missing or wrong", 429: "Rate limited",
             403: "API key lacks the route's scope (or, with security disabled, no admin "
                  "token configured)",
             404: "Not found", 413: "Body too large", 422: "Series budget full"}
@@ -132,9 +132,10 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
 
 
 def _identity_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.federation_routes import federation_paths
     from exporter.http.identity_routes import identity_paths
 
-    return identity_paths(admin)
+    return {**identity_paths(admin), **federation_paths(admin)}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:

@@ -69,6 +69,8 @@ class OidcSettings:
     client_secret: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.issuer:
+            raise ValueError("security.oidc: set issuer")
         bad = [a for a in self.algorithms if a not in ASYMMETRIC]
         if bad:
             raise ValueError(f"algorithms not allowed (asymmetric only): {', '.join(bad)}")

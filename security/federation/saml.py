@@ -143,6 +143,10 @@ class SamlServiceProvider:
         self.stats = stats or IdentityStats()
         self.audit = audit
         self.clock = clock
+        missing = [name for name in ("entity_id", "acs_url", "idp_metadata_file")
+                   if not getattr(settings, name)]
+        if missing:
+            raise ValueError(f"security.saml: set {', '.join(missing)}")
         self.config = self._config()
         self.client = Saml2Client(config=self.config)
 

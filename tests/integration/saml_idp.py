@@ -31,6 +31,7 @@ SP_ENTITY = "https://mail.example.org/saml/sp"
 ACS_URL = "https://mail.example.org/saml/acs"
 IDP_ENTITY = "https://idp.example.org/saml/idp"
 SSO_URL = "https://idp.example.org/saml/sso"
+NAME_FORM_URI = "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"
 
 
 def key_and_cert(directory: Path, name: str) -> tuple[Path, Path]:
@@ -83,7 +84,7 @@ class SamlPair:
                 "endpoints": {"single_sign_on_service": [(SSO_URL, BINDING_HTTP_REDIRECT)]},
                 "policy": {"default": {"lifetime": {"minutes": lifetime_minutes},
                                        "attribute_restrictions": None,
-                                       "name_form": "urn:oasis:names:tc:SAML:2.0:attrname-format:uri"}},
+                                       "name_form": NAME_FORM_URI}},
             }},
         })
         return conf

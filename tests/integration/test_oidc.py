@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the imported fixture is a parameter of the tests
 """OIDC bearer-token validation and RFC 7662 introspection against a local OpenID provider
 (tests/integration/oidc_server.py: discovery, JWKS and introspection over real HTTP with
 keys made here), including key rotation, alg none and HMAC-with-the-public-key."""
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from security.federation.oidc import FederationError, OidcSettings, OidcValidator, check_url
 from security.identity import IdentityStats
 from tests.integration.oidc_server import OidcProvider
+from tests.unit.test_identity_http import running  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +188,34 @@ def test_urls_must_be_https_except_on_loopback():
     for bad in ("http://idp.example/x", "ftp://127.0.0.1/", "file:///etc/passwd"):
         with pytest.raises(ValueError):
             check_url(bad)
+
+
+async def test_the_oidc_routes(provider, running):
+    from tests.unit.test_http import ADMIN
+
+    _, client = await running({"security": {"oidc": {
+        "enabled": True, "issuer": provider.issuer, "audience": ["mail-web"],
+        "jwks_min_refresh_interval": "1ms", "client_id": "exporter",
+        "client_secret_env": "TEST_OIDC_SECRET"}}})
+    r = await client.post("/api/v1/oidc/validate", headers=ADMIN,
+                          json={"token": provider.sign("ec-1")})
+    assert r.status_code == 200 and r.json()["valid"] is True
+    assert r.json()["claims"]["sub"] == "user-42"
+    none = forged({"alg": "none"}, provider.claims())
+    r = await client.post("/api/v1/oidc/validate", headers=ADMIN, json={"token": none})
+    assert r.json() == {"valid": False, "reason": "algorithm_not_allowed"}
+    assert (await client.post("/api/v1/oidc/validate", headers=ADMIN, json={})).status_code \
+        == 400
+    r = await client.post("/api/v1/oidc/introspect", headers=ADMIN, json={"token": "x"})
+    assert r.status_code == 502  # no client secret in the environment: the provider says 401
+    text = (await client.get("/metrics")).text
+    assert 'a3mailer_identity_verification_failures_total{method="oidc",' \
+           'reason="algorithm_not_allowed"} 1.0' in text
+
+
+async def test_the_oidc_routes_answer_404_when_disabled(running):
+    from tests.unit.test_http import ADMIN
+
+    _, client = await running()
+    r = await client.post("/api/v1/oidc/validate", headers=ADMIN, json={"token": "x"})
+    assert r.status_code == 404 and "security.oidc.enabled" in r.json()["message"]

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the imported fixture is a parameter of the tests
 """The SAML service provider against Responses signed by a test IdP (pysaml2's IdP side with
 a key made here, signatures by Debian's xmlsec1): valid, tampered, wrapped (XSW),
 expired, wrong audience and recipient, unknown and replayed."""
@@ -17,6 +18,7 @@ from security.identity import IdentityStats
 from security.store.memory import MemoryStore
 from tests.integration.components import _missing
 from tests.integration.saml_idp import ACS_URL, IDP_ENTITY, SP_ENTITY, SSO_URL, SamlPair
+from tests.unit.test_identity_http import running  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 ASSERTION = re.compile(r"<(ns\d+):Assertion .*?</\1:Assertion>", re.S)
@@ -140,3 +142,29 @@ async def test_malformed_input(sp):
                  base64.b64encode(b"<a/>").decode(), "A" * 600_000):
         result = await sp.acs(junk)
         assert not result.valid and result.reason in ("malformed", "wrapped_or_unsigned"), junk
+
+
+async def test_the_saml_routes(pair, running):
+    from tests.unit.test_http import ADMIN
+
+    settings = pair.sp_settings()
+    exporter, client = await running({"security": {"saml": {
+        "enabled": True, "entity_id": settings.entity_id, "acs_url": settings.acs_url,
+        "idp_metadata_file": settings.idp_metadata_file}}})
+    r = await client.get("/api/v1/saml/metadata", headers=ADMIN)
+    assert r.status_code == 200 and SP_ENTITY in r.text
+    assert r.headers["content-type"].startswith("application/samlmetadata+xml")
+    r = await client.post("/api/v1/saml/authn-request", headers=ADMIN,
+                          json={"relay_state": "inbox"})
+    assert r.status_code == 201 and r.json()["url"].startswith(SSO_URL)
+    response = pair.respond(r.json()["request_id"])
+    r = await client.post("/api/v1/saml/acs", headers=ADMIN,
+                          json={"saml_response": response, "relay_state": "inbox"})
+    assert r.json()["valid"] is True and r.json()["name_id"] == "alice@example.org"
+    r = await client.post("/api/v1/saml/acs", headers=ADMIN, json={"saml_response": response})
+    assert r.json() == {"valid": False, "reason": "replayed"}
+    assert (await client.post("/api/v1/saml/acs", headers=ADMIN, json={})).status_code == 400
+    records, _ = exporter.audit.query(types=["auth.success"], limit=5)
+    assert records[0]["actor"] == "saml" and records[0]["subject"] == "alice@example.org"
+    text = (await client.get("/metrics")).text
+    assert "alice" not in text
