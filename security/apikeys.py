@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ TOKEN_PREFIX = "a3m_"  # noqa: S105 - a prefix, not a secret
 SCOPES = ("admin", "security:read", "security:write", "metrics:write")
 """`admin` implies every other scope."""
 MAX_TOKEN_LENGTH = 128
-_TOKEN_RE = re.compile(r"a3m_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
+TOKEN_LENGTH = len(TOKEN_PREFIX) + 12 + 1 + 43
 _DUMMY_HASH = "0" * 64
 
 
@@ -83,7 +82,7 @@ class ApiKey:
                 "created_by": self.created_by, "state": self.state(now)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KeyCheck:
     """The outcome of one check. `reason`: ok, malformed, unknown, wrong, revoked,
     expired or rate_limited; callers answer every failure but rate_limited alike."""
@@ -96,6 +95,10 @@ class KeyCheck:
 
     def allows(self, scope: str) -> bool:
         return self.ok and (scope in self.scopes or "admin" in self.scopes)
+
+
+def _is_hex(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
 
 
 def _key_from(record: Record, last_used: float | None = None) -> ApiKey:
@@ -119,6 +122,7 @@ class ApiKeys:
         self.active = 0
         self._used: dict[str, tuple[float, float, int]] = {}  # id -> (last, expires, uses)
         self._limits: dict[int, Limit] = {}
+        self._scopes: dict[str, frozenset[str]] = {}  # a key's scopes never change
 
     def _hash(self, token: str) -> str:
         raw = token.encode("utf-8", "surrogateescape")
@@ -231,14 +235,17 @@ class ApiKeys:
     async def authenticate(self, token: str) -> KeyCheck:
         """Checks a presented key; counts, rate-limits and (written behind) audits it."""
         now = self.clock()
-        match = _TOKEN_RE.fullmatch(token) if len(token) <= MAX_TOKEN_LENGTH else None
-        digest = self._hash(token)
-        record = await self.store.get_record(KIND, match[1], now) if match else None
+        # a3m_<12 hex>_<43 base64url>: any other shape cannot be a key (and needs no lookup)
+        well_formed = (len(token) == TOKEN_LENGTH and token[16] == "_"
+                       and token.startswith(TOKEN_PREFIX))
+        key_id = token[4:16] if well_formed else ""
+        digest = self._hash(token if len(token) <= MAX_TOKEN_LENGTH else "")
+        record = await self.store.get_record(KIND, key_id, now) if well_formed else None
         same = hmac.compare_digest(digest, record.data["hash"] if record else _DUMMY_HASH)
         if record is None or not same:
-            reason = "malformed" if match is None else "unknown" if record is None else "wrong"
-            return self._failed(reason, match[1] if match else "")
-        data, key_id = record.data, record.key
+            reason = "malformed" if not well_formed else "unknown" if record is None else "wrong"
+            return self._failed(reason, key_id if _is_hex(key_id) else "")
+        data = record.data
         revoked = data["revoked"]
         if revoked is not None and revoked <= now:
             return self._failed("revoked", key_id)
@@ -247,13 +254,16 @@ class ApiKeys:
             return self._failed("expired", key_id)
         limit = self._limit(data["rate_limit_per_minute"])
         result = self.limiter.hit("apikey", key_id, limit, now)
+        scopes = self._scopes.get(key_id)
+        if scopes is None:
+            scopes = self._scopes[key_id] = frozenset(data["scopes"])
         if not result.allowed:
             self.stats.verified("apikey", False, "rate_limited")
-            return KeyCheck(False, "rate_limited", key_id, frozenset(data["scopes"]), result)
+            return KeyCheck(False, "rate_limited", key_id, scopes, result)
         previous = self._used.get(key_id)
         self._used[key_id] = (now, expires, previous[2] + 1 if previous else 1)
         self.stats.verified("apikey", True)
-        return KeyCheck(True, "ok", key_id, frozenset(data["scopes"]), result)
+        return KeyCheck(True, "ok", key_id, scopes, result)
 
     def _limit(self, per_minute: int) -> Limit:
         limit = self._limits.get(per_minute)

@@ -1,7 +1,7 @@
 """CSRF tokens: HMAC-SHA256 over the session id and the issue time, so a token is bound to
 one session, expires after `lifetime`, and needs no storage.
 
-A token reads `<issued, hex seconds>.<base64url MAC>`; the MAC covers a label, the
+A token reads `<issued, hex seconds>.<hex MAC>`; the MAC covers a label, the
 session id and the issue time, so a token of one session never verifies for another
 and a rotated session id invalidates the tokens of the old one. Verification compares
 in constant time. Several replicas must share the key (a secret file); a key
@@ -10,7 +10,6 @@ generated into the state dir serves one process.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import os
 import secrets
@@ -50,15 +49,16 @@ class CsrfTokens:
         if len(key) < 16:
             raise ValueError("the CSRF key must have at least 16 bytes")
         self.key = key
+        self._keyed = hmac.new(key, digestmod="sha256")  # copied per token: no key setup
         self.lifetime = lifetime
         self.clock = clock
         self.stats = stats or IdentityStats()
         self.audit = audit
 
     def _mac(self, session_id: str, issued: str) -> str:
-        message = f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape")
-        return base64.urlsafe_b64encode(hmac.digest(self.key, message, "sha256")).decode(
-            "ascii").rstrip("=")
+        mac = self._keyed.copy()
+        mac.update(f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape"))
+        return mac.hexdigest()
 
     def issue(self, session_id: str) -> str:
         issued = format(int(self.clock()), "x")

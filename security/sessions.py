@@ -40,7 +40,7 @@ class SessionSettings:
     """Idle-timer moves are written to the store this often (and only when they move more)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Session:
     key: str  # SHA-256 of the id: what the store and the audit log know
     user: str
