@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from security.apikeys import ApiKeys
-from security.sessions import SessionSettings, Sessions
+from security.sessions import Sessions, SessionSettings
 from security.store import Record
 from security.store.redis import RedisStore
 from tests.unit.test_security_store_records import (  # noqa: F401 - collected here on Redis
