@@ -297,3 +297,14 @@ async def test_identity_routes_need_credentials(running):
                          ("POST", "/api/v1/csrf/verify"), ("POST", "/api/v1/passwords/check")):
         r = await client.request(method, path, json={})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+
+
+async def test_an_api_key_passes_listener_auth_on_the_routes_it_serves(running, tmp_path):
+    listener = tmp_path / "listener.token"
+    listener.write_text("scrape-secret\n")
+    _, client = await running({"server": {"auth": {"bearer_token_file": str(listener)}}})
+    key = await new_key(client, ["security:read"])
+    assert (await client.get("/api/v1/security/lockouts",
+                             headers=bearer(key["key"]))).status_code == 200
+    assert (await client.get("/metrics", headers=bearer(key["key"]))).status_code == 401
+    assert (await client.get("/metrics", headers=bearer("scrape-secret"))).status_code == 200
