@@ -51,7 +51,7 @@ def session_settings(security: dict[str, Any]) -> SessionSettings:
         cleanup_interval=parse_duration(s["cleanup_interval"]),
         max_sessions_per_user=s["max_sessions_per_user"],
         secure_cookies=s["secure_cookies"],
-        cookie_same_site=s["cookie_same_site"],
+        cookie_same_site=s["cookie_same_site"].capitalize(),
         cookie_name=s["cookie_name"])
 
 

@@ -44,7 +44,7 @@ def federation_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         return []
 
     def guard(handler: Endpoint, scope: str) -> Endpoint:
-        return scoped(authorize, handler, FEDERATION_SCOPES[scope])
+        return scoped(authorize, handler, FEDERATION_SCOPES[scope])  # the table decides
 
     def disabled(what: str) -> Response:
         return _error(404, "not_found", f"{what} is disabled (security.{what.lower()}.enabled)")
@@ -97,19 +97,12 @@ def federation_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
 
 def federation_paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
     """The OpenAPI description of the routes above (openapi.py merges it)."""
-    from exporter.http.openapi import _errors, _json
+    from exporter.http.openapi import _json, scoped_operation
 
     def op(summary: str, scope: str, responses: dict[str, Any], *codes: int,
            body: dict[str, Any] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "summary": summary, "security": security,
-            "description": f"Scope: {FEDERATION_SCOPES[scope]} (or the admin token). 404 while "
-                           "disabled.",
-            "responses": {**responses, **_errors(401, 403, 404, *codes)}}
-        if body is not None:
-            out["requestBody"] = {"required": bool(body.get("required")), "content": {
-                "application/json": {"schema": body}}}
-        return out
+        return scoped_operation(security, summary, FEDERATION_SCOPES[scope], responses, 404,
+                                *codes, body=body, description="404 while disabled.")
 
     verdict = {"type": "object", "required": ["valid"], "properties": {
         "valid": {"type": "boolean"}, "claims": {"type": "object"},

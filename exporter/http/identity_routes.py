@@ -252,25 +252,12 @@ def identity_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
 
 def identity_paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
     """The OpenAPI description of the routes above (openapi.py merges it)."""
-    from exporter.http.openapi import _errors, _json
-
-    def req(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
-        return {"required": required, "content": {"application/json": {"schema": schema}}}
+    from exporter.http.openapi import _json, scoped_operation
 
     def op(summary: str, scope: str, responses: dict[str, Any], *codes: int,
-           body: dict[str, Any] | None = None, params: tuple[str, ...] = (),
-           description: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "summary": summary, "security": security,
-            "description": (description + " " if description else "") +
-            f"Scope: {IDENTITY_SCOPES[scope]} (or the admin token).",
-            "responses": {**responses, **_errors(401, 403, *codes)}}
-        if body is not None:
-            out["requestBody"] = req(body, bool(body.get("required")))
-        if params:
-            out["parameters"] = [{"name": p, "in": "path", "required": True,
-                                  "schema": {"type": "string"}} for p in params]
-        return out
+           **extra: Any) -> dict[str, Any]:
+        return scoped_operation(security, summary, IDENTITY_SCOPES[scope], responses, *codes,
+                                **extra)
 
     key: dict[str, Any] = {"type": "object", "properties": {
         "id": {"type": "string"}, "name": {"type": "string"}, "prefix": {"type": "string"},

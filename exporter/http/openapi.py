@@ -26,6 +26,24 @@ def _errors(*codes: int) -> dict[str, Any]:
             for code in codes}
 
 
+def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: str,
+                     responses: dict[str, Any], *codes: int, body: dict[str, Any] | None = None,
+                     params: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """One operation of a route behind `scoped` (the admin token or an API key with scope)."""
+    out: dict[str, Any] = {
+        "summary": summary, "security": security,
+        "description": (description + " " if description else "")
+        + f"Scope: {scope} (or the admin token).",
+        "responses": {**responses, **_errors(401, 403, *codes)}}
+    if body is not None:
+        out["requestBody"] = {"required": bool(body.get("required")),
+                              "content": {"application/json": {"schema": body}}}
+    if params:
+        out["parameters"] = [{"name": p, "in": "path", "required": True,
+                              "schema": {"type": "string"}} for p in params]
+    return out
+
+
 def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     from exporter.http.security_routes import ATTEMPT_SCHEMA, BAN_SCHEMA
 

@@ -308,3 +308,9 @@ async def test_an_api_key_passes_listener_auth_on_the_routes_it_serves(running, 
                              headers=bearer(key["key"]))).status_code == 200
     assert (await client.get("/metrics", headers=bearer(key["key"]))).status_code == 401
     assert (await client.get("/metrics", headers=bearer("scrape-secret"))).status_code == 200
+
+
+async def test_the_seed_spelling_of_cookie_same_site(running):
+    _, client = await running({"security": {"session_config": {"cookie_same_site": "lax"}}})
+    r = await client.post("/api/v1/sessions", headers=ADMIN, json={"user": "u"})
+    assert r.json()["cookie"].endswith("SameSite=Lax")
