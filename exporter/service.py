@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from exporter import __version__, catalogue
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
+from exporter.collectors.identity import IdentityCollector
 from exporter.collectors.mfa import MfaCollector
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
@@ -29,6 +30,7 @@ from exporter.config import Config, ConfigError, load_config, parse_duration, re
 from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
+from exporter.identity import IdentityServices
 from exporter.instruments import CounterVec, HistogramVec
 from exporter.mail import MailMonitoring
 from security.attempts import Attempt
@@ -85,6 +87,8 @@ class Exporter:
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
         self.mfa = _build_mfa(config, self.state_dir, self.security, self.audit)
+        self.identity = IdentityServices(config, self.state_dir, self.security.store,
+                                         self.audit) if self.security is not None else None
         self.postfix_policy = PostfixPolicyServer(self.security, None) if (
             self.security is not None) else None
         self.mail = MailMonitoring(self.state_dir, self._report_logged_login
@@ -137,10 +141,15 @@ class Exporter:
         if self.mfa is not None and self.security is not None:
             _configure_mfa(self.mfa, self.security, config["security"])
             security_sources.append(MfaCollector(self.mfa))
+        identity_sources = []
+        if self.identity is not None:
+            self.identity.configure(config)
+            identity_sources.append(IdentityCollector(self.identity))
         self.scrape = Scrape([
             *enabled_collectors(mon),
             *self.mail.collectors(),
             *security_sources,
+            *identity_sources,
             Source("health", self.health.collect),
             Source("history", self.history.collect),
             Source("custom", self.custom.collect),
@@ -199,6 +208,8 @@ class Exporter:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
+        if self.identity is not None:
+            await self.identity.start()
         policy = self.config["security"]["postfix_policy"]
         if self.postfix_policy is not None and policy["enabled"]:
             from exporter.cli import split_listen
@@ -221,6 +232,8 @@ class Exporter:
         await self.mail.stop()
         if self.postfix_policy is not None:
             await self.postfix_policy.stop()
+        if self.identity is not None:
+            await self.identity.stop()
         if self.security is not None:
             await self.security.stop()
         if self.audit is not None:

@@ -18,14 +18,33 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 401: "Credentials missing or wrong",
-            403: "Admin endpoints disabled (no admin token configured)",
-            404: "Not found", 413: "Body too large", 422: "Series budget full",
-            409: "Conflict (nothing pending, or already there)", 429: "Rate limited",
+    text = {400: "Bad request", 401: "Credentials missing or wrong", 429: "Rate limited",
+            403: "API key lacks the route's scope (or, with security disabled, no admin "
+                 "token configured)",
+            404: "Not found", 409: "Conflict (nothing pending, or already there)",
+            413: "Body too large", 422: "Series budget full",
             502: "Delivery to the relay or provider failed",
             503: "Provider unavailable (circuit open)"}
     return {str(code): _json(text[code], {"$ref": "#/components/schemas/Error"})
             for code in codes}
+
+
+def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: str,
+                     responses: dict[str, Any], *codes: int, body: dict[str, Any] | None = None,
+                     params: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """One operation of a route behind `scoped` (the admin token or an API key with scope)."""
+    out: dict[str, Any] = {
+        "summary": summary, "security": security,
+        "description": (description + " " if description else "")
+        + f"Scope: {scope} (or the admin token).",
+        "responses": {**responses, **_errors(401, 403, *codes)}}
+    if body is not None:
+        out["requestBody"] = {"required": bool(body.get("required")),
+                              "content": {"application/json": {"schema": body}}}
+    if params:
+        out["parameters"] = [{"name": p, "in": "path", "required": True,
+                              "schema": {"type": "string"}} for p in params]
+    return out
 
 
 def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
@@ -136,6 +155,13 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
+def _identity_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.federation_routes import federation_paths
+    from exporter.http.identity_routes import identity_paths
+
+    return {**identity_paths(admin), **federation_paths(admin)}
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     from exporter.http.mfa_routes import mfa_paths
 
@@ -155,7 +181,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "number", "description": "Unix time of the last check"},
         },
     }
-    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "a3mailer-exporter", "version": __version__,
@@ -166,6 +192,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",
                                "description": "security.admin_token_file or A3MAILER_ADMIN_TOKEN"},
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "An API key (a3m_<id>_<secret>, POST /api/v1/apikeys) "
+                                          "holding the route's scope"},
                 "listenerBasic": {"type": "http", "scheme": "basic"},
                 "listenerBearer": {"type": "http", "scheme": "bearer"},
             },
@@ -213,6 +242,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                      "description": "Only the newest N entries"},
                 ],
                 "responses": {"200": _json("History"), **_errors(400)}}},
+            **(_identity_paths(admin) if config["security"]["enabled"] else {}),
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,
