@@ -165,8 +165,8 @@ class PasswordPolicy:
             if flag and not any(test(c) for c in pw):
                 reasons.append(reason)
         # zxcvbn fails on the empty string (an IndexError): nothing to estimate, score 0
-        estimate = zxcvbn(pw[:ESTIMATE_CHARS], user_inputs=words) if pw else {
-            "score": 0, "guesses_log10": 0.0, "feedback": {}}
+        nothing: dict[str, Any] = {"score": 0, "guesses_log10": 0.0, "feedback": {}}
+        estimate = zxcvbn(pw[:ESTIMATE_CHARS], user_inputs=words) if pw else nothing
         score = int(estimate["score"])
         if score < s.min_score:
             reasons.append("too_weak")
