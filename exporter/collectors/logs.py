@@ -38,11 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -134,9 +134,10 @@ def _tls(service: str) -> TlsFailure:
 
 
 def _valid_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address (inet_pton: a tenth of ipaddress's cost on the hot path)."""
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return False
     return True
 
@@ -173,7 +174,11 @@ def parse_postfix(line: str) -> Event | None:
     colon = line.find(": ")
     if colon < 0:
         return UNPARSED if line.strip() else None
-    start = line.rfind(" ", 0, colon) + 1
+    return _postfix_at(line, colon, line.rfind(" ", 0, colon) + 1)
+
+
+def _postfix_at(line: str, colon: int, start: int) -> Event | None:
+    """`colon`: the first ": " (after the program tag); `start`: where the tag starts."""
     bracket = line.find("[", start, colon)
     end = bracket if bracket >= 0 else colon
     slash = line.rfind("/", start, end)
@@ -484,7 +489,7 @@ def parse_maillog(line: str) -> Event | None:
     if line.startswith("dovecot", start) or line.find("-login", start, colon) >= 0:
         return parse_dovecot(line)
     if line.find("/", start, colon) >= 0:
-        return parse_postfix(line)
+        return _postfix_at(line, colon, start)
     return None
 
 
