@@ -8,10 +8,11 @@ one thread only: the event loop. benchmarks/bench_record.py measures the cost.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
-from prometheus_client.core import Metric
+from prometheus_client.core import Exemplar, Metric
 
 from exporter import catalogue
 
@@ -41,29 +42,49 @@ class CounterVec:
 
 
 class HistogramVec:
-    """A catalogued histogram, one set of bucket counts per label tuple."""
+    """A catalogued histogram, one set of bucket counts per label tuple.
+
+    An observation given a trace id becomes its bucket's exemplar (the latest one
+    wins), which the OpenMetrics output shows as `# {trace_id="..."} value time`.
+    """
 
     def __init__(self, name: str, buckets: Sequence[float] = DEFAULT_BUCKETS):
         self.spec = catalogue.METRICS[name]
         self.bounds = tuple(sorted(buckets))
         # label tuple -> [count per bucket (non-cumulative, last is +Inf)..., sum]
         self._series: dict[tuple[str, ...], list[float]] = {}
+        # label tuple -> per bucket: (trace id, value, Unix time) or None
+        self._exemplars: dict[tuple[str, ...], list[tuple[str, float, float] | None]] = {}
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
+    def observe(self, labels: tuple[str, ...], value: float,
+                trace_id: str | None = None) -> None:
         series = self._series.get(labels)
         if series is None:
             series = self._series[labels] = [0.0] * (len(self.bounds) + 2)
-        series[bisect_left(self.bounds, value)] += 1
+        index = bisect_left(self.bounds, value)
+        series[index] += 1
         series[-1] += value
+        if trace_id is not None:
+            exemplars = self._exemplars.get(labels)
+            if exemplars is None:
+                exemplars = self._exemplars[labels] = [None] * (len(self.bounds) + 1)
+            exemplars[index] = (trace_id, value, time.time())
 
     def collect(self) -> Iterator[Metric]:
         fam = catalogue.family(self.spec.name)
         bounds = [*(repr(float(b)) for b in self.bounds), "+Inf"]
         for labels, series in tuple(self._series.items()):
             counts = series[:-1]
-            cumulative, running = [], 0.0
-            for bound, count in zip(bounds, counts, strict=True):
+            exemplars = self._exemplars.get(labels) or [None] * len(bounds)
+            cumulative: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+            running = 0.0
+            for bound, count, exemplar in zip(bounds, counts, exemplars, strict=True):
                 running += count
-                cumulative.append((bound, running))
+                if exemplar is None:
+                    cumulative.append((bound, running))
+                else:
+                    trace_id, value, stamp = exemplar
+                    cumulative.append((bound, running,
+                                       Exemplar({"trace_id": trace_id}, value, stamp)))
             fam.add_metric(list(labels), cumulative, series[-1])
         yield fam
