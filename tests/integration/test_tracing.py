@@ -15,8 +15,9 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.probes import build_probes
 from tests.exporter_process import ExporterProcess
-from tests.integration.components import OTLPReceiver, free_port
+from tests.integration.components import OTLPReceiver, RecordingHTTPServer, free_port
 
 LOGIN = "carol@example.test"
 REMOTE = "198.51.100.23"
@@ -147,6 +148,26 @@ def test_exemplars_and_the_performance_api_show_the_same_request(exporter, recei
     assert metric(exporter.url, "a3mailer_tracing_spans_exported_total") >= 4
 
 
+def test_prometheus_stores_the_trace_id_exemplars_it_scrapes(exporter, prometheus_factory):
+    """Prometheus 2.42 asks for OpenMetrics first; with exemplar storage on it keeps our
+    trace ids, so a dashboard can jump from a latency bucket to the trace."""
+    prom = prometheus_factory(targets=[{"job": "traced", "targets": [exporter.address]}],
+                              extra_args=["--enable-feature=exemplar-storage"])
+    prom.wait_target_up("traced")
+    trace_id, _, header = traceparent()
+    assert policy(exporter.url, "allow", {"traceparent": header}).status_code == 200
+    query = 'a3mailer_exporter_http_request_duration_seconds_bucket{handler="/dovecot/policy"}'
+    deadline = time.monotonic() + 30
+    seen: set[str] = set()
+    while trace_id not in seen and time.monotonic() < deadline:
+        now = time.time()
+        series = prom._api("/api/v1/query_exemplars", query=query, start=str(now - 300),
+                           end=str(now + 5))
+        seen = {e["labels"]["trace_id"] for s in series for e in s["exemplars"]}
+        time.sleep(0.5)
+    assert trace_id in seen
+
+
 def test_sampling_follows_the_callers_decision(exporter, receiver):
     """Rate 0 here: a new trace is never sampled, a caller's sampled one always is, an
     unsampled one never; the 'after' request flushes the batch that would hold them."""
@@ -180,3 +201,30 @@ def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process
     assert metric(proc.url, "a3mailer_tracing_spans_exported_total") == 0
     assert policy(proc.url, "allow", {}).status_code == 200  # still serving
     assert "span export failing" in proc.log()
+
+
+async def test_a_traced_http_probe_carries_its_trace_and_baggage_to_the_server(otlp_tracing):
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    traced, receiver = otlp_tracing
+    with RecordingHTTPServer() as server:
+        probes = build_probes({"probes": [{"name": "jmap", "protocol": "http",
+                                           "host": server.host, "port": server.port,
+                                           "path": "/.well-known/jmap"}]})
+        token = otel_context.attach(baggage.set_baggage("deployment", "eu-1"))
+        try:
+            outcome = await probes.runs["jmap"].once()
+        finally:
+            otel_context.detach(token)
+        assert outcome.value is not None and outcome.value.success, outcome.value
+        request = server.wait_for_request(lambda r: r.path == "/.well-known/jmap")
+    assert traced.force_flush()
+    root, = receiver.wait_for_spans(lambda s: s.name == "probe-jmap")
+    response, = receiver.wait_for_spans(lambda s: s.name == "http response")
+    assert response.parent_span_id == root.span_id
+    # the server sees the probe's trace, with the span that sent the request as parent
+    version, trace_id, parent_id, flags = request.headers["traceparent"].split("-")
+    assert (version, trace_id, parent_id) == ("00", root.trace_id, response.span_id)
+    assert int(flags, 16) & 1  # sampled (the SDK also sets W3C level 2's random bit)
+    assert request.headers["baggage"] == "deployment=eu-1"
