@@ -124,7 +124,8 @@ class WindowStats:
 
 
 Key = tuple[str, str]  # (path, operation)
-Cell = list[Any]  # [count, errors, sum of seconds, {log bucket index: count}]
+# [count, errors, sum of seconds, {log bucket index: count}, HistogramVec, its series]
+Cell = list[Any]
 
 
 class _Merged:
@@ -221,20 +222,28 @@ class PerformanceMonitor:
             if key not in self._known and not self._admit(key):
                 self.record(path, OTHER, seconds, error, trace_id)
                 return
-            cell = self._current[key] = [0, 0, 0.0, {}]
+            cell = self._current[key] = self._cell(path, operation)
         cell[0] += 1
         if error:
             cell[1] += 1
         cell[2] += seconds
         buckets = cell[3]
+        # bucket_index(), inlined: this is the hot path
         if MIN_SECONDS < seconds < MAX_SECONDS:
             index = math.ceil(math.log(seconds) * _INV_LOG_GAMMA)
         else:
             index = _MIN_INDEX if seconds <= MIN_SECONDS else _MAX_INDEX
         buckets[index] = buckets.get(index, 0) + 1
-        histogram = self.histograms.get(path)
+        histogram = cell[4]
         if histogram is not None:
-            histogram.observe((operation,), seconds, trace_id)
+            histogram.observe_into(cell[5], seconds, trace_id)
+
+    def _cell(self, path: str, operation: str) -> Cell:
+        """A slot's new cell; it also holds the key's (cumulative) histogram series, so a
+        record looks nothing else up."""
+        histogram = self.histograms.get(path)
+        series = histogram.series((operation,)) if histogram is not None else None
+        return [0, 0, 0.0, {}, histogram, series]
 
     def _admit(self, key: Key) -> bool:
         if key[0] not in PATHS:

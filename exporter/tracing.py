@@ -268,6 +268,11 @@ def installed() -> tuple[PerformanceMonitor | None, Tracing | None]:
     return _monitor, _tracing
 
 
+def enabled() -> bool:
+    """Whether spans are being made (an installed Tracing with tracing.enabled)."""
+    return _tracing is not None
+
+
 class Operation:
     """One timed piece of work: a sample for the monitor and, when traced, a span.
 
@@ -378,23 +383,60 @@ class Operation:
             monitor.record(self.path, self.operation, seconds, bool(error), trace_id)
 
 
-def observe(path: str, operation: str, name: str | None = None,
+class Timed:
+    """What observe() gives while tracing is off: the same interface, only timed."""
+
+    __slots__ = ("_start", "error", "operation", "path")
+    span = None
+
+    def __init__(self, path: str | None, operation: str):
+        self.path = path
+        self.operation = operation
+        self.error = ""
+
+    def __enter__(self) -> Timed:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        seconds = time.perf_counter() - self._start
+        monitor = _monitor
+        if monitor is not None and self.path is not None:
+            monitor.record(self.path, self.operation, seconds,
+                           bool(self.error) or exc_type is not None)
+
+    def set(self, key: str, value: Any) -> None:
+        return None
+
+    def fail(self, error_type: str) -> None:
+        self.error = error_type
+
+    def rename(self, name: str) -> None:
+        return None
+
+
+def observe(path: str | None, operation: str, name: str | None = None,
             kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-            root: bool = True) -> Operation:
-    """`with observe("collector", "system"):` times, records and traces the block."""
-    return Operation(path, operation, name, kind, attributes, root=root)
+            parent: Context | None = None, root: bool = True,
+            prefix: str = "") -> Operation | Timed:
+    """`with observe("collector", "system"):` times the block, records it in the monitor
+    and, with tracing on, makes it a span (see Operation for the arguments)."""
+    if _tracing is None:
+        return Timed(path, operation)
+    return Operation(path, operation, name, kind, attributes, parent, root, prefix)
 
 
-def phase(name: str, phase_name: str) -> Operation:
+def phase(name: str, phase_name: str) -> Operation | Timed:
     """A child span for one phase of a traced run (probe connect, tls, banner, ...)."""
-    return Operation(None, phase_name, name, attributes={"a3mailer.probe.phase": phase_name},
-                     root=False)
+    return observe(None, phase_name, name, attributes={"a3mailer.probe.phase": phase_name},
+                   root=False)
 
 
-def security_observer(operation: str) -> Operation:
+def security_observer(operation: str) -> Operation | Timed:
     """The security engine's observer (security/engine.py `Observer`)."""
-    return Operation("security", operation, f"security {operation}",
-                     prefix="a3mailer.security.")
+    return observe("security", operation, f"security {operation}",
+                   prefix="a3mailer.security.")
 
 
 def annotate(key: str, value: Any) -> None:
@@ -461,7 +503,7 @@ def _observed(method: Any, name: str, kind: SpanKind, attributes: dict[str, str]
     span_name = f"store {name}"
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        with Operation("store", name, span_name, kind, attributes, root=False):
+        with observe("store", name, span_name, kind, attributes, root=False):
             return await method(*args, **kwargs)
 
     call.__name__ = name

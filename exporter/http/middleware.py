@@ -82,8 +82,10 @@ class Guard:
             await send(message)
 
         method = scope["method"]
-        with tracing.Operation("http", "other", method, SpanKind.SERVER, _request_attributes(
-                scope), parent=tracing.extract(scope["headers"])) as operation:
+        parent = tracing.extract(scope["headers"])
+        with tracing.observe("http", "other", method, SpanKind.SERVER,
+                             _request_attributes(scope) if tracing.enabled() else None,
+                             parent) as operation:
             try:
                 await self._guarded(scope, receive, send_wrapper)
             except BodyTooLarge:
@@ -169,7 +171,8 @@ def _request_attributes(scope: Scope) -> dict[str, Any]:
                 "http_version", "1.1")}
 
 
-def _response_attributes(operation: tracing.Operation, scope: Scope, handler: str,
+def _response_attributes(operation: tracing.Operation | tracing.Timed, scope: Scope,
+                         handler: str,
                          status: int) -> None:
     """The rest once the route answered. A path with a parameter (an account name, a
     metric name) is reported as its route template, an unrouted one (anything a client
