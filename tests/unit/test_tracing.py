@@ -350,3 +350,28 @@ async def test_http_spans_hide_path_parameters_and_queries(config_file, tmp_path
         assert "erin" not in text and "192.0.2.1" not in text and "t0ken" not in text
     assert done["GET /livez"].attributes["url.path"] == "/livez"
     assert monitor.stats("1m", "http", "/livez").count == 1
+
+
+def test_a_reload_swaps_the_tracer_and_keeps_the_monitor(config_file, tmp_path):
+    previous = tracing.installed()
+    exporter = Exporter(load_config(config_file({"security": {"enabled": False}})))
+    try:
+        assert not tracing.enabled() and tracing.installed()[0] is exporter.performance
+        old = exporter.tracing
+        config_file({"security": {"enabled": False}, "tracing": {
+            "enabled": True, "sampling_rate": 0.5, "otlp_endpoint": "http://127.0.0.1:9",
+            "batch_timeout": "1s"}})
+        assert exporter.reload() == []
+        assert tracing.enabled() and tracing.installed() == (exporter.performance,
+                                                             exporter.tracing)
+        assert exporter.tracing is not old
+        assert exporter.tracing.settings.sampling_rate == 0.5
+        assert exporter.tracing.settings.endpoint == "http://127.0.0.1:9/v1/traces"
+        current = exporter.tracing
+        assert exporter.reload() == [] and exporter.tracing is current  # unchanged: kept
+        families = {f.name for f in exporter.scrape.collect()}
+        assert {"a3mailer_tracing_sampling_ratio", "a3mailer_tracing_spans_dropped",
+                "a3mailer_performance_operations_per_second"} <= families
+    finally:
+        tracing.install(*previous)
+        exporter.tracing.shutdown()
