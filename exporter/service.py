@@ -31,8 +31,10 @@ from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
 from exporter.instruments import CounterVec
+from exporter.mail import MailMonitoring
 from exporter.performance import PerformanceMonitor
 from exporter.tracing import ObservedStore, Tracing, TracingSettings, security_observer
+from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
 from security.protocols.postfix import PostfixPolicyServer
@@ -85,6 +87,9 @@ class Exporter:
         self.audit, self.security = _build_security(config, self.state_dir)
         self.postfix_policy = PostfixPolicyServer(self.security, None) if (
             self.security is not None) else None
+        self.mail = MailMonitoring(self.state_dir, self._report_logged_login
+                                   if self.security is not None else None)
+        self._mail_components: set[str] = set()
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
         self._apply(config)
@@ -120,11 +125,19 @@ class Exporter:
                                  critical=not config["security"]["store"]["fail_open"])
         if self.audit is not None:
             self.audit.policy = _audit_policy(config["security"])
+        self.mail.apply(mon)
+        mail_checks = self.mail.checks(mon)
+        for name in self._mail_components - mail_checks.keys():
+            self.health.unregister(name)
+        for name, check in mail_checks.items():
+            self.health.register(name, check)
+        self._mail_components = set(mail_checks)
         security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends,
                                               self.postfix_policy)
                             ] if self.security is not None else []
         self.scrape = Scrape([
             *enabled_collectors(mon),
+            *self.mail.collectors(),
             *security_sources,
             Source("health", self.health.collect),
             Source("history", self.history.collect),
@@ -201,6 +214,7 @@ class Exporter:
 
             host, port = await self.postfix_policy.start(*split_listen(policy["listen"]))
             log.info("postfix policy server listening", extra={"listen": f"{host}:{port}"})
+        await self.mail.start()
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
         if self.audit is not None:
@@ -213,6 +227,7 @@ class Exporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.mail.stop()
         if self.postfix_policy is not None:
             await self.postfix_policy.stop()
         if self.security is not None:
@@ -223,6 +238,13 @@ class Exporter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown),
                                    TRACING_SHUTDOWN_TIMEOUT)
+
+    async def _report_logged_login(self, login: str, remote_ip: str, protocol: str,
+                                   success: bool) -> None:
+        """Log ingestion's logins reach the engine like any front end's reports."""
+        assert self.security is not None
+        await self.security.report(Attempt(login=login, remote_ip=remote_ip,
+                                           protocol=protocol), success)
 
     async def _record_history(self) -> None:
         while True:

@@ -25,6 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = CONFIG_DIR / "config.schema.json"
 DEFAULTS_PATH = CONFIG_DIR / "defaults.yaml"
 
+# Health components the exporter itself registers (a probe may not take their names).
+RESERVED_COMPONENTS = ("state_dir", "config", "system", "security_store")
+
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -181,7 +184,12 @@ def _defaults() -> dict[str, Any]:
 
 def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[int, int]]]:
     """Parses and schema-checks one file; returns its data and the line of every key."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: YAML refuses the file
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise ConfigError([Problem(name, line, "", f"invalid YAML: character "
+                                   f"#x{exc.character:04x} is not allowed")]) from exc
     try:
         try:
             node = loader.get_single_node()
@@ -189,6 +197,8 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else 0
             raise ConfigError([Problem(name, line, "", f"invalid YAML: {exc.problem}")]) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem(name, 0, "", f"invalid YAML: {exc}")]) from exc
         if node is None:
             return {}, {}
         positions: dict[Path_, tuple[int, int]] = {}
@@ -319,10 +329,13 @@ def _semantic_problems(
             problem(("monitoring", "custom_metrics", index, "name"),
                     f"metric {metric['name']!r} declared twice")
         seen.add(metric["name"])
+    _mail_problems(mon, problem)
     for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
                           (("security", "dovecot_policy"), "api_key"),
                           (("security", "stalwart_webhook"), "secret"),
-                          (("security", "store"), "redis_password")):
+                          (("security", "store"), "redis_password"),
+                          (("monitoring", "stalwart"), "password"),
+                          (("monitoring", "stalwart"), "token")):
         values: Any = data
         for key in section:
             values = values[key]
@@ -346,3 +359,35 @@ def _semantic_problems(
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")
     return problems
+
+
+def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
+    """Probe targets and the round trip, checked by the same code that builds them."""
+    from exporter.mail import COMPONENTS
+    from exporter.probes import DeliverySettings, Target
+
+    names: set[str] = set()
+    for index, item in enumerate(mon["probes"]):
+        path = ("monitoring", "probes", index)
+        try:
+            target = Target.from_config(item)
+        except ValueError as exc:
+            problem(path, str(exc))
+            continue
+        if target.name in names:
+            problem((*path, "name"), f"probe name {target.name!r} used twice")
+        elif target.name in COMPONENTS or target.name in RESERVED_COMPONENTS:
+            problem((*path, "name"), f"{target.name!r} is the name of a built-in health "
+                                     "component; choose another")
+        names.add(target.name)
+    if mon["delivery"]["enabled"]:
+        try:
+            DeliverySettings.from_config(mon["delivery"])
+        except ValueError as exc:
+            problem(("monitoring", "delivery"), str(exc).removeprefix("monitoring.delivery."))
+    seen: set[str] = set()
+    for index, item in enumerate(mon["logs"]["files"]):
+        if item["name"] in seen:
+            problem(("monitoring", "logs", "files", index, "name"),
+                    f"log file name {item['name']!r} used twice")
+        seen.add(item["name"])
