@@ -344,6 +344,10 @@ def _semantic_problems(
         except OSError as exc:
             problem((*section, f"{name}_file"), f"cannot read secret: {exc.strerror}")
     tracing = data["tracing"]
+    if "@" in urllib.parse.urlsplit(tracing["otlp_endpoint"]).netloc:
+        # said without the value: it holds a password
+        problem(("tracing", "otlp_endpoint"), "no user:password@ in the URL: put credentials "
+                "in tracing.otlp_headers_file or tracing.otlp_headers_env")
     for name in tracing["otlp_headers"]:
         if SECRET_HEADER.search(name):
             problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "

@@ -228,3 +228,27 @@ async def test_a_traced_http_probe_carries_its_trace_and_baggage_to_the_server(o
     assert (version, trace_id, parent_id) == ("00", root.trace_id, response.span_id)
     assert int(flags, 16) & 1  # sampled (the SDK also sets W3C level 2's random bit)
     assert request.headers["baggage"] == "deployment=eu-1"
+
+
+def test_the_exporters_own_probe_runs_are_traced(exporter_process, receiver, tmp_path):
+    """A probe scheduled by the real exporter: its run and phases reach the receiver, its
+    request carries the run's trace to the server, its latency is in the monitor."""
+    with RecordingHTTPServer() as web:
+        config = tracing_config(tmp_path, receiver.url, sampling_rate=1.0)
+        data = yaml.safe_load(config.read_text())
+        data["monitoring"] = {"probes": [{"name": "web", "protocol": "http",
+                                          "host": web.host, "port": web.port,
+                                          "path": "/healthz/live", "interval": "1s"}]}
+        config.write_text(yaml.safe_dump(data))
+        proc = exporter_process(config)
+        request = web.wait_for_request(lambda r: "traceparent" in r.headers)
+    trace_id = request.headers["traceparent"].split("-")[1]
+    spans = receiver.wait_for_spans(lambda s: s.trace_id == trace_id, count=3)
+    root, = [s for s in spans if s.name == "probe-web"]
+    assert root.parent_span_id == "" and root.attributes["a3mailer.schedule"] == "probe-web"
+    assert root.attributes["server.port"] == web.port
+    assert {s.name for s in spans if s.parent_span_id == root.span_id} == {
+        "http connect", "http response"}
+    body = httpx.get(proc.url + "/api/v1/performance?path=schedule", timeout=10).json()
+    runs = {o["operation"]: o["windows"]["1m"] for o in body["operations"]}
+    assert runs["probe-web"]["count"] >= 1

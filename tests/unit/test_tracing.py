@@ -375,3 +375,9 @@ def test_a_reload_swaps_the_tracer_and_keeps_the_monitor(config_file, tmp_path):
     finally:
         tracing.install(*previous)
         exporter.tracing.shutdown()
+
+
+def test_an_endpoint_with_credentials_in_it_is_refused(config_file):
+    with pytest.raises(ConfigError, match="tracing.otlp_endpoint: no user:password@") as error:
+        load_config(config_file({"tracing": {"otlp_endpoint": "http://u:pw@collector:4318"}}))
+    assert "pw" not in str(error.value).replace("password", "")
