@@ -417,9 +417,9 @@ _SPECS = [
           "exceptions, timeouts, security store unavailable).", ("path", "window"),
           "performance"),
     _spec("a3mailer_performance_latency_seconds", "gauge", "seconds",
-          "Latency quantile (0.5, 0.95, 0.99) of the path's operations over the sliding "
+          "Latency percentile (50, 95, 99) of the path's operations over the sliding "
           "window, within 2% relative error; absent while the window is empty.",
-          ("path", "window", "quantile"), "performance"),
+          ("path", "window", "percentile"), "performance"),
     _spec("a3mailer_security_store_operation_duration_seconds", "histogram", "seconds",
           "Security store call latency, by store method (span store <method>).",
           ("operation",), "performance"),

@@ -361,6 +361,6 @@ class PerformanceMonitor:
                 rate.add_metric([path, window], stats.rate)
                 errors.add_metric([path, window], stats.error_rate)
                 for q, value in zip(QUANTILES, (stats.p50, stats.p95, stats.p99), strict=True):
-                    if value is not None:
-                        latency.add_metric([path, window, repr(q)], value)
+                    if value is not None:  # "percentile": promtool keeps "quantile" for summaries
+                        latency.add_metric([path, window, f"{q * 100:g}"], value)
         yield from (rate, errors, latency)

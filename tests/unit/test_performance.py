@@ -194,5 +194,5 @@ def test_window_gauges_per_path():
     rate = ("a3mailer_performance_operations_per_second", (("path", "http"), ("window", "5m")))
     assert samples[rate] == pytest.approx(1.0)
     p99 = ("a3mailer_performance_latency_seconds",
-           (("path", "http"), ("quantile", "0.99"), ("window", "15m")))
+           (("path", "http"), ("percentile", "99"), ("window", "15m")))
     assert samples[p99] == pytest.approx(0.01, rel=RELATIVE_ERROR)
