@@ -448,6 +448,39 @@ _SPECS = [
           "How long the component's last health check took.", ("component",), "health"),
     _spec("a3mailer_health_check_timestamp_seconds", "gauge", "seconds",
           "Unix time of the component's last health check.", ("component",), "health"),
+    # --- performance and tracing (exporter/performance.py, exporter/tracing.py)
+    _spec("a3mailer_performance_operations_per_second", "gauge", "",
+          "Operations per second over the sliding window (1m, 5m, 15m), by path (http, "
+          "security, store, collector, schedule).", ("path", "window"), "performance"),
+    _spec("a3mailer_performance_error_ratio", "gauge", "ratio",
+          "Share of the path's operations in the sliding window that failed (HTTP 5xx, "
+          "exceptions, timeouts, security store unavailable).", ("path", "window"),
+          "performance"),
+    _spec("a3mailer_performance_latency_seconds", "gauge", "seconds",
+          "Latency percentile (50, 95, 99) of the path's operations over the sliding "
+          "window, within 2% relative error; absent while the window is empty.",
+          ("path", "window", "percentile"), "performance"),
+    _spec("a3mailer_security_store_operation_duration_seconds", "histogram", "seconds",
+          "Security store call latency, by store method (span store <method>).",
+          ("operation",), "performance"),
+    _spec("a3mailer_exporter_collector_run_duration_seconds", "histogram", "seconds",
+          "Collector run latency over all scrapes (span collector <name>).", ("collector",),
+          "performance"),
+    _spec("a3mailer_exporter_schedule_run_duration_seconds", "histogram", "seconds",
+          "Latency of each scheduled run (probes as probe-<name>, delivery-roundtrip, dns, "
+          "dnsbl, queue-*, stalwart), a timeout included (span of the same name).",
+          ("schedule",), "performance"),
+    _spec("a3mailer_tracing_sampling_ratio", "gauge", "ratio",
+          "Share of new traces sampled (tracing.sampling_rate); 0 when tracing is disabled.",
+          (), "tracing"),
+    _spec("a3mailer_tracing_spans_exported_total", "counter", "",
+          "Sampled spans the OTLP receiver accepted.", (), "tracing"),
+    _spec("a3mailer_tracing_spans_dropped_total", "counter", "",
+          "Sampled spans dropped, by reason: queue_full (the export queue was full, e.g. "
+          "while the receiver is unreachable) or export_failed (the receiver refused or "
+          "could not be reached within the export timeout).", ("reason",), "tracing"),
+    _spec("a3mailer_tracing_queue_spans", "gauge", "",
+          "Sampled spans waiting in the batch queue for export.", (), "tracing"),
 ]
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -1,7 +1,8 @@
 """The exporter process's engines, built from one config and re-applied on reload.
 
 Data flows one way: config -> engines (collectors, health, history, custom
-metrics) -> the scrape. The HTTP layer only reads from here and calls reload().
+metrics, performance monitor, tracing) -> the scrape. The HTTP layer only reads
+from here and calls reload().
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from exporter import __version__, catalogue
+from exporter import __version__, catalogue, tracing
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
 from exporter.collectors.identity import IdentityCollector
@@ -31,8 +33,10 @@ from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
 from exporter.identity import IdentityServices
-from exporter.instruments import CounterVec, HistogramVec
+from exporter.instruments import CounterVec
 from exporter.mail import MailMonitoring
+from exporter.performance import PerformanceMonitor
+from exporter.tracing import ObservedStore, Tracing, TracingSettings, security_observer
 from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
@@ -48,6 +52,8 @@ from security.settings import Settings
 from security.store import open_store
 
 log = logging.getLogger(__name__)
+
+TRACING_SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -74,7 +80,10 @@ class Exporter:
                                mon["history_max_entries"])
         self.custom = CustomMetrics(mon["custom_metrics"])
         self.http_requests = CounterVec("a3mailer_exporter_http_requests_total")
-        self.http_duration = HistogramVec("a3mailer_exporter_http_request_duration_seconds")
+        # every engine's samples (HTTP latency per route among them) and its spans
+        self.performance = PerformanceMonitor()
+        self.tracing = Tracing(TracingSettings.from_config(config["tracing"]))
+        tracing.install(self.performance, self.tracing)
         self.reload_ok = True
         self.reload_time = time.time()
         self.reload_problems: list[str] = []
@@ -110,6 +119,7 @@ class Exporter:
                                config.seconds("monitoring", "collection_interval"),
                                mon["history_max_entries"])
         self.custom.configure(mon["custom_metrics"])
+        self._configure_tracing(config)
         self.sampler = SystemSampler(mon)
         self._history_cpu = CpuUsage()
         if mon["enabled"]:
@@ -153,8 +163,22 @@ class Exporter:
             Source("health", self.health.collect),
             Source("history", self.history.collect),
             Source("custom", self.custom.collect),
+            Source("performance", self.performance.collect),
+            Source("tracing", self.tracing.collect),
             Source("exporter", self._collect_self),
         ])
+
+    def _configure_tracing(self, config: Config) -> None:
+        """A changed tracing section gets a new provider; the old one exports what it
+        holds and stops on a worker thread, so a reload never waits for the receiver."""
+        settings = TracingSettings.from_config(config["tracing"])
+        if settings == self.tracing.settings:
+            return
+        old, self.tracing = self.tracing, Tracing(settings)
+        tracing.install(self.performance, self.tracing)
+        threading.Thread(target=old.shutdown, name="tracing-shutdown", daemon=True).start()
+        log.info("tracing reconfigured", extra={"enabled": settings.enabled,
+                                                "sampling_rate": settings.sampling_rate})
 
     def reload(self, actor: str = "signal") -> list[str]:
         """Re-reads the config file; on any problem the running config stays. Returns them."""
@@ -238,6 +262,10 @@ class Exporter:
             await self.security.stop()
         if self.audit is not None:
             self.audit.close()
+        # queued spans get one export attempt; a dead receiver does not hold up the exit
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown),
+                                   TRACING_SHUTDOWN_TIMEOUT)
 
     async def _report_logged_login(self, login: str, remote_ip: str, protocol: str,
                                    success: bool) -> None:
@@ -294,7 +322,6 @@ class Exporter:
                                    float(len(asyncio.all_tasks(self._loop))))
         yield from self.http_requests.collect()
         yield from self.rate_limited.collect()
-        yield from self.http_duration.collect()
 
 
 def _postfix_limit(settings: dict[str, Any]) -> Limit | None:
@@ -333,7 +360,9 @@ def _build_security(config: Config, state_dir: Path
                        url=store_config["redis_url"],
                        password=read_secret(store_config, "redis_password"),
                        prefix=store_config["redis_key_prefix"])
-    engine = SecurityManager(Settings.from_config(security, parse_duration), store, audit)
+    # every store call timed and traced (path store); the engine reports its decisions
+    engine = SecurityManager(Settings.from_config(security, parse_duration),
+                             ObservedStore(store), audit, observer=security_observer)
     return audit, engine
 
 

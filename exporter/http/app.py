@@ -104,6 +104,13 @@ def create_app(exporter: Exporter) -> ASGIApp:
             "entries": entries,
         })
 
+    async def performance(request: Request) -> Response:
+        try:
+            body = exporter.performance.snapshot(request.query_params.get("path") or None)
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        return JSONResponse(body)
+
     async def custom_metric(request: Request) -> Response:
         denied = await authorize(request, "metrics:write")
         if denied:
@@ -176,6 +183,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/-/reload", reload, methods=["POST"]),
         Route("/api/v1/monitoring/history", history, methods=["GET"]),
+        Route("/api/v1/performance", performance, methods=["GET"]),
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
     routes += security_routes(exporter, authorize)

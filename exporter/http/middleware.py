@@ -1,13 +1,15 @@
-"""Cross-cutting HTTP concerns in one pure ASGI middleware: auth, body limit, metrics."""
+"""Cross-cutting HTTP concerns in one pure ASGI middleware: auth, body limit, metrics,
+latency (the performance monitor) and tracing (a SERVER span per request)."""
 
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from exporter import tracing
 from exporter.http.auth import SELF_AUTHENTICATED, Identity, identify
 from security.ratelimit import Limit, RateLimiter, headers
 
@@ -54,8 +56,8 @@ def api_limits(config: dict[str, Any]) -> dict[str, Limit] | None:
 
 
 class Guard:
-    """Authenticates the listener, rate-limits the JSON API, caps request bodies and
-    counts every request."""
+    """Authenticates the listener, rate-limits the JSON API, caps request bodies, counts,
+    times and traces every request."""
 
     RATE_LIMITED_PREFIX = "/api/"
     IDENTIFIED_PREFIXES = ("/api/", "/-/")
@@ -71,7 +73,6 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
         status = 500
         started = False
 
@@ -81,16 +82,25 @@ class Guard:
                 status, started = message["status"], True
             await send(message)
 
-        try:
-            await self._guarded(scope, receive, send_wrapper)
-        except BodyTooLarge:
-            if not started:
-                await send_json(send_wrapper, 413, self._too_large())
-        finally:
-            route = scope.get("route")
-            handler = getattr(route, "path", "other") if route is not None else "other"
-            self.exporter.http_requests.inc((handler, str(status)))
-            self.exporter.http_duration.observe((handler,), time.perf_counter() - start)
+        method = scope["method"]
+        parent = tracing.extract(scope["headers"])
+        with tracing.observe("http", "other", method, SpanKind.SERVER,
+                             _request_attributes(scope) if tracing.enabled() else None,
+                             parent) as operation:
+            try:
+                await self._guarded(scope, receive, send_wrapper)
+            except BodyTooLarge:
+                if not started:
+                    await send_json(send_wrapper, 413, self._too_large())
+            finally:
+                route = scope.get("route")
+                handler = getattr(route, "path", "other") if route is not None else "other"
+                self.exporter.http_requests.inc((handler, str(status)))
+                operation.operation = handler
+                if status >= 500:
+                    operation.fail(str(status))
+                if operation.span is not None:
+                    _response_attributes(operation, scope, handler, status)
 
     def _too_large(self) -> dict[str, Any]:
         limit = self.exporter.config["server"]["max_request_body_bytes"]
@@ -175,6 +185,27 @@ class Guard:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _request_attributes(scope: Scope) -> dict[str, Any]:
+    """The HTTP server span's attributes known before routing (semantic conventions)."""
+    server = scope.get("server") or ("", 0)
+    return {"http.request.method": scope["method"], "url.scheme": scope.get("scheme", "http"),
+            "server.port": server[1] or 0, "network.protocol.version": scope.get(
+                "http_version", "1.1")}
+
+
+def _response_attributes(operation: tracing.Operation | tracing.Timed, scope: Scope,
+                         handler: str,
+                         status: int) -> None:
+    """The rest once the route answered. A path with a parameter (an account name, a
+    metric name) is reported as its route template, an unrouted one (anything a client
+    sent) not at all; the query string never."""
+    if handler != "other":
+        operation.rename(f"{scope['method']} {handler}")
+        operation.set("http.route", handler)
+        operation.set("url.path", handler if "{" in handler else scope["path"])
+    operation.set("http.response.status_code", status)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -7,9 +7,40 @@ from typing import Any
 from exporter import __version__
 from exporter.config import Config
 from exporter.custom_metrics import UPDATE_SCHEMA
+from exporter.performance import PATHS, WINDOWS
 
 _ERROR = {"type": "object", "required": ["error", "message"],
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_WINDOW_STATS = {
+    "type": "object",
+    "required": ["window", "covered_seconds", "count", "errors", "rate", "error_rate", "mean",
+                 "p50", "p95", "p99"],
+    "properties": {"window": {"type": "string", "enum": list(WINDOWS)},
+                   "covered_seconds": {"type": "number"}, "count": {"type": "integer"},
+                   "errors": {"type": "integer"}, "rate": {"type": "number"},
+                   "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                   "mean": _NUMBER_OR_NULL, "p50": _NUMBER_OR_NULL, "p95": _NUMBER_OR_NULL,
+                   "p99": _NUMBER_OR_NULL},
+}
+_WINDOWS = {"type": "object", "required": list(WINDOWS),
+            "properties": {name: _WINDOW_STATS for name in WINDOWS}}
+_PERFORMANCE = {
+    "type": "object",
+    "required": ["relative_error", "slot_seconds", "windows", "paths", "operations"],
+    "properties": {
+        "relative_error": {"type": "number"}, "slot_seconds": {"type": "integer"},
+        "windows": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "paths": {"type": "array", "items": {"type": "object", "properties": {
+            "path": {"type": "string"}, "description": {"type": "string"},
+            "histogram": {"type": ["string", "null"]}, "windows": _WINDOWS}}},
+        "operations": {"type": "array", "items": {"type": "object", "properties": {
+            "path": {"type": "string"}, "operation": {"type": "string"},
+            "windows": _WINDOWS}}},
+    },
+}
 
 
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -243,6 +274,15 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 ],
                 "responses": {"200": _json("History"), **_errors(400)}}},
             **(_identity_paths(admin) if config["security"]["enabled"] else {}),
+            "/api/v1/performance": {"get": {
+                "summary": "Sliding-window performance per path and operation",
+                "description": "1m, 5m and 15m windows of every instrumented path (http, "
+                               "security, store, collector, schedule) and operation: count, "
+                               "rate per second, errors, error_rate (0..1), mean and "
+                               "p50/p95/p99 latency in seconds (within relative_error).",
+                "parameters": [{"name": "path", "in": "query", "schema": {
+                    "type": "string", "enum": list(PATHS)}, "description": "Only this path"}],
+                "responses": {"200": _json("Windows", _PERFORMANCE), **_errors(400)}}},
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,

@@ -495,3 +495,29 @@ async def test_delivery_with_bad_credentials_says_where(mail, wrong_file):
     result = await roundtrip(mail, wrong_file).run()
     assert not result.success
     assert result.reason.startswith("delivery-imap (login): login failed: NO")
+
+
+async def test_a_traced_probe_run_has_its_phases_as_child_spans(mail, alice_file, otlp_tracing):
+    traced, receiver = otlp_tracing
+    probes = build_probes({"probes": [{
+        "name": "imap-mx", "protocol": "imap", "host": LOOPBACK,
+        "port": mail.dovecot.imap_port, "tls": "starttls", "ca_file": str(mail.dovecot.cert_path),
+        "credentials_file": alice_file}]})
+    outcome = await probes.runs["imap-mx"].once()
+    assert outcome.value is not None and outcome.value.success, outcome.value
+    assert traced.force_flush()
+    root, = receiver.wait_for_spans(lambda s: s.name == "probe-imap-mx")
+    spans = receiver.wait_for_spans(lambda s: s.trace_id == root.trace_id, count=6)
+    assert root.parent_span_id == ""
+    assert root.attributes["server.address"] == LOOPBACK
+    assert root.attributes["server.port"] == mail.dovecot.imap_port
+    assert root.attributes["a3mailer.probe.protocol"] == "imap"
+    assert root.attributes["a3mailer.probe.tls"] == "starttls"
+    phases = {s.attributes["a3mailer.probe.phase"]: s for s in spans if s is not root}
+    assert set(phases) == {"connect", "banner", "tls", "auth", "select"}
+    for phase, span in phases.items():
+        assert span.name == f"imap {phase}" and span.parent_span_id == root.span_id
+        assert root.start_ns <= span.start_ns <= span.end_ns <= root.end_ns
+    password = DEFAULT_MAIL_USERS[f"alice@{MAIL_DOMAIN}"]
+    assert not [s for s in spans if password in str(s.attributes) or "alice" in str(
+        s.attributes)]
