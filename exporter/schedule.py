@@ -42,6 +42,14 @@ class Outcome(Generic[T]):
         return self.runs > 0 and not self.error
 
 
+async def bounded(awaitable: Awaitable[T], seconds: float) -> T:
+    """asyncio.wait_for without its Python 3.11 flaw: a cancellation that arrives just as the
+    awaitable finishes is passed on by asyncio.timeout, never swallowed, so a loop that is
+    woken (by a reload) and stopped at the same moment still stops."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 class Periodic(Generic[T]):
     def __init__(self, name: str, run: Callable[[], Awaitable[T]], interval: float,
                  timeout: float):
@@ -60,7 +68,7 @@ class Periodic(Generic[T]):
         with tracing.observe("schedule", self.name, self.name,
                              attributes={"a3mailer.schedule": self.name}) as run:
             try:
-                outcome.value = await asyncio.wait_for(self.run(), self.timeout)
+                outcome.value = await bounded(self.run(), self.timeout)
             except TimeoutError:
                 outcome.error = f"timed out after {self.timeout:g}s"
                 run.fail("timeout")

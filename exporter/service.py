@@ -36,6 +36,7 @@ from exporter.identity import IdentityServices
 from exporter.instruments import CounterVec
 from exporter.mail import MailMonitoring
 from exporter.performance import PerformanceMonitor
+from exporter.schedule import bounded
 from exporter.tracing import ObservedStore, Tracing, TracingSettings, security_observer
 from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
@@ -288,7 +289,7 @@ class Exporter:
             self.history.add(entry)
             self._history_wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._history_wakeup.wait(), self.history.interval)
+                await bounded(self._history_wakeup.wait(), self.history.interval)
 
     async def _maintain_audit(self, sync_every: float = 1.0, check_every: float = 3600.0) -> None:
         """fsync the audit log every second; verify and purge it at start and hourly."""

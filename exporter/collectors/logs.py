@@ -51,6 +51,7 @@ from prometheus_client.core import Metric
 
 from exporter import catalogue
 from exporter.config import parse_duration
+from exporter.schedule import bounded
 
 log = logging.getLogger(__name__)
 
@@ -942,7 +943,7 @@ class LogIngestion:
             except Exception:
                 log.exception("log ingestion poll failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                await bounded(self._stopping.wait(), self.poll_interval)
 
     async def start(self) -> None:
         if self._task is None:
