@@ -42,7 +42,12 @@ def recording_rules_yaml(config: Config) -> str:
 
 
 def _dashboard(key: str) -> Callable[[Config], str]:
-    return lambda config: dashboards.dashboard_json(config, key)
+    def render(config: Config) -> str:
+        from exporter.generate import grafana  # grafanalib: only when dashboards are built
+
+        return grafana.dashboard_json(config, key)
+
+    return render
 
 
 # output path (relative to the project root) -> function that renders it from the config
