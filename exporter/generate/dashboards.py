@@ -439,7 +439,7 @@ PERFORMANCE_ROWS: list[Row] = [
         Panel("Server errors", "timeseries", "percent",
               "Share of HTTP requests answered 5xx; the line is "
               "monitoring.alert_thresholds.error_rate_threshold.",
-              (q("instance:a3mailer_exporter_http_errors:ratio_rate5m * 100", ON),),
+              (q("instance:a3mailer_exporter_http_errors:ratio_rate5m{<<vars>>} * 100", ON),),
               threshold=T + "error_rate_threshold"),
         Panel("Decision latency", "timeseries", "ms",
               "95th percentile of the security engine's decision time (store calls included).",
@@ -451,7 +451,7 @@ PERFORMANCE_ROWS: list[Row] = [
         Panel("Stalwart request time", "timeseries", "ms",
               "Mean time of Stalwart's SMTP, IMAP, POP3 and HTTP requests over 5 minutes; the "
               "line is monitoring.alert_thresholds.response_time_threshold.",
-              (q("instance_protocol:a3mailer_stalwart_request_time_seconds:mean5m * 1000",
+              (q("instance_protocol:a3mailer_stalwart_request_time_seconds:mean5m{<<vars>>} * 1000",
                  "{{instance}} {{protocol}}"),),
               threshold=T + "response_time_threshold"),
         Panel("Stalwart store time", "timeseries", "ms",

@@ -88,14 +88,16 @@ def _mappings(panel: Panel) -> list[dict[str, Any]]:
         for index, (value, text, color) in enumerate(STATES[panel.states])}}]
 
 
+VARIABLES = 'cluster=~"$cluster", namespace=~"$namespace", instance=~"$instance"'
+
+
 def selector(config: Config) -> str:
     """The dashboards' matchers: alerting.selector and the template variables."""
-    return (f'{config["alerting"]["selector"]}, cluster=~"$cluster", '
-            'namespace=~"$namespace", instance=~"$instance"')
+    return f'{config["alerting"]["selector"]}, {VARIABLES}'
 
 
 def _panel(config: Config, panel: Panel, pid: int, pos: core.GridPos) -> Any:
-    tokens = {"sel": selector(config), "by": promql.BY, "threshold": ""}
+    tokens = {"sel": selector(config), "vars": VARIABLES, "by": promql.BY}
     targets = [core.Target(expr=promql.fill(query.expr, tokens), legendFormat=query.legend,
                            refId=chr(ord("A") + index), datasource=DATASOURCE,
                            instant=query.instant, intervalFactor=1,

@@ -5,6 +5,8 @@ serves every deployment (the monitoring mixins' `%(selector)s`):
 
 - `<<sel>>`: the label matchers of alerting.selector (dashboards add the
   $cluster, $namespace and $instance matchers);
+- `<<vars>>` (dashboards): the variable matchers alone, for recorded series, which
+  carry no job label;
 - `<<by>>`: `cluster, namespace, instance`, what an aggregation keeps, so one rule
   set covers many instances (a missing cluster or namespace label groups as empty);
 - `<<threshold>>` (alerts): the threshold, as the value renderer writes it (a
