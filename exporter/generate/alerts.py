@@ -25,7 +25,7 @@ from typing import Any
 from exporter import catalogue
 from exporter.config import Config
 from exporter.generate import dashboards, promql
-from exporter.generate.values import ValueRenderer, configured, lookup
+from exporter.generate.values import ValueRenderer, configured, lookup, number
 
 T = "monitoring.alert_thresholds."
 FAMILIES = ("system", "application", "mail", "security", "exporter")
@@ -355,15 +355,11 @@ def _threshold_expr(alert: Alert) -> str:
             value = f"sum by (<<by>>) ({value})"
         if alert.until:
             value = f"({value} - time())"
-    if alert.scale != 1:
-        value = f"{value} * {_scale(alert.scale)}"
+    if alert.scale > 1:
+        value = f"{value} * {number(alert.scale)}"
+    elif alert.scale < 1:  # written as a division: / 86400 reads better than * 1.157e-05
+        value = f"{value} / {number(round(1 / alert.scale))}"
     return f"{value} {alert.op} <<threshold>>"
-
-
-def _scale(scale: float) -> str:
-    if scale < 1:  # 1 / 86400 reads better than 1.1574074074074073e-05
-        return f"1 / {round(1 / scale)}" if float(round(1 / scale)) == 1 / scale else repr(scale)
-    return str(int(scale)) if float(scale).is_integer() else repr(scale)
 
 
 def threshold_recordings() -> list[Recording]:
@@ -477,6 +473,8 @@ def check_tables() -> list[str]:
             problems.append(f"{where}: set exactly one of metric and expr")
         if alert.op not in COMPARISONS:
             problems.append(f"{where}: unknown comparison {alert.op!r}")
+        if alert.scale < 1 and float(round(1 / alert.scale)) != 1 / alert.scale:
+            problems.append(f"{where}: a scale below 1 must be 1 / an integer")
         if alert.rate and not alert.record:
             problems.append(f"{where}: a rate alert names its recording rule")
         if alert.threshold:
