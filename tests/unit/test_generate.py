@@ -313,3 +313,14 @@ def test_bundle_ignores_keys_outside_its_sections(tmp_path, default_out):
                             "security": {"max_login_attempts": 9}})
     assert out == default_out
 
+
+
+def test_every_alert_has_a_runbook_section_and_its_url_points_there(default_out):
+    for (name, _), rule in rules(default_out).items():
+        alert = next(a for a in [*alerts.ALERTS, alerts.INFO_INHIBITOR] if a.name == name)
+        page = ROOT / "docs/runbooks" / f"{alert.family}.md"
+        headings = [line[3:].strip() for line in page.read_text().splitlines()
+                    if line.startswith("## ")]
+        assert name in headings, f"{name}: no section in {page.name}"
+        assert rule["annotations"]["runbook_url"].endswith(
+            f"/docs/runbooks/{alert.family}.md#{name.lower()}")
