@@ -72,20 +72,23 @@ def _rate(metric: str, matchers: str, window: str) -> str:
 
 
 # --- recording rules: expressions that alerts and dashboards share or that are costly
+def _ratio(metric: str, failed: str) -> str:
+    """Share of a counter's rate with the `failed` matchers; 0 (not absent) when none."""
+    total = f"sum by (<<by>>) (rate({metric}{{<<sel>>}}[5m]))"
+    return (f"(\n  sum by (<<by>>) (rate({metric}{{<<sel>>, {failed}}}[5m]))\n  or\n"
+            f"  {total} * 0\n)\n/\n{total}")
+
+
 RECORDING_RULES: list[Recording] = [
     Recording("instance:a3mailer_exporter_http_errors:ratio_rate5m",
-              'sum by (<<by>>) (rate(a3mailer_exporter_http_requests_total{<<sel>>, code=~"5.."}'
-              "[5m]))\n/\n"
-              "sum by (<<by>>) (rate(a3mailer_exporter_http_requests_total{<<sel>>}[5m]))"),
+              _ratio("a3mailer_exporter_http_requests_total", 'code=~"5.."')),
     Recording("instance_quantile:a3mailer_exporter_http_request_duration_seconds:"
               "histogram_quantile",
               "histogram_quantile(0.95, sum by (<<by>>, le) "
               "(rate(a3mailer_exporter_http_request_duration_seconds_bucket{<<sel>>}[5m])))",
               (("quantile", "0.95"),)),
     Recording("instance:a3mailer_mail_deliveries_failed:ratio_rate5m",
-              "sum by (<<by>>) (rate(a3mailer_mail_deliveries_total{<<sel>>, "
-              'status=~"deferred|bounced|expired"}[5m]))\n/\n'
-              "sum by (<<by>>) (rate(a3mailer_mail_deliveries_total{<<sel>>}[5m]))"),
+              _ratio("a3mailer_mail_deliveries_total", 'status=~"deferred|bounced|expired"')),
     Recording("instance_protocol:a3mailer_stalwart_request_time_seconds:mean5m",
               "\nor\n".join(
                   f'label_replace(sum by (<<by>>) (rate(a3mailer_stalwart_{p}_request_time_seconds'
