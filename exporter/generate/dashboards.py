@@ -90,7 +90,7 @@ OVERVIEW_ROWS: list[Row] = [
               "A3Mailer alerts firing now for the selected instances (Prometheus's ALERTS "
               "series).",
               (q('count(ALERTS{alertname=~"A3Mailer.+", alertname!="A3MailerInfoInhibitor", '
-                 'alertstate="firing", instance=~"$instance"}) or vector(0)', "firing"),),
+                 'alertstate="firing", <<vars>>}) or vector(0)', "firing"),),
               width=4, height=5),
         Panel("Health components", "state-timeline", "none",
               "Each health component's status over time (healthy or not); details in the "
@@ -102,7 +102,7 @@ OVERVIEW_ROWS: list[Row] = [
         Panel("Firing alerts", "table", "none",
               "The A3Mailer alerts firing now, with their labels.",
               (q('ALERTS{alertname=~"A3Mailer.+", alertname!="A3MailerInfoInhibitor", '
-                 'alertstate="firing", instance=~"$instance"}', instant=True),),
+                 'alertstate="firing", <<vars>>}', instant=True),),
               width=24, height=6),
     )),
     Row("Key indicators", (

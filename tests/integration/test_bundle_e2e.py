@@ -383,7 +383,8 @@ def test_queue_breach_alerts_through_alertmanager_and_resolves(env):
     assert firing["receiver"] == "warning"
     # the Overview dashboard's alert panels show it while it fires
     overview = json.loads((env.bundle / "dashboards/overview.json").read_text())
-    alert_queries = [t["expr"].replace("$instance", ".*") for p in overview["panels"]
+    alert_queries = [re.sub(r"\$(cluster|namespace|instance)", ".*", t["expr"])
+                     for p in overview["panels"]
                      for t in p.get("targets", []) if "ALERTS" in t["expr"]]
     assert len(alert_queries) == 2
     table = next(q for q in alert_queries if "vector(0)" not in q)

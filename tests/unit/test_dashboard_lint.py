@@ -84,11 +84,8 @@ def test_rates_use_rate_interval_and_queries_use_the_variables(board):
             expr = target["expr"]
             for window in RANGE.findall(expr):
                 assert window == "$__rate_interval", (panel["title"], expr)
-            if "ALERTS" not in expr:
-                assert 'instance=~"$instance"' in expr, (panel["title"], expr)
-                assert 'cluster=~"$cluster"' in expr and 'namespace=~"$namespace"' in expr
-            else:
-                assert 'instance=~"$instance"' in expr
+            assert 'instance=~"$instance"' in expr, (panel["title"], expr)
+            assert 'cluster=~"$cluster"' in expr and 'namespace=~"$namespace"' in expr
 
 
 def test_unique_ids_and_no_overlapping_grid(board):
