@@ -49,6 +49,9 @@ _SPECS = [
           "and the previous configuration kept running.", (), "exporter"),
     _spec("a3mailer_exporter_config_last_reload_success_timestamp_seconds", "gauge", "seconds",
           "Unix time of the last successful configuration (re)load.", (), "exporter"),
+    _spec("a3mailer_exporter_asyncio_tasks", "gauge", "",
+          "asyncio tasks alive in the exporter's event loop: steady under steady load; a "
+          "rise that never falls back is a leak.", (), "exporter"),
     _spec("a3mailer_exporter_ready", "gauge", "",
           "1 when every critical health component is healthy (GET /readyz answers 200).",
           (), "exporter"),
@@ -161,7 +164,8 @@ _SPECS = [
     _spec("a3mailer_security_audit_events_total", "counter", "",
           "Audit records written since start, by type.", ("type",), "security"),
     _spec("a3mailer_security_rate_limited_total", "counter", "",
-          "JSON API requests refused with 429, by client class (authenticated, anonymous).",
+          "JSON API requests refused with 429, by client class (authenticated, anonymous, "
+          "apikey).",
           ("class",), "security"),
     _spec("a3mailer_security_postfix_requests_total", "counter", "",
           "Postfix policy requests answered, by action (dunno, reject, defer); present once "
@@ -177,6 +181,42 @@ _SPECS = [
     _spec("a3mailer_security_frontend_requests_total", "counter", "",
           "Requests to the security front ends, by front end and outcome (ok, bad_request, "
           "unauthorized).", ("frontend", "outcome"), "security"),
+    # --- MFA (security/mfa/)
+    _spec("a3mailer_mfa_verifications_total", "counter", "",
+          "Second-factor verifications by method (totp, recovery, email, sms, webauthn) and "
+          "result (success, invalid, replayed, expired, no_code, too_many_attempts, "
+          "rate_limited, locked, not_enrolled, no_challenge, cloned).", ("method", "result"),
+          "mfa"),
+    _spec("a3mailer_mfa_enrollments_total", "counter", "",
+          "Second-factor enrolment changes by method (totp, webauthn) and action (enroll, "
+          "confirm, remove).", ("method", "action"), "mfa"),
+    _spec("a3mailer_mfa_code_deliveries_total", "counter", "",
+          "One-time code sends by channel (email, sms) and result (sent, failed, rejected, "
+          "circuit_open, rate_limited, bad_destination).", ("channel", "result"), "mfa"),
+    _spec("a3mailer_mfa_sms_circuit_open", "gauge", "",
+          "1 while the SMS provider's circuit breaker is open or half-open (sends fail at "
+          "once), 0 while closed; present when SMS codes are enabled.", (), "mfa"),
+    # --- identity (API keys, sessions, CSRF, passwords, OIDC, SAML; exporter/identity.py)
+    _spec("a3mailer_identity_verifications_total", "counter", "",
+          "Credential verifications by method (apikey, session, csrf, oidc, introspection, "
+          "saml) and result (success, failure).", ("method", "result"), "identity"),
+    _spec("a3mailer_identity_verification_failures_total", "counter", "",
+          "Failed verifications by method and reason (e.g. wrong, unknown, revoked, expired, "
+          "rate_limited, bad_signature, wrong_audience, replayed).", ("method", "reason"),
+          "identity"),
+    _spec("a3mailer_identity_active_sessions", "gauge", "",
+          "Live web sessions (recounted every session_config.cleanup_interval and on every "
+          "change made through this process).", (), "identity"),
+    _spec("a3mailer_identity_active_api_keys", "gauge", "",
+          "API keys neither expired nor revoked (recounted on every listing and cleanup).", (),
+          "identity"),
+    _spec("a3mailer_identity_csrf_failures_total", "counter", "",
+          "CSRF tokens refused, by reason (malformed, bad_mac, expired, no_session).",
+          ("reason",), "identity"),
+    _spec("a3mailer_identity_password_rejections_total", "counter", "",
+          "Password-policy rule violations, by reason (too_short, blocklisted, context, "
+          "too_weak, reused, ...); one rejected password may count under several.",
+          ("reason",), "identity"),
     # --- probes and delivery round trip (exporter/probes/)
     _spec("a3mailer_probe_success", "gauge", "",
           "1 when the probe's last scheduled run succeeded, 0 when it failed (the reason is on "

@@ -279,6 +279,14 @@ ALERTS: list[Alert] = [
           "security", metric="a3mailer_security_rate_limited_total", rate="5m",
           record="instance:a3mailer_security_rate_limited:rate5m", scale=60,
           threshold=T + "rate_limited_rate_threshold"),
+    Alert("A3MailerMfaFailureSpike", "security", "warning", "5m",
+          f"Second-factor failures spike on {_ON}.",
+          f"{_ON} sees {{{{ $value | printf \"%.0f\" }}}} failed second-factor verifications "
+          "per minute (wrong, replayed or expired codes, locked users), above the threshold of "
+          "<<threshold>>: someone holding passwords is trying to get past MFA.",
+          "security", metric="a3mailer_mfa_verifications_total", matchers='result!="success"',
+          rate="5m", record="instance:a3mailer_mfa_verification_failures:rate5m", scale=60,
+          threshold=T + "mfa_failure_rate_threshold"),
     Alert("A3MailerAuditChainBroken", "security", "critical", "1m",
           f"The audit log's hash chain is broken on {_ON}.",
           f"The audit log of {_ON} no longer verifies: a record was edited, deleted, reordered "

@@ -421,6 +421,45 @@ SECURITY_ROWS: list[Row] = [
     )),
 ]
 
+SECURITY_ROWS.append(Row("Multi-factor authentication", (
+    Panel("Second-factor verifications", "timeseries", "ops",
+          "Verifications per second by method (totp, recovery, email, sms, webauthn) and "
+          "result.",
+          (q(f"sum by (method, result) (rate(a3mailer_mfa_verifications_total{{<<sel>>}}"
+             f"[{RI}]))", "{{method}} {{result}}"),)),
+    Panel("Failed second factors per minute", "timeseries", "short",
+          "Verifications that did not succeed, per minute per instance; the line is "
+          "monitoring.alert_thresholds.mfa_failure_rate_threshold.",
+          (q('sum by (instance) (rate(a3mailer_mfa_verifications_total{<<sel>>, '
+             f'result!="success"}}[{RI}])) * 60', ON),),
+          threshold=T + "mfa_failure_rate_threshold"),
+    Panel("Code deliveries and enrolments", "timeseries", "ops",
+          "One-time codes sent per second by channel and result, and enrolment changes.",
+          (q("sum by (channel, result) (rate(a3mailer_mfa_code_deliveries_total{<<sel>>}"
+             f"[{RI}]))", "{{channel}} {{result}}"),
+           q("sum by (method, action) (rate(a3mailer_mfa_enrollments_total{<<sel>>}"
+             f"[{RI}]))", "{{method}} {{action}}"))),
+)))
+SECURITY_ROWS.append(Row("Sessions, API keys and credentials", (
+    Panel("Live sessions and API keys", "timeseries", "short",
+          "Live web sessions, and API keys neither expired nor revoked.",
+          (q("a3mailer_identity_active_sessions{<<sel>>}", "sessions {{instance}}"),
+           q("a3mailer_identity_active_api_keys{<<sel>>}", "API keys {{instance}}"))),
+    Panel("Credential verifications", "timeseries", "ops",
+          "API key, session, CSRF, OIDC and SAML verifications per second by result, and "
+          "failures by reason.",
+          (q("sum by (method, result) (rate(a3mailer_identity_verifications_total{<<sel>>}"
+             f"[{RI}]))", "{{method}} {{result}}"),
+           q("sum by (method, reason) (rate(a3mailer_identity_verification_failures_total"
+             f"{{<<sel>>}}[{RI}]))", "failed {{method}} {{reason}}"))),
+    Panel("CSRF and password refusals", "timeseries", "ops",
+          "CSRF tokens refused and password-policy violations per second, by reason.",
+          (q(f"sum by (reason) (rate(a3mailer_identity_csrf_failures_total{{<<sel>>}}[{RI}]))",
+             "CSRF {{reason}}"),
+           q("sum by (reason) (rate(a3mailer_identity_password_rejections_total{<<sel>>}"
+             f"[{RI}]))", "password {{reason}}"))),
+)))
+
 # --------------------------------------------------------------------------- Performance
 PERFORMANCE_ROWS: list[Row] = [
     Row("Exporter API", (

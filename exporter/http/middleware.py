@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.http.auth import SELF_AUTHENTICATED
+from exporter.http.auth import SELF_AUTHENTICATED, Identity, identify
 from security.ratelimit import Limit, RateLimiter, headers
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class Guard:
     counts every request."""
 
     RATE_LIMITED_PREFIX = "/api/"
+    IDENTIFIED_PREFIXES = ("/api/", "/-/")
 
     def __init__(self, app: ASGIApp, exporter: Exporter, auth: ListenerAuth):
         self.app = app
@@ -95,19 +96,39 @@ class Guard:
         limit = self.exporter.config["server"]["max_request_body_bytes"]
         return {"error": "payload_too_large", "message": f"request body over {limit} bytes"}
 
-    def _rate_limit(self, scope: Scope) -> tuple[dict[str, str], bool]:
+    async def _identify(self, scope: Scope) -> Identity | None:
+        """Who calls an admin or /api/ route, worked out once and kept in the request state
+        (app.py's authorize reads it there)."""
+        path = scope["path"]
+        if path in SELF_AUTHENTICATED or not path.startswith(self.IDENTIFIED_PREFIXES):
+            return None
+        authorization = header(scope, b"authorization")
+        if not authorization:
+            return None
+        services = self.exporter.identity
+        identity = await identify(self.auth, services.apikeys if services else None,
+                                  authorization)
+        scope.setdefault("state", {})["identity"] = identity
+        return identity
+
+    def _rate_limit(self, scope: Scope, identity: Identity | None) -> tuple[dict[str, str], bool]:
         """RateLimit headers for an /api/ request, and whether it may proceed.
 
-        Clients holding the admin token are 'authenticated' (keyed by the token),
-        everyone else 'anonymous' (keyed by client address), so guessing tokens is
-        throttled as hard as any anonymous traffic.
+        Clients holding the admin token are 'authenticated' (keyed by the token), a valid
+        API key has its own per-key limit (counted by the key check), everyone else is
+        'anonymous' (keyed by client address), so guessing tokens is throttled as hard
+        as any anonymous traffic.
         """
         path = scope["path"]
         if self.limits is None or not path.startswith(self.RATE_LIMITED_PREFIX) or (
                 path in SELF_AUTHENTICATED):
             return {}, True
-        authorization = header(scope, b"authorization")
-        if authorization and self.auth.admin_status(authorization) == 200:
+        check = identity.check if identity is not None else None
+        if check is not None and check.limit is not None:
+            if not check.limit.allowed:
+                self.exporter.rate_limited.inc(("apikey",))
+            return headers(check.limit), check.limit.allowed
+        if identity is not None and identity.kind == "admin":
             klass, key = "authenticated", "admin"
         else:
             klass, key = "anonymous", (scope.get("client") or ("?", 0))[0]
@@ -118,7 +139,8 @@ class Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = self.auth
-        limit_headers, allowed = self._rate_limit(scope)
+        identity = await self._identify(scope)
+        limit_headers, allowed = self._rate_limit(scope, identity)
         if limit_headers:
             encoded = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]
             if not allowed:
@@ -127,7 +149,9 @@ class Guard:
                                 encoded)
                 return
             send = _with_headers(send, encoded)
-        if auth.needs_auth(scope["path"]) and not await auth.allows(
+        # an admin token or valid API key passes the listener's auth on the routes it serves
+        passes = identity is not None and (identity.kind == "admin" or identity.valid_key)
+        if auth.needs_auth(scope["path"]) and not passes and not await auth.allows(
                 header(scope, b"authorization")):
             await send_json(send, 401, {"error": "unauthorized",
                                         "message": "valid credentials required"},

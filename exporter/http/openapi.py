@@ -18,11 +18,33 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 401: "Credentials missing or wrong",
-            403: "Admin endpoints disabled (no admin token configured)",
-            404: "Not found", 413: "Body too large", 422: "Series budget full"}
+    text = {400: "Bad request", 401: "Credentials missing or wrong", 429: "Rate limited",
+            403: "API key lacks the route's scope (or, with security disabled, no admin "
+                 "token configured)",
+            404: "Not found", 409: "Conflict (nothing pending, or already there)",
+            413: "Body too large", 422: "Series budget full",
+            502: "Delivery to the relay or provider failed",
+            503: "Provider unavailable (circuit open)"}
     return {str(code): _json(text[code], {"$ref": "#/components/schemas/Error"})
             for code in codes}
+
+
+def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: str,
+                     responses: dict[str, Any], *codes: int, body: dict[str, Any] | None = None,
+                     params: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """One operation of a route behind `scoped` (the admin token or an API key with scope)."""
+    out: dict[str, Any] = {
+        "summary": summary, "security": security,
+        "description": (description + " " if description else "")
+        + f"Scope: {scope} (or the admin token).",
+        "responses": {**responses, **_errors(401, 403, *codes)}}
+    if body is not None:
+        out["requestBody"] = {"required": bool(body.get("required")),
+                              "content": {"application/json": {"schema": body}}}
+    if params:
+        out["parameters"] = [{"name": p, "in": "path", "required": True,
+                              "schema": {"type": "string"}} for p in params]
+    return out
 
 
 def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
@@ -47,7 +69,10 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                                                                "N seconds"},
                                      "msg": {"type": "string"}}}
     decision = {"type": "object", "properties": {
-        "action": {"type": "string", "enum": ["allow", "delay", "reject"]},
+        "action": {"type": "string", "enum": ["allow", "delay", "reject", "mfa_required"],
+                   "description": "mfa_required: check the password, then ask for a second "
+                                  "factor (reason: risky_network, risky_source, new_device, "
+                                  "new_source); delay may be set as well"},
         "reason": {"type": "string"}, "delay": {"type": "number"},
         "message": {"type": "string"}, "retry_after": {"type": "number"}}}
     return {
@@ -88,7 +113,7 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
             "parameters": [{"name": "account", "in": "path", "required": True,
                             "schema": {"type": "string"}},
                            {"name": "source", "in": "query", "schema": {"type": "string"}}],
-            "responses": {"200": _json("Unlocked"), **_errors(401, 403, 404)}}},
+            "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}},
         "/api/v1/security/blocklist": {
             "get": {"summary": "Banned networks", "security": admin,
                     "responses": {"200": _json("Bans"), **_errors(401, 403)}},
@@ -130,7 +155,16 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
+def _identity_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.federation_routes import federation_paths
+    from exporter.http.identity_routes import identity_paths
+
+    return {**identity_paths(admin), **federation_paths(admin)}
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
+    from exporter.http.mfa_routes import mfa_paths
+
     health_path = config["monitoring"]["health_endpoint_path"]
     component = {
         "type": "object",
@@ -147,7 +181,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "number", "description": "Unix time of the last check"},
         },
     }
-    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "a3mailer-exporter", "version": __version__,
@@ -158,6 +192,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",
                                "description": "security.admin_token_file or A3MAILER_ADMIN_TOKEN"},
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "An API key (a3m_<id>_<secret>, POST /api/v1/apikeys) "
+                                          "holding the route's scope"},
                 "listenerBasic": {"type": "http", "scheme": "basic"},
                 "listenerBearer": {"type": "http", "scheme": "bearer"},
             },
@@ -205,6 +242,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                      "description": "Only the newest N entries"},
                 ],
                 "responses": {"200": _json("History"), **_errors(400)}}},
+            **(_identity_paths(admin) if config["security"]["enabled"] else {}),
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,
@@ -215,5 +253,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json("The series' new value"),
                               **_errors(400, 401, 403, 404, 413, 422)}}},
             **(_security_paths(admin) if config["security"]["enabled"] else {}),
+            **(mfa_paths(admin) if config["security"]["enabled"]
+               and config["security"]["mfa"]["enabled"] else {}),
         },
     }

@@ -1,7 +1,8 @@
 """HTTP front ends of the security engine: the Dovecot policy endpoint and the JSON API.
 
 Thin endpoints: parse (protocol code lives in security/protocols/), call one
-engine method, format. The admin API needs the admin bearer token.
+engine method, format. The admin API needs the admin bearer token or an API key with
+the route's scope: security:read to read, security:write to change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from security.blocklist import export_text, import_text
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+Authorize = Callable[[Request, str], Awaitable[Response | None]]
+"""app.py's check of a route's scope: None when allowed, else the 401/403/429 answer."""
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -36,6 +39,10 @@ ATTEMPT_SCHEMA: dict[str, Any] = {
         "protocol": {"type": "string", "maxLength": 32, "default": "unknown"},
         "tls": {"type": "boolean", "default": False},
         "session_id": {"type": "string", "maxLength": 256, "default": ""},
+        "device_id": {"type": "string", "maxLength": 256, "default": "",
+                      "description": "A stable id of the client device (e.g. a long-lived "
+                                     "cookie of the web front end): an unknown one makes "
+                                     "users with a second factor answer mfa_required."},
         "pwhash": {"type": "string", "maxLength": 256, "default": "",
                    "description": "A hash that tells distinct passwords apart; never the "
                                   "password."},
@@ -92,8 +99,29 @@ def _decision_json(decision: Any) -> dict[str, Any]:
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
 
 
-def security_routes(exporter: Exporter,
-                    admin_denied: Callable[[Request], Response | None]) -> list[Route]:
+def scoped(authorize: Authorize, handler: Endpoint, scope: str | None = None) -> Endpoint:
+    """`handler` behind the admin token or an API key holding `scope` (None: security:read
+    for GET, security:write for other methods); BadRequest becomes a 400."""
+    async def guarded(request: Request) -> Response:
+        needed = scope or ("security:read" if request.method in ("GET", "HEAD")
+                           else "security:write")
+        denied = await authorize(request, needed)
+        if denied is not None:
+            return denied
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+    return guarded
+
+
+def actor(request: Request) -> str:
+    """The caller as the audit log names it: admin, or apikey:<id>."""
+    identity = request.scope.get("state", {}).get("identity")
+    return identity.actor if identity is not None else "admin"
+
+
+def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     """The routes, or none when security.enabled is false."""
     engine = exporter.security
     if engine is None:
@@ -101,15 +129,7 @@ def security_routes(exporter: Exporter,
     frontends = exporter.security_frontends
 
     def admin(handler: Endpoint) -> Endpoint:
-        async def guarded(request: Request) -> Response:
-            denied = admin_denied(request)
-            if denied is not None:
-                return denied
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return _error(400, "bad_request", str(exc))
-        return guarded
+        return scoped(authorize, handler)
 
     async def dovecot_policy(request: Request) -> Response:
         settings = exporter.config["security"]["dovecot_policy"]
@@ -128,7 +148,9 @@ def security_routes(exporter: Exporter,
             command, attempt, fields = dovecot.parse_request(
                 request.query_params.get("command"), await request.body())
             if command == "allow":
-                answer = dovecot.answer(await engine.check(attempt))
+                mfa_reject = exporter.mfa is not None and (
+                    exporter.mfa.settings.policy.dovecot_action == "reject")
+                answer = dovecot.answer(await engine.check(attempt), mfa_reject)
             else:
                 # a login our own policy refused is not a wrong password
                 if not fields.get("policy_reject"):
@@ -143,7 +165,8 @@ def security_routes(exporter: Exporter,
     def _attempt(body: dict[str, Any]) -> Attempt:
         attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
                           protocol=body.get("protocol", "unknown"), tls=body.get("tls", False),
-                          session_id=body.get("session_id", ""), pwhash=body.get("pwhash", ""))
+                          session_id=body.get("session_id", ""), pwhash=body.get("pwhash", ""),
+                          device_id=body.get("device_id", ""))
         try:
             ipaddress.ip_address(attempt.remote_ip)
         except ValueError:
@@ -166,7 +189,11 @@ def security_routes(exporter: Exporter,
 
     async def unlock(request: Request) -> Response:
         account = request.path_params["account"]
-        removed = await engine.unlock(account, request.query_params.get("source"), actor="admin")
+        try:
+            removed = await engine.unlock(account, request.query_params.get("source"),
+                                          actor=actor(request))
+        except ValueError as exc:
+            raise BadRequest(f"source: {exc}") from None
         if not removed:
             return _error(404, "not_found", f"no lockout for {account!r}")
         return JSONResponse({"unlocked": [lock.as_dict() for lock in removed]})
@@ -177,7 +204,7 @@ def security_routes(exporter: Exporter,
         if request.method == "DELETE":
             network = request.query_params.get("network", "")
             try:
-                ban = await engine.unban(network, actor="admin")
+                ban = await engine.unban(network, actor=actor(request))
             except ValueError as exc:
                 raise BadRequest(f"network: {exc}") from None
             if ban is None:
@@ -186,7 +213,7 @@ def security_routes(exporter: Exporter,
         body = await _json_body(request, _ban_validator)
         try:
             ban = await engine.ban(body["network"], body.get("reason", ""),
-                                   body.get("duration_seconds"), actor="admin")
+                                   body.get("duration_seconds"), actor=actor(request))
         except ValueError as exc:
             raise BadRequest(f"network: {exc}") from None
         return JSONResponse({"banned": dataclasses.asdict(ban)}, status_code=201)
@@ -206,7 +233,7 @@ def security_routes(exporter: Exporter,
             if duration is not None and duration <= 0:
                 continue
             await engine.ban(entry.network, entry.reason, duration, source=source,
-                             actor="admin")
+                             actor=actor(request))
         return JSONResponse({"imported": len(entries),
                              "errors": [{"line": n, "message": m} for n, m in errors]})
 
@@ -221,9 +248,13 @@ def security_routes(exporter: Exporter,
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         types = q.getlist("type") or None
-        records, cursor = exporter.audit.query(start=start, end=end, types=types,
-                                               actor=q.get("actor"), subject=q.get("subject"),
-                                               limit=limit, cursor=q.get("cursor"))
+        try:
+            records, cursor = exporter.audit.query(start=start, end=end, types=types,
+                                                   actor=q.get("actor"),
+                                                   subject=q.get("subject"), limit=limit,
+                                                   cursor=q.get("cursor"))
+        except ValueError as exc:  # a cursor that is not one of ours
+            raise BadRequest(str(exc)) from None
         return JSONResponse({"records": records, "next_cursor": cursor})
 
     async def audit_verify(request: Request) -> Response:

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock
+from security.store import MAX_DISTINCT, Lock, Record
 
 
 class MemoryStore:
@@ -24,7 +24,10 @@ class MemoryStore:
         self._locks: dict[str, Lock] = {}
         self._offences: dict[str, tuple[int, float]] = {}
         self._bans: dict[str, Entry] = {}
+        self._mfa: dict[str, dict[str, str]] = {}
         self.dirty: set[str] = set()  # failure keys changed since the last flush
+        self._records: dict[str, dict[str, Record]] = {}  # kind -> key -> record
+        self._groups: dict[tuple[str, str], set[str]] = {}  # (kind, group) -> keys
 
     async def open(self) -> None:
         return None
@@ -40,6 +43,7 @@ class MemoryStore:
         now = time.time()
         for key in [k for k, (_, expires) in self._offences.items() if expires <= now]:
             del self._offences[key]
+        self.expire_records(now)
 
     # --- failures
 
@@ -114,6 +118,116 @@ class MemoryStore:
         for key in [k for k, b in self._bans.items() if b.expires is not None and b.expires <= now]:
             del self._bans[key]
         return sorted(self._bans.values(), key=lambda b: (b.created, b.network))
+
+    # --- MFA state (no await between a read and its write: atomic on the event loop)
+
+    async def mfa_fields(self, user: str) -> dict[str, str]:
+        return dict(self._mfa.get(user, {}))
+
+    async def mfa_get(self, user: str, field: str) -> str | None:
+        return self._mfa.get(user, {}).get(field)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        self._mfa.setdefault(user, {})[field] = value
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        fields = self._mfa.get(user)
+        if fields is None or field not in fields:
+            return None
+        value = fields.pop(field)
+        if not fields:
+            del self._mfa[user]
+        return value
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        fields = self._mfa.setdefault(user, {})
+        value = int(fields.get(field, "0")) + 1
+        fields[field] = str(value)
+        return value
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        fields = self._mfa.setdefault(user, {})
+        current = fields.get(field)
+        if current is not None and int(current) >= value:
+            return False
+        fields[field] = str(value)
+        return True
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        fields = self._mfa.get(user)
+        if not fields:
+            return 0
+        gone = [name for name in fields if name.startswith(prefix)]
+        for name in gone:
+            del fields[name]
+        if not fields:
+            del self._mfa[user]
+        return len(gone)
+
+    async def mfa_users(self) -> list[str]:
+        return sorted(self._mfa)
+
+
+    # --- records
+
+    def expire_records(self, now: float) -> list[Record]:
+        """Drops every expired record; returns them."""
+        gone = [rec for table in self._records.values() for rec in table.values()
+                if rec.expires is not None and rec.expires <= now]
+        for rec in gone:
+            self._forget(rec.kind, rec.key)
+        return gone
+
+    def _forget(self, kind: str, key: str) -> Record | None:
+        rec = self._records.get(kind, {}).pop(key, None)
+        if rec is not None and rec.group:
+            members = self._groups.get((kind, rec.group))
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._groups[(kind, rec.group)]
+        return rec
+
+    async def put_record(self, record: Record) -> None:
+        self._forget(record.kind, record.key)
+        self._records.setdefault(record.kind, {})[record.key] = record
+        if record.group:
+            self._groups.setdefault((record.kind, record.group), set()).add(record.key)
+
+    async def add_record(self, record: Record, now: float) -> bool:
+        if await self.get_record(record.kind, record.key, now) is not None:
+            return False
+        await self.put_record(record)
+        return True
+
+    async def get_record(self, kind: str, key: str, now: float) -> Record | None:
+        table = self._records.get(kind)
+        rec = table.get(key) if table is not None else None
+        if rec is None or (rec.expires is not None and rec.expires <= now):
+            return None
+        return rec
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        return self._forget(kind, key)
+
+    async def list_records(self, kind: str, now: float, group: str | None = None
+                           ) -> list[Record]:
+        table = self._records.get(kind, {})
+        keys = table.keys() if group is None else self._groups.get((kind, group), set())
+        found = [table[k] for k in keys]
+        return sorted((r for r in found if r.expires is None or r.expires > now),
+                      key=lambda r: r.key)
+
+    async def touch_records(self, kind: str, expiries: dict[str, float]) -> None:
+        table = self._records.get(kind, {})
+        for key, expires in expiries.items():
+            rec = table.get(key)
+            if rec is not None:
+                rec.expires = expires
+                self.moved(rec)
+
+    def moved(self, record: Record) -> None:
+        """Called when a record's expiry moved (SQLite writes it behind)."""
 
 
 def _prune(seen: dict[str, float], cutoff: float) -> None:

@@ -16,12 +16,13 @@ import dataclasses
 import json
 import math
 import secrets
+import time
 from typing import Any
 
 from redis import asyncio as aioredis
 
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock
+from security.store import MAX_DISTINCT, Lock, Record
 
 # KEYS[1] failure zset; ARGV: now, window, member, max distinct -> distinct count
 _RECORD_FAILURE = """
@@ -43,6 +44,64 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
 return n
 """
 
+# KEYS[1] a user's MFA hash; ARGV: field, value -> 1 when stored (greater than before), else 0
+_MFA_ADVANCE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and tonumber(current) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+# KEYS[1] a user's MFA hash; ARGV: field prefix -> fields removed
+_MFA_DELETE = """
+local removed = 0
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(name, 1, #ARGV[1]) == ARGV[1] then
+    removed = removed + redis.call('HDEL', KEYS[1], name)
+  end
+end
+return removed
+"""
+
+# A record is stored as "<expires>|<json>" (expires empty for none) so a touch can move the
+# expiry without decoding the JSON. KEYS[1] record; ARGV: expires, ttl ms -> 1 when it existed
+_TOUCH_RECORD = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local i = string.find(raw, '|', 1, true)
+redis.call('SET', KEYS[1], ARGV[1] .. string.sub(raw, i), 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] record; ARGV: value, ttl ms ('' for none), now -> 1 when created
+_ADD_RECORD = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local exp = string.sub(raw, 1, string.find(raw, '|', 1, true) - 1)
+  if exp == '' or tonumber(exp) > tonumber(ARGV[3]) then return 0 end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+def _ttl_ms(expires: float | None, now: float) -> int | None:
+    return None if expires is None else max(1, math.ceil((expires - now) * 1000))
+
+
+def _encode_record(record: Record) -> str:
+    expires = "" if record.expires is None else repr(record.expires)
+    return f"{expires}|{json.dumps({'d': record.data, 'g': record.group})}"
+
+
+def _decode_record(kind: str, key: str, raw: str) -> Record:
+    expires, _, body = raw.partition("|")
+    value = json.loads(body)
+    return Record(kind, key, value["d"], float(expires) if expires else None, value["g"])
+
 
 class RedisStore:
     shared = True
@@ -55,6 +114,10 @@ class RedisStore:
                                              health_check_interval=30)
         self._record = self._redis.register_script(_RECORD_FAILURE)
         self._bump = self._redis.register_script(_BUMP_OFFENCES)
+        self._mfa_advance = self._redis.register_script(_MFA_ADVANCE)
+        self._mfa_delete = self._redis.register_script(_MFA_DELETE)
+        self._touch = self._redis.register_script(_TOUCH_RECORD)
+        self._add = self._redis.register_script(_ADD_RECORD)
         self._keys = 0
 
     def _k(self, kind: str, key: str = "") -> str:
@@ -156,3 +219,111 @@ class RedisStore:
         if gone:
             await self._redis.hdel(self._k("bans"), *gone)
         return sorted(out, key=lambda b: (b.created, b.network))
+
+    # --- MFA state: one hash per user ({prefix}mfa:{user}), no TTL (enrolments are kept)
+
+    async def mfa_fields(self, user: str) -> dict[str, str]:
+        return dict(await self._redis.hgetall(self._k("mfa", user)))
+
+    async def mfa_get(self, user: str, field: str) -> str | None:
+        value = await self._redis.hget(self._k("mfa", user), field)
+        return None if value is None else str(value)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        await self._redis.hset(self._k("mfa", user), field, value)
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._k("mfa", user), field)
+            pipe.hdel(self._k("mfa", user), field)
+            value, removed = await pipe.execute()
+        return str(value) if removed else None
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        return int(await self._redis.hincrby(self._k("mfa", user), field, 1))
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        return bool(await self._mfa_advance(keys=[self._k("mfa", user)], args=[field, value]))
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        return int(await self._mfa_delete(keys=[self._k("mfa", user)], args=[prefix]))
+
+    async def mfa_users(self) -> list[str]:
+        start = len(self._k("mfa", "x")) - 1
+        return sorted([key[start:] async for key in self._redis.scan_iter(
+            match=self._k("mfa", "*"), count=1000)])
+    # --- records: one key each (with a TTL), a set per kind and per group as the index
+
+    async def put_record(self, record: Record) -> None:
+        key = self._k(f"r:{record.kind}", record.key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(key)
+            pipe.set(key, _encode_record(record), px=_ttl_ms(record.expires, time.time()))
+            old, _ = await pipe.execute()
+        await self._index(record, old)
+
+    async def add_record(self, record: Record, now: float) -> bool:
+        ttl = _ttl_ms(record.expires, now)
+        created = await self._add(keys=[self._k(f"r:{record.kind}", record.key)],
+                                  args=[_encode_record(record), "" if ttl is None else ttl, now])
+        if created:
+            await self._index(record, None)
+        return bool(created)
+
+    async def _index(self, record: Record, old: str | None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(self._k("ri", record.kind), record.key)
+            if record.group:
+                pipe.sadd(self._k(f"rg:{record.kind}", record.group), record.key)
+            if old is not None:
+                previous = _decode_record(record.kind, record.key, old).group
+                if previous and previous != record.group:
+                    pipe.srem(self._k(f"rg:{record.kind}", previous), record.key)
+            await pipe.execute()
+
+    async def get_record(self, kind: str, key: str, now: float) -> Record | None:
+        raw = await self._redis.get(self._k(f"r:{kind}", key))
+        if raw is None:
+            return None
+        rec = _decode_record(kind, key, raw)
+        return None if rec.expires is not None and rec.expires <= now else rec
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._k(f"r:{kind}", key))
+            pipe.delete(self._k(f"r:{kind}", key))
+            pipe.srem(self._k("ri", kind), key)
+            raw, _, _ = await pipe.execute()
+        if raw is None:
+            return None
+        rec = _decode_record(kind, key, raw)
+        if rec.group:
+            await self._redis.srem(self._k(f"rg:{kind}", rec.group), key)
+        return rec
+
+    async def list_records(self, kind: str, now: float, group: str | None = None
+                           ) -> list[Record]:
+        index = self._k("ri", kind) if group is None else self._k(f"rg:{kind}", group)
+        keys = sorted(await self._redis.smembers(index))
+        if not keys:
+            return []
+        values = await self._redis.mget([self._k(f"r:{kind}", k) for k in keys])
+        out, gone = [], []
+        for key, raw in zip(keys, values, strict=True):
+            rec = _decode_record(kind, key, raw) if raw is not None else None
+            if rec is None or (group is not None and rec.group != group):
+                gone.append(key)
+            elif rec.expires is None or rec.expires > now:
+                out.append(rec)
+        if gone:  # expired by their TTL: tidy the index
+            await self._redis.srem(index, *gone)
+        return out
+
+    async def touch_records(self, kind: str, expiries: dict[str, float]) -> None:
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, expires in expiries.items():
+                await self._touch(keys=[self._k(f"r:{kind}", key)],
+                                  args=[repr(expires), max(1, math.ceil((expires - now) * 1000))],
+                                  client=pipe)
+            await pipe.execute()

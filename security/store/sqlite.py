@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from security.blocklist import Entry
-from security.store import Lock
+from security.store import Lock, Record
 from security.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS failures (key TEXT, pwhash TEXT, ts REAL, PRIMARY KEY
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bans (network TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offences (key TEXT PRIMARY KEY, count INTEGER, expires REAL);
+CREATE TABLE IF NOT EXISTS mfa (user TEXT, field TEXT, value TEXT NOT NULL,
+    PRIMARY KEY (user, field)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (kind TEXT, key TEXT, grp TEXT NOT NULL, expires REAL,
+    data TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
 # Failure rows older than this are dropped at start-up: no window is longer.
 MAX_FAILURE_AGE = 7 * 86400
@@ -46,6 +50,7 @@ class SqliteStore(MemoryStore):
         self._db: sqlite3.Connection | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._flusher: asyncio.Task[None] | None = None
+        self._moved: set[tuple[str, str]] = set()  # records whose expiry moved since a flush
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -72,6 +77,15 @@ class SqliteStore(MemoryStore):
             self._bans[ban.network] = ban
         for key, count, expires in db.execute("SELECT key, count, expires FROM offences"):
             self._offences[key] = (count, expires)
+        for user, field, value in db.execute("SELECT user, field, value FROM mfa"):
+            self._mfa.setdefault(user, {})[field] = value
+        db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
+        for kind, key, group, expires, data in db.execute(
+                "SELECT kind, key, grp, expires, data FROM records"):
+            rec = Record(kind, key, json.loads(data), expires, group)
+            self._records.setdefault(kind, {})[key] = rec
+            if group:
+                self._groups.setdefault((kind, group), set()).add(key)
         loaded: dict[str, dict[str, float]] = {}
         for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures"):
             loaded.setdefault(key, {})[pwhash] = ts
@@ -104,7 +118,17 @@ class SqliteStore(MemoryStore):
                 log.exception("flushing failure counters to SQLite failed; will retry")
 
     async def flush(self) -> None:
-        """Writes the failure keys changed since the last flush."""
+        """Writes the failure keys and record expiries changed since the last flush."""
+        if self._moved:
+            moved, self._moved = self._moved, set()
+            moves = [(rec.expires, kind, key) for kind, key in moved
+                     if (rec := self._records.get(kind, {}).get(key)) is not None]
+            try:
+                await self._run(self._execute_many,
+                                "UPDATE records SET expires = ? WHERE kind = ? AND key = ?", moves)
+            except BaseException:
+                self._moved |= moved
+                raise
         if not self.dirty:
             return
         keys, self.dirty = self.dirty, set()
@@ -159,8 +183,10 @@ class SqliteStore(MemoryStore):
 
     async def refresh(self) -> None:
         await super().refresh()
-        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?",
-                        (time.time(),))
+        now = time.time()
+        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?", (now,))
+        await self._run(self._execute, "DELETE FROM records WHERE expires IS NOT NULL AND "
+                                       "expires <= ?", (now,))
 
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
@@ -182,3 +208,72 @@ class SqliteStore(MemoryStore):
         ban = await super().delete_ban(network)
         await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
         return ban
+
+    # --- MFA state: the memory store's answer, written through before returning
+
+    async def _write_mfa(self, user: str, fields: list[str]) -> None:
+        current = self._mfa.get(user, {})
+        rows = [(user, f, current[f]) for f in fields if f in current]
+        gone = [(user, f) for f in fields if f not in current]
+        await self._run(self._write_mfa_rows, rows, gone)
+
+    def _write_mfa_rows(self, rows: list[tuple[str, str, str]],
+                        gone: list[tuple[str, str]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO mfa (user, field, value) VALUES (?, ?, ?)", rows)
+            self._db.executemany("DELETE FROM mfa WHERE user = ? AND field = ?", gone)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        await super().mfa_put(user, field, value)
+        await self._write_mfa(user, [field])
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        value = await super().mfa_pop(user, field)
+        if value is not None:
+            await self._write_mfa(user, [field])
+        return value
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        value = await super().mfa_incr(user, field)
+        await self._write_mfa(user, [field])
+        return value
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        advanced = await super().mfa_advance(user, field, value)
+        if advanced:
+            await self._write_mfa(user, [field])
+        return advanced
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        names = [f for f in self._mfa.get(user, {}) if f.startswith(prefix)]
+        count = await super().mfa_delete(user, prefix)
+        if names:
+            await self._write_mfa(user, names)
+        return count
+    # --- records: written through, except expiry moves (written behind)
+
+    async def put_record(self, record: Record) -> None:
+        await super().put_record(record)
+        await self._run(self._execute,
+                        "INSERT OR REPLACE INTO records (kind, key, grp, expires, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (record.kind, record.key, record.group, record.expires,
+                         json.dumps(record.data)))
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        rec = await super().delete_record(kind, key)
+        if rec is not None:
+            await self._run(self._execute, "DELETE FROM records WHERE kind = ? AND key = ?",
+                            (kind, key))
+        return rec
+
+    def moved(self, record: Record) -> None:
+        self._moved.add((record.kind, record.key))
+
+    def expire_records(self, now: float) -> list[Record]:
+        gone = super().expire_records(now)
+        self._moved -= {(rec.kind, rec.key) for rec in gone}
+        return gone

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -262,6 +263,13 @@ def make_self_signed_cert(directory: Path, common_name: str = "localhost") -> tu
         capture_output=True,
     )
     return cert, key
+
+
+def cert_not_after(cert: Path) -> float:
+    """The certificate's notAfter as Unix seconds, read by openssl (not by the code tested)."""
+    out = subprocess.run([require_binary("openssl"), "x509", "-noout", "-enddate", "-in",
+                          str(cert)], check=True, capture_output=True, text=True).stdout
+    return float(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]))
 
 
 # --------------------------------------------------------------------------- HTTP helper
@@ -1380,9 +1388,14 @@ class MailStack:
         tls: bool = False,
         policy_url: str | None = None,
         postfix_main: Mapping[str, str] | None = None,
+        dovecot_options: Mapping[str, Any] | None = None,
     ) -> MailStack:
+        """``dovecot_options``: more keyword arguments of Dovecot (e.g. auth_failure_delay,
+        extra_config). Postfix logs to ``postfix.maillog_path`` (maillog_file through
+        postlogd), Dovecot to ``dovecot.log_path``."""
         users = dict(DEFAULT_MAIL_USERS if users is None else users)
-        dovecot = Dovecot(Path(workdir) / "dovecot", users, tls=tls, policy_url=policy_url)
+        dovecot = Dovecot(Path(workdir) / "dovecot", users, tls=tls, policy_url=policy_url,
+                          **dict(dovecot_options or {}))
         dovecot.start()
         try:
             postfix = Postfix(
@@ -1428,3 +1441,28 @@ class BoundPOP3(poplib.POP3):
 
     def _create_socket(self, timeout: float) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))
+
+
+def imap_login(server: Dovecot, user: str, password: str, source: str) -> str:
+    """One IMAP LOGIN from ``source``: "OK", or the server's error text."""
+    imap = BoundIMAP4(server.host, server.imap_port, source)
+    try:
+        return imap.login(user, password)[0]
+    except imaplib.IMAP4.error as exc:
+        return str(exc)
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.abort, OSError):
+            imap.logout()
+
+
+def pop3_login(server: Dovecot, user: str, password: str, source: str) -> str:
+    """One POP3 USER/PASS from ``source``: the server's "+OK ..." or its error text."""
+    client = BoundPOP3(server.host, server.pop3_port, source)
+    try:
+        client.user(user)
+        return client.pass_(password).decode()
+    except poplib.error_proto as exc:
+        return str(exc)
+    finally:
+        with contextlib.suppress(poplib.error_proto, OSError):
+            client.quit()

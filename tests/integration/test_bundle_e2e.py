@@ -124,6 +124,8 @@ def local_config(example: dict[str, Any], mail: MailStack, nsd: Nsd, policy_port
     dovecot, postfix = mail.dovecot, mail.postfix
     credentials = state.parent.parent / "probe.credentials"
     credentials.write_text(f"{ALICE}:{DEFAULT_MAIL_USERS[ALICE]}\n")
+    password = state.parent.parent / "smtp.password"
+    password.write_text(DEFAULT_MAIL_USERS[ALICE] + "\n")
     assert dovecot.cert_path is not None
     ports = {"smtp": postfix.smtp_port, "submission": postfix.submission_port,
              "imap": dovecot.imap_port, "imaps": dovecot.imaps_port,
@@ -166,7 +168,11 @@ def local_config(example: dict[str, Any], mail: MailStack, nsd: Nsd, policy_port
             "logs": {"files": [{**example["monitoring"]["logs"]["files"][0],
                                 "path": str(postfix.maillog_path), "start_at": "beginning"}]},
         },
-        "security": {"postfix_policy": {"listen": policy_listen}},
+        "security": {"postfix_policy": {"listen": policy_listen},
+                     "mfa": {"email": {**example["security"]["mfa"]["email"],
+                                       "smtp_port": postfix.submission_port,
+                                       "ca_file": str(dovecot.cert_path), "username": ALICE,
+                                       "password_file": str(password), "from_address": ALICE}}},
         "alerting": {
             "alerts": {"A3MailerMailQueueLarge": {"for": "1s"}},
             "alertmanager": {"webhook_url": webhook_url, "group_wait": "1s",
@@ -294,6 +300,22 @@ def drive_events(env: Env) -> None:
     bad = httpx.post(env.exporter.url + "/api/v1/metrics/custom/spam_score", headers=auth,
                      json={"value": 1, "labels": {"nope": "x"}}, timeout=5)
     assert bad.status_code == 400
+    # MFA: an enrolment and a wrong code; identity: a session, an unknown one, a CSRF
+    # token that is not one, a weak password
+    api = env.exporter.url + "/api/v1"
+    for path, body in (("/mfa/totp/enroll", {"user": ALICE}),
+                       ("/mfa/totp/verify", {"user": ALICE, "code": "000000"}),
+                       ("/mfa/email/send", {"user": ALICE, "address": ALICE}),
+                       ("/sessions", {"user": ALICE}),
+                       ("/passwords/check", {"user": ALICE, "password": "password"})):
+        answer = httpx.post(api + path, headers=auth, json=body, timeout=10)
+        assert answer.status_code in (200, 201, 202), (path, answer.text)
+    session = httpx.post(api + "/sessions", headers=auth, json={"user": ALICE}, timeout=10)
+    assert httpx.get(api + "/sessions/not-a-session", headers=auth,
+                     timeout=10).status_code == 404
+    csrf = httpx.post(api + "/csrf/verify", headers=auth, timeout=10,
+                      json={"session_id": session.json()["session_id"], "token": "forged"})
+    assert csrf.status_code in (200, 400), csrf.text
 
 
 def bundle_series(env: Env) -> dict[str, set[str]]:
@@ -327,7 +349,8 @@ def test_full_example_enables_every_feature(env):
     assert mon["queues"]["postfix"]["enabled"] and mon["queues"]["stalwart"]["enabled"]
     assert mon["custom_metrics"]
     assert all(sec[k]["enabled"] for k in ("dovecot_policy", "stalwart_webhook",
-                                            "postfix_policy", "audit_config"))
+                                            "postfix_policy", "audit_config", "mfa"))
+    assert sec["mfa"]["email"]["enabled"]
     # the local copy changed addresses and intervals only
     local = env.config
     for path in (("monitoring", "delivery", "enabled"), ("monitoring", "stalwart", "enabled"),
