@@ -75,13 +75,11 @@ def _check_config(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from exporter.generate import generate
 
-    if args.config:
-        try:
-            load_config(args.config)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-    changed = generate(Path(args.out), check=args.check)
+    try:
+        changed = generate(Path(args.out), check=args.check, config_path=args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.check:
         for path in changed:
             print(f"stale: {path} (run `a3mailer-exporter generate`)", file=sys.stderr)
