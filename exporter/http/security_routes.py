@@ -6,11 +6,14 @@ engine method, format. The admin API needs the admin bearer token.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jsonschema
@@ -65,12 +68,65 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
+_LOOPBACK: dict[str, bool] = {}  # client host -> is loopback; a policy client has few hosts
+
+
 def _is_loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
+    client = request.scope.get("client")
+    host = client[0] if client else ""
+    known = _LOOPBACK.get(host)
+    if known is None:
+        try:
+            known = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            known = False
+        if len(_LOOPBACK) >= 1024:
+            _LOOPBACK.clear()
+        _LOOPBACK[host] = known
+    return known
+
+
+class SecretCache:
+    """One secret (`<name>_file` or `<name>_env`, as read_secret reads it), kept between
+    requests: reading the file costs more than a whole policy decision. It is read again
+    when the config names another file or variable, when the file (its mtime, size or
+    inode) or the variable changes, looked at no more than every `recheck` seconds, and
+    at once after clear() (on every config reload)."""
+
+    def __init__(self, name: str, recheck: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.recheck = recheck
+        self.clock = clock
+        self.clear()
+
+    def clear(self) -> None:
+        self._source: tuple[str, str] | None = None
+        self._stamp: object = None
+        self._value: str | None = None
+        self._next_check = 0.0
+
+    def get(self, section: Mapping[str, Any]) -> str | None:
+        """The secret, or None if neither is configured; OSError if the file is unreadable."""
+        source = (section.get(f"{self.name}_file") or "", section.get(f"{self.name}_env") or "")
+        now = self.clock()
+        if source == self._source and now < self._next_check:
+            return self._value
+        path, env = source
+        stamp = _file_stamp(path) if path else os.environ.get(env) if env else None
+        if source != self._source or stamp != self._stamp:
+            self._value = read_secret(section, self.name)  # raises before anything is cached
+            self._source, self._stamp = source, stamp
+        self._next_check = now + self.recheck
+        return self._value
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 async def _json_body(request: Request, validator: jsonschema.Draft7Validator) -> dict[str, Any]:
@@ -87,6 +143,10 @@ async def _json_body(request: Request, validator: jsonschema.Draft7Validator) ->
     return result
 
 
+# The two query strings Dovecot sends, looked up before Starlette parses them.
+_POLICY_COMMANDS = {b"command=allow": "allow", b"command=report": "report"}
+
+
 def _decision_json(decision: Any) -> dict[str, Any]:
     return {"action": decision.action, "reason": decision.reason, "delay": decision.delay,
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
@@ -99,6 +159,14 @@ def security_routes(exporter: Exporter,
     if engine is None:
         return []
     frontends = exporter.security_frontends
+    api_key = SecretCache("api_key")
+    webhook_secret = SecretCache("secret")
+
+    def forget_secrets(_config: object) -> None:
+        api_key.clear()
+        webhook_secret.clear()
+
+    exporter.on_reload.append(forget_secrets)
 
     def admin(handler: Endpoint) -> Endpoint:
         async def guarded(request: Request) -> Response:
@@ -115,8 +183,8 @@ def security_routes(exporter: Exporter,
         settings = exporter.config["security"]["dovecot_policy"]
         if not settings["enabled"]:
             return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
-        key = read_secret(settings, "api_key")
-        sent = request.headers.get(settings["api_key_header"], "")
+        key = api_key.get(settings)
+        sent = request.headers.get(settings["api_key_header"], "") if key is not None else ""
         if key is not None and sent:
             allowed = hmac.compare_digest(sent.encode(), key.encode())
         else:
@@ -124,21 +192,22 @@ def security_routes(exporter: Exporter,
         if not allowed:
             frontends.inc(("dovecot", "unauthorized"))
             return _error(401, "unauthorized", f"{settings['api_key_header']} required")
+        command = _POLICY_COMMANDS.get(request.scope.get("query_string", b""))
         try:
             command, attempt, fields = dovecot.parse_request(
-                request.query_params.get("command"), await request.body())
+                command or request.query_params.get("command"), await request.body())
             if command == "allow":
-                answer = dovecot.answer(await engine.check(attempt))
+                body = dovecot.answer_body(await engine.check(attempt))
             else:
                 # a login our own policy refused is not a wrong password
                 if not fields.get("policy_reject"):
                     await engine.report(attempt, fields["success"])
-                answer = dovecot.OK
+                body = dovecot.OK_BODY
         except dovecot.PolicyRequestError as exc:
             frontends.inc(("dovecot", "bad_request"))
             return _error(400, "bad_request", str(exc))
         frontends.inc(("dovecot", "ok"))
-        return JSONResponse(answer)
+        return Response(body, media_type="application/json")
 
     def _attempt(body: dict[str, Any]) -> Attempt:
         attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
@@ -221,15 +290,18 @@ def security_routes(exporter: Exporter,
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         types = q.getlist("type") or None
-        records, cursor = exporter.audit.query(start=start, end=end, types=types,
-                                               actor=q.get("actor"), subject=q.get("subject"),
-                                               limit=limit, cursor=q.get("cursor"))
+        try:  # it reads the file: off the event loop, which keeps deciding logins
+            records, cursor = await asyncio.to_thread(
+                exporter.audit.query, start=start, end=end, types=types, actor=q.get("actor"),
+                subject=q.get("subject"), limit=limit, cursor=q.get("cursor"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         return JSONResponse({"records": records, "next_cursor": cursor})
 
     async def audit_verify(request: Request) -> Response:
         if exporter.audit is None:
             return _error(404, "not_found", "the audit log is disabled")
-        result = exporter.audit.verify()
+        result = await asyncio.to_thread(exporter.audit.verify)
         return JSONResponse({**dataclasses.asdict(result), "message": str(result)},
                             status_code=200 if result.ok else 409)
 
@@ -240,7 +312,7 @@ def security_routes(exporter: Exporter,
         settings = exporter.config["security"]["stalwart_webhook"]
         if not settings["enabled"]:
             return _error(404, "not_found", "the Stalwart webhook is disabled")
-        key = read_secret(settings, "secret")
+        key = webhook_secret.get(settings)
         if key is None:
             frontends.inc(("stalwart", "unauthorized"))
             return _error(403, "forbidden", "no webhook secret configured "
