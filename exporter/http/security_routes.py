@@ -17,14 +17,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jsonschema
-from starlette.requests import Request
+from starlette.datastructures import QueryParams
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from exporter.config import read_secret
+from exporter.http.middleware import header
+from exporter.instruments import CounterVec
 from exporter.service import Exporter
 from security.attempts import Attempt
 from security.blocklist import export_text, import_text
+from security.engine import SecurityManager
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -71,8 +76,8 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 _LOOPBACK: dict[str, bool] = {}  # client host -> is loopback; a policy client has few hosts
 
 
-def _is_loopback(request: Request) -> bool:
-    client = request.scope.get("client")
+def _is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
     host = client[0] if client else ""
     known = _LOOPBACK.get(host)
     if known is None:
@@ -147,6 +152,80 @@ async def _json_body(request: Request, validator: jsonschema.Draft7Validator) ->
 _POLICY_COMMANDS = {b"command=allow": "allow", b"command=report": "report"}
 
 
+class DovecotPolicy:
+    """POST /dovecot/policy, as a plain ASGI app rather than an endpoint function.
+
+    Dovecot calls it twice per login; Starlette's Request/Response wrapping of an
+    endpoint function costs about as much as the decision itself (see
+    benchmarks/BENCHMARKS.md). Parsing is in security/protocols/dovecot.py as for any
+    endpoint; the errors are the same JSON responses, and exceptions (a body over the
+    limit included) reach the app's exception handlers as before.
+    """
+
+    def __init__(self, exporter: Exporter, engine: SecurityManager, frontends: CounterVec,
+                 api_key: SecretCache) -> None:
+        self.exporter = exporter
+        self.engine = engine
+        self.frontends = frontends
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._answer(scope, receive)
+        if isinstance(response, bytes):
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-length", str(len(response)).encode("latin-1")),
+                (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": response})
+        else:
+            await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> bytes | Response:
+        """The answer's JSON body, or an error response."""
+        settings = self.exporter.config["security"]["dovecot_policy"]
+        if not settings["enabled"]:
+            return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
+        key = self.api_key.get(settings)
+        sent = None
+        if key is not None:
+            sent = header(scope, settings["api_key_header"].lower().encode("latin-1"))
+        if key is not None and sent:
+            allowed = hmac.compare_digest(sent.encode(), key.encode())
+        else:
+            allowed = settings["allow_loopback_without_key"] and _is_loopback(scope)
+        if not allowed:
+            self.frontends.inc(("dovecot", "unauthorized"))
+            return _error(401, "unauthorized", f"{settings['api_key_header']} required")
+        query = scope.get("query_string", b"")
+        command = _POLICY_COMMANDS.get(query) or QueryParams(query).get("command")
+        try:
+            command, attempt, fields = dovecot.parse_request(command, await _body(receive))
+            if command == "allow":
+                body = dovecot.answer_body(await self.engine.check(attempt))
+            else:
+                # a login our own policy refused is not a wrong password
+                if not fields.get("policy_reject"):
+                    await self.engine.report(attempt, fields["success"])
+                body = dovecot.OK_BODY
+        except dovecot.PolicyRequestError as exc:
+            self.frontends.inc(("dovecot", "bad_request"))
+            return _error(400, "bad_request", str(exc))
+        self.frontends.inc(("dovecot", "ok"))
+        return body
+
+
+async def _body(receive: Receive) -> bytes:
+    """The request body, read as Starlette's Request.body() reads it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+
+
 def _decision_json(decision: Any) -> dict[str, Any]:
     return {"action": decision.action, "reason": decision.reason, "delay": decision.delay,
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
@@ -178,36 +257,6 @@ def security_routes(exporter: Exporter,
             except BadRequest as exc:
                 return _error(400, "bad_request", str(exc))
         return guarded
-
-    async def dovecot_policy(request: Request) -> Response:
-        settings = exporter.config["security"]["dovecot_policy"]
-        if not settings["enabled"]:
-            return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
-        key = api_key.get(settings)
-        sent = request.headers.get(settings["api_key_header"], "") if key is not None else ""
-        if key is not None and sent:
-            allowed = hmac.compare_digest(sent.encode(), key.encode())
-        else:
-            allowed = settings["allow_loopback_without_key"] and _is_loopback(request)
-        if not allowed:
-            frontends.inc(("dovecot", "unauthorized"))
-            return _error(401, "unauthorized", f"{settings['api_key_header']} required")
-        command = _POLICY_COMMANDS.get(request.scope.get("query_string", b""))
-        try:
-            command, attempt, fields = dovecot.parse_request(
-                command or request.query_params.get("command"), await request.body())
-            if command == "allow":
-                body = dovecot.answer_body(await engine.check(attempt))
-            else:
-                # a login our own policy refused is not a wrong password
-                if not fields.get("policy_reject"):
-                    await engine.report(attempt, fields["success"])
-                body = dovecot.OK_BODY
-        except dovecot.PolicyRequestError as exc:
-            frontends.inc(("dovecot", "bad_request"))
-            return _error(400, "bad_request", str(exc))
-        frontends.inc(("dovecot", "ok"))
-        return Response(body, media_type="application/json")
 
     def _attempt(body: dict[str, Any]) -> Attempt:
         attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
@@ -350,7 +399,8 @@ def security_routes(exporter: Exporter,
                 return
 
     return [
-        Route("/dovecot/policy", dovecot_policy, methods=["POST"]),
+        Route("/dovecot/policy", DovecotPolicy(exporter, engine, frontends, api_key),
+              methods=["POST"]),
         Route("/api/v1/webhooks/stalwart", stalwart_webhook, methods=["POST"]),
         Route("/api/v1/security/check", admin(check), methods=["POST"]),
         Route("/api/v1/security/report", admin(report), methods=["POST"]),
