@@ -94,7 +94,7 @@ class ActiveAlert:
     fired_at: int = 0
     resolved_at: int = 0
     keep_firing_since: int = 0
-    last_sent_at: int = 0
+    last_sent_at: int | None = None  # never sent
     valid_until: int = 0
 
 
@@ -269,8 +269,8 @@ class AlertEngine:
         for key, alert in self.active.get(rule.key, {}).items():
             if alert.state == PENDING:
                 continue
-            if not (alert.resolved_at > alert.last_sent_at
-                    or alert.last_sent_at + resend < t):
+            last = alert.last_sent_at
+            if last is not None and not (alert.resolved_at > last or last + resend < t):
                 continue
             alert.last_sent_at = t
             alert.valid_until = t + 4 * max(resend, round(self.settings.interval * 1000))
