@@ -157,6 +157,7 @@ class AlertEngine:
         self.last_evaluation = 0.0
         self.periodic = Periodic("alerts", self.evaluate_once, 30.0, 30.0)
         self._rate_names: dict[str, float] = {}
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._saved = ""
         self._restored = False
 
@@ -209,10 +210,16 @@ class AlertEngine:
         keep = round(max(self._rate_names.values(), default=0.0) * 1000)
         self.history.record(samples, self._rate_names, t, keep)
         sends: dict[str, dict[str, Any]] = {}
+        counts: dict[tuple[str, str], tuple[int, int]] = {}
         for rule in self.rules:
             self._step(rule, samples, t)
             if self.pusher.enabled:
                 sends.update(self._to_send(rule, t))
+            states = [a.state for a in self.active.get(rule.key, {}).values()]
+            fired, waiting = counts.get((rule.name, rule.severity), (0, 0))
+            counts[rule.name, rule.severity] = (fired + states.count(FIRING),
+                                                waiting + states.count(PENDING))
+        self._counts = counts  # one assignment: a scrape thread reads it whole
         self.last_evaluation = now
         return sends
 
@@ -321,12 +328,10 @@ class AlertEngine:
             return
         firing = catalogue.family("a3mailer_alert_active")
         pending = catalogue.family("a3mailer_alert_pending")
-        counts: dict[tuple[str, str], list[int]] = {}
-        for rule in self.rules:
-            count = counts.setdefault((rule.name, rule.severity), [0, 0])
-            for alert in self.active.get(rule.key, {}).values():
-                count[0] += alert.state == FIRING
-                count[1] += alert.state == PENDING
+        # the counts of the last evaluation (this runs on a scrape's worker thread, while the
+        # event loop may be evaluating); every configured alert at 0 before the first one
+        last = self._counts
+        counts = {key: last.get(key, (0, 0)) for key in {(r.name, r.severity) for r in self.rules}}
         for (name, severity), (fired, waiting) in sorted(counts.items()):
             firing.add_metric([name, severity], float(fired))
             pending.add_metric([name, severity], float(waiting))

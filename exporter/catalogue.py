@@ -468,7 +468,7 @@ _SPECS = [
           "performance"),
     _spec("a3mailer_exporter_schedule_run_duration_seconds", "histogram", "seconds",
           "Latency of each scheduled run (probes as probe-<name>, delivery-roundtrip, dns, "
-          "dnsbl, queue-*, stalwart), a timeout included (span of the same name).",
+          "dnsbl, queue-*, stalwart, alerts), a timeout included (span of the same name).",
           ("schedule",), "performance"),
     _spec("a3mailer_tracing_sampling_ratio", "gauge", "ratio",
           "Share of new traces sampled (tracing.sampling_rate); 0 when tracing is disabled.",
