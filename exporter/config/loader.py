@@ -339,7 +339,9 @@ def _semantic_problems(
                           (("monitoring", "stalwart"), "token"),
                           (("security", "mfa"), "encryption_key"),
                           (("security", "mfa", "email"), "password"),
-                          (("security", "mfa", "sms"), "auth_value")):
+                          (("security", "mfa", "sms"), "auth_value"),
+                          (("alerting", "engine", "alertmanager"), "password"),
+                          (("alerting", "engine", "alertmanager"), "bearer_token")):
         values: Any = data
         for key in section:
             values = values[key]
@@ -366,7 +368,19 @@ def _semantic_problems(
     tls = data["server"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")
+    _alert_engine_problems(data["alerting"]["engine"]["alertmanager"], problem)
     return problems
+
+
+def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:
+    """The engine's Alertmanager credentials: Basic (user and password) or a bearer token."""
+    where = ("alerting", "engine", "alertmanager")
+    password = bool(push["password_file"] or push["password_env"])
+    bearer = bool(push["bearer_token_file"] or push["bearer_token_env"])
+    if password != bool(push["username"]):
+        problem((*where, "username"), "username and password_file/password_env go together")
+    if bearer and (password or push["username"]):
+        problem((*where, "bearer_token_file"), "Basic auth or a bearer token, not both")
 
 
 def _bundle_problems(data: dict[str, Any], problem: Any) -> None:
