@@ -337,10 +337,11 @@ class AlertEngine:
             pending.add_metric([name, severity], float(waiting))
         yield firing
         yield pending
-        last = self.periodic.last
-        yield catalogue.single("a3mailer_alert_evaluations_total", float(last.runs))
-        yield catalogue.single("a3mailer_alert_evaluation_failures_total", float(last.failures))
-        yield catalogue.single("a3mailer_alert_evaluation_duration_seconds", last.duration)
+        outcome = self.periodic.last
+        yield catalogue.single("a3mailer_alert_evaluations_total", float(outcome.runs))
+        yield catalogue.single("a3mailer_alert_evaluation_failures_total",
+                               float(outcome.failures))
+        yield catalogue.single("a3mailer_alert_evaluation_duration_seconds", outcome.duration)
         if self.pusher.enabled:
             yield from self.pusher.collect()
 
