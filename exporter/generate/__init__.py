@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.generate import config_reference, metrics_reference
+from exporter.generate import config_reference, helm, metrics_reference
 
 # output path (relative to the project root) -> function that renders it
 OUTPUTS: dict[str, Callable[[], str]] = {
     "exporter/config/defaults.yaml": config_reference.defaults_yaml,
     "docs/configuration.md": config_reference.configuration_md,
     "docs/metrics.md": metrics_reference.metrics_md,
+    # --- Helm chart (exporter/generate/helm.py)
+    f"{helm.CHART_DIR}/values.yaml": helm.values_yaml,
+    f"{helm.CHART_DIR}/values.schema.json": helm.values_schema_json,
 }
 
 
