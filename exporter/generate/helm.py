@@ -72,6 +72,10 @@ def _monitor(kind: str, enabled: bool, what: str) -> dict[str, Any]:
                        additionalProperties={"type": "string"}),
         "annotations": _key("object", {}, f"Annotations on the {kind}.",
                             additionalProperties={"type": "string"}),
+        "job": _key("string", "a3mailer-exporter", "The job label of the scraped series "
+                    "(set by a relabeling). The generated rules and dashboards select "
+                    "config.alerting.selector, job=\"a3mailer-exporter\" by default: keep the "
+                    "two in step.", minLength=1),
         "interval": _key("string", "30s", "Scrape interval.",
                          pattern="^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
                                  "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"),

@@ -449,6 +449,8 @@ async def test_monitors_scrape_what_the_exporter_serves(chart: Any, tmp_path: Pa
     for endpoint in endpoints:
         assert endpoint["port"] == "http"
         assert endpoint["scheme"] == "http"
+        assert endpoint["relabelings"][0] == {"action": "replace", "targetLabel": "job",
+                                              "replacement": "a3mailer-exporter"}
 
     config["server"]["state_dir"] = str(tmp_path / "state")
     path = tmp_path / "config.yaml"

@@ -8,10 +8,13 @@
   interval: {{ $m.interval }}
   scrapeTimeout: {{ $m.scrapeTimeout }}
   honorLabels: {{ $m.honorLabels }}
-  {{- with $m.relabelings }}
   relabelings:
+    - action: replace
+      targetLabel: job
+      replacement: {{ $m.job | quote }}
+    {{- with $m.relabelings }}
     {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- end }}
   {{- with $m.metricRelabelings }}
   metricRelabelings:
     {{- toYaml . | nindent 4 }}
