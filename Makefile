@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:10587
 STATE_DIR ?= .state
 
-.PHONY: all install system-deps run test test-unit test-integration bench generate lint clean
+.PHONY: all install system-deps run test test-unit test-integration reliability bench generate lint clean
 
 all: test
 
@@ -39,6 +39,9 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP) system-deps
 	$(PY) -m pytest -q tests/integration
+
+reliability: $(STAMP) system-deps
+	RELIABILITY_MODE=long $(PY) -m pytest -q -p no:cacheprovider tests/reliability
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/run.py

@@ -42,15 +42,21 @@ def system_check(sampler: SystemSampler, thresholds: dict[str, Any]) -> Check:
 
 
 def state_dir_check(path: Path) -> Check:
-    """Unhealthy when the state dir cannot take a durable write: state would not survive."""
+    """Unhealthy when the state dir cannot take a durable write: state would not survive.
+
+    Each round writes a new file and renames it over the last one, so the write needs
+    a free block (rewriting one file in place would reuse its block and pass on a full
+    filesystem)."""
     probe = path / ".health-probe"
+    fresh = path / ".health-probe.new"
 
     def write() -> CheckResult:
         data = os.urandom(16)
-        with open(probe, "wb") as fh:
+        with open(fresh, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.replace(fresh, probe)
         if probe.read_bytes() != data:
             return CheckResult(Status.UNHEALTHY, "state dir returned different bytes")
         return CheckResult(Status.HEALTHY, "writable", {"path": str(path)})

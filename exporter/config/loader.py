@@ -161,7 +161,12 @@ def _defaults() -> dict[str, Any]:
 
 def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[int, int]]]:
     """Parses and schema-checks one file; returns its data and the line of every key."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: YAML refuses the file
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise ConfigError([Problem(name, line, "", f"invalid YAML: character "
+                                   f"#x{exc.character:04x} is not allowed")]) from exc
     try:
         try:
             node = loader.get_single_node()
@@ -169,6 +174,8 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else 0
             raise ConfigError([Problem(name, line, "", f"invalid YAML: {exc.problem}")]) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem(name, 0, "", f"invalid YAML: {exc}")]) from exc
         if node is None:
             return {}, {}
         positions: dict[Path_, tuple[int, int]] = {}

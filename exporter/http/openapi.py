@@ -88,7 +88,7 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
             "parameters": [{"name": "account", "in": "path", "required": True,
                             "schema": {"type": "string"}},
                            {"name": "source", "in": "query", "schema": {"type": "string"}}],
-            "responses": {"200": _json("Unlocked"), **_errors(401, 403, 404)}}},
+            "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}},
         "/api/v1/security/blocklist": {
             "get": {"summary": "Banned networks", "security": admin,
                     "responses": {"200": _json("Bans"), **_errors(401, 403)}},

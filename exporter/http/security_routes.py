@@ -166,7 +166,11 @@ def security_routes(exporter: Exporter,
 
     async def unlock(request: Request) -> Response:
         account = request.path_params["account"]
-        removed = await engine.unlock(account, request.query_params.get("source"), actor="admin")
+        try:
+            removed = await engine.unlock(account, request.query_params.get("source"),
+                                          actor="admin")
+        except ValueError as exc:
+            raise BadRequest(f"source: {exc}") from None
         if not removed:
             return _error(404, "not_found", f"no lockout for {account!r}")
         return JSONResponse({"unlocked": [lock.as_dict() for lock in removed]})
@@ -221,9 +225,13 @@ def security_routes(exporter: Exporter,
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         types = q.getlist("type") or None
-        records, cursor = exporter.audit.query(start=start, end=end, types=types,
-                                               actor=q.get("actor"), subject=q.get("subject"),
-                                               limit=limit, cursor=q.get("cursor"))
+        try:
+            records, cursor = exporter.audit.query(start=start, end=end, types=types,
+                                                   actor=q.get("actor"),
+                                                   subject=q.get("subject"), limit=limit,
+                                                   cursor=q.get("cursor"))
+        except ValueError as exc:  # a cursor that is not one of ours
+            raise BadRequest(str(exc)) from None
         return JSONResponse({"records": records, "next_cursor": cursor})
 
     async def audit_verify(request: Request) -> Response:

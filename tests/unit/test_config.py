@@ -246,3 +246,11 @@ def test_defaults_yaml_holds_exactly_the_schema_defaults():
         for key in path:
             value = value[key]
         assert value == prop["default"], ".".join(path)
+
+
+def test_control_characters_are_a_config_error(tmp_path):
+    """Found by tests/reliability/test_fuzz_parsers.py: PyYAML refuses them at once."""
+    path = tmp_path / "config.yaml"
+    path.write_text("monitoring:\n  enabled: true\n  \x1f\n")
+    assert problems(path) == [f"{path}:3: (top level): invalid YAML: character #x001f is not "
+                              "allowed"]

@@ -301,3 +301,15 @@ async def test_rate_limiting_can_be_switched_off(serve):
     for _ in range(20):
         r = await client.get("/api/v1/monitoring/history")
         assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+
+
+async def test_bad_unlock_source_and_audit_cursor_are_400_not_500(serve, tmp_path):
+    """Found by the schemathesis run (tests/reliability/test_fuzz_api.py)."""
+    _, client = await serve(admin_config(tmp_path))
+    r = await client.delete("/api/v1/security/lockouts/alice", params={"source": "\x00nope"},
+                            headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    assert "source" in r.json()["message"]
+    r = await client.get("/api/v1/security/audit", params={"cursor": "$'\x07"}, headers=ADMIN)
+    assert r.status_code == 400 and "cursor" in r.json()["message"]
+    assert (await client.get("/livez")).status_code == 200

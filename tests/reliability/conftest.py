@@ -1,0 +1,59 @@
+"""The reliability suite: load, attack, crash, dependency faults, config reloads, fuzzing
+and security checks, against the real exporter process and real components.
+
+`make test` runs the short mode; `make reliability` the long one
+(RELIABILITY_MODE=long), which also records its figures into
+benchmarks/results/reliability.json for benchmarks/RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.exporter_process import ROOT
+from tests.integration.conftest import (  # noqa: F401 - the real components' fixtures
+    alertmanager,
+    client_ip,
+    dovecot,
+    dovecot_factory,
+    mail_stack,
+    prometheus_factory,
+    redis_server,
+)
+
+LONG = os.environ.get("RELIABILITY_MODE") == "long"
+RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
+
+
+def scale(short: Any, long: Any) -> Any:
+    """The short-mode figure, or the long one under `make reliability`."""
+    return long if LONG else short
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if item.path.resolve().is_relative_to(here):
+            item.add_marker(pytest.mark.reliability)
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def record() -> Iterator[dict[str, Any]]:
+    """Figures a test wants in RELIABILITY.md: record[name] = {...}. Written in long mode."""
+    figures: dict[str, Any] = {}
+    yield figures
+    if LONG and figures:
+        previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        runs = previous.get("runs", {})
+        runs.update({name: {**value, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                     for name, value in figures.items()})
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,188 @@
+"""SIGKILL the exporter under load and restart it on the same state: every lock and ban a
+client was told about is still there, and the audit chain verifies. With the Redis store,
+one of two replicas is killed: the other keeps enforcing, the restarted one agrees."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.exporter_process import ROOT, ExporterProcess
+from tests.reliability.conftest import scale
+
+TOKEN = "crash-admin-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+LOAD_SECONDS = scale(4.0, 30.0)
+
+
+def security_config(tmp_path: Path, **store: Any) -> dict[str, Any]:
+    token = tmp_path / "admin.token"
+    token.write_text(TOKEN)
+    return {"security": {
+        "admin_token_file": str(token), "trusted_networks": [], "max_login_attempts": 3,
+        "tarpit": {"enabled": False}, "auto_ban": {"threshold": 6},
+        "enable_rate_limiting": False, "store": store or {"type": "sqlite"}}}
+
+
+class Load:
+    """Threads reporting failed logins through the admin API: each thread works through its
+    own accounts and addresses, so some reports lock an account+source and some ban a
+    source. Every answer that says "lock" or "ban" is remembered: it was promised."""
+
+    def __init__(self, url: str, threads: int = 3):
+        self.url = url
+        self.stop = threading.Event()
+        self.locked: set[tuple[str, str]] = set()  # (account, address) promised locked
+        self.banned: set[str] = set()  # addresses promised banned
+        self.requests = self.errors = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                        for n in range(threads)]
+
+    def start(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _run(self, n: int) -> None:
+        client = httpx.Client(base_url=self.url, headers=ADMIN, timeout=5)
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            # one address per 8 reports (2 accounts x 4 passwords: a lock each, then a ban)
+            address = f"198.51.{n}.{i // 8 % 250 + 1}" if i < 16000 else f"203.0.{n}.{i % 250}"
+            account = f"user{n}-{i // 4}"
+            body = {"login": account, "remote_ip": address, "pwhash": f"h{i}",
+                    "protocol": "imap", "success": False}
+            try:
+                r = client.post("/api/v1/security/report", json=body)
+            except httpx.HTTPError:
+                if not self.stop.is_set():
+                    with self._lock:
+                        self.errors += 1
+                continue
+            with self._lock:
+                self.requests += 1
+                if r.status_code != 200:
+                    self.errors += 1
+                    continue
+                actions = r.json()["actions"]
+                if "lock" in actions:
+                    self.locked.add((account, f"{address}/32"))
+                if "ban" in actions:
+                    self.banned.add(f"{address}/32")
+        client.close()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def state(url: str) -> tuple[set[tuple[str, str]], set[str]]:
+    locks = httpx.get(url + "/api/v1/security/lockouts", headers=ADMIN, timeout=10).json()
+    bans = httpx.get(url + "/api/v1/security/blocklist", headers=ADMIN, timeout=10).json()
+    return ({(lock["account"], lock["source"]) for lock in locks["lockouts"]},
+            {ban["network"] for ban in bans["bans"]})
+
+
+def kill(proc: ExporterProcess) -> None:
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait(10)
+    proc.stop()  # closes the log; the process is gone already
+
+
+def run_until(load: Load, predicate: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline or not predicate():
+        assert time.monotonic() < deadline + 30, "the load never made enough locks and bans"
+        time.sleep(0.1)
+
+
+def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_file, record):
+    path = config_file(security_config(tmp_path))
+    workdir = tmp_path / "exporter"
+    workdir.mkdir()
+    proc = ExporterProcess(workdir, path).start()
+    manual = httpx.post(proc.url + "/api/v1/security/blocklist", headers=ADMIN,
+                        json={"network": "192.0.2.0/24", "reason": "manual, before the crash"})
+    assert manual.status_code == 201
+    load = Load(proc.url).start()
+    run_until(load, lambda: len(load.locked) >= 3 and len(load.banned) >= 1, LOAD_SECONDS)
+    kill(proc)  # mid-load: requests are in flight
+    load.finish()
+    promised_locks, promised_bans = set(load.locked), set(load.banned) | {"192.0.2.0/24"}
+
+    restarted = ExporterProcess(workdir, path, port=proc.port).start()
+    try:
+        locks, bans = state(restarted.url)
+        assert promised_locks <= locks, promised_locks - locks
+        assert promised_bans <= bans, promised_bans - bans
+        # the engine enforces them at once, not only lists them
+        account, source = sorted(promised_locks)[0]
+        check = httpx.post(restarted.url + "/api/v1/security/check", headers=ADMIN, json={
+            "login": account, "remote_ip": source.removesuffix("/32")}).json()
+        assert check["action"] == "reject" and check["reason"] in ("locked", "banned")
+        verify = httpx.get(restarted.url + "/api/v1/security/audit/verify", headers=ADMIN)
+        assert verify.status_code == 200, verify.text
+    finally:
+        assert restarted.stop() == 0
+    offline = subprocess.run([sys.executable, "-m", "exporter", "audit", "verify",
+                              "--state-dir", str(workdir / "state")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    record["crash_sqlite"] = {
+        "load_seconds": LOAD_SECONDS, "requests": load.requests, "errors_before_kill":
+        load.errors, "faults": "SIGKILL under load", "locks_promised": len(promised_locks),
+        "bans_promised": len(promised_bans), "locks_lost": len(promised_locks - locks),
+        "bans_lost": len(promised_bans - bans), "audit_chain": "verified"}
+
+
+@pytest.fixture
+def redis_replicas(tmp_path, config_file, redis_server):
+    path = config_file(security_config(tmp_path, type="redis", redis_url=redis_server.url))
+    started: list[ExporterProcess] = []
+
+    def start(name: str, port: int | None = None) -> ExporterProcess:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        proc = ExporterProcess(workdir, path, port=port)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def test_sigkill_one_of_two_redis_replicas(redis_replicas, record):
+    a, b = redis_replicas("a"), redis_replicas("b")
+    load = Load(a.url).start()
+    run_until(load, lambda: len(load.locked) >= 3 and len(load.banned) >= 1, LOAD_SECONDS)
+    kill(a)
+    load.finish()
+    promised_locks, promised_bans = set(load.locked), set(load.banned)
+    # the survivor enforces what the dead replica promised
+    locks, bans = state(b.url)
+    assert promised_locks <= locks and promised_bans <= bans
+    account, source = sorted(promised_locks)[0]
+    check = httpx.post(b.url + "/api/v1/security/check", headers=ADMIN, json={
+        "login": account, "remote_ip": source.removesuffix("/32")}).json()
+    assert check["action"] == "reject"
+    restarted = redis_replicas("a", port=a.port)
+    assert state(restarted.url) == state(b.url)
+    record["crash_redis"] = {
+        "load_seconds": LOAD_SECONDS, "requests": load.requests, "faults":
+        "SIGKILL of one of two replicas", "locks_promised": len(promised_locks),
+        "bans_promised": len(promised_bans), "locks_lost": len(promised_locks - locks),
+        "bans_lost": len(promised_bans - bans)}
