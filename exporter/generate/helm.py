@@ -17,7 +17,7 @@ from typing import Any
 
 from exporter.config import load_schema
 from exporter.config.loader import merge
-from exporter.generate.config_reference import _resolve, _scalar, _walk, _wrap
+from exporter.generate.config_reference import _resolve, _walk, _wrap, commented_yaml
 
 CHART_DIR = "helm/a3mailer-exporter"
 SECRETS_DIR = "/etc/a3mailer-exporter/secrets"
@@ -369,25 +369,9 @@ def values_schema_json() -> str:
 def values_yaml() -> str:
     chart = _chart_schema()
     lines = [HEADER]
-    lines += _commented(chart, chart, ())
+    lines += commented_yaml(chart, chart)
     config = _config_schema()
     lines += [""] + [f"# {text}" for text in _wrap(config["description"], 88)] + ["config:"]
-    lines += _commented(config, load_schema(), ("config",))
+    lines += commented_yaml(config, load_schema(), ("config",))
     return "\n".join(lines) + "\n"
 
-
-def _commented(node: dict[str, Any], schema: dict[str, Any],
-               prefix: tuple[str, ...]) -> list[str]:
-    """YAML of a schema's defaults, each key under its description."""
-    lines: list[str] = []
-    for path, prop in _walk(node, schema, prefix):
-        indent = "  " * (len(path) - 1)
-        if len(path) == len(prefix) + 1:
-            lines.append("")
-        for text in _wrap(prop.get("description", ""), 88 - len(indent)):
-            lines.append(f"{indent}# {text}")
-        if prop.get("type") == "object" and "properties" in prop:
-            lines.append(f"{indent}{path[-1]}:")
-        else:
-            lines.append(f"{indent}{path[-1]}: {_scalar(prop['default'])}")
-    return lines
