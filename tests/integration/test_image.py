@@ -89,7 +89,7 @@ def exec_form(arg: str) -> list[str]:
     return value
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stages() -> list[Stage]:
     return parse_dockerfile(DOCKERFILE.read_text())
 
@@ -159,7 +159,7 @@ def _snapshot(tree: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(tree.rglob("*"))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image_tree(stages: list[Stage]) -> Iterator[ImageTree]:
     """The build stage run for real: COPY lines lay out the context in <root>/src (the
     WORKDIR), RUN lines run there with /src and /opt mapped under <root>."""
