@@ -42,6 +42,7 @@ test-integration: $(STAMP) system-deps
 
 reliability: $(STAMP) system-deps
 	RELIABILITY_MODE=long $(PY) -m pytest -q -p no:cacheprovider tests/reliability
+	$(PY) benchmarks/reliability_report.py
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/run.py

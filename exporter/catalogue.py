@@ -49,6 +49,9 @@ _SPECS = [
           "and the previous configuration kept running.", (), "exporter"),
     _spec("a3mailer_exporter_config_last_reload_success_timestamp_seconds", "gauge", "seconds",
           "Unix time of the last successful configuration (re)load.", (), "exporter"),
+    _spec("a3mailer_exporter_asyncio_tasks", "gauge", "",
+          "asyncio tasks alive in the exporter's event loop: steady under steady load; a "
+          "rise that never falls back is a leak.", (), "exporter"),
     _spec("a3mailer_exporter_ready", "gauge", "",
           "1 when every critical health component is healthy (GET /readyz answers 200).",
           (), "exporter"),
@@ -177,6 +180,21 @@ _SPECS = [
     _spec("a3mailer_security_frontend_requests_total", "counter", "",
           "Requests to the security front ends, by front end and outcome (ok, bad_request, "
           "unauthorized).", ("frontend", "outcome"), "security"),
+    # --- MFA (security/mfa/)
+    _spec("a3mailer_mfa_verifications_total", "counter", "",
+          "Second-factor verifications by method (totp, recovery, email, sms, webauthn) and "
+          "result (success, invalid, replayed, expired, no_code, too_many_attempts, "
+          "rate_limited, locked, not_enrolled, no_challenge, cloned).", ("method", "result"),
+          "mfa"),
+    _spec("a3mailer_mfa_enrollments_total", "counter", "",
+          "Second-factor enrolment changes by method (totp, webauthn) and action (enroll, "
+          "confirm, remove).", ("method", "action"), "mfa"),
+    _spec("a3mailer_mfa_code_deliveries_total", "counter", "",
+          "One-time code sends by channel (email, sms) and result (sent, failed, rejected, "
+          "circuit_open, rate_limited, bad_destination).", ("channel", "result"), "mfa"),
+    _spec("a3mailer_mfa_sms_circuit_open", "gauge", "",
+          "1 while the SMS provider's circuit breaker is open or half-open (sends fail at "
+          "once), 0 while closed; present when SMS codes are enabled.", (), "mfa"),
     # --- probes and delivery round trip (exporter/probes/)
     _spec("a3mailer_probe_success", "gauge", "",
           "1 when the probe's last scheduled run succeeded, 0 when it failed (the reason is on "

@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from exporter import __version__, catalogue
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
+from exporter.collectors.mfa import MfaCollector
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
 from exporter.config import Config, ConfigError, load_config, parse_duration, read_secret
@@ -33,6 +34,12 @@ from exporter.mail import MailMonitoring
 from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
+from security.mfa.delivery import Sender
+from security.mfa.email import EmailSender, SmtpRelay
+from security.mfa.manager import MfaManager
+from security.mfa.sealing import Sealer, load_or_create_key
+from security.mfa.settings import MfaSettings
+from security.mfa.sms import SmsProvider, SmsSender
 from security.protocols.postfix import PostfixPolicyServer
 from security.ratelimit import Limit
 from security.settings import Settings
@@ -71,11 +78,13 @@ class Exporter:
         self.reload_problems: list[str] = []
         self.on_reload: list[Callable[[Config], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._history_wakeup = asyncio.Event()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
+        self.mfa = _build_mfa(config, self.state_dir, self.security, self.audit)
         self.postfix_policy = PostfixPolicyServer(self.security, None) if (
             self.security is not None) else None
         self.mail = MailMonitoring(self.state_dir, self._report_logged_login
@@ -122,9 +131,12 @@ class Exporter:
         for name, check in mail_checks.items():
             self.health.register(name, check)
         self._mail_components = set(mail_checks)
-        security_sources = [SecurityCollector(self.security, self.audit, self.security_frontends,
-                                              self.postfix_policy)
-                            ] if self.security is not None else []
+        security_sources: list[Any] = [SecurityCollector(
+            self.security, self.audit, self.security_frontends, self.postfix_policy)
+        ] if self.security is not None else []
+        if self.mfa is not None and self.security is not None:
+            _configure_mfa(self.mfa, self.security, config["security"])
+            security_sources.append(MfaCollector(self.mfa))
         self.scrape = Scrape([
             *enabled_collectors(mon),
             *self.mail.collectors(),
@@ -149,7 +161,9 @@ class Exporter:
         for path in (("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
                      ("security", "enabled"), ("security", "store"),
                      ("security", "postfix_policy", "enabled"),
-                     ("security", "postfix_policy", "listen")):
+                     ("security", "postfix_policy", "listen"),
+                     ("security", "mfa", "enabled"), ("security", "mfa", "encryption_key_file"),
+                     ("security", "mfa", "encryption_key_env")):
             *parents, key = path
             old_section, new_section = self.config.data, new.data
             for part in parents:
@@ -181,6 +195,7 @@ class Exporter:
     # --- running
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
@@ -261,6 +276,9 @@ class Exporter:
                               1.0 if self.reload_ok else 0.0)
         yield catalogue.single("a3mailer_exporter_config_last_reload_success_timestamp_seconds",
                               self.reload_time)
+        if self._loop is not None:
+            yield catalogue.single("a3mailer_exporter_asyncio_tasks",
+                                   float(len(asyncio.all_tasks(self._loop))))
         yield from self.http_requests.collect()
         yield from self.rate_limited.collect()
         yield from self.http_duration.collect()
@@ -304,3 +322,65 @@ def _build_security(config: Config, state_dir: Path
                        prefix=store_config["redis_key_prefix"])
     engine = SecurityManager(Settings.from_config(security, parse_duration), store, audit)
     return audit, engine
+
+
+# --- MFA (security.mfa)
+
+
+def _build_mfa(config: Config, state_dir: Path, engine: SecurityManager | None,
+               audit: AuditLog | None) -> MfaManager | None:
+    """The MFA manager on the engine's store, when security and security.mfa are enabled."""
+    mfa = config["security"]["mfa"]
+    if engine is None or not mfa["enabled"]:
+        return None
+    material = read_secret(mfa, "encryption_key") or load_or_create_key(state_dir / "mfa.key")
+    try:
+        sealer = Sealer(material)
+    except ValueError as exc:
+        raise ValueError(f"security.mfa.encryption_key_file: {exc}") from None
+    return MfaManager(_mfa_settings(mfa), engine.store, sealer, audit)
+
+
+def _mfa_settings(mfa: dict[str, Any]) -> MfaSettings:
+    roots: tuple[bytes, ...] = ()
+    roots_file = mfa["webauthn"]["attestation_roots_file"]
+    if roots_file:
+        text = Path(roots_file).read_bytes()
+        end = b"-----END CERTIFICATE-----"
+        roots = tuple(part.strip() + b"\n" + end + b"\n" for part in text.split(end)
+                      if b"-----BEGIN CERTIFICATE-----" in part)
+    return MfaSettings.from_config(mfa, parse_duration, roots)
+
+
+def _configure_mfa(manager: MfaManager, engine: SecurityManager,
+                   security: dict[str, Any]) -> None:
+    """(Re)applies security.mfa: settings, senders (an unchanged SMS provider keeps its
+    circuit breaker), and the engine's second-factor question."""
+    mfa = security["mfa"]
+    senders: dict[str, Sender] = {}
+    email = mfa["email"]
+    if email["enabled"]:
+        senders["email"] = EmailSender(SmtpRelay(
+            host=email["smtp_host"], port=email["smtp_port"], tls=email["tls"],
+            username=email["username"], password=read_secret(email, "password"),
+            ca_file=email["ca_file"], from_address=email["from_address"],
+            subject=email["subject"], body=email["body_template"],
+            timeout=parse_duration(email["timeout"])))
+    sms = mfa["sms"]
+    if sms["enabled"]:
+        provider = SmsProvider(
+            url=sms["url"], auth_header=sms["auth_header"],
+            auth_value=read_secret(sms, "auth_value"), content_type=sms["content_type"],
+            body_template=sms["body_template"], message_template=sms["message_template"],
+            timeout=parse_duration(sms["timeout"]), retries=sms["retries"],
+            retry_backoff=parse_duration(sms["retry_backoff"]),
+            failure_threshold=sms["failure_threshold"],
+            reset_timeout=parse_duration(sms["reset_timeout"]))
+        old = manager.senders.get("sms")
+        senders["sms"] = old if isinstance(old, SmsSender) and old.provider == provider else (
+            SmsSender(provider))
+    settings = _mfa_settings(mfa)
+    manager.configure(settings, senders)
+    manager.ipv6_prefix_length = security["ipv6_prefix_length"]
+    engine.second_factor = manager
+    engine.mfa_message = settings.policy.message

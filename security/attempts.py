@@ -21,6 +21,7 @@ class Attempt:
     tls: bool = False
     session_id: str = ""
     pwhash: str = ""
+    device_id: str = ""  # a stable id of the client device (a web front end's cookie), if any
 
     @property
     def protocol_label(self) -> str:
@@ -30,10 +31,12 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Decision:
-    """allow, delay (tarpit: answer after `delay` seconds) or reject, with the reason."""
+    """allow, delay (tarpit: answer after `delay` seconds), reject, or mfa_required (check
+    the password, then ask for a second factor; `delay` may be set too), with the reason."""
 
-    action: str  # allow | delay | reject
+    action: str  # allow | delay | reject | mfa_required
     reason: str  # ok | trusted | allowlisted | tarpit | banned | locked | account_locked | ...
+    #              and for mfa_required: risky_network | risky_source | new_device | new_source
     delay: float = 0.0
     message: str = ""
     retry_after: float = 0.0

@@ -69,6 +69,8 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _FLAG_BY_TYPE = {
     "auth.success": "log_successful_auth",
     "auth.failure": "log_failed_auth",
+    "mfa.verify.success": "log_successful_auth",
+    "mfa.verify.failure": "log_failed_auth",
 }
 _FLAG_BY_FAMILY = {
     "config": "log_config_changes",

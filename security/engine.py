@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
@@ -42,6 +42,14 @@ LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0
 class Auditor(Protocol):
     def record(self, type: str, actor: str, subject: str,
                details: dict[str, Any] | None = None) -> Any: ...
+
+
+class SecondFactor(Protocol):
+    """Answers whether a login needs a second factor (security.mfa.manager.MfaManager)."""
+
+    async def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
+                                   source_failures: Callable[[], Awaitable[int]]
+                                   ) -> str | None: ...
 
 
 class Stats:
@@ -76,6 +84,8 @@ class SecurityManager:
         self._lock_scopes: dict[str, str] = {}  # lock key -> scope
         self._ban_kinds: dict[str, str] = {}  # network -> manual | automatic | feed | config
         self._maintenance: asyncio.Task[None] | None = None
+        self.second_factor: SecondFactor | None = None  # set when MFA is enabled
+        self.mfa_message = "Second factor required"
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
@@ -149,7 +159,7 @@ class SecurityManager:
         start = time.perf_counter()
         ip, keys = self._keys(attempt)
         try:
-            decision = await self._decide(ip, keys)
+            decision = await self._decide(ip, keys, attempt)
         except Exception as exc:
             self._store_failed("check", exc)
             if self.settings.fail_open:
@@ -162,7 +172,7 @@ class SecurityManager:
         self.stats.observe(time.perf_counter() - start)
         return decision
 
-    async def _decide(self, ip: Any, keys: Keys) -> Decision:
+    async def _decide(self, ip: Any, keys: Keys, attempt: Attempt) -> Decision:
         now = self.clock()
         if self.lists.trusted_entry(ip, now):
             return Decision("allow", "trusted")
@@ -177,14 +187,25 @@ class SecurityManager:
             if lock is not None:
                 return Decision("reject", reason, message=self.settings.reject_message,
                                 retry_after=lock.until - now)
+        decision = ALLOW
         if self.settings.tarpit_enabled:
             failures = await self.store.failure_count(keys.pair, now,
                                                       self.settings.login_attempt_window)
             if failures:
                 delay = min(self.settings.tarpit_max_delay,
                             failures * self.settings.tarpit_delay_per_failure)
-                return Decision("delay", "tarpit", delay=delay)
-        return ALLOW
+                decision = Decision("delay", "tarpit", delay=delay)
+        if self.second_factor is not None:
+            async def source_failures() -> int:
+                return await self.store.failure_count(keys.source, now,
+                                                      self.settings.login_attempt_window)
+
+            why = await self.second_factor.second_factor_reason(
+                attempt.login, attempt.remote_ip, attempt.device_id, source_failures)
+            if why is not None:  # the tarpit's delay still applies
+                return Decision("mfa_required", why, delay=decision.delay,
+                                message=self.mfa_message)
+        return decision
 
     def _store_failed(self, operation: str, exc: Exception) -> None:
         self.stats.count(self.stats.store_errors, operation)

@@ -312,7 +312,10 @@ def _semantic_problems(
                           (("security", "stalwart_webhook"), "secret"),
                           (("security", "store"), "redis_password"),
                           (("monitoring", "stalwart"), "password"),
-                          (("monitoring", "stalwart"), "token")):
+                          (("monitoring", "stalwart"), "token"),
+                          (("security", "mfa"), "encryption_key"),
+                          (("security", "mfa", "email"), "password"),
+                          (("security", "mfa", "sms"), "auth_value")):
         values: Any = data
         for key in section:
             values = values[key]

@@ -25,6 +25,7 @@ from exporter.exposition import (
     render_text,
 )
 from exporter.http.auth import ListenerAuth
+from exporter.http.mfa_routes import mfa_routes
 from exporter.http.middleware import BodyTooLarge, Guard, api_limits
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import security_routes
@@ -122,7 +123,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
         return JSONResponse({"metric": metric.spec.name, "labels": body.get("labels", {}),
                              "value": value})
 
-    def _admin_denied(request: Request) -> Response | None:
+    def _admin_denied(request: Request, scope: str = "admin") -> Response | None:
+        """None when the credentials may use scope (the admin token may use every one)."""
         status = guard.auth.admin_status(request.headers.get("authorization"))
         if status == 403:
             return error(403, "forbidden", "admin endpoints are disabled: set "
@@ -160,6 +162,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
     routes += security_routes(exporter, _admin_denied)
+    routes += mfa_routes(exporter, _admin_denied)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))

@@ -20,7 +20,10 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad request", 401: "Credentials missing or wrong",
             403: "Admin endpoints disabled (no admin token configured)",
-            404: "Not found", 413: "Body too large", 422: "Series budget full"}
+            404: "Not found", 413: "Body too large", 422: "Series budget full",
+            409: "Conflict (nothing pending, or already there)", 429: "Rate limited",
+            502: "Delivery to the relay or provider failed",
+            503: "Provider unavailable (circuit open)"}
     return {str(code): _json(text[code], {"$ref": "#/components/schemas/Error"})
             for code in codes}
 
@@ -47,7 +50,10 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                                                                "N seconds"},
                                      "msg": {"type": "string"}}}
     decision = {"type": "object", "properties": {
-        "action": {"type": "string", "enum": ["allow", "delay", "reject"]},
+        "action": {"type": "string", "enum": ["allow", "delay", "reject", "mfa_required"],
+                   "description": "mfa_required: check the password, then ask for a second "
+                                  "factor (reason: risky_network, risky_source, new_device, "
+                                  "new_source); delay may be set as well"},
         "reason": {"type": "string"}, "delay": {"type": "number"},
         "message": {"type": "string"}, "retry_after": {"type": "number"}}}
     return {
@@ -131,6 +137,8 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
+    from exporter.http.mfa_routes import mfa_paths
+
     health_path = config["monitoring"]["health_endpoint_path"]
     component = {
         "type": "object",
@@ -215,5 +223,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json("The series' new value"),
                               **_errors(400, 401, 403, 404, 413, 422)}}},
             **(_security_paths(admin) if config["security"]["enabled"] else {}),
+            **(mfa_paths(admin) if config["security"]["enabled"]
+               and config["security"]["mfa"]["enabled"] else {}),
         },
     }

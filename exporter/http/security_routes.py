@@ -25,6 +25,8 @@ from security.blocklist import export_text, import_text
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# (request, scope) -> None when the credentials may use the scope, else the 401/403 answer
+AdminDenied = Callable[[Request, str], Response | None]
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -36,6 +38,10 @@ ATTEMPT_SCHEMA: dict[str, Any] = {
         "protocol": {"type": "string", "maxLength": 32, "default": "unknown"},
         "tls": {"type": "boolean", "default": False},
         "session_id": {"type": "string", "maxLength": 256, "default": ""},
+        "device_id": {"type": "string", "maxLength": 256, "default": "",
+                      "description": "A stable id of the client device (e.g. a long-lived "
+                                     "cookie of the web front end): an unknown one makes "
+                                     "users with a second factor answer mfa_required."},
         "pwhash": {"type": "string", "maxLength": 256, "default": "",
                    "description": "A hash that tells distinct passwords apart; never the "
                                   "password."},
@@ -92,8 +98,22 @@ def _decision_json(decision: Any) -> dict[str, Any]:
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
 
 
-def security_routes(exporter: Exporter,
-                    admin_denied: Callable[[Request], Response | None]) -> list[Route]:
+def admin_only(admin_denied: AdminDenied, handler: Endpoint, scope: str = "admin") -> Endpoint:
+    """The one authorisation wrapper of the admin and security routes: admin_denied decides
+    whether the request's credentials carry `scope` (the bootstrap admin token carries
+    every scope); a BadRequest from the handler becomes a JSON 400."""
+    async def guarded(request: Request) -> Response:
+        denied = admin_denied(request, scope)
+        if denied is not None:
+            return denied
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, "bad_request", str(exc))
+    return guarded
+
+
+def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route]:
     """The routes, or none when security.enabled is false."""
     engine = exporter.security
     if engine is None:
@@ -101,15 +121,7 @@ def security_routes(exporter: Exporter,
     frontends = exporter.security_frontends
 
     def admin(handler: Endpoint) -> Endpoint:
-        async def guarded(request: Request) -> Response:
-            denied = admin_denied(request)
-            if denied is not None:
-                return denied
-            try:
-                return await handler(request)
-            except BadRequest as exc:
-                return _error(400, "bad_request", str(exc))
-        return guarded
+        return admin_only(admin_denied, handler)
 
     async def dovecot_policy(request: Request) -> Response:
         settings = exporter.config["security"]["dovecot_policy"]
@@ -128,7 +140,9 @@ def security_routes(exporter: Exporter,
             command, attempt, fields = dovecot.parse_request(
                 request.query_params.get("command"), await request.body())
             if command == "allow":
-                answer = dovecot.answer(await engine.check(attempt))
+                mfa_reject = exporter.mfa is not None and (
+                    exporter.mfa.settings.policy.dovecot_action == "reject")
+                answer = dovecot.answer(await engine.check(attempt), mfa_reject)
             else:
                 # a login our own policy refused is not a wrong password
                 if not fields.get("policy_reject"):
@@ -143,7 +157,8 @@ def security_routes(exporter: Exporter,
     def _attempt(body: dict[str, Any]) -> Attempt:
         attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
                           protocol=body.get("protocol", "unknown"), tls=body.get("tls", False),
-                          session_id=body.get("session_id", ""), pwhash=body.get("pwhash", ""))
+                          session_id=body.get("session_id", ""), pwhash=body.get("pwhash", ""),
+                          device_id=body.get("device_id", ""))
         try:
             ipaddress.ip_address(attempt.remote_ip)
         except ValueError:

@@ -69,11 +69,16 @@ def _text(fields: dict[str, Any], name: str, required: bool = False) -> str:
     return value
 
 
-def answer(decision: Decision) -> dict[str, Any]:
-    """Dovecot's answer for a decision."""
-    if decision.action == "reject":
+def answer(decision: Decision, mfa_reject: bool = False) -> dict[str, Any]:
+    """Dovecot's answer for a decision.
+
+    Dovecot cannot ask for a second factor, so `mfa_required` becomes a plain allow (with
+    the tarpit's delay, if any) or, with mfa_reject (security.mfa.policy.dovecot_action:
+    reject), a reject carrying the decision's message.
+    """
+    if decision.action == "reject" or (decision.action == "mfa_required" and mfa_reject):
         return {"status": -1, "msg": decision.message or "Access denied"}
-    if decision.action == "delay":
+    if decision.action in ("delay", "mfa_required") and decision.delay > 0:
         return {"status": max(1, math.ceil(decision.delay)), "msg": ""}
     return {"status": 0, "msg": ""}
 

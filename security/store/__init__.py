@@ -73,6 +73,41 @@ class Store(Protocol):
         """Periodic upkeep (the engine calls it every maintenance interval)."""
         ...
 
+    # --- MFA state (security/mfa/): per user, named string fields, written through.
+    # Secrets arrive already sealed (AES-GCM) and codes only as keyed hashes.
+
+    async def mfa_fields(self, user: str) -> dict[str, str]:
+        """Every field of user (empty when none)."""
+        ...
+
+    async def mfa_get(self, user: str, field: str) -> str | None: ...
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None: ...
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        """Removes the field and returns its value: of concurrent callers only one gets it
+        (single-use codes, challenges)."""
+        ...
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        """Adds one to an integer field (missing: 0) and returns the new value, atomically."""
+        ...
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        """Stores value only when it is greater than the field's integer (or the field is
+        missing), atomically; False otherwise (a replayed TOTP step, a sign counter that
+        went back)."""
+        ...
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        """Removes user's fields whose name starts with prefix (all of them for ""); returns
+        how many were removed."""
+        ...
+
+    async def mfa_users(self) -> list[str]:
+        """Users with at least one field, sorted."""
+        ...
+
 
 def open_store(kind: str, *, path: str = "", max_keys: int = 250_000,
                flush_interval: float = 1.0, url: str = "", password: str | None = None,

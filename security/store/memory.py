@@ -24,6 +24,7 @@ class MemoryStore:
         self._locks: dict[str, Lock] = {}
         self._offences: dict[str, tuple[int, float]] = {}
         self._bans: dict[str, Entry] = {}
+        self._mfa: dict[str, dict[str, str]] = {}
         self.dirty: set[str] = set()  # failure keys changed since the last flush
 
     async def open(self) -> None:
@@ -114,6 +115,54 @@ class MemoryStore:
         for key in [k for k, b in self._bans.items() if b.expires is not None and b.expires <= now]:
             del self._bans[key]
         return sorted(self._bans.values(), key=lambda b: (b.created, b.network))
+
+    # --- MFA state (no await between a read and its write: atomic on the event loop)
+
+    async def mfa_fields(self, user: str) -> dict[str, str]:
+        return dict(self._mfa.get(user, {}))
+
+    async def mfa_get(self, user: str, field: str) -> str | None:
+        return self._mfa.get(user, {}).get(field)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        self._mfa.setdefault(user, {})[field] = value
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        fields = self._mfa.get(user)
+        if fields is None or field not in fields:
+            return None
+        value = fields.pop(field)
+        if not fields:
+            del self._mfa[user]
+        return value
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        fields = self._mfa.setdefault(user, {})
+        value = int(fields.get(field, "0")) + 1
+        fields[field] = str(value)
+        return value
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        fields = self._mfa.setdefault(user, {})
+        current = fields.get(field)
+        if current is not None and int(current) >= value:
+            return False
+        fields[field] = str(value)
+        return True
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        fields = self._mfa.get(user)
+        if not fields:
+            return 0
+        gone = [name for name in fields if name.startswith(prefix)]
+        for name in gone:
+            del fields[name]
+        if not fields:
+            del self._mfa[user]
+        return len(gone)
+
+    async def mfa_users(self) -> list[str]:
+        return sorted(self._mfa)
 
 
 def _prune(seen: dict[str, float], cutoff: float) -> None:

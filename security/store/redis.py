@@ -43,6 +43,24 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
 return n
 """
 
+# KEYS[1] a user's MFA hash; ARGV: field, value -> 1 when stored (greater than before), else 0
+_MFA_ADVANCE = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and tonumber(current) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+# KEYS[1] a user's MFA hash; ARGV: field prefix -> fields removed
+_MFA_DELETE = """
+local removed = 0
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(name, 1, #ARGV[1]) == ARGV[1] then
+    removed = removed + redis.call('HDEL', KEYS[1], name)
+  end
+end
+return removed
+"""
+
 
 class RedisStore:
     shared = True
@@ -55,6 +73,8 @@ class RedisStore:
                                              health_check_interval=30)
         self._record = self._redis.register_script(_RECORD_FAILURE)
         self._bump = self._redis.register_script(_BUMP_OFFENCES)
+        self._mfa_advance = self._redis.register_script(_MFA_ADVANCE)
+        self._mfa_delete = self._redis.register_script(_MFA_DELETE)
         self._keys = 0
 
     def _k(self, kind: str, key: str = "") -> str:
@@ -156,3 +176,36 @@ class RedisStore:
         if gone:
             await self._redis.hdel(self._k("bans"), *gone)
         return sorted(out, key=lambda b: (b.created, b.network))
+
+    # --- MFA state: one hash per user ({prefix}mfa:{user}), no TTL (enrolments are kept)
+
+    async def mfa_fields(self, user: str) -> dict[str, str]:
+        return dict(await self._redis.hgetall(self._k("mfa", user)))
+
+    async def mfa_get(self, user: str, field: str) -> str | None:
+        value = await self._redis.hget(self._k("mfa", user), field)
+        return None if value is None else str(value)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        await self._redis.hset(self._k("mfa", user), field, value)
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._k("mfa", user), field)
+            pipe.hdel(self._k("mfa", user), field)
+            value, removed = await pipe.execute()
+        return str(value) if removed else None
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        return int(await self._redis.hincrby(self._k("mfa", user), field, 1))
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        return bool(await self._mfa_advance(keys=[self._k("mfa", user)], args=[field, value]))
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        return int(await self._mfa_delete(keys=[self._k("mfa", user)], args=[prefix]))
+
+    async def mfa_users(self) -> list[str]:
+        start = len(self._k("mfa", "x")) - 1
+        return sorted([key[start:] async for key in self._redis.scan_iter(
+            match=self._k("mfa", "*"), count=1000)])

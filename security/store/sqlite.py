@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS failures (key TEXT, pwhash TEXT, ts REAL, PRIMARY KEY
 CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bans (network TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offences (key TEXT PRIMARY KEY, count INTEGER, expires REAL);
+CREATE TABLE IF NOT EXISTS mfa (user TEXT, field TEXT, value TEXT NOT NULL,
+    PRIMARY KEY (user, field)) WITHOUT ROWID;
 """
 # Failure rows older than this are dropped at start-up: no window is longer.
 MAX_FAILURE_AGE = 7 * 86400
@@ -72,6 +74,8 @@ class SqliteStore(MemoryStore):
             self._bans[ban.network] = ban
         for key, count, expires in db.execute("SELECT key, count, expires FROM offences"):
             self._offences[key] = (count, expires)
+        for user, field, value in db.execute("SELECT user, field, value FROM mfa"):
+            self._mfa.setdefault(user, {})[field] = value
         loaded: dict[str, dict[str, float]] = {}
         for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures"):
             loaded.setdefault(key, {})[pwhash] = ts
@@ -182,3 +186,48 @@ class SqliteStore(MemoryStore):
         ban = await super().delete_ban(network)
         await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
         return ban
+
+    # --- MFA state: the memory store's answer, written through before returning
+
+    async def _write_mfa(self, user: str, fields: list[str]) -> None:
+        current = self._mfa.get(user, {})
+        rows = [(user, f, current[f]) for f in fields if f in current]
+        gone = [(user, f) for f in fields if f not in current]
+        await self._run(self._write_mfa_rows, rows, gone)
+
+    def _write_mfa_rows(self, rows: list[tuple[str, str, str]],
+                        gone: list[tuple[str, str]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO mfa (user, field, value) VALUES (?, ?, ?)", rows)
+            self._db.executemany("DELETE FROM mfa WHERE user = ? AND field = ?", gone)
+
+    async def mfa_put(self, user: str, field: str, value: str) -> None:
+        await super().mfa_put(user, field, value)
+        await self._write_mfa(user, [field])
+
+    async def mfa_pop(self, user: str, field: str) -> str | None:
+        value = await super().mfa_pop(user, field)
+        if value is not None:
+            await self._write_mfa(user, [field])
+        return value
+
+    async def mfa_incr(self, user: str, field: str) -> int:
+        value = await super().mfa_incr(user, field)
+        await self._write_mfa(user, [field])
+        return value
+
+    async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        advanced = await super().mfa_advance(user, field, value)
+        if advanced:
+            await self._write_mfa(user, [field])
+        return advanced
+
+    async def mfa_delete(self, user: str, prefix: str = "") -> int:
+        names = [f for f in self._mfa.get(user, {}) if f.startswith(prefix)]
+        count = await super().mfa_delete(user, prefix)
+        if names:
+            await self._write_mfa(user, names)
+        return count

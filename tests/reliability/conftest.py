@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,18 @@ def record() -> Iterator[dict[str, Any]]:
     if LONG and figures:
         previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         runs = previous.get("runs", {})
-        runs.update({name: {**value, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        runs.update({name: {**value, "recorded": stamp, "load_average_at_end": load}
                      for name, value in figures.items()})
+        machine = {"cpu": _cpu_model(), "cores": os.cpu_count(),
+                   "python": platform.python_version()}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")
+        RESULTS.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2,
+                                      sort_keys=True) + "\n")
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        return next((line.split(":", 1)[1].strip() for line in fh
+                     if line.startswith("model name")), platform.machine())

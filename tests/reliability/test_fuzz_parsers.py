@@ -20,7 +20,7 @@ from exporter.config import ConfigError, load_config
 from security.protocols import dovecot, postfix, stalwart
 from tests.reliability.conftest import scale
 
-FUZZ = settings(max_examples=scale(300, 5000), deadline=None, database=None,
+FUZZ = settings(max_examples=scale(150, 5000), deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
 # JSON-ish values, so the parsers see plausible shapes as well as noise
