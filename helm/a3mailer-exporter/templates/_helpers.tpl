@@ -130,6 +130,12 @@ app.kubernetes.io/part-of: a3mailer
 {{- if and (gt (int .Values.replicas) 1) .Values.config.security.enabled (not (include "a3mailer-exporter.redisEnabled" .)) }}
 {{- fail (printf "replicas: %d needs a shared security store, or each pod would keep its own lockouts and bans: set redis.url to an external Redis (password in secrets.security.store.redis_password or redis.existingSecret), or run replicas: 1" (int .Values.replicas)) }}
 {{- end }}
+{{- $mfa := .Values.config.security.mfa }}
+{{- $envNames := list }}
+{{- range $env := .Values.extraEnv }}{{ $envNames = append $envNames $env.name }}{{ end }}
+{{- if and (gt (int .Values.replicas) 1) .Values.config.security.enabled $mfa.enabled (not (has "security.mfa.encryption_key" (include "a3mailer-exporter.secretKeys" . | fromYamlArray))) (not (has $mfa.encryption_key_env $envNames)) }}
+{{- fail (printf "replicas: %d with MFA needs one shared key, or each pod would create its own and could not open the others' secrets: set secrets.security.mfa.encryption_key (at least 32 characters), or an extraEnv entry %s" (int .Values.replicas) $mfa.encryption_key_env) }}
+{{- end }}
 {{- range $key := include "a3mailer-exporter.secretKeys" . | fromYamlArray }}
 {{- if not (has $key (include "a3mailer-exporter.secretPaths" (dict "node" $.Values.secrets "prefix" "") | trim | splitList "\n")) }}
 {{- fail (printf "secrets.existingSecretKeys: %s is not a secret the exporter reads" $key) }}
