@@ -164,7 +164,8 @@ _SPECS = [
     _spec("a3mailer_security_audit_events_total", "counter", "",
           "Audit records written since start, by type.", ("type",), "security"),
     _spec("a3mailer_security_rate_limited_total", "counter", "",
-          "JSON API requests refused with 429, by client class (authenticated, anonymous).",
+          "JSON API requests refused with 429, by client class (authenticated, anonymous, "
+          "apikey).",
           ("class",), "security"),
     _spec("a3mailer_security_postfix_requests_total", "counter", "",
           "Postfix policy requests answered, by action (dunno, reject, defer); present once "
@@ -195,6 +196,27 @@ _SPECS = [
     _spec("a3mailer_mfa_sms_circuit_open", "gauge", "",
           "1 while the SMS provider's circuit breaker is open or half-open (sends fail at "
           "once), 0 while closed; present when SMS codes are enabled.", (), "mfa"),
+    # --- identity (API keys, sessions, CSRF, passwords, OIDC, SAML; exporter/identity.py)
+    _spec("a3mailer_identity_verifications_total", "counter", "",
+          "Credential verifications by method (apikey, session, csrf, oidc, introspection, "
+          "saml) and result (success, failure).", ("method", "result"), "identity"),
+    _spec("a3mailer_identity_verification_failures_total", "counter", "",
+          "Failed verifications by method and reason (e.g. wrong, unknown, revoked, expired, "
+          "rate_limited, bad_signature, wrong_audience, replayed).", ("method", "reason"),
+          "identity"),
+    _spec("a3mailer_identity_active_sessions", "gauge", "",
+          "Live web sessions (recounted every session_config.cleanup_interval and on every "
+          "change made through this process).", (), "identity"),
+    _spec("a3mailer_identity_active_api_keys", "gauge", "",
+          "API keys neither expired nor revoked (recounted on every listing and cleanup).", (),
+          "identity"),
+    _spec("a3mailer_identity_csrf_failures_total", "counter", "",
+          "CSRF tokens refused, by reason (malformed, bad_mac, expired, no_session).",
+          ("reason",), "identity"),
+    _spec("a3mailer_identity_password_rejections_total", "counter", "",
+          "Password-policy rule violations, by reason (too_short, blocklisted, context, "
+          "too_weak, reused, ...); one rejected password may count under several.",
+          ("reason",), "identity"),
     # --- probes and delivery round trip (exporter/probes/)
     _spec("a3mailer_probe_success", "gauge", "",
           "1 when the probe's last scheduled run succeeded, 0 when it failed (the reason is on "
@@ -426,6 +448,39 @@ _SPECS = [
           "How long the component's last health check took.", ("component",), "health"),
     _spec("a3mailer_health_check_timestamp_seconds", "gauge", "seconds",
           "Unix time of the component's last health check.", ("component",), "health"),
+    # --- performance and tracing (exporter/performance.py, exporter/tracing.py)
+    _spec("a3mailer_performance_operations_per_second", "gauge", "",
+          "Operations per second over the sliding window (1m, 5m, 15m), by path (http, "
+          "security, store, collector, schedule).", ("path", "window"), "performance"),
+    _spec("a3mailer_performance_error_ratio", "gauge", "ratio",
+          "Share of the path's operations in the sliding window that failed (HTTP 5xx, "
+          "exceptions, timeouts, security store unavailable).", ("path", "window"),
+          "performance"),
+    _spec("a3mailer_performance_latency_seconds", "gauge", "seconds",
+          "Latency percentile (50, 95, 99) of the path's operations over the sliding "
+          "window, within 2% relative error; absent while the window is empty.",
+          ("path", "window", "percentile"), "performance"),
+    _spec("a3mailer_security_store_operation_duration_seconds", "histogram", "seconds",
+          "Security store call latency, by store method (span store <method>).",
+          ("operation",), "performance"),
+    _spec("a3mailer_exporter_collector_run_duration_seconds", "histogram", "seconds",
+          "Collector run latency over all scrapes (span collector <name>).", ("collector",),
+          "performance"),
+    _spec("a3mailer_exporter_schedule_run_duration_seconds", "histogram", "seconds",
+          "Latency of each scheduled run (probes as probe-<name>, delivery-roundtrip, dns, "
+          "dnsbl, queue-*, stalwart), a timeout included (span of the same name).",
+          ("schedule",), "performance"),
+    _spec("a3mailer_tracing_sampling_ratio", "gauge", "ratio",
+          "Share of new traces sampled (tracing.sampling_rate); 0 when tracing is disabled.",
+          (), "tracing"),
+    _spec("a3mailer_tracing_spans_exported_total", "counter", "",
+          "Sampled spans the OTLP receiver accepted.", (), "tracing"),
+    _spec("a3mailer_tracing_spans_dropped_total", "counter", "",
+          "Sampled spans dropped, by reason: queue_full (the export queue was full, e.g. "
+          "while the receiver is unreachable) or export_failed (the receiver refused or "
+          "could not be reached within the export timeout).", ("reason",), "tracing"),
+    _spec("a3mailer_tracing_queue_spans", "gauge", "",
+          "Sampled spans waiting in the batch queue for export.", (), "tracing"),
 ]
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

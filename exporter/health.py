@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from exporter import catalogue
+from exporter.schedule import bounded
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class HealthEngine:
     async def check_one(self, component: Component) -> None:
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(component.check(), self.timeout)
+            result = await bounded(component.check(), self.timeout)
         except TimeoutError:
             result = CheckResult(Status.UNHEALTHY, f"check timed out after {self.timeout:g}s")
         except Exception as exc:
@@ -143,7 +144,7 @@ class HealthEngine:
             await self.run_once()
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.interval)
+                await bounded(self._wakeup.wait(), self.interval)
 
     def wake(self) -> None:
         """Runs the next round now (after a reload, say)."""

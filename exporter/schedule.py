@@ -3,6 +3,9 @@ interval; a scrape reads their last result and never waits for them (DESIGN.md).
 
 `Periodic` runs one coroutine function every `interval` seconds, bounded by
 `timeout`, and keeps the outcome; collectors and health checks read `last`.
+Each run is a sample for the performance monitor (path schedule) and a root span
+named after the schedule; an error, a timeout, or a result whose `success` is
+False (a failed probe) counts as a failed run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from exporter import tracing
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,14 @@ class Outcome(Generic[T]):
         return self.runs > 0 and not self.error
 
 
+async def bounded(awaitable: Awaitable[T], seconds: float) -> T:
+    """asyncio.wait_for without its Python 3.11 flaw: a cancellation that arrives just as the
+    awaitable finishes is passed on by asyncio.timeout, never swallowed, so a loop that is
+    woken (by a reload) and stopped at the same moment still stops."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 class Periodic(Generic[T]):
     def __init__(self, name: str, run: Callable[[], Awaitable[T]], interval: float,
                  timeout: float):
@@ -52,14 +65,21 @@ class Periodic(Generic[T]):
         started, clock = time.time(), time.perf_counter()
         outcome: Outcome[T] = Outcome(started=started, runs=self.last.runs + 1,
                                       failures=self.last.failures)
-        try:
-            outcome.value = await asyncio.wait_for(self.run(), self.timeout)
-        except TimeoutError:
-            outcome.error = f"timed out after {self.timeout:g}s"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            outcome.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        with tracing.observe("schedule", self.name, self.name,
+                             attributes={"a3mailer.schedule": self.name}) as run:
+            try:
+                outcome.value = await bounded(self.run(), self.timeout)
+            except TimeoutError:
+                outcome.error = f"timed out after {self.timeout:g}s"
+                run.fail("timeout")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                outcome.error = (f"{type(exc).__name__}: {exc}" if str(exc)
+                                 else type(exc).__name__)
+                run.fail(type(exc).__name__)
+            if getattr(outcome.value, "success", True) is False:
+                run.fail("failed")
         if outcome.error:
             outcome.failures += 1
             log.debug("periodic run failed", extra={"source": self.name, "error": outcome.error})

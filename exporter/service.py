@@ -1,7 +1,8 @@
 """The exporter process's engines, built from one config and re-applied on reload.
 
 Data flows one way: config -> engines (collectors, health, history, custom
-metrics) -> the scrape. The HTTP layer only reads from here and calls reload().
+metrics, performance monitor, tracing) -> the scrape. The HTTP layer only reads
+from here and calls reload().
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,9 +21,10 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from exporter import __version__, catalogue
+from exporter import __version__, catalogue, tracing
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
+from exporter.collectors.identity import IdentityCollector
 from exporter.collectors.mfa import MfaCollector
 from exporter.collectors.security import SecurityCollector
 from exporter.collectors.system import CpuUsage, SystemSampler
@@ -29,8 +32,12 @@ from exporter.config import Config, ConfigError, load_config, parse_duration, re
 from exporter.custom_metrics import CustomMetrics
 from exporter.health import CheckResult, HealthEngine, Status
 from exporter.history import History
-from exporter.instruments import CounterVec, HistogramVec
+from exporter.identity import IdentityServices
+from exporter.instruments import CounterVec
 from exporter.mail import MailMonitoring
+from exporter.performance import PerformanceMonitor
+from exporter.schedule import bounded
+from exporter.tracing import ObservedStore, Tracing, TracingSettings, security_observer
 from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
 from security.engine import SecurityManager
@@ -46,6 +53,8 @@ from security.settings import Settings
 from security.store import open_store
 
 log = logging.getLogger(__name__)
+
+TRACING_SHUTDOWN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -72,7 +81,10 @@ class Exporter:
                                mon["history_max_entries"])
         self.custom = CustomMetrics(mon["custom_metrics"])
         self.http_requests = CounterVec("a3mailer_exporter_http_requests_total")
-        self.http_duration = HistogramVec("a3mailer_exporter_http_request_duration_seconds")
+        # every engine's samples (HTTP latency per route among them) and its spans
+        self.performance = PerformanceMonitor()
+        self.tracing = Tracing(TracingSettings.from_config(config["tracing"]))
+        tracing.install(self.performance, self.tracing)
         self.reload_ok = True
         self.reload_time = time.time()
         self.reload_problems: list[str] = []
@@ -85,6 +97,8 @@ class Exporter:
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
         self.mfa = _build_mfa(config, self.state_dir, self.security, self.audit)
+        self.identity = IdentityServices(config, self.state_dir, self.security.store,
+                                         self.audit) if self.security is not None else None
         self.postfix_policy = PostfixPolicyServer(self.security, None) if (
             self.security is not None) else None
         self.mail = MailMonitoring(self.state_dir, self._report_logged_login
@@ -106,6 +120,7 @@ class Exporter:
                                config.seconds("monitoring", "collection_interval"),
                                mon["history_max_entries"])
         self.custom.configure(mon["custom_metrics"])
+        self._configure_tracing(config)
         self.sampler = SystemSampler(mon)
         self._history_cpu = CpuUsage()
         if mon["enabled"]:
@@ -137,15 +152,34 @@ class Exporter:
         if self.mfa is not None and self.security is not None:
             _configure_mfa(self.mfa, self.security, config["security"])
             security_sources.append(MfaCollector(self.mfa))
+        identity_sources = []
+        if self.identity is not None:
+            self.identity.configure(config)
+            identity_sources.append(IdentityCollector(self.identity))
         self.scrape = Scrape([
             *enabled_collectors(mon),
             *self.mail.collectors(),
             *security_sources,
+            *identity_sources,
             Source("health", self.health.collect),
             Source("history", self.history.collect),
             Source("custom", self.custom.collect),
+            Source("performance", self.performance.collect),
+            Source("tracing", self.tracing.collect),
             Source("exporter", self._collect_self),
         ])
+
+    def _configure_tracing(self, config: Config) -> None:
+        """A changed tracing section gets a new provider; the old one exports what it
+        holds and stops on a worker thread, so a reload never waits for the receiver."""
+        settings = TracingSettings.from_config(config["tracing"])
+        if settings == self.tracing.settings:
+            return
+        old, self.tracing = self.tracing, Tracing(settings)
+        tracing.install(self.performance, self.tracing)
+        threading.Thread(target=old.shutdown, name="tracing-shutdown", daemon=True).start()
+        log.info("tracing reconfigured", extra={"enabled": settings.enabled,
+                                                "sampling_rate": settings.sampling_rate})
 
     def reload(self, actor: str = "signal") -> list[str]:
         """Re-reads the config file; on any problem the running config stays. Returns them."""
@@ -199,6 +233,8 @@ class Exporter:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
+        if self.identity is not None:
+            await self.identity.start()
         policy = self.config["security"]["postfix_policy"]
         if self.postfix_policy is not None and policy["enabled"]:
             from exporter.cli import split_listen
@@ -221,10 +257,16 @@ class Exporter:
         await self.mail.stop()
         if self.postfix_policy is not None:
             await self.postfix_policy.stop()
+        if self.identity is not None:
+            await self.identity.stop()
         if self.security is not None:
             await self.security.stop()
         if self.audit is not None:
             self.audit.close()
+        # queued spans get one export attempt; a dead receiver does not hold up the exit
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown),
+                                   TRACING_SHUTDOWN_TIMEOUT)
 
     async def _report_logged_login(self, login: str, remote_ip: str, protocol: str,
                                    success: bool) -> None:
@@ -247,7 +289,7 @@ class Exporter:
             self.history.add(entry)
             self._history_wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._history_wakeup.wait(), self.history.interval)
+                await bounded(self._history_wakeup.wait(), self.history.interval)
 
     async def _maintain_audit(self, sync_every: float = 1.0, check_every: float = 3600.0) -> None:
         """fsync the audit log every second; verify and purge it at start and hourly."""
@@ -281,7 +323,6 @@ class Exporter:
                                    float(len(asyncio.all_tasks(self._loop))))
         yield from self.http_requests.collect()
         yield from self.rate_limited.collect()
-        yield from self.http_duration.collect()
 
 
 def _postfix_limit(settings: dict[str, Any]) -> Limit | None:
@@ -320,7 +361,9 @@ def _build_security(config: Config, state_dir: Path
                        url=store_config["redis_url"],
                        password=read_secret(store_config, "redis_password"),
                        prefix=store_config["redis_key_prefix"])
-    engine = SecurityManager(Settings.from_config(security, parse_duration), store, audit)
+    # every store call timed and traced (path store); the engine reports its decisions
+    engine = SecurityManager(Settings.from_config(security, parse_duration),
+                             ObservedStore(store), audit, observer=security_observer)
     return audit, engine
 
 

@@ -25,6 +25,7 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
@@ -50,6 +51,40 @@ class SecondFactor(Protocol):
     async def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
                                    source_failures: Callable[[], Awaitable[int]]
                                    ) -> str | None: ...
+class Observation(Protocol):
+    """What an observer hands back for one operation: attributes for its span (bounded
+    values only: never a login, an address or a hash) and its failure, if any."""
+
+    def set(self, key: str, value: str | bool | int | float) -> None: ...
+
+    def fail(self, error_type: str) -> None: ...
+
+
+# observer("check") -> a context manager around the operation. The exporter passes one
+# that times it for its performance monitor and makes it a span; this package imports
+# neither (it stays a library), and without an observer nothing more is measured.
+Observer = Callable[[str], AbstractContextManager[Observation]]
+
+
+class _Unobserved:
+    def __enter__(self) -> _Unobserved:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set(self, key: str, value: str | bool | int | float) -> None:
+        return None
+
+    def fail(self, error_type: str) -> None:
+        return None
+
+
+_UNOBSERVED = _Unobserved()
+
+
+def _unobserved(operation: str) -> _Unobserved:
+    return _UNOBSERVED
 
 
 class Stats:
@@ -75,10 +110,11 @@ class Stats:
 
 class SecurityManager:
     def __init__(self, settings: Settings, store: Store, audit: Auditor | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, observer: Observer | None = None):
         self.store = store
         self.audit = audit
         self.clock = clock
+        self.observe: Observer = observer or _unobserved
         self.stats = Stats()
         self.lists = Lists()
         self._lock_scopes: dict[str, str] = {}  # lock key -> scope
@@ -156,6 +192,16 @@ class SecurityManager:
 
     async def check(self, attempt: Attempt) -> Decision:
         """Before the password check: may this login proceed? Raises ValueError on a bad IP."""
+        with self.observe("check") as observation:
+            decision = await self._check(attempt)
+            observation.set("protocol", attempt.protocol_label)
+            observation.set("action", decision.action)
+            observation.set("reason", decision.reason)
+            if decision.reason == "store_unavailable":
+                observation.fail("store_unavailable")
+            return decision
+
+    async def _check(self, attempt: Attempt) -> Decision:
         start = time.perf_counter()
         ip, keys = self._keys(attempt)
         try:
@@ -213,6 +259,18 @@ class SecurityManager:
 
     async def report(self, attempt: Attempt, success: bool) -> list[str]:
         """After the password check; returns the actions taken (lock, ban)."""
+        with self.observe("report") as observation:
+            failures = self.stats.store_errors.get("report", 0.0)
+            actions = await self._report(attempt, success)
+            observation.set("protocol", attempt.protocol_label)
+            observation.set("success", success)
+            if actions:
+                observation.set("actions", ",".join(actions))
+            if self.stats.store_errors.get("report", 0.0) != failures:
+                observation.fail("store_unavailable")
+            return actions
+
+    async def _report(self, attempt: Attempt, success: bool) -> list[str]:
         ip, keys = self._keys(attempt)
         self.stats.count(self.stats.attempts,
                          (attempt.protocol_label, "success" if success else "failure"))

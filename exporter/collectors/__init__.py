@@ -3,7 +3,9 @@
 A collector is a small object with a `name` and a `collect()` that yields fresh
 metric families built from the catalogue. The framework (`Scrape`) times every
 collector, emits a3mailer_exporter_collector_{duration_seconds,success}, and
-isolates failures: one collector raising never fails the scrape.
+isolates failures: one collector raising never fails the scrape. Each run is also
+a sample for the performance monitor and a span (`collector <name>`, a child of
+the /metrics request's span).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from exporter import catalogue
+from exporter import catalogue, tracing
 from exporter.collectors.process import ProcessCollector
 from exporter.collectors.system import SystemCollector
 
@@ -59,12 +61,15 @@ class Scrape:
         success = catalogue.family("a3mailer_exporter_collector_success")
         for collector in self.collectors:
             start = time.perf_counter()
-            try:
-                families = list(collector.collect())
-                ok = 1.0
-            except Exception:
-                log.exception("collector failed", extra={"collector": collector.name})
-                families, ok = [], 0.0
+            with tracing.observe("collector", collector.name, f"collector {collector.name}",
+                                 attributes={"a3mailer.collector": collector.name}) as run:
+                try:
+                    families = list(collector.collect())
+                    ok = 1.0
+                except Exception as exc:
+                    log.exception("collector failed", extra={"collector": collector.name})
+                    families, ok = [], 0.0
+                    run.fail(type(exc).__name__)
             duration.add_metric([collector.name], time.perf_counter() - start)
             success.add_metric([collector.name], ok)
             yield from families

@@ -21,9 +21,16 @@ Three layers, each usable alone:
 Each event is counted from exactly one kind of line, so one login is never counted
 twice: Dovecot IMAP/POP3 logins from the login process's `Login:` / `(auth failed, N
 attempts ...)` lines (not from the auth process's `Password mismatch` lines, which
-repeat them); SMTP AUTH from Postfix's smtpd (`SASL ... authentication failed`, and the
-first `client=..., sasl_username=` line of a session, since Postfix logs a successful
-AUTH only with each message it accepts).
+repeat them); SMTP AUTH failures from Postfix's smtpd `SASL ... authentication failed`
+warnings, and successes from the `auth=N[/M]` count of its `disconnect from` line (a
+session that authenticates and sends nothing logs no other trace of it). The login name
+of a success, which the security engine needs, is on the `client=..., sasl_username=`
+line Postfix writes with each message it accepts; the first of a session is reported.
+
+Parts of a line are client-controlled (a user name, text a client pipelined), so a
+parser reads a field only at the place the daemon's own format puts it, never by
+searching the whole line: a client must not be able to write a fake success, reject or
+failure into a log and have it counted.
 """
 
 from __future__ import annotations
@@ -31,11 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -44,6 +51,7 @@ from prometheus_client.core import Metric
 
 from exporter import catalogue
 from exporter.config import parse_duration
+from exporter.schedule import bounded
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,9 @@ class Auth(NamedTuple):
     login: str
     remote_ip: str
     attempts: int = 1
-    session: str = ""  # Postfix smtpd process: one success per session, see LogSource
+    # Postfix smtpd process: a success to report to the engine (once per session), whose
+    # count comes from the session's SessionEnd; see LogSource.ingest
+    session: str = ""
 
 
 class TlsFailure(NamedTuple):
@@ -82,9 +92,12 @@ class TlsFailure(NamedTuple):
 
 
 class SessionEnd(NamedTuple):
-    """Postfix smtpd finished a session (`disconnect from`); counted as ignored."""
+    """Postfix smtpd finished a session (`disconnect from`), with its successful AUTH
+    commands (`auth=N[/M]`: N of M succeeded); ignored when there were none."""
 
     session: str
+    service: str = "smtp"
+    auth_successes: int = 0
 
 
 class Unparsed(NamedTuple):
@@ -122,9 +135,10 @@ def _tls(service: str) -> TlsFailure:
 
 
 def _valid_ip(text: str) -> bool:
+    """An IPv4 or IPv6 address (inet_pton: a tenth of ipaddress's cost on the hot path)."""
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return False
     return True
 
@@ -161,7 +175,11 @@ def parse_postfix(line: str) -> Event | None:
     colon = line.find(": ")
     if colon < 0:
         return UNPARSED if line.strip() else None
-    start = line.rfind(" ", 0, colon) + 1
+    return _postfix_at(line, colon, line.rfind(" ", 0, colon) + 1)
+
+
+def _postfix_at(line: str, colon: int, start: int) -> Event | None:
+    """`colon`: the first ": " (after the program tag); `start`: where the tag starts."""
     bracket = line.find("[", start, colon)
     end = bracket if bracket >= 0 else colon
     slash = line.rfind("/", start, end)
@@ -173,8 +191,9 @@ def parse_postfix(line: str) -> Event | None:
     if daemon in _SMTPD_DAEMONS:
         return _postfix_smtpd(line, colon, start, end)
     if daemon == "cleanup":
-        k = line.find("reject: ", colon)
-        return _postfix_reject(line, k) if k >= 0 else None
+        # header/body checks and milters: "QUEUEID: reject: header ..." / "milter-reject:"
+        body = _after_queue_id(line, colon + 2)
+        return _queue_reject(line, body) if body >= 0 else None
     if daemon == "qmgr":
         return _DELIVERIES["expired"] if line.find(", status=expired", colon) >= 0 else None
     return None
@@ -205,39 +224,81 @@ def _postfix_service(line: str, start: int, end: int) -> str:
 def _postfix_smtpd(line: str, colon: int, start: int, end: int) -> Event | None:
     msg = colon + 2
     if line.startswith("disconnect from ", msg):
-        return SessionEnd(line[start:colon])
+        return _postfix_disconnect(line, msg + 16, start, colon, end)
     if line.startswith("connect from ", msg):
         return None
     if line.startswith("warning: ", msg):
-        # "warning: host[addr]: SASL PLAIN authentication failed: ..., sasl_username=bob"
-        k = line.find(" authentication failed", msg)
-        if k < 0 or line.find(": SASL ", msg, k) < 0:
-            return None
-        if any(line.find(reason, k) >= 0 for reason in _SASL_NOT_CLIENT):
-            return None
-        ip = _bracketed(line, msg)
-        if ip is None or not _valid_ip(ip):
-            return UNPARSED
-        u = line.find(", sasl_username=", k)
-        login = _until_comma(line, u + 16) if u >= 0 else ""
-        return Auth(_postfix_service(line, start, end), False, login, ip)
-    k = line.find("reject: ", msg)  # also milter-reject:, never reject_warning:
-    if k >= 0:
-        return _postfix_reject(line, k)
-    k = line.find(", sasl_username=", msg)
-    if k >= 0:
-        # "QUEUEID: client=host[addr], sasl_method=PLAIN, sasl_username=bob"
-        c = line.find("client=", msg, k)
-        if c < 0:
-            return None
-        ip = _bracketed(line, c)
-        if ip is None or not _valid_ip(ip):
-            return UNPARSED
-        login = _until_comma(line, k + 16)
-        return Auth(_postfix_service(line, start, end), True, login, ip, 1, line[start:colon])
+        return _postfix_sasl_failure(line, msg + 9, start, end)
     if line.startswith("SSL_accept error from ", msg):
         return _tls(_postfix_service(line, start, end))
+    # "QUEUEID: reject: ...", "NOQUEUE: milter-reject: ...", "QUEUEID: client=..., ...":
+    # only right after a queue id, never somewhere in text a client sent
+    body = _after_queue_id(line, msg)
+    if body < 0:
+        return None
+    if not line.startswith("client=", body):
+        return _queue_reject(line, body)
+    # "QUEUEID: client=host[addr], sasl_method=PLAIN, sasl_username=bob" (Postfix validates
+    # host names, so nothing a client chose comes before the user name)
+    k = line.find(", sasl_username=", body)
+    if k < 0:
+        return None
+    ip = _bracketed(line, body)
+    if ip is None or not _valid_ip(ip):
+        return UNPARSED
+    login = _until_comma(line, k + 16)
+    return Auth(_postfix_service(line, start, end), True, login, ip, 1, line[start:colon])
+
+
+def _after_queue_id(line: str, msg: int) -> int:
+    """Where the text after "QUEUEID: " (or "NOQUEUE: ") starts at `msg`; -1 if it does not."""
+    q = line.find(": ", msg, msg + 32)
+    return q + 2 if q > msg and line[msg:q].isalnum() else -1
+
+
+def _queue_reject(line: str, body: int) -> Event | None:
+    """The rejection logged at `body` (after the queue id), if one is."""
+    if line.startswith("reject: ", body):
+        return _postfix_reject(line, body)
+    if line.startswith("milter-reject: ", body):
+        return _postfix_reject(line, body + 7)
     return None
+
+
+def _postfix_disconnect(line: str, at: int, start: int, colon: int, end: int) -> SessionEnd:
+    """"disconnect from host[addr] ehlo=2 starttls=1 auth=1 mail=1 ... commands=8"."""
+    b = line.find("]", at)
+    a = line.find(" auth=", b) if b >= 0 else -1
+    successes = 0
+    if a >= 0:
+        a += 6
+        e = a
+        while e < len(line) and e - a < 4 and "0" <= line[e] <= "9":
+            e += 1
+        successes = min(int(line[a:e]), MAX_ATTEMPTS_PER_LINE) if e > a else 0
+    return SessionEnd(line[start:colon], _postfix_service(line, start, end) if successes
+                      else "smtp", successes)
+
+
+def _postfix_sasl_failure(line: str, at: int, start: int, end: int) -> Event | None:
+    """`at` follows "warning: ": "host[addr]: SASL PLAIN authentication failed: reason[,
+    sasl_username=bob]"; other warnings (some quoting what a client sent) are ignored."""
+    a = line.find("[", at)
+    b = line.find("]", a) if a >= 0 else -1
+    if b < 0 or not line.startswith("]: SASL ", b) or line.find(" ", at, a) >= 0:
+        return None
+    k = line.find(" authentication failed", b + 8)
+    if k < 0 or line.find(" ", b + 8, k) >= 0:  # one mechanism name between
+        return None
+    reason = k + 24  # after " authentication failed: "
+    if any(line.startswith(text, reason) for text in _SASL_NOT_CLIENT):
+        return None
+    ip = line[a + 1:b]
+    if not _valid_ip(ip):
+        return UNPARSED
+    u = line.find(", sasl_username=", k)
+    login = _until_comma(line, u + 16) if u >= 0 else ""
+    return Auth(_postfix_service(line, start, end), False, login, ip)
 
 
 def _bracketed(line: str, start: int) -> str | None:
@@ -294,11 +355,12 @@ def parse_dovecot(line: str) -> Event | None:
     if line.startswith("Login: ", msg):
         return _dovecot_auth(line, k, True, 1)
     a = line.find("(auth failed, ", msg)
-    if a >= 0:
+    # in the disconnect reason, before the "key=value" fields (a user name among them)
+    if a >= 0 and line.find("=", msg, a) < 0:
         a += 14
         b = line.find(" attempt", a)
         count = line[a:b]
-        if b < 0 or not count.isdigit():
+        if b < 0 or not (len(count) <= 6 and count.isascii() and count.isdigit()):
             return UNPARSED
         return _dovecot_auth(line, k, False, min(int(count), MAX_ATTEMPTS_PER_LINE))
     if line.find("TLS handshaking", msg) >= 0 or line.find("SSL_accept() failed", msg) >= 0:
@@ -428,7 +490,7 @@ def parse_maillog(line: str) -> Event | None:
     if line.startswith("dovecot", start) or line.find("-login", start, colon) >= 0:
         return parse_dovecot(line)
     if line.find("/", start, colon) >= 0:
-        return parse_postfix(line)
+        return _postfix_at(line, colon, start)
     return None
 
 
@@ -443,21 +505,29 @@ FINGERPRINT_BYTES = 512
 STATE_VERSION = 1
 
 
+def _open_read(path: str | Path) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
 class LogFollower:
     """Complete lines appended to one file since a saved offset, rotation-safe.
 
-    - rename (logrotate's default): the path gets a new inode; the old file is read to
-      its end, its last line even without a newline, then the new file from its start;
+    - rename (logrotate's default): the path gets a new inode. The old file is read on,
+      and only once the new file holds data (so its writer has moved on: logrotate's
+      `create` makes it empty before the writer is told to reopen) is the old one read
+      to its end, its last line even without a newline, and left for the new one, read
+      from its start;
     - truncation (copytruncate) or replacement in place: the size drops below the offset
       or the first bytes no longer match the fingerprint; read again from 0;
     - restart: the saved offset is used when the inode and fingerprint still match; when
       the file was rotated meanwhile, the old file is looked up by inode in the same
-      directory (mail.log.1) and finished first.
+      directory (mail.log.1) and finished first, as after a rename seen live.
     A line without its newline yet is left for the next read. A file first seen at start
-    with no saved state is read from its end (its history is not news); one that appears
-    later, from its start.
+    with no saved state (or state saved for another path) is read from its end (its
+    history is not news); one that appears later, from its start.
     State is saved by `save()` (temp file + os.replace: atomic against a crash of this
-    process; not fsynced, so a power loss may roll back one batch).
+    process; not fsynced, so a power loss may roll back one batch). While an old file is
+    being finished the state names it, so a crash then resumes it.
     """
 
     def __init__(self, path: str | Path, state_path: str | Path | None = None,
@@ -475,7 +545,6 @@ class LogFollower:
         self.rotations = {"rename": 0, "truncate": 0}
         self.overlong_lines = 0
         self._fd: int | None = None
-        self._old: tuple[int, int, bool] | None = None  # (fd, offset, skipping)
         self._saved: tuple[int, int, str, int, bool] | None = None
         self._seen_missing = False
         self._restored = self._load()
@@ -494,6 +563,8 @@ class LogFollower:
                         extra={"path": str(self.state_path), "error": str(exc)})
             return None
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return None
+        if data.get("path") != str(self.path):  # the source now follows another file
             return None
         return data
 
@@ -516,10 +587,10 @@ class LogFollower:
     def _fingerprint(self, fd: int, length: int) -> str:
         return hashlib.sha256(os.pread(fd, length, 0)).hexdigest() if length else ""
 
-    def _open(self) -> bool:
-        """Opens the path (resuming from saved state); False when it does not exist."""
+    def _open(self) -> None:
+        """Opens the path (resuming from saved state); FileNotFoundError while it is missing."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = _open_read(self.path)
         except FileNotFoundError:
             self._seen_missing = True
             raise
@@ -528,44 +599,56 @@ class LogFollower:
         self.offset, self.fingerprint, self.fp_len, self.skipping = 0, "", 0, False
         restored, self._restored = self._restored, None
         if restored is not None:
-            if self._resume(restored, st.st_size):
-                return True
+            try:
+                if self._resume(restored, st.st_size):
+                    return
+            except (TypeError, ValueError):  # a hand-edited state file: start afresh
+                log.warning("log follower state unusable; reading the file from its start",
+                            extra={"path": str(self.state_path)})
         elif self.start_at == "end" and not self._seen_missing:
             self._start_at_end(st.st_size)
         self._refresh_fingerprint(st.st_size)
-        return True
 
     def _resume(self, saved: dict[str, Any], size: int) -> bool:
-        """Continues where the saved state stopped; True when it could."""
+        """Continues where the saved state stopped, in this file or in the file it was
+        rotated to meanwhile (from its start if that was truncated); False when the saved
+        file is gone."""
         assert self._fd is not None
         inode, offset = int(saved.get("inode", 0)), int(saved.get("offset", 0))
         fingerprint, fp_len = str(saved.get("fingerprint", "")), int(
             saved.get("fingerprint_bytes", 0))
-        if inode == self.inode:
-            if size >= offset and size >= fp_len and self._fingerprint(
-                    self._fd, fp_len) == fingerprint:
-                self.offset, self.fingerprint, self.fp_len = offset, fingerprint, fp_len
-                self.skipping = bool(saved.get("skipping", False))
-                self._refresh_fingerprint(size)
-                return True
+        skipping = bool(saved.get("skipping", False))
+        if inode != self.inode:
+            # rotated while we were down: finish the old file first if it is still here
+            fd = self._open_inode(inode)
+            if fd < 0:
+                self.rotations["rename"] += 1
+                return False
+            os.close(self._fd)  # read_batch sees the path differ and finishes this one first
+            st = os.fstat(fd)
+            self._fd, self.inode, self.device, size = fd, st.st_ino, st.st_dev, st.st_size
+        if size >= offset and size >= fp_len and self._fingerprint(
+                self._fd, fp_len) == fingerprint:
+            self.offset, self.fingerprint, self.fp_len = offset, fingerprint, fp_len
+            self.skipping = skipping
+        else:
             self.rotations["truncate"] += 1
-            return False
-        # rotated while we were down: finish the old file first if it is still here
+        self._refresh_fingerprint(size)
+        return True
+
+    def _open_inode(self, inode: int) -> int:
+        """An fd of the file with this inode beside the path (mail.log.1), or -1."""
         old = self._find_inode(inode)
-        if old is not None:
-            try:
-                fd = os.open(old, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                if (os.fstat(fd).st_ino == inode and os.fstat(fd).st_size >= offset
-                        and self._fingerprint(fd, fp_len) == fingerprint):
-                    self._old = (fd, offset, bool(saved.get("skipping", False)))
-                    self.rotations["rename"] += 1
-                    return False
-                os.close(fd)
-        self.rotations["rename"] += 1
-        return False
+        if old is None:
+            return -1
+        try:
+            fd = _open_read(old)
+        except OSError:
+            return -1
+        if os.fstat(fd).st_ino != inode:  # replaced between the scan and the open
+            os.close(fd)
+            return -1
+        return fd
 
     def _find_inode(self, inode: int) -> Path | None:
         directory = self.path.parent
@@ -594,51 +677,38 @@ class LogFollower:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._old is not None:
-            os.close(self._old[0])
-            self._old = None
 
     # --- reading
 
     def read_batch(self) -> tuple[list[str], bool]:
         """The next complete lines (at most about batch_bytes) and whether more may be
         waiting. Raises OSError when the file cannot be read (and is not being rotated)."""
-        if self._old is not None:  # a file rotated away while we were stopped: finish it
-            old_fd, old_offset, old_skipping = self._old
-            lines, old_offset, old_skipping, more = self._read(
-                old_fd, old_offset, old_skipping, final=True)
-            self._old = (old_fd, old_offset, old_skipping)
-            if not more:
-                os.close(old_fd)
-                self._old = None
-            return lines, True
         if self._fd is None:
             self._open()  # raises FileNotFoundError while there is no file
-            if self._old is not None:
-                return self.read_batch()
         fd = self._fd
         assert fd is not None
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None  # renamed away, the new one not created yet: keep reading the old
-        if st is not None and (st.st_ino, st.st_dev) != (self.inode, self.device):
-            lines, self.offset, self.skipping, more = self._read(
-                fd, self.offset, self.skipping, final=True)
-            if more:
-                return lines, True
-            os.close(fd)
-            self._fd = None
-            self.rotations["rename"] += 1
-            self._seen_missing = True  # the new file is read from its start
-            self._restored = None
-            return lines, True
         size = os.fstat(fd).st_size
         if size < self.offset or size < self.fp_len or (
                 self.fp_len and self._fingerprint(fd, self.fp_len) != self.fingerprint):
             self.rotations["truncate"] += 1
             self.offset, self.skipping, self.fingerprint, self.fp_len = 0, False, "", 0
         self._refresh_fingerprint(size)
+        if st is not None and (st.st_ino, st.st_dev) != (self.inode, self.device):
+            moved_on = st.st_size > 0  # the writer writes to the new file now
+            lines, self.offset, self.skipping, more = self._read(
+                fd, self.offset, self.skipping, final=moved_on)
+            if more or not moved_on:
+                return lines, more
+            os.close(fd)
+            self._fd = None
+            self.rotations["rename"] += 1
+            self._seen_missing = True  # the new file is read from its start
+            self._restored = None
+            return lines, True
         lines, self.offset, self.skipping, more = self._read(
             fd, self.offset, self.skipping, final=False)
         return lines, more
@@ -701,7 +771,7 @@ class LogSource:
         self.events: dict[Event, int] = {}  # Delivery, Reject, TlsFailure -> count
         self.auth: dict[tuple[str, str], int] = {}  # (service, result) -> count
         self.errors = {"read": 0, "state": 0, "report": 0}
-        self._sessions: dict[str, None] = {}  # smtpd sessions whose AUTH success was counted
+        self._sessions: dict[str, None] = {}  # smtpd sessions whose AUTH success was reported
         self._last_error = ""
 
     @property
@@ -714,26 +784,38 @@ class LogSource:
         parsed = ignored = unparsed = 0
         auths: list[Auth] = []
         for line in lines:
-            event = parse(line)
+            try:
+                event = parse(line)
+            except Exception as exc:  # a parser bug costs one line (unparsed), not the batch
+                self._warn(f"parse: {type(exc).__name__}: {exc}")
+                event = UNPARSED
             if event is None:
                 ignored += 1
             elif event.__class__ is Auth:
                 parsed += 1
                 auth = cast(Auth, event)
                 if auth.session:
+                    # counted at the session's end; reported once, with the first message
                     if auth.session in sessions:
-                        continue  # another message in a session whose AUTH was counted
+                        continue
                     sessions[auth.session] = None
                     if len(sessions) > MAX_OPEN_SESSIONS:  # disconnect lines were lost
                         del sessions[next(iter(sessions))]
-                key = (auth.service, "success" if auth.success else "failure")
-                self.auth[key] = self.auth.get(key, 0) + auth.attempts
+                else:
+                    key = (auth.service, "success" if auth.success else "failure")
+                    self.auth[key] = self.auth.get(key, 0) + auth.attempts
                 auths.append(auth)
             elif event is UNPARSED:
                 unparsed += 1
             elif event.__class__ is SessionEnd:
-                ignored += 1
-                sessions.pop(cast(SessionEnd, event).session, None)
+                end = cast(SessionEnd, event)
+                sessions.pop(end.session, None)
+                if end.auth_successes:
+                    parsed += 1
+                    key = (end.service, "success")
+                    self.auth[key] = self.auth.get(key, 0) + end.auth_successes
+                else:
+                    ignored += 1
             else:
                 parsed += 1
                 events[event] = events.get(event, 0) + 1
@@ -763,7 +845,9 @@ class LogSource:
 
     def _error(self, operation: str, exc: BaseException) -> None:
         self.errors[operation] += 1
-        text = f"{operation}: {type(exc).__name__}: {exc}"
+        self._warn(f"{operation}: {type(exc).__name__}: {exc}")
+
+    def _warn(self, text: str) -> None:
         if text != self._last_error:  # once per distinct problem, not once per poll
             log.warning("log ingestion problem", extra={"source": self.name, "error": text})
             self._last_error = text
@@ -859,7 +943,7 @@ class LogIngestion:
             except Exception:
                 log.exception("log ingestion poll failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                await bounded(self._stopping.wait(), self.poll_interval)
 
     async def start(self) -> None:
         if self._task is None:

@@ -8,6 +8,7 @@ from exporter.config.loader import (
     load_config,
     load_schema,
     parse_duration,
+    parse_headers,
     read_secret,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "load_config",
     "load_schema",
     "parse_duration",
+    "parse_headers",
     "read_secret",
 ]

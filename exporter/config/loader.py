@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,28 @@ def read_secret(section: Mapping[str, Any], name: str) -> str | None:
         return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
     env = section.get(f"{name}_env") or ""
     return os.environ.get(env) or None if env else None
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Header names that carry credentials: refused inline in tracing.otlp_headers.
+SECRET_HEADER = re.compile(r"authorization|token|secret|password|api[-_]?key|cookie|credential",
+                           re.IGNORECASE)
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """'name=value' pairs separated by commas or newlines, values percent-encoded (the
+    OTEL_EXPORTER_OTLP_HEADERS format); lines starting with # are comments. ValueError
+    names the bad pair by position, never its value, which may be a secret."""
+    headers: dict[str, str] = {}
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    pairs = [pair.strip() for line in lines for pair in line.split(",")]
+    for number, pair in enumerate((p for p in pairs if p), start=1):
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not _HEADER_NAME.match(name):
+            raise ValueError(f"header {number}: expected name=value with a token name")
+        headers[name] = urllib.parse.unquote(value.strip())
+    return headers
 
 
 @functools.cache
@@ -323,6 +346,22 @@ def _semantic_problems(
             read_secret(values, name)
         except OSError as exc:
             problem((*section, f"{name}_file"), f"cannot read secret: {exc.strerror}")
+    tracing = data["tracing"]
+    if "@" in urllib.parse.urlsplit(tracing["otlp_endpoint"]).netloc:
+        # said without the value: it holds a password
+        problem(("tracing", "otlp_endpoint"), "no user:password@ in the URL: put credentials "
+                "in tracing.otlp_headers_file or tracing.otlp_headers_env")
+    for name in tracing["otlp_headers"]:
+        if SECRET_HEADER.search(name):
+            problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "
+                    "tracing.otlp_headers_file or tracing.otlp_headers_env")
+    try:
+        parse_headers(read_secret(tracing, "otlp_headers") or "")
+    except OSError as exc:
+        problem(("tracing", "otlp_headers_file"), f"cannot read secret: {exc.strerror}")
+    except ValueError as exc:
+        where = "otlp_headers_file" if tracing["otlp_headers_file"] else "otlp_headers_env"
+        problem(("tracing", where), str(exc))
     tls = data["server"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")

@@ -24,7 +24,9 @@ from exporter.exposition import (
     render_openmetrics,
     render_text,
 )
-from exporter.http.auth import ListenerAuth
+from exporter.http.auth import NOBODY, Identity, ListenerAuth, identify
+from exporter.http.federation_routes import federation_routes
+from exporter.http.identity_routes import identity_routes
 from exporter.http.mfa_routes import mfa_routes
 from exporter.http.middleware import BodyTooLarge, Guard, api_limits
 from exporter.http.openapi import openapi_document
@@ -74,10 +76,10 @@ def create_app(exporter: Exporter) -> ASGIApp:
         return JSONResponse(openapi_document(exporter.config))
 
     async def reload(request: Request) -> Response:
-        denied = _admin_denied(request)
+        denied = await authorize(request, "admin")
         if denied:
             return denied
-        problems = exporter.reload(actor="admin")
+        problems = exporter.reload(actor=request.state.identity.actor)
         if problems:
             return error(400, "invalid_config", "config rejected; the previous config keeps "
                                                 "running", problems=problems)
@@ -102,8 +104,15 @@ def create_app(exporter: Exporter) -> ASGIApp:
             "entries": entries,
         })
 
+    async def performance(request: Request) -> Response:
+        try:
+            body = exporter.performance.snapshot(request.query_params.get("path") or None)
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        return JSONResponse(body)
+
     async def custom_metric(request: Request) -> Response:
-        denied = _admin_denied(request)
+        denied = await authorize(request, "metrics:write")
         if denied:
             return denied
         try:
@@ -123,17 +132,32 @@ def create_app(exporter: Exporter) -> ASGIApp:
         return JSONResponse({"metric": metric.spec.name, "labels": body.get("labels", {}),
                              "value": value})
 
-    def _admin_denied(request: Request, scope: str = "admin") -> Response | None:
-        """None when the credentials may use scope (the admin token may use every one)."""
-        status = guard.auth.admin_status(request.headers.get("authorization"))
-        if status == 403:
+    async def authorize(request: Request, scope: str) -> Response | None:
+        """None when the caller holds `scope` (the admin token holds every scope), else the
+        answer: 401 for no or wrong credentials (a revoked or expired key too), 403 for a
+        valid key without the scope, 429 for a key over its rate limit."""
+        state = request.scope.setdefault("state", {})
+        identity: Identity | None = state.get("identity")
+        if identity is None:
+            services = exporter.identity
+            identity = await identify(guard.auth, services.apikeys if services else None,
+                                      request.headers.get("authorization"))
+            state["identity"] = identity
+        if identity.allows(scope):
+            return None
+        check = identity.check
+        if check is not None and check.reason == "rate_limited":
+            return error(429, "rate_limited", "this API key is over its rate limit")
+        if check is not None and check.ok:
+            return error(403, "forbidden", f"this API key lacks the scope {scope!r}")
+        if identity is NOBODY and guard.auth.admin is None and exporter.identity is None:
             return error(403, "forbidden", "admin endpoints are disabled: set "
                                            "security.admin_token_file or the "
                                            "A3MAILER_ADMIN_TOKEN environment variable")
-        if status == 401:
-            return error(401, "unauthorized", "admin bearer token required",
-                         headers={"www-authenticate": "Bearer"})
-        return None
+        return JSONResponse({"error": "unauthorized", "message": f"the admin token or an API "
+                                                                 f"key with scope {scope!r} "
+                                                                 "required"},
+                            status_code=401, headers={"www-authenticate": "Bearer"})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
@@ -159,10 +183,13 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/-/reload", reload, methods=["POST"]),
         Route("/api/v1/monitoring/history", history, methods=["GET"]),
+        Route("/api/v1/performance", performance, methods=["GET"]),
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
-    routes += security_routes(exporter, _admin_denied)
-    routes += mfa_routes(exporter, _admin_denied)
+    routes += security_routes(exporter, authorize)
+    routes += identity_routes(exporter, authorize)
+    routes += federation_routes(exporter, authorize)
+    routes += mfa_routes(exporter, authorize)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))

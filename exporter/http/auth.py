@@ -1,8 +1,12 @@
-"""Listener authentication (like Prometheus's web config) and the admin token.
+"""Listener authentication (like Prometheus's web config), the admin token and API keys.
 
 Basic-auth passwords are stored as bcrypt hashes only; a verified pair is
 remembered by its SHA-256 so bcrypt's deliberate slowness is paid once per
 credential, not per scrape. Tokens are compared in constant time.
+
+Admin and security routes are authorised by `identify()`: the bootstrap admin token
+holds every scope, an API key (security/apikeys.py) the scopes it was created with.
+Each route names the one scope it needs (`app.py` wraps it with `authorize`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ import hashlib
 import hmac
 import logging
 from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import bcrypt
 
 from exporter.config import read_secret
+from security.apikeys import TOKEN_PREFIX, KeyCheck
+
+if TYPE_CHECKING:
+    from security.apikeys import ApiKeys
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +108,44 @@ class ListenerAuth:
         if scheme.lower() == "bearer" and hmac.compare_digest(_digest(token.strip()), self.admin):
             return 200
         return 401
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who sent an admin or security request: `admin` (the bootstrap token), `apikey`
+    (check holds the outcome, valid or not) or `none`."""
+
+    kind: str
+    check: KeyCheck | None = None
+
+    def allows(self, scope: str) -> bool:
+        return self.kind == "admin" or (self.check is not None and self.check.allows(scope))
+
+    @property
+    def valid_key(self) -> bool:
+        return self.check is not None and self.check.ok
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names the caller."""
+        if self.kind == "apikey" and self.check is not None:
+            return f"apikey:{self.check.key_id}"
+        return self.kind
+
+
+ADMIN = Identity("admin")
+NOBODY = Identity("none")
+
+
+async def identify(auth: ListenerAuth, apikeys: ApiKeys | None,
+                   authorization: str | None) -> Identity:
+    """The Identity of an `Authorization: Bearer ...` header (constant-time comparisons)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return NOBODY
+    if auth.admin is not None and hmac.compare_digest(_digest(token), auth.admin):
+        return ADMIN
+    if apikeys is not None and token.startswith(TOKEN_PREFIX):
+        return Identity("apikey", await apikeys.authenticate(token))
+    return NOBODY

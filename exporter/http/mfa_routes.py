@@ -1,7 +1,7 @@
 """The MFA routes under /api/v1/mfa/: thin endpoints over security.mfa.manager.MfaManager.
 
-Every route sits behind the admin authorisation wrapper of the security routes
-(`admin_only`) with the scope `SCOPES` names for it: the web front end calls these with
+Every route sits behind the authorisation wrapper of the security routes (`scoped`)
+with the scope `SCOPES` names for it: the web front end calls these with
 the admin token or an API key holding that scope.
 """
 
@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exporter.http.security_routes import AdminDenied, BadRequest, _error, _json_body, admin_only
+from exporter.http.security_routes import Authorize, BadRequest, _error, _json_body, scoped
 from exporter.service import Exporter
 from security.mfa.delivery import DeliveryError
 from security.mfa.manager import LoginContext, MfaError, MfaManager, Verification
@@ -120,7 +120,7 @@ def _refused(exc: MfaError | DeliveryError) -> Response:
     return response
 
 
-def mfa_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route]:
+def mfa_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     """The routes, or none when security or security.mfa is disabled."""
     mfa: MfaManager | None = exporter.mfa
     if mfa is None:
@@ -236,7 +236,7 @@ def mfa_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route]:
                 return await handler(request)
             except (MfaError, DeliveryError) as exc:
                 return _refused(exc)
-        return admin_only(admin_denied, answer, SCOPES[(method, path)])
+        return scoped(authorize, answer, SCOPES[(method, path)])
 
     by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
     for method, path in handlers:

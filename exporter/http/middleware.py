@@ -1,14 +1,16 @@
-"""Cross-cutting HTTP concerns in one pure ASGI middleware: auth, body limit, metrics."""
+"""Cross-cutting HTTP concerns in one pure ASGI middleware: auth, body limit, metrics,
+latency (the performance monitor) and tracing (a SERVER span per request)."""
 
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.trace import SpanKind
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.http.auth import SELF_AUTHENTICATED
+from exporter import tracing
+from exporter.http.auth import SELF_AUTHENTICATED, Identity, identify
 from security.ratelimit import Limit, RateLimiter, headers
 
 if TYPE_CHECKING:
@@ -54,10 +56,11 @@ def api_limits(config: dict[str, Any]) -> dict[str, Limit] | None:
 
 
 class Guard:
-    """Authenticates the listener, rate-limits the JSON API, caps request bodies and
-    counts every request."""
+    """Authenticates the listener, rate-limits the JSON API, caps request bodies, counts,
+    times and traces every request."""
 
     RATE_LIMITED_PREFIX = "/api/"
+    IDENTIFIED_PREFIXES = ("/api/", "/-/")
 
     def __init__(self, app: ASGIApp, exporter: Exporter, auth: ListenerAuth):
         self.app = app
@@ -70,7 +73,6 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
         status = 500
         started = False
 
@@ -80,34 +82,63 @@ class Guard:
                 status, started = message["status"], True
             await send(message)
 
-        try:
-            await self._guarded(scope, receive, send_wrapper)
-        except BodyTooLarge:
-            if not started:
-                await send_json(send_wrapper, 413, self._too_large())
-        finally:
-            route = scope.get("route")
-            handler = getattr(route, "path", "other") if route is not None else "other"
-            self.exporter.http_requests.inc((handler, str(status)))
-            self.exporter.http_duration.observe((handler,), time.perf_counter() - start)
+        method = scope["method"]
+        parent = tracing.extract(scope["headers"])
+        with tracing.observe("http", "other", method, SpanKind.SERVER,
+                             _request_attributes(scope) if tracing.enabled() else None,
+                             parent) as operation:
+            try:
+                await self._guarded(scope, receive, send_wrapper)
+            except BodyTooLarge:
+                if not started:
+                    await send_json(send_wrapper, 413, self._too_large())
+            finally:
+                route = scope.get("route")
+                handler = getattr(route, "path", "other") if route is not None else "other"
+                self.exporter.http_requests.inc((handler, str(status)))
+                operation.operation = handler
+                if status >= 500:
+                    operation.fail(str(status))
+                if operation.span is not None:
+                    _response_attributes(operation, scope, handler, status)
 
     def _too_large(self) -> dict[str, Any]:
         limit = self.exporter.config["server"]["max_request_body_bytes"]
         return {"error": "payload_too_large", "message": f"request body over {limit} bytes"}
 
-    def _rate_limit(self, scope: Scope) -> tuple[dict[str, str], bool]:
+    async def _identify(self, scope: Scope) -> Identity | None:
+        """Who calls an admin or /api/ route, worked out once and kept in the request state
+        (app.py's authorize reads it there)."""
+        path = scope["path"]
+        if path in SELF_AUTHENTICATED or not path.startswith(self.IDENTIFIED_PREFIXES):
+            return None
+        authorization = header(scope, b"authorization")
+        if not authorization:
+            return None
+        services = self.exporter.identity
+        identity = await identify(self.auth, services.apikeys if services else None,
+                                  authorization)
+        scope.setdefault("state", {})["identity"] = identity
+        return identity
+
+    def _rate_limit(self, scope: Scope, identity: Identity | None) -> tuple[dict[str, str], bool]:
         """RateLimit headers for an /api/ request, and whether it may proceed.
 
-        Clients holding the admin token are 'authenticated' (keyed by the token),
-        everyone else 'anonymous' (keyed by client address), so guessing tokens is
-        throttled as hard as any anonymous traffic.
+        Clients holding the admin token are 'authenticated' (keyed by the token), a valid
+        API key has its own per-key limit (counted by the key check), everyone else is
+        'anonymous' (keyed by client address), so guessing tokens is throttled as hard
+        as any anonymous traffic.
         """
         path = scope["path"]
         if self.limits is None or not path.startswith(self.RATE_LIMITED_PREFIX) or (
                 path in SELF_AUTHENTICATED):
             return {}, True
-        authorization = header(scope, b"authorization")
-        if authorization and self.auth.admin_status(authorization) == 200:
+        check = identity.check if identity is not None else None
+        if check is not None and check.limit is not None:
+            if not check.limit.allowed:
+                self.exporter.rate_limited.inc(("apikey",))
+            return headers(check.limit), check.limit.allowed
+        if identity is not None and identity.kind == "admin":
             klass, key = "authenticated", "admin"
         else:
             klass, key = "anonymous", (scope.get("client") or ("?", 0))[0]
@@ -118,7 +149,8 @@ class Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = self.auth
-        limit_headers, allowed = self._rate_limit(scope)
+        identity = await self._identify(scope)
+        limit_headers, allowed = self._rate_limit(scope, identity)
         if limit_headers:
             encoded = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]
             if not allowed:
@@ -127,7 +159,9 @@ class Guard:
                                 encoded)
                 return
             send = _with_headers(send, encoded)
-        if auth.needs_auth(scope["path"]) and not await auth.allows(
+        # an admin token or valid API key passes the listener's auth on the routes it serves
+        passes = identity is not None and (identity.kind == "admin" or identity.valid_key)
+        if auth.needs_auth(scope["path"]) and not passes and not await auth.allows(
                 header(scope, b"authorization")):
             await send_json(send, 401, {"error": "unauthorized",
                                         "message": "valid credentials required"},
@@ -151,6 +185,27 @@ class Guard:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _request_attributes(scope: Scope) -> dict[str, Any]:
+    """The HTTP server span's attributes known before routing (semantic conventions)."""
+    server = scope.get("server") or ("", 0)
+    return {"http.request.method": scope["method"], "url.scheme": scope.get("scheme", "http"),
+            "server.port": server[1] or 0, "network.protocol.version": scope.get(
+                "http_version", "1.1")}
+
+
+def _response_attributes(operation: tracing.Operation | tracing.Timed, scope: Scope,
+                         handler: str,
+                         status: int) -> None:
+    """The rest once the route answered. A path with a parameter (an account name, a
+    metric name) is reported as its route template, an unrouted one (anything a client
+    sent) not at all; the query string never."""
+    if handler != "other":
+        operation.rename(f"{scope['method']} {handler}")
+        operation.set("http.route", handler)
+        operation.set("url.path", handler if "{" in handler else scope["path"])
+    operation.set("http.response.status_code", status)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

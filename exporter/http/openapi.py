@@ -7,9 +7,40 @@ from typing import Any
 from exporter import __version__
 from exporter.config import Config
 from exporter.custom_metrics import UPDATE_SCHEMA
+from exporter.performance import PATHS, WINDOWS
 
 _ERROR = {"type": "object", "required": ["error", "message"],
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+
+
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_WINDOW_STATS = {
+    "type": "object",
+    "required": ["window", "covered_seconds", "count", "errors", "rate", "error_rate", "mean",
+                 "p50", "p95", "p99"],
+    "properties": {"window": {"type": "string", "enum": list(WINDOWS)},
+                   "covered_seconds": {"type": "number"}, "count": {"type": "integer"},
+                   "errors": {"type": "integer"}, "rate": {"type": "number"},
+                   "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                   "mean": _NUMBER_OR_NULL, "p50": _NUMBER_OR_NULL, "p95": _NUMBER_OR_NULL,
+                   "p99": _NUMBER_OR_NULL},
+}
+_WINDOWS = {"type": "object", "required": list(WINDOWS),
+            "properties": {name: _WINDOW_STATS for name in WINDOWS}}
+_PERFORMANCE = {
+    "type": "object",
+    "required": ["relative_error", "slot_seconds", "windows", "paths", "operations"],
+    "properties": {
+        "relative_error": {"type": "number"}, "slot_seconds": {"type": "integer"},
+        "windows": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "paths": {"type": "array", "items": {"type": "object", "properties": {
+            "path": {"type": "string"}, "description": {"type": "string"},
+            "histogram": {"type": ["string", "null"]}, "windows": _WINDOWS}}},
+        "operations": {"type": "array", "items": {"type": "object", "properties": {
+            "path": {"type": "string"}, "operation": {"type": "string"},
+            "windows": _WINDOWS}}},
+    },
+}
 
 
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -18,14 +49,33 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "Bad request", 401: "Credentials missing or wrong",
-            403: "Admin endpoints disabled (no admin token configured)",
-            404: "Not found", 413: "Body too large", 422: "Series budget full",
-            409: "Conflict (nothing pending, or already there)", 429: "Rate limited",
+    text = {400: "Bad request", 401: "Credentials missing or wrong", 429: "Rate limited",
+            403: "API key lacks the route's scope (or, with security disabled, no admin "
+                 "token configured)",
+            404: "Not found", 409: "Conflict (nothing pending, or already there)",
+            413: "Body too large", 422: "Series budget full",
             502: "Delivery to the relay or provider failed",
             503: "Provider unavailable (circuit open)"}
     return {str(code): _json(text[code], {"$ref": "#/components/schemas/Error"})
             for code in codes}
+
+
+def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: str,
+                     responses: dict[str, Any], *codes: int, body: dict[str, Any] | None = None,
+                     params: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """One operation of a route behind `scoped` (the admin token or an API key with scope)."""
+    out: dict[str, Any] = {
+        "summary": summary, "security": security,
+        "description": (description + " " if description else "")
+        + f"Scope: {scope} (or the admin token).",
+        "responses": {**responses, **_errors(401, 403, *codes)}}
+    if body is not None:
+        out["requestBody"] = {"required": bool(body.get("required")),
+                              "content": {"application/json": {"schema": body}}}
+    if params:
+        out["parameters"] = [{"name": p, "in": "path", "required": True,
+                              "schema": {"type": "string"}} for p in params]
+    return out
 
 
 def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
@@ -136,6 +186,13 @@ def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
+def _identity_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    from exporter.http.federation_routes import federation_paths
+    from exporter.http.identity_routes import identity_paths
+
+    return {**identity_paths(admin), **federation_paths(admin)}
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     from exporter.http.mfa_routes import mfa_paths
 
@@ -155,7 +212,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "timestamp": {"type": "number", "description": "Unix time of the last check"},
         },
     }
-    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}, {"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "a3mailer-exporter", "version": __version__,
@@ -166,6 +223,9 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "securitySchemes": {
                 "adminToken": {"type": "http", "scheme": "bearer",
                                "description": "security.admin_token_file or A3MAILER_ADMIN_TOKEN"},
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "An API key (a3m_<id>_<secret>, POST /api/v1/apikeys) "
+                                          "holding the route's scope"},
                 "listenerBasic": {"type": "http", "scheme": "basic"},
                 "listenerBearer": {"type": "http", "scheme": "bearer"},
             },
@@ -213,6 +273,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
                      "description": "Only the newest N entries"},
                 ],
                 "responses": {"200": _json("History"), **_errors(400)}}},
+            **(_identity_paths(admin) if config["security"]["enabled"] else {}),
+            "/api/v1/performance": {"get": {
+                "summary": "Sliding-window performance per path and operation",
+                "description": "1m, 5m and 15m windows of every instrumented path (http, "
+                               "security, store, collector, schedule) and operation: count, "
+                               "rate per second, errors, error_rate (0..1), mean and "
+                               "p50/p95/p99 latency in seconds (within relative_error).",
+                "parameters": [{"name": "path", "in": "query", "schema": {
+                    "type": "string", "enum": list(PATHS)}, "description": "Only this path"}],
+                "responses": {"200": _json("Windows", _PERFORMANCE), **_errors(400)}}},
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,

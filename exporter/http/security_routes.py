@@ -1,7 +1,8 @@
 """HTTP front ends of the security engine: the Dovecot policy endpoint and the JSON API.
 
 Thin endpoints: parse (protocol code lives in security/protocols/), call one
-engine method, format. The admin API needs the admin bearer token.
+engine method, format. The admin API needs the admin bearer token or an API key with
+the route's scope: security:read to read, security:write to change.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from security.blocklist import export_text, import_text
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-# (request, scope) -> None when the credentials may use the scope, else the 401/403 answer
-AdminDenied = Callable[[Request, str], Response | None]
+Authorize = Callable[[Request, str], Awaitable[Response | None]]
+"""app.py's check of a route's scope: None when allowed, else the 401/403/429 answer."""
 
 ATTEMPT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -98,12 +99,13 @@ def _decision_json(decision: Any) -> dict[str, Any]:
             "message": decision.message, "retry_after": round(decision.retry_after, 3)}
 
 
-def admin_only(admin_denied: AdminDenied, handler: Endpoint, scope: str = "admin") -> Endpoint:
-    """The one authorisation wrapper of the admin and security routes: admin_denied decides
-    whether the request's credentials carry `scope` (the bootstrap admin token carries
-    every scope); a BadRequest from the handler becomes a JSON 400."""
+def scoped(authorize: Authorize, handler: Endpoint, scope: str | None = None) -> Endpoint:
+    """`handler` behind the admin token or an API key holding `scope` (None: security:read
+    for GET, security:write for other methods); BadRequest becomes a 400."""
     async def guarded(request: Request) -> Response:
-        denied = admin_denied(request, scope)
+        needed = scope or ("security:read" if request.method in ("GET", "HEAD")
+                           else "security:write")
+        denied = await authorize(request, needed)
         if denied is not None:
             return denied
         try:
@@ -113,7 +115,13 @@ def admin_only(admin_denied: AdminDenied, handler: Endpoint, scope: str = "admin
     return guarded
 
 
-def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route]:
+def actor(request: Request) -> str:
+    """The caller as the audit log names it: admin, or apikey:<id>."""
+    identity = request.scope.get("state", {}).get("identity")
+    return identity.actor if identity is not None else "admin"
+
+
+def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     """The routes, or none when security.enabled is false."""
     engine = exporter.security
     if engine is None:
@@ -121,7 +129,7 @@ def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route
     frontends = exporter.security_frontends
 
     def admin(handler: Endpoint) -> Endpoint:
-        return admin_only(admin_denied, handler)
+        return scoped(authorize, handler)
 
     async def dovecot_policy(request: Request) -> Response:
         settings = exporter.config["security"]["dovecot_policy"]
@@ -183,7 +191,7 @@ def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route
         account = request.path_params["account"]
         try:
             removed = await engine.unlock(account, request.query_params.get("source"),
-                                          actor="admin")
+                                          actor=actor(request))
         except ValueError as exc:
             raise BadRequest(f"source: {exc}") from None
         if not removed:
@@ -196,7 +204,7 @@ def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route
         if request.method == "DELETE":
             network = request.query_params.get("network", "")
             try:
-                ban = await engine.unban(network, actor="admin")
+                ban = await engine.unban(network, actor=actor(request))
             except ValueError as exc:
                 raise BadRequest(f"network: {exc}") from None
             if ban is None:
@@ -205,7 +213,7 @@ def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route
         body = await _json_body(request, _ban_validator)
         try:
             ban = await engine.ban(body["network"], body.get("reason", ""),
-                                   body.get("duration_seconds"), actor="admin")
+                                   body.get("duration_seconds"), actor=actor(request))
         except ValueError as exc:
             raise BadRequest(f"network: {exc}") from None
         return JSONResponse({"banned": dataclasses.asdict(ban)}, status_code=201)
@@ -225,7 +233,7 @@ def security_routes(exporter: Exporter, admin_denied: AdminDenied) -> list[Route
             if duration is not None and duration <= 0:
                 continue
             await engine.ban(entry.network, entry.reason, duration, source=source,
-                             actor="admin")
+                             actor=actor(request))
         return JSONResponse({"imported": len(entries),
                              "errors": [{"line": n, "message": m} for n, m in errors]})
 

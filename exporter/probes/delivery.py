@@ -31,6 +31,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
+from exporter import tracing
 from exporter.instruments import HistogramVec
 from exporter.probes import imap, smtp, tlsinfo
 from exporter.probes.session import (
@@ -184,7 +185,8 @@ def _timed(result: ProbeResult, phase: str) -> Iterator[None]:
     result.phase = phase
     start = time.perf_counter()
     try:
-        yield
+        with tracing.phase(f"delivery {phase}", phase):
+            yield
     finally:
         result.phases[phase] = result.phases.get(phase, 0.0) + time.perf_counter() - start
 

@@ -13,6 +13,7 @@ import base64
 import json
 from typing import Any
 
+from exporter import tracing
 from exporter.probes.session import ProbeFailed, Session, run_probe
 from exporter.probes.target import Credentials, ProbeResult, Target
 
@@ -39,6 +40,8 @@ def request_bytes(target: Target, credentials: Credentials | None) -> bytes:
         host = f"{host}:{target.port}"
     lines = [f"GET {target.path} HTTP/1.1", f"Host: {host}", f"User-Agent: {USER_AGENT}",
              "Accept: application/json, */*", "Connection: close"]
+    # a traced probe's trace continues into the server (W3C traceparent and baggage)
+    lines += [f"{name}: {value}" for name, value in tracing.outgoing_headers().items()]
     if credentials is not None:
         token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode())
         lines.append("Authorization: Basic " + token.decode())

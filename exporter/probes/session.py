@@ -6,6 +6,9 @@ lengths, and records each phase's seconds in the `ProbeResult`. `run_probe` boun
 the whole run by the target's timeout, retries unverified when a certificate does
 not verify (see tlsinfo.py), and maps every failure - refused, reset, timed out,
 garbage, a bad handshake - to `success=False` and a reason, never an exception.
+When the run is traced (its Periodic's span), each timed phase is a child span
+(`<protocol> <phase>`) and the run's span gets the target's server.address,
+server.port, protocol, TLS mode and, on failure, the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+from exporter import tracing
 from exporter.probes import tlsinfo
 from exporter.probes.target import Credentials, ProbeResult, Target, TLSInfo, read_credentials
 
@@ -58,7 +62,8 @@ class Session:
         self.result.phase = phase
         start = time.perf_counter()
         try:
-            yield
+            with tracing.phase(f"{self.target.protocol} {phase}", phase):
+                yield
         finally:
             phases = self.result.phases
             phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
@@ -156,6 +161,10 @@ async def run_probe(target: Target, dialog: Dialog) -> ProbeResult:
     """
     result = ProbeResult()
     start = time.perf_counter()
+    tracing.annotate("server.address", target.host)
+    tracing.annotate("server.port", target.port)
+    tracing.annotate("a3mailer.probe.protocol", target.protocol)
+    tracing.annotate("a3mailer.probe.tls", target.tls)
     try:
         async with asyncio.timeout(target.timeout):
             await _run(target, dialog, result)
@@ -166,6 +175,8 @@ async def run_probe(target: Target, dialog: Dialog) -> ProbeResult:
         if not isinstance(exc, ProbeFailed | OSError | TimeoutError | ssl.SSLError):
             log.warning("probe raised", extra={"probe": target.name, "error": result.reason})
     result.phases["total"] = time.perf_counter() - start
+    if not result.success:
+        tracing.annotate("a3mailer.probe.reason", result.reason)
     return result
 
 

@@ -32,6 +32,22 @@ class Lock:
         return asdict(self)
 
 
+@dataclass
+class Record:
+    """One item of identity state (an API key, a session, a password history, a replay id).
+
+    `kind` names the table, `key` the item within it, `group` an optional index
+    (the user of a session) that list_records() can select by. A record with an
+    `expires` time is gone once that time has passed (a TTL in Redis).
+    """
+
+    kind: str
+    key: str
+    data: dict[str, Any]
+    expires: float | None = None
+    group: str = ""
+
+
 class StoreUnavailable(Exception):
     """The backend cannot be reached; the engine fails open or closed as configured."""
 
@@ -106,6 +122,31 @@ class Store(Protocol):
 
     async def mfa_users(self) -> list[str]:
         """Users with at least one field, sorted."""
+    # --- records (identity: API keys, sessions, password history, replay guards)
+
+    async def put_record(self, record: Record) -> None:
+        """Creates or replaces the record of (kind, key). Written through."""
+        ...
+
+    async def add_record(self, record: Record, now: float) -> bool:
+        """Creates the record only if (kind, key) is absent or expired: True when it did.
+
+        Atomic, also across replicas sharing Redis: the replay guard of one-time values.
+        """
+        ...
+
+    async def get_record(self, kind: str, key: str, now: float) -> Record | None: ...
+
+    async def delete_record(self, kind: str, key: str) -> Record | None: ...
+
+    async def list_records(self, kind: str, now: float, group: str | None = None
+                           ) -> list[Record]:
+        """Unexpired records of a kind (of one group only when given), by key."""
+        ...
+
+    async def touch_records(self, kind: str, expiries: dict[str, float]) -> None:
+        """Moves the expiry of records that still exist (a session's idle timer);
+        never recreates a deleted one. May be written behind."""
         ...
 
 

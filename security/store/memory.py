@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock
+from security.store import MAX_DISTINCT, Lock, Record
 
 
 class MemoryStore:
@@ -26,6 +26,8 @@ class MemoryStore:
         self._bans: dict[str, Entry] = {}
         self._mfa: dict[str, dict[str, str]] = {}
         self.dirty: set[str] = set()  # failure keys changed since the last flush
+        self._records: dict[str, dict[str, Record]] = {}  # kind -> key -> record
+        self._groups: dict[tuple[str, str], set[str]] = {}  # (kind, group) -> keys
 
     async def open(self) -> None:
         return None
@@ -41,6 +43,7 @@ class MemoryStore:
         now = time.time()
         for key in [k for k, (_, expires) in self._offences.items() if expires <= now]:
             del self._offences[key]
+        self.expire_records(now)
 
     # --- failures
 
@@ -163,6 +166,68 @@ class MemoryStore:
 
     async def mfa_users(self) -> list[str]:
         return sorted(self._mfa)
+
+
+    # --- records
+
+    def expire_records(self, now: float) -> list[Record]:
+        """Drops every expired record; returns them."""
+        gone = [rec for table in self._records.values() for rec in table.values()
+                if rec.expires is not None and rec.expires <= now]
+        for rec in gone:
+            self._forget(rec.kind, rec.key)
+        return gone
+
+    def _forget(self, kind: str, key: str) -> Record | None:
+        rec = self._records.get(kind, {}).pop(key, None)
+        if rec is not None and rec.group:
+            members = self._groups.get((kind, rec.group))
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._groups[(kind, rec.group)]
+        return rec
+
+    async def put_record(self, record: Record) -> None:
+        self._forget(record.kind, record.key)
+        self._records.setdefault(record.kind, {})[record.key] = record
+        if record.group:
+            self._groups.setdefault((record.kind, record.group), set()).add(record.key)
+
+    async def add_record(self, record: Record, now: float) -> bool:
+        if await self.get_record(record.kind, record.key, now) is not None:
+            return False
+        await self.put_record(record)
+        return True
+
+    async def get_record(self, kind: str, key: str, now: float) -> Record | None:
+        table = self._records.get(kind)
+        rec = table.get(key) if table is not None else None
+        if rec is None or (rec.expires is not None and rec.expires <= now):
+            return None
+        return rec
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        return self._forget(kind, key)
+
+    async def list_records(self, kind: str, now: float, group: str | None = None
+                           ) -> list[Record]:
+        table = self._records.get(kind, {})
+        keys = table.keys() if group is None else self._groups.get((kind, group), set())
+        found = [table[k] for k in keys]
+        return sorted((r for r in found if r.expires is None or r.expires > now),
+                      key=lambda r: r.key)
+
+    async def touch_records(self, kind: str, expiries: dict[str, float]) -> None:
+        table = self._records.get(kind, {})
+        for key, expires in expiries.items():
+            rec = table.get(key)
+            if rec is not None:
+                rec.expires = expires
+                self.moved(rec)
+
+    def moved(self, record: Record) -> None:
+        """Called when a record's expiry moved (SQLite writes it behind)."""
 
 
 def _prune(seen: dict[str, float], cutoff: float) -> None:

@@ -16,12 +16,13 @@ import dataclasses
 import json
 import math
 import secrets
+import time
 from typing import Any
 
 from redis import asyncio as aioredis
 
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock
+from security.store import MAX_DISTINCT, Lock, Record
 
 # KEYS[1] failure zset; ARGV: now, window, member, max distinct -> distinct count
 _RECORD_FAILURE = """
@@ -61,6 +62,46 @@ end
 return removed
 """
 
+# A record is stored as "<expires>|<json>" (expires empty for none) so a touch can move the
+# expiry without decoding the JSON. KEYS[1] record; ARGV: expires, ttl ms -> 1 when it existed
+_TOUCH_RECORD = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local i = string.find(raw, '|', 1, true)
+redis.call('SET', KEYS[1], ARGV[1] .. string.sub(raw, i), 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] record; ARGV: value, ttl ms ('' for none), now -> 1 when created
+_ADD_RECORD = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local exp = string.sub(raw, 1, string.find(raw, '|', 1, true) - 1)
+  if exp == '' or tonumber(exp) > tonumber(ARGV[3]) then return 0 end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+
+def _ttl_ms(expires: float | None, now: float) -> int | None:
+    return None if expires is None else max(1, math.ceil((expires - now) * 1000))
+
+
+def _encode_record(record: Record) -> str:
+    expires = "" if record.expires is None else repr(record.expires)
+    return f"{expires}|{json.dumps({'d': record.data, 'g': record.group})}"
+
+
+def _decode_record(kind: str, key: str, raw: str) -> Record:
+    expires, _, body = raw.partition("|")
+    value = json.loads(body)
+    return Record(kind, key, value["d"], float(expires) if expires else None, value["g"])
+
 
 class RedisStore:
     shared = True
@@ -75,6 +116,8 @@ class RedisStore:
         self._bump = self._redis.register_script(_BUMP_OFFENCES)
         self._mfa_advance = self._redis.register_script(_MFA_ADVANCE)
         self._mfa_delete = self._redis.register_script(_MFA_DELETE)
+        self._touch = self._redis.register_script(_TOUCH_RECORD)
+        self._add = self._redis.register_script(_ADD_RECORD)
         self._keys = 0
 
     def _k(self, kind: str, key: str = "") -> str:
@@ -209,3 +252,78 @@ class RedisStore:
         start = len(self._k("mfa", "x")) - 1
         return sorted([key[start:] async for key in self._redis.scan_iter(
             match=self._k("mfa", "*"), count=1000)])
+    # --- records: one key each (with a TTL), a set per kind and per group as the index
+
+    async def put_record(self, record: Record) -> None:
+        key = self._k(f"r:{record.kind}", record.key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(key)
+            pipe.set(key, _encode_record(record), px=_ttl_ms(record.expires, time.time()))
+            old, _ = await pipe.execute()
+        await self._index(record, old)
+
+    async def add_record(self, record: Record, now: float) -> bool:
+        ttl = _ttl_ms(record.expires, now)
+        created = await self._add(keys=[self._k(f"r:{record.kind}", record.key)],
+                                  args=[_encode_record(record), "" if ttl is None else ttl, now])
+        if created:
+            await self._index(record, None)
+        return bool(created)
+
+    async def _index(self, record: Record, old: str | None) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(self._k("ri", record.kind), record.key)
+            if record.group:
+                pipe.sadd(self._k(f"rg:{record.kind}", record.group), record.key)
+            if old is not None:
+                previous = _decode_record(record.kind, record.key, old).group
+                if previous and previous != record.group:
+                    pipe.srem(self._k(f"rg:{record.kind}", previous), record.key)
+            await pipe.execute()
+
+    async def get_record(self, kind: str, key: str, now: float) -> Record | None:
+        raw = await self._redis.get(self._k(f"r:{kind}", key))
+        if raw is None:
+            return None
+        rec = _decode_record(kind, key, raw)
+        return None if rec.expires is not None and rec.expires <= now else rec
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._k(f"r:{kind}", key))
+            pipe.delete(self._k(f"r:{kind}", key))
+            pipe.srem(self._k("ri", kind), key)
+            raw, _, _ = await pipe.execute()
+        if raw is None:
+            return None
+        rec = _decode_record(kind, key, raw)
+        if rec.group:
+            await self._redis.srem(self._k(f"rg:{kind}", rec.group), key)
+        return rec
+
+    async def list_records(self, kind: str, now: float, group: str | None = None
+                           ) -> list[Record]:
+        index = self._k("ri", kind) if group is None else self._k(f"rg:{kind}", group)
+        keys = sorted(await self._redis.smembers(index))
+        if not keys:
+            return []
+        values = await self._redis.mget([self._k(f"r:{kind}", k) for k in keys])
+        out, gone = [], []
+        for key, raw in zip(keys, values, strict=True):
+            rec = _decode_record(kind, key, raw) if raw is not None else None
+            if rec is None or (group is not None and rec.group != group):
+                gone.append(key)
+            elif rec.expires is None or rec.expires > now:
+                out.append(rec)
+        if gone:  # expired by their TTL: tidy the index
+            await self._redis.srem(index, *gone)
+        return out
+
+    async def touch_records(self, kind: str, expiries: dict[str, float]) -> None:
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, expires in expiries.items():
+                await self._touch(keys=[self._k(f"r:{kind}", key)],
+                                  args=[repr(expires), max(1, math.ceil((expires - now) * 1000))],
+                                  client=pipe)
+            await pipe.execute()

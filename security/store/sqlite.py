@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from security.blocklist import Entry
-from security.store import Lock
+from security.store import Lock, Record
 from security.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS bans (network TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS offences (key TEXT PRIMARY KEY, count INTEGER, expires REAL);
 CREATE TABLE IF NOT EXISTS mfa (user TEXT, field TEXT, value TEXT NOT NULL,
     PRIMARY KEY (user, field)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (kind TEXT, key TEXT, grp TEXT NOT NULL, expires REAL,
+    data TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
 # Failure rows older than this are dropped at start-up: no window is longer.
 MAX_FAILURE_AGE = 7 * 86400
@@ -48,6 +50,7 @@ class SqliteStore(MemoryStore):
         self._db: sqlite3.Connection | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._flusher: asyncio.Task[None] | None = None
+        self._moved: set[tuple[str, str]] = set()  # records whose expiry moved since a flush
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -76,6 +79,13 @@ class SqliteStore(MemoryStore):
             self._offences[key] = (count, expires)
         for user, field, value in db.execute("SELECT user, field, value FROM mfa"):
             self._mfa.setdefault(user, {})[field] = value
+        db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
+        for kind, key, group, expires, data in db.execute(
+                "SELECT kind, key, grp, expires, data FROM records"):
+            rec = Record(kind, key, json.loads(data), expires, group)
+            self._records.setdefault(kind, {})[key] = rec
+            if group:
+                self._groups.setdefault((kind, group), set()).add(key)
         loaded: dict[str, dict[str, float]] = {}
         for key, pwhash, ts in db.execute("SELECT key, pwhash, ts FROM failures"):
             loaded.setdefault(key, {})[pwhash] = ts
@@ -108,7 +118,17 @@ class SqliteStore(MemoryStore):
                 log.exception("flushing failure counters to SQLite failed; will retry")
 
     async def flush(self) -> None:
-        """Writes the failure keys changed since the last flush."""
+        """Writes the failure keys and record expiries changed since the last flush."""
+        if self._moved:
+            moved, self._moved = self._moved, set()
+            moves = [(rec.expires, kind, key) for kind, key in moved
+                     if (rec := self._records.get(kind, {}).get(key)) is not None]
+            try:
+                await self._run(self._execute_many,
+                                "UPDATE records SET expires = ? WHERE kind = ? AND key = ?", moves)
+            except BaseException:
+                self._moved |= moved
+                raise
         if not self.dirty:
             return
         keys, self.dirty = self.dirty, set()
@@ -163,8 +183,10 @@ class SqliteStore(MemoryStore):
 
     async def refresh(self) -> None:
         await super().refresh()
-        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?",
-                        (time.time(),))
+        now = time.time()
+        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?", (now,))
+        await self._run(self._execute, "DELETE FROM records WHERE expires IS NOT NULL AND "
+                                       "expires <= ?", (now,))
 
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
@@ -231,3 +253,27 @@ class SqliteStore(MemoryStore):
         if names:
             await self._write_mfa(user, names)
         return count
+    # --- records: written through, except expiry moves (written behind)
+
+    async def put_record(self, record: Record) -> None:
+        await super().put_record(record)
+        await self._run(self._execute,
+                        "INSERT OR REPLACE INTO records (kind, key, grp, expires, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (record.kind, record.key, record.group, record.expires,
+                         json.dumps(record.data)))
+
+    async def delete_record(self, kind: str, key: str) -> Record | None:
+        rec = await super().delete_record(kind, key)
+        if rec is not None:
+            await self._run(self._execute, "DELETE FROM records WHERE kind = ? AND key = ?",
+                            (kind, key))
+        return rec
+
+    def moved(self, record: Record) -> None:
+        self._moved.add((record.kind, record.key))
+
+    def expire_records(self, now: float) -> list[Record]:
+        gone = super().expire_records(now)
+        self._moved -= {(rec.kind, rec.key) for rec in gone}
+        return gone

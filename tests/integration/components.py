@@ -29,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -264,6 +265,13 @@ def make_self_signed_cert(directory: Path, common_name: str = "localhost") -> tu
     return cert, key
 
 
+def cert_not_after(cert: Path) -> float:
+    """The certificate's notAfter as Unix seconds, read by openssl (not by the code tested)."""
+    out = subprocess.run([require_binary("openssl"), "x509", "-noout", "-enddate", "-in",
+                          str(cert)], check=True, capture_output=True, text=True).stdout
+    return float(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]))
+
+
 # --------------------------------------------------------------------------- HTTP helper
 
 
@@ -393,6 +401,109 @@ def text_responder(
         return 200, content_type, body() if callable(body) else body
 
     return respond
+
+
+# --------------------------------------------------------------------------- OTLP receiver
+
+
+@dataclass
+class ReceivedSpan:
+    """One span as an OTLP/HTTP receiver decoded it (ids as lower-case hex)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: str  # SPAN_KIND_SERVER, SPAN_KIND_INTERNAL, ...
+    attributes: dict[str, Any]
+    status: str  # STATUS_CODE_UNSET, STATUS_CODE_OK, STATUS_CODE_ERROR
+    start_ns: int
+    end_ns: int
+    resource: dict[str, Any]
+    scope: str
+    headers: dict[str, str]  # of the export request that carried it
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+class OTLPReceiver(RecordingHTTPServer):
+    """An OTLP/HTTP trace receiver: accepts protobuf POSTs to /v1/traces, decodes them
+    with opentelemetry-proto and keeps every span. Answers 200 with an empty
+    ExportTraceServiceResponse, or ``status`` when set (e.g. 503 to refuse)."""
+
+    def __init__(self, host: str = LOOPBACK) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+        from opentelemetry.proto.trace.v1 import trace_pb2
+
+        self.status = 200
+        self.spans: list[ReceivedSpan] = []
+        self.errors: list[str] = []
+        pb = trace_service_pb2
+
+        def respond(req: RecordedRequest) -> tuple[int, str, bytes | str]:
+            if req.method != "POST" or req.path != "/v1/traces":
+                return 404, "text/plain", "not an OTLP traces endpoint"
+            if req.headers.get("content-type") != "application/x-protobuf":
+                self.errors.append(f"content-type {req.headers.get('content-type')!r}")
+                return 415, "text/plain", "protobuf only"
+            request = pb.ExportTraceServiceRequest()
+            try:
+                request.ParseFromString(req.body)
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to see
+                self.errors.append(f"undecodable body: {exc}")
+                return 400, "text/plain", "bad protobuf"
+            if self.status != 200:
+                return self.status, "text/plain", "refused"
+            decoded = [
+                ReceivedSpan(
+                    trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
+                    parent_span_id=span.parent_span_id.hex(), name=span.name,
+                    kind=trace_pb2.Span.SpanKind.Name(span.kind),
+                    attributes={a.key: _any_value(a.value) for a in span.attributes},
+                    status=trace_pb2.Status.StatusCode.Name(span.status.code),
+                    start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
+                    resource={a.key: _any_value(a.value)
+                              for a in resource_spans.resource.attributes},
+                    scope=scope_spans.scope.name, headers=req.headers)
+                for resource_spans in request.resource_spans
+                for scope_spans in resource_spans.scope_spans
+                for span in scope_spans.spans]
+            with self._cond:
+                self.spans.extend(decoded)
+                self._cond.notify_all()
+            return (200, "application/x-protobuf",
+                    pb.ExportTraceServiceResponse().SerializeToString())
+
+        super().__init__(respond, host)
+
+    def wait_for_spans(self, predicate: Callable[[ReceivedSpan], bool], count: int = 1,
+                       timeout: float = 30) -> list[ReceivedSpan]:
+        """Waits until at least ``count`` received spans match; returns all that do."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                matching = [span for span in self.spans if predicate(span)]
+                if len(matching) >= count:
+                    return matching
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = sorted({span.name for span in self.spans})
+                    raise ComponentError(
+                        f"timed out after {timeout:g}s waiting for {count} matching span(s) "
+                        f"on {self.url}; got {len(self.spans)} span(s) named {names}, "
+                        f"errors {self.errors}")
+                self._cond.wait(remaining)
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self._cond:
+            return [span for span in self.spans if span.trace_id == trace_id]
 
 
 # --------------------------------------------------------------------------- process base
@@ -1380,9 +1491,14 @@ class MailStack:
         tls: bool = False,
         policy_url: str | None = None,
         postfix_main: Mapping[str, str] | None = None,
+        dovecot_options: Mapping[str, Any] | None = None,
     ) -> MailStack:
+        """``dovecot_options``: more keyword arguments of Dovecot (e.g. auth_failure_delay,
+        extra_config). Postfix logs to ``postfix.maillog_path`` (maillog_file through
+        postlogd), Dovecot to ``dovecot.log_path``."""
         users = dict(DEFAULT_MAIL_USERS if users is None else users)
-        dovecot = Dovecot(Path(workdir) / "dovecot", users, tls=tls, policy_url=policy_url)
+        dovecot = Dovecot(Path(workdir) / "dovecot", users, tls=tls, policy_url=policy_url,
+                          **dict(dovecot_options or {}))
         dovecot.start()
         try:
             postfix = Postfix(
@@ -1428,3 +1544,28 @@ class BoundPOP3(poplib.POP3):
 
     def _create_socket(self, timeout: float) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout, (self._source_ip, 0))
+
+
+def imap_login(server: Dovecot, user: str, password: str, source: str) -> str:
+    """One IMAP LOGIN from ``source``: "OK", or the server's error text."""
+    imap = BoundIMAP4(server.host, server.imap_port, source)
+    try:
+        return imap.login(user, password)[0]
+    except imaplib.IMAP4.error as exc:
+        return str(exc)
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.abort, OSError):
+            imap.logout()
+
+
+def pop3_login(server: Dovecot, user: str, password: str, source: str) -> str:
+    """One POP3 USER/PASS from ``source``: the server's "+OK ..." or its error text."""
+    client = BoundPOP3(server.host, server.pop3_port, source)
+    try:
+        client.user(user)
+        return client.pass_(password).decode()
+    except poplib.error_proto as exc:
+        return str(exc)
+    finally:
+        with contextlib.suppress(poplib.error_proto, OSError):
+            client.quit()

@@ -16,6 +16,7 @@ from tests.integration.components import (
     Alertmanager,
     Dovecot,
     MailStack,
+    OTLPReceiver,
     Prometheus,
     Redis,
     next_loopback_ip,
@@ -116,3 +117,23 @@ def redis_server(tmp_path: Path) -> Iterator[Redis]:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def otlp_tracing() -> Iterator[tuple[Any, OTLPReceiver]]:
+    """This process traced at rate 1.0 into a local OTLP/HTTP receiver: (tracing, receiver).
+    The previous monitor and tracer are put back afterwards."""
+    from exporter import tracing
+    from exporter.performance import PerformanceMonitor
+
+    previous = tracing.installed()
+    with OTLPReceiver() as receiver:
+        traced = tracing.Tracing(tracing.TracingSettings(
+            enabled=True, sampling_rate=1.0, endpoint=receiver.url + tracing.TRACES_PATH,
+            batch_timeout=0.1))
+        tracing.install(PerformanceMonitor(), traced)
+        try:
+            yield traced, receiver
+        finally:
+            tracing.install(*previous)
+            traced.shutdown()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import imaplib
-
 import httpx
 import pytest
 
-from tests.integration.components import BoundIMAP4, next_loopback_ip, wait_until
+from tests.integration.components import imap_login as login
+from tests.integration.components import next_loopback_ip, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +22,6 @@ def policy_config(config_file, **security):
     return config_file({"security": {
         "trusted_networks": [], "max_login_attempts": 3, "reject_message": REJECT,
         "tarpit": {"enabled": False}, **security}})
-
-
-def login(dovecot, user: str, password: str, source: str) -> str:
-    """OK, or the server's error text."""
-    imap = BoundIMAP4(dovecot.host, dovecot.imap_port, source)
-    try:
-        return imap.login(user, password)[0]
-    except imaplib.IMAP4.error as exc:
-        return str(exc)
-    finally:
-        with contextlib.suppress(imaplib.IMAP4.abort, OSError):
-            imap.logout()
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from tests.integration.components import (
     Postfix,
     RecordedRequest,
     RecordingHTTPServer,
+    cert_not_after,
     next_loopback_ip,
     require_binary,
     wait_until,
@@ -146,12 +147,6 @@ def probe_target(protocol: str, port: int, **kw) -> Target:
                   port=port, timeout=kw.pop("timeout", 10.0), **kw)
 
 
-def openssl_not_after(cert: Path) -> float:
-    out = subprocess.run([require_binary("openssl"), "x509", "-noout", "-enddate", "-in",
-                          str(cert)], check=True, capture_output=True, text=True).stdout
-    return float(ssl.cert_time_to_seconds(out.strip().split("=", 1)[1]))
-
-
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -209,7 +204,7 @@ async def test_smtp_starttls_verified_with_ca_file_and_exported_expiry(mail):
     exported = {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in probes.collector.collect() for s in family.samples}
     assert exported[("a3mailer_tls_cert_not_after_timestamp_seconds", (("probe", "mx"),))] == \
-        openssl_not_after(cert)
+        cert_not_after(cert)
     assert exported[("a3mailer_probe_tls_verified", (("probe", "mx"),))] == 1.0
     assert exported[("a3mailer_probe_success", (("probe", "mx"), ("protocol", "smtp")))] == 1.0
     health = await probes.checks()["mx"]()
@@ -222,13 +217,13 @@ async def test_self_signed_cert_is_not_verified_but_its_expiry_is_read(mail):
     assert not strict.success
     assert strict.reason == "TLS certificate not verified: self-signed certificate"
     assert strict.tls is not None and not strict.tls.verified
-    assert strict.tls.cert_not_after == openssl_not_after(cert)
+    assert strict.tls.cert_not_after == cert_not_after(cert)
     lenient = await smtp.probe(probe_target("smtp", mail.postfix.smtp_port, tls="starttls",
                                             insecure_skip_verify=True))
     assert lenient.success, lenient.reason
     assert lenient.tls is not None and not lenient.tls.verified
     assert lenient.tls.verify_error == "self-signed certificate"
-    assert lenient.tls.cert_not_after == openssl_not_after(cert)
+    assert lenient.tls.cert_not_after == cert_not_after(cert)
 
 
 async def test_submission_auth_good_and_bad(mail, alice_file, wrong_file):
@@ -411,7 +406,7 @@ async def test_expired_certificate(tmp_path):
                                                 insecure_skip_verify=True))
     assert not strict.success
     assert strict.reason == "TLS certificate not verified: certificate has expired"
-    assert strict.tls is not None and strict.tls.cert_not_after == openssl_not_after(cert)
+    assert strict.tls is not None and strict.tls.cert_not_after == cert_not_after(cert)
     assert strict.tls.cert_not_after == 1577923200.0  # 2020-01-02T00:00:00Z
     # skipping verification does not hide an expired certificate
     assert not lenient.success
@@ -500,3 +495,29 @@ async def test_delivery_with_bad_credentials_says_where(mail, wrong_file):
     result = await roundtrip(mail, wrong_file).run()
     assert not result.success
     assert result.reason.startswith("delivery-imap (login): login failed: NO")
+
+
+async def test_a_traced_probe_run_has_its_phases_as_child_spans(mail, alice_file, otlp_tracing):
+    traced, receiver = otlp_tracing
+    probes = build_probes({"probes": [{
+        "name": "imap-mx", "protocol": "imap", "host": LOOPBACK,
+        "port": mail.dovecot.imap_port, "tls": "starttls", "ca_file": str(mail.dovecot.cert_path),
+        "credentials_file": alice_file}]})
+    outcome = await probes.runs["imap-mx"].once()
+    assert outcome.value is not None and outcome.value.success, outcome.value
+    assert traced.force_flush()
+    root, = receiver.wait_for_spans(lambda s: s.name == "probe-imap-mx")
+    spans = receiver.wait_for_spans(lambda s: s.trace_id == root.trace_id, count=6)
+    assert root.parent_span_id == ""
+    assert root.attributes["server.address"] == LOOPBACK
+    assert root.attributes["server.port"] == mail.dovecot.imap_port
+    assert root.attributes["a3mailer.probe.protocol"] == "imap"
+    assert root.attributes["a3mailer.probe.tls"] == "starttls"
+    phases = {s.attributes["a3mailer.probe.phase"]: s for s in spans if s is not root}
+    assert set(phases) == {"connect", "banner", "tls", "auth", "select"}
+    for phase, span in phases.items():
+        assert span.name == f"imap {phase}" and span.parent_span_id == root.span_id
+        assert root.start_ns <= span.start_ns <= span.end_ns <= root.end_ns
+    password = DEFAULT_MAIL_USERS[f"alice@{MAIL_DOMAIN}"]
+    assert not [s for s in spans if password in str(s.attributes) or "alice" in str(
+        s.attributes)]

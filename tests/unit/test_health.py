@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from exporter.health import CheckResult, HealthEngine, Status
 
@@ -107,3 +108,18 @@ async def test_metrics_state_set():
     states = {s.labels["status"]: s.value for s in families["a3mailer_health_status"].samples}
     assert states == {"healthy": 0, "degraded": 1, "unhealthy": 0, "unknown": 0}
     assert families["a3mailer_exporter_ready"].samples[0].value == 1.0
+
+
+async def test_stop_right_after_a_wake_is_not_lost():
+    """Python 3.11's wait_for swallows a cancellation that arrives as the awaited event is
+    set; the loop must still stop (a reload wakes it just before a SIGTERM)."""
+    engine = HealthEngine(3600.0, 1.0)
+    for _ in range(50):
+        task = asyncio.create_task(engine.run_forever())
+        await asyncio.sleep(0)  # the first round runs, the loop waits on its event
+        await asyncio.sleep(0)
+        engine.wake()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2.0)
+        assert task.cancelled() or task.done()

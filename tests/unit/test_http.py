@@ -151,9 +151,11 @@ ADMIN = {"authorization": "Bearer admin-secret"}
 
 
 async def test_admin_endpoints_need_the_admin_token(serve, tmp_path):
-    _, client = await serve()
+    _, client = await serve({"security": {"enabled": False}})  # no API keys either
     r = await client.post("/-/reload")
     assert r.status_code == 403 and "admin_token_file" in r.json()["message"]
+    _, client = await serve()  # API keys could authorise: missing credentials are a 401
+    assert (await client.post("/-/reload")).status_code == 401
     _, client = await serve(admin_config(tmp_path))
     assert (await client.post("/-/reload")).status_code == 401
     r = await client.post("/-/reload", headers={"authorization": "Bearer wrong"})

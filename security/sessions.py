@@ -1,0 +1,226 @@
+"""Web sessions kept in the engine's store, so replicas sharing Redis share them.
+
+A session id is 32 random bytes (base64url); the store keys a session by the SHA-256
+of its id, so a copy of the store holds no usable id. Each session has an idle
+timeout (`timeout`: its expiry moves forward on use, written behind every second)
+and an absolute one (`absolute_timeout` after creation, never extended). A change of
+privilege rotates the id (the old one stops working at once), a user holds at most
+`max_sessions_per_user` sessions (creating one more ends the oldest), and a cleanup
+task drops expired sessions every `cleanup_interval` (Redis expires them by TTL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from security.engine import Auditor
+from security.identity import IdentityStats, audit_verification
+from security.store import Record, Store
+
+KIND = "session"
+MAX_ID_LENGTH = 128
+SAME_SITE = ("Strict", "Lax", "None")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    timeout: float = 3600.0
+    absolute_timeout: float = 12 * 3600.0
+    cleanup_interval: float = 300.0
+    max_sessions_per_user: int = 10
+    secure_cookies: bool = True
+    cookie_same_site: str = "Strict"
+    cookie_name: str = "a3m_session"
+    touch_interval: float = 1.0
+    """Idle-timer moves are written to the store this often (and only when they move more)."""
+
+
+@dataclass(slots=True)
+class Session:
+    key: str  # SHA-256 of the id: what the store and the audit log know
+    user: str
+    privilege: str
+    created: float
+    idle_expires: float
+    absolute_expires: float
+
+    @property
+    def expires_at(self) -> float:
+        return min(self.idle_expires, self.absolute_expires)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "privilege": self.privilege, "created": self.created,
+                "expires_at": self.expires_at, "idle_expires_at": self.idle_expires,
+                "absolute_expires_at": self.absolute_expires}
+
+
+def session_key(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _session(record: Record) -> Session:
+    d = record.data
+    expires = record.expires if record.expires is not None else d["absolute"]
+    return Session(record.key, d["user"], d["privilege"], d["created"], expires, d["absolute"])
+
+
+class Sessions:
+    def __init__(self, store: Store, settings: SessionSettings | None = None,
+                 audit: Auditor | None = None, stats: IdentityStats | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.settings = settings or SessionSettings()
+        self.audit = audit
+        self.stats = stats or IdentityStats()
+        self.clock = clock
+        self.active = 0
+        self._touches: dict[str, float] = {}  # session key -> new idle expiry, not yet written
+
+    # --- lifecycle of one session
+
+    async def create(self, user: str, privilege: str = "user", *, actor: str = "api"
+                     ) -> tuple[Session, str]:
+        """A new session and its id (give it to the browser, e.g. with cookie())."""
+        now = self.clock()
+        evicted = await self._make_room(user, now)
+        session_id = secrets.token_urlsafe(32)
+        session = await self._put(session_key(session_id), user, privilege, now,
+                                  now + self.settings.absolute_timeout, now)
+        self.active += 1 - evicted
+        self._audit("session.create", actor, session, {"privilege": privilege,
+                                                       "evicted": evicted})
+        return session, session_id
+
+    async def _put(self, key: str, user: str, privilege: str, created: float,
+                   absolute: float, now: float) -> Session:
+        idle = min(now + self.settings.timeout, absolute)
+        await self.store.put_record(Record(KIND, key, {
+            "user": user, "privilege": privilege, "created": created, "absolute": absolute},
+            idle, group=user))
+        return Session(key, user, privilege, created, idle, absolute)
+
+    async def _make_room(self, user: str, now: float) -> int:
+        """Ends the user's oldest sessions until one more fits; returns how many."""
+        current = sorted((_session(r) for r in await self.store.list_records(
+            KIND, now, group=user)), key=lambda s: (s.created, s.key))
+        excess = len(current) - self.settings.max_sessions_per_user + 1
+        for old in current[:max(0, excess)]:
+            await self.store.delete_record(KIND, old.key)
+            self._touches.pop(old.key, None)
+            self._audit("session.evict", "engine", old, {"reason": "max_sessions_per_user"})
+        return max(0, excess)
+
+    async def validate(self, session_id: str, touch: bool = True) -> Session | None:
+        """The live session of this id, or None; `touch` restarts its idle timer."""
+        if len(session_id) > MAX_ID_LENGTH:
+            self._failed("malformed")
+            return None
+        now = self.clock()
+        key = session_key(session_id)
+        record = await self.store.get_record(KIND, key, now)
+        if record is None:
+            self._failed("unknown_or_expired")
+            return None
+        data = record.data
+        absolute = data["absolute"]
+        idle = record.expires if record.expires is not None else absolute
+        if touch:
+            moved = min(now + self.settings.timeout, absolute)
+            if moved - idle > self.settings.touch_interval:
+                self._touches[key] = idle = moved
+        self.stats.verified("session", True)
+        return Session(key, data["user"], data["privilege"], data["created"], idle, absolute)
+
+    async def revoke(self, session_id: str, *, actor: str = "api") -> Session | None:
+        return await self.revoke_key(session_key(session_id), actor=actor)
+
+    async def revoke_key(self, key: str, *, actor: str = "api") -> Session | None:
+        record = await self.store.delete_record(KIND, key)
+        self._touches.pop(key, None)
+        if record is None:
+            return None
+        session = _session(record)
+        self.active = max(0, self.active - 1)
+        self._audit("session.revoke", actor, session, {})
+        return session
+
+    async def revoke_user(self, user: str, *, actor: str = "api") -> int:
+        """Ends every session of a user (after a password change, say)."""
+        records = await self.store.list_records(KIND, self.clock(), group=user)
+        for record in records:
+            await self.revoke_key(record.key, actor=actor)
+        return len(records)
+
+    async def rotate(self, session_id: str, privilege: str | None = None, *,
+                     actor: str = "api") -> tuple[Session, str] | None:
+        """A new id for a live session (on login, privilege change): the old id ends now.
+
+        The creation time and absolute expiry carry over, so rotating never extends a
+        session's life."""
+        old = await self.validate(session_id, touch=False)
+        if old is None:
+            return None
+        now = self.clock()
+        new_id = secrets.token_urlsafe(32)
+        await self.store.delete_record(KIND, old.key)
+        self._touches.pop(old.key, None)
+        new = await self._put(session_key(new_id), old.user, privilege or old.privilege,
+                              old.created, old.absolute_expires, now)
+        self._audit("session.rotate", actor, new, {"previous": old.key[:16],
+                                                   "from": old.privilege, "to": new.privilege})
+        return new, new_id
+
+    def _audit(self, type_: str, actor: str, session: Session, details: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.record(type_, actor, session.user, {"session": session.key[:16],
+                                                           **details})
+
+    def _failed(self, reason: str) -> None:
+        self.stats.verified("session", False, reason)
+        audit_verification(self.audit, "session", False, "unknown", {"reason": reason})
+
+    # --- cookies
+
+    def cookie(self, session_id: str, session: Session) -> str:
+        """The Set-Cookie value: __Host- prefixed, Secure, HttpOnly, SameSite, Path=/."""
+        max_age = max(0, int(session.expires_at - self.clock()))
+        return self._cookie(session_id, max_age)
+
+    def clear_cookie(self) -> str:
+        return self._cookie("", 0)
+
+    def _cookie(self, value: str, max_age: int) -> str:
+        s = self.settings
+        # __Host- needs Secure, Path=/ and no Domain; browsers refuse it otherwise
+        name = f"__Host-{s.cookie_name}" if s.secure_cookies else s.cookie_name
+        parts = [f"{name}={value}", "Path=/", f"Max-Age={max_age}"]
+        if s.secure_cookies:
+            parts.append("Secure")
+        parts += ["HttpOnly", f"SameSite={s.cookie_same_site}"]
+        return "; ".join(parts)
+
+    # --- background work
+
+    async def flush(self) -> None:
+        """Writes the idle-timer moves since the last flush."""
+        if not self._touches:
+            return
+        touches, self._touches = self._touches, {}
+        try:
+            await self.store.touch_records(KIND, touches)
+        except BaseException:
+            for key, expires in touches.items():
+                self._touches.setdefault(key, expires)
+            raise
+
+    async def cleanup(self) -> int:
+        """Drops expired sessions and recounts the active ones; returns how many are active."""
+        await self.flush()
+        sessions = await self.store.list_records(KIND, self.clock())
+        self.active = len(sessions)
+        return self.active

@@ -1,0 +1,254 @@
+"""Tracing end to end: the real exporter process exports OTLP/HTTP protobuf to a local
+receiver that decodes it (opentelemetry-proto); a caller's traceparent continues
+through the exporter; exemplars and the performance API reflect the same requests;
+an unreachable receiver never costs a request."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.probes import build_probes
+from tests.exporter_process import ExporterProcess
+from tests.integration.components import OTLPReceiver, RecordingHTTPServer, free_port
+
+LOGIN = "carol@example.test"
+REMOTE = "198.51.100.23"
+
+
+def traceparent(sampled: bool = True) -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+
+
+def tracing_config(directory: Path, endpoint: str, **tracing: object) -> Path:
+    headers = directory / "otlp-headers"
+    headers.write_text("# secret headers\nAuthorization=Bearer%20s3cret-token\n")
+    config = {
+        "server": {"state_dir": str(directory / "state")},
+        "security": {"trusted_networks": [], "store": {"type": "memory"}},
+        "tracing": {"enabled": True, "service_name": "a3mailer-under-test",
+                    "sampling_rate": 0.0, "otlp_endpoint": endpoint,
+                    "otlp_headers": {"X-Scope-OrgID": "tenant-a"},
+                    "otlp_headers_file": str(headers), "batch_timeout": "200ms", **tracing},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def policy(url: str, command: str, headers: dict[str, str], **fields: object) -> httpx.Response:
+    body = {"login": LOGIN, "remote": REMOTE, "pwhash": "5f4dcc3b", "protocol": "imap",
+            "session_id": "sess-1", **fields}
+    return httpx.post(f"{url}/dovecot/policy?command={command}", json=body, headers=headers,
+                      timeout=10)
+
+
+def metric(url: str, name: str, **labels: str) -> float | None:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    with OTLPReceiver() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def exporter(receiver, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("traced")
+    proc = ExporterProcess(directory, tracing_config(directory, receiver.url))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_a_callers_trace_continues_through_a_policy_decision(exporter, receiver):
+    trace_id, caller_span, header = traceparent()
+    headers = {"traceparent": header, "tracestate": "mail=frontend1",
+               "baggage": "tenant=t1,session.origin=imap"}
+    answer = policy(exporter.url, "allow", headers)
+    assert answer.status_code == 200 and answer.json() == {"status": 0, "msg": ""}
+
+    spans = receiver.wait_for_spans(lambda s: s.trace_id == trace_id, count=4)
+    by_name = {span.name: span for span in spans}
+    server = by_name["POST /dovecot/policy"]
+    assert server.kind == "SPAN_KIND_SERVER"
+    assert server.parent_span_id == caller_span  # the caller's span is our parent
+    assert server.attributes["http.request.method"] == "POST"
+    assert server.attributes["http.route"] == "/dovecot/policy"
+    assert server.attributes["url.path"] == "/dovecot/policy"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.resource["service.name"] == "a3mailer-under-test"
+    assert server.scope == "a3mailer-exporter"
+
+    check = by_name["security check"]
+    assert check.parent_span_id == server.span_id
+    assert check.attributes["a3mailer.security.action"] == "allow"
+    assert check.attributes["a3mailer.security.reason"] == "ok"
+    assert check.attributes["a3mailer.security.protocol"] == "imap"
+
+    store_spans = [s for s in spans if s.name.startswith("store ")]
+    assert {s.name for s in store_spans} >= {"store get_lock", "store failure_count"}
+    for span in store_spans:
+        assert span.parent_span_id == check.span_id
+        assert span.attributes["db.operation.name"] == span.name.removeprefix("store ")
+        assert span.start_ns >= check.start_ns and span.end_ns <= check.end_ns
+
+    # nothing personal or secret in any attribute
+    for span in spans:
+        for value in span.attributes.values():
+            assert LOGIN not in str(value) and REMOTE not in str(value)
+            assert "5f4dcc3b" not in str(value) and "sess-1" not in str(value)
+    # export headers: inline for plain values, from the secret file for the token
+    assert server.headers["x-scope-orgid"] == "tenant-a"
+    assert server.headers["authorization"] == "Bearer s3cret-token"
+
+
+def test_exemplars_and_the_performance_api_show_the_same_request(exporter, receiver):
+    trace_id, _, header = traceparent()
+    assert policy(exporter.url, "report", {"traceparent": header},
+                  success=False).status_code == 200
+    receiver.wait_for_spans(lambda s: s.trace_id == trace_id and s.name == "security report")
+    text = httpx.get(exporter.url + "/metrics", timeout=10,
+                     headers={"accept": "application/openmetrics-text"}).text
+    exemplars = [sample.exemplar for family in om_families(text)
+                 if family.name == "a3mailer_exporter_http_request_duration_seconds"
+                 for sample in family.samples
+                 if sample.labels.get("handler") == "/dovecot/policy" and sample.exemplar]
+    assert trace_id in {e.labels["trace_id"] for e in exemplars}
+    store_exemplars = [sample.exemplar.labels["trace_id"] for family in om_families(text)
+                       if family.name == "a3mailer_security_store_operation_duration_seconds"
+                       for sample in family.samples if sample.exemplar]
+    assert store_exemplars
+
+    body = httpx.get(exporter.url + "/api/v1/performance", timeout=10).json()
+    operations = {(o["path"], o["operation"]): o["windows"] for o in body["operations"]}
+    policy_1m = operations[("http", "/dovecot/policy")]["1m"]
+    assert policy_1m["count"] >= 2 and policy_1m["errors"] == 0
+    assert 0 < policy_1m["p50"] <= policy_1m["p99"]
+    assert operations[("security", "report")]["1m"]["count"] >= 1
+    assert operations[("store", "record_failure")]["1m"]["count"] >= 3
+    assert body["relative_error"] == 0.02
+    bad = httpx.get(exporter.url + "/api/v1/performance?path=nope", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+    assert metric(exporter.url, "a3mailer_tracing_spans_exported_total") >= 4
+
+
+def test_prometheus_stores_the_trace_id_exemplars_it_scrapes(exporter, prometheus_factory):
+    """Prometheus 2.42 asks for OpenMetrics first; with exemplar storage on it keeps our
+    trace ids, so a dashboard can jump from a latency bucket to the trace."""
+    prom = prometheus_factory(targets=[{"job": "traced", "targets": [exporter.address]}],
+                              extra_args=["--enable-feature=exemplar-storage"])
+    prom.wait_target_up("traced")
+    trace_id, _, header = traceparent()
+    assert policy(exporter.url, "allow", {"traceparent": header}).status_code == 200
+    query = 'a3mailer_exporter_http_request_duration_seconds_bucket{handler="/dovecot/policy"}'
+    deadline = time.monotonic() + 30
+    seen: set[str] = set()
+    while trace_id not in seen and time.monotonic() < deadline:
+        now = time.time()
+        series = prom._api("/api/v1/query_exemplars", query=query, start=str(now - 300),
+                           end=str(now + 5))
+        seen = {e["labels"]["trace_id"] for s in series for e in s["exemplars"]}
+        time.sleep(0.5)
+    assert trace_id in seen
+
+
+def test_sampling_follows_the_callers_decision(exporter, receiver):
+    """Rate 0 here: a new trace is never sampled, a caller's sampled one always is, an
+    unsampled one never; the 'after' request flushes the batch that would hold them."""
+    unsampled_id, _, unsampled = traceparent(sampled=False)
+    assert policy(exporter.url, "allow", {"traceparent": unsampled}).status_code == 200
+    assert httpx.get(exporter.url + "/livez", timeout=10).status_code == 200  # a new trace
+    after_id, _, after = traceparent()
+    assert policy(exporter.url, "allow", {"traceparent": after}).status_code == 200
+    receiver.wait_for_spans(lambda s: s.trace_id == after_id, count=4)
+    time.sleep(0.5)  # two more batch intervals: anything else queued has been sent
+    assert receiver.trace(unsampled_id) == []
+    assert not [s for s in receiver.spans if s.name == "GET /livez"]
+    assert metric(exporter.url, "a3mailer_tracing_sampling_ratio") == 0.0
+
+
+def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = exporter_process(tracing_config(tmp_path, closed, sampling_rate=1.0,
+                                           batch_timeout="1s"))
+    for _ in range(30):
+        assert policy(proc.url, "allow", {}).status_code == 200
+    deadline = time.monotonic() + 20
+    dropped = 0.0
+    while time.monotonic() < deadline:
+        dropped = metric(proc.url, "a3mailer_tracing_spans_dropped_total",
+                         reason="export_failed") or 0.0
+        if dropped >= 30:
+            break
+        time.sleep(0.2)
+    assert dropped >= 30  # at least the 30 server spans (their children too)
+    assert metric(proc.url, "a3mailer_tracing_spans_exported_total") == 0
+    assert policy(proc.url, "allow", {}).status_code == 200  # still serving
+    assert "span export failing" in proc.log()
+
+
+async def test_a_traced_http_probe_carries_its_trace_and_baggage_to_the_server(otlp_tracing):
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    traced, receiver = otlp_tracing
+    with RecordingHTTPServer() as server:
+        probes = build_probes({"probes": [{"name": "jmap", "protocol": "http",
+                                           "host": server.host, "port": server.port,
+                                           "path": "/.well-known/jmap"}]})
+        token = otel_context.attach(baggage.set_baggage("deployment", "eu-1"))
+        try:
+            outcome = await probes.runs["jmap"].once()
+        finally:
+            otel_context.detach(token)
+        assert outcome.value is not None and outcome.value.success, outcome.value
+        request = server.wait_for_request(lambda r: r.path == "/.well-known/jmap")
+    assert traced.force_flush()
+    root, = receiver.wait_for_spans(lambda s: s.name == "probe-jmap")
+    response, = receiver.wait_for_spans(lambda s: s.name == "http response")
+    assert response.parent_span_id == root.span_id
+    # the server sees the probe's trace, with the span that sent the request as parent
+    version, trace_id, parent_id, flags = request.headers["traceparent"].split("-")
+    assert (version, trace_id, parent_id) == ("00", root.trace_id, response.span_id)
+    assert int(flags, 16) & 1  # sampled (the SDK also sets W3C level 2's random bit)
+    assert request.headers["baggage"] == "deployment=eu-1"
+
+
+def test_the_exporters_own_probe_runs_are_traced(exporter_process, receiver, tmp_path):
+    """A probe scheduled by the real exporter: its run and phases reach the receiver, its
+    request carries the run's trace to the server, its latency is in the monitor."""
+    with RecordingHTTPServer() as web:
+        config = tracing_config(tmp_path, receiver.url, sampling_rate=1.0)
+        data = yaml.safe_load(config.read_text())
+        data["monitoring"] = {"probes": [{"name": "web", "protocol": "http",
+                                          "host": web.host, "port": web.port,
+                                          "path": "/healthz/live", "interval": "1s"}]}
+        config.write_text(yaml.safe_dump(data))
+        proc = exporter_process(config)
+        request = web.wait_for_request(lambda r: "traceparent" in r.headers)
+    trace_id = request.headers["traceparent"].split("-")[1]
+    spans = receiver.wait_for_spans(lambda s: s.trace_id == trace_id, count=3)
+    root, = [s for s in spans if s.name == "probe-web"]
+    assert root.parent_span_id == "" and root.attributes["a3mailer.schedule"] == "probe-web"
+    assert root.attributes["server.port"] == web.port
+    assert {s.name for s in spans if s.parent_span_id == root.span_id} == {
+        "http connect", "http response"}
+    body = httpx.get(proc.url + "/api/v1/performance?path=schedule", timeout=10).json()
+    runs = {o["operation"]: o["windows"]["1m"] for o in body["operations"]}
+    assert runs["probe-web"]["count"] >= 1

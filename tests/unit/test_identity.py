@@ -1,0 +1,379 @@
+"""API keys, sessions, CSRF tokens and the password policy as library calls, on the memory
+and SQLite stores with a fake clock (Redis: tests/integration/test_redis_identity.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from security.apikeys import ApiKeys, ApiKeySettings
+from security.audit import AuditLog
+from security.csrf import CsrfTokens, load_or_create_key
+from security.identity import IdentityStats
+from security.passwords import PasswordPolicy, PasswordSettings, context_words
+from security.sessions import Sessions, SessionSettings, session_key
+from security.store import open_store
+
+T0 = 4_000_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request, tmp_path):
+    s = open_store(request.param, path=str(tmp_path / "security.db"), flush_interval=0.05)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def audit(tmp_path):
+    log = AuditLog(tmp_path / "audit")
+    yield log
+    log.close()
+
+
+def records(audit: AuditLog, type_: str | None = None) -> list[dict]:
+    found, _ = audit.query(types=[type_] if type_ else None, limit=1000)
+    return list(reversed(found))
+
+
+# --- API keys
+
+
+async def test_a_key_is_shown_once_stored_as_a_hash_and_checks(store, audit):
+    clock = Clock()
+    keys = ApiKeys(store, audit=audit, clock=clock)
+    key, token = await keys.create("ci", ["security:read"])
+    assert token.startswith(f"a3m_{key.id}_") and len(token) >= 4 + 12 + 1 + 43
+    record = await store.get_record("apikey", key.id, clock())
+    assert record.data["hash"] == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in repr(record.data)
+    check = await keys.authenticate(token)
+    assert check.ok and check.key_id == key.id and check.allows("security:read")
+    assert not check.allows("security:write")
+    assert key.expires == T0 + 365 * 86400  # the seed's default lifetime
+    listed = [k.as_dict(clock()) for k in await keys.list()]
+    assert listed[0]["prefix"] == f"a3m_{key.id}" and "hash" not in listed[0]
+    assert listed[0]["state"] == "active" and keys.active == 1
+    assert [r["type"] for r in records(audit, "apikey.")] == ["apikey.create"]
+
+
+async def test_admin_scope_implies_every_scope(store):
+    keys = ApiKeys(store)
+    _, token = await keys.create("root", ["admin"])
+    check = await keys.authenticate(token)
+    assert all(check.allows(s) for s in ("security:read", "security:write", "metrics:write"))
+
+
+async def test_wrong_unknown_malformed_revoked_and_expired_keys_fail_alike(store, audit):
+    clock = Clock()
+    stats = IdentityStats()
+    keys = ApiKeys(store, audit=audit, stats=stats, clock=clock)
+    good, token = await keys.create("a", ["admin"])
+    short, short_token = await keys.create("b", ["admin"], expires_in=60)
+    gone, gone_token = await keys.create("c", ["admin"])
+    await keys.revoke(gone.id)
+    clock.now += 61
+    wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    unknown = "a3m_000000000000_" + token.split("_", 2)[2]
+    outcomes = {name: await keys.authenticate(t) for name, t in [
+        ("wrong", wrong), ("unknown", unknown), ("malformed", "a3m_nope"),
+        ("revoked", gone_token), ("expired", short_token), ("empty", ""),
+        ("huge", "a3m_" + "x" * 5000)]}
+    assert {n: c.reason for n, c in outcomes.items()} == {
+        "wrong": "wrong", "unknown": "unknown", "malformed": "malformed",
+        "revoked": "revoked", "expired": "expired", "empty": "malformed", "huge": "malformed"}
+    assert not any(c.ok or c.scopes for c in outcomes.values())
+    assert (await keys.authenticate(token)).ok
+    assert stats.verifications[("apikey", "failure")] == 7
+    assert stats.failures[("apikey", "revoked")] == 1
+    failures = records(audit, "auth.failure")
+    assert [r["details"]["reason"] for r in failures][:2] == ["wrong", "unknown"]
+    assert all(token not in str(r) for r in records(audit))
+    states = {k.name: k.state(clock()) for k in await keys.list()}
+    assert states == {"a": "active", "b": "expired", "c": "revoked"}
+    assert keys.active == 1
+
+
+async def test_a_pepper_changes_the_stored_hash(store):
+    keys = ApiKeys(store, ApiKeySettings(pepper=b"pepper-secret-0123456789"), clock=Clock())
+    key, token = await keys.create("p", ["admin"])
+    record = await store.get_record("apikey", key.id, T0)
+    assert record.data["hash"] != hashlib.sha256(token.encode()).hexdigest()
+    assert (await keys.authenticate(token)).ok
+    assert not (await ApiKeys(store, clock=Clock()).authenticate(token)).ok  # no pepper
+
+
+async def test_rotate_replaces_a_key_with_grace(store, audit):
+    clock = Clock()
+    keys = ApiKeys(store, audit=audit, clock=clock)
+    old, old_token = await keys.create("ci", ["metrics:write"], rate_limit_per_minute=5)
+    new, new_token, retired = await keys.rotate(old.id, grace=30)
+    assert new.id != old.id and new.scopes == ("metrics:write",)
+    assert new.rate_limit_per_minute == 5 and retired.revoked == T0 + 30
+    assert (await keys.authenticate(old_token)).ok  # within the grace period
+    clock.now += 31
+    assert (await keys.authenticate(old_token)).reason == "revoked"
+    assert (await keys.authenticate(new_token)).ok
+    assert await keys.rotate("000000000000") is None
+    assert "apikey.rotate" in [r["type"] for r in records(audit)]
+
+
+async def test_per_key_rate_limit(store):
+    clock = Clock()
+    keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=2), clock=clock)
+    _, token = await keys.create("busy", ["admin"], rate_limit_per_minute=60)
+    _, other = await keys.create("other", ["admin"], rate_limit_per_minute=60)
+    results = [(await keys.authenticate(token)).reason for _ in range(4)]
+    assert results == ["ok", "ok", "ok", "rate_limited"]
+    assert (await keys.authenticate(other)).ok  # its own budget
+    clock.now += 1.0  # one request per second
+    assert (await keys.authenticate(token)).ok
+
+
+async def test_last_used_is_written_behind_with_one_audit_record(store, audit):
+    clock = Clock()
+    keys = ApiKeys(store, audit=audit, clock=clock)
+    key, token = await keys.create("ci", ["admin"])
+    for _ in range(5):
+        await keys.authenticate(token)
+    assert await store.get_record("apikey_used", key.id, clock()) is None  # not yet written
+    assert (await keys.get(key.id)).last_used == T0  # but known
+    await keys.flush()
+    assert (await store.get_record("apikey_used", key.id, clock())).data["t"] == T0
+    successes = records(audit, "auth.success")
+    assert [(r["subject"], r["details"]["uses"]) for r in successes] == [(key.prefix, 5)]
+    again = ApiKeys(store, clock=clock)  # another replica or after a restart
+    assert (await again.list())[0].last_used == T0
+
+
+async def test_create_refuses_bad_scopes_and_lifetimes(store):
+    keys = ApiKeys(store)
+    for scopes, expires_in in ((["root"], None), ([], None), (["admin"], 0),
+                               (["admin"], 10 * 365 * 86400)):
+        with pytest.raises(ValueError):
+            await keys.create("x", scopes, expires_in)
+
+
+# --- sessions
+
+
+async def test_session_create_validate_revoke(store, audit):
+    clock = Clock()
+    sessions = Sessions(store, audit=audit, clock=clock)
+    session, sid = await sessions.create("alice@example.org")
+    assert len(sid) >= 43 and session.key == session_key(sid)
+    assert await store.get_record("session", sid, clock()) is None  # keyed by the hash only
+    found = await sessions.validate(sid)
+    assert found.user == "alice@example.org" and found.expires_at == T0 + 3600
+    assert await sessions.validate("nope") is None
+    assert await sessions.validate("x" * 10_000) is None
+    assert (await sessions.revoke(sid)).user == "alice@example.org"
+    assert await sessions.validate(sid) is None
+    assert await sessions.revoke(sid) is None
+    assert [r["type"] for r in records(audit, "session.")] == ["session.create",
+                                                               "session.revoke"]
+
+
+async def test_idle_timeout_moves_on_use_and_absolute_timeout_does_not(store):
+    clock = Clock()
+    sessions = Sessions(store, SessionSettings(timeout=100, absolute_timeout=250), clock=clock)
+    _, sid = await sessions.create("bob")
+    for _ in range(4):  # used every 60 s: the idle timer never runs out ...
+        clock.now += 60
+        assert await sessions.validate(sid) is not None
+        await sessions.flush()
+    clock.now += 20  # ... but 260 s after creation the absolute timeout has
+    assert await sessions.validate(sid) is None
+    _, idle = await sessions.create("bob")
+    clock.now += 101
+    assert await sessions.validate(idle) is None
+
+
+async def test_validate_without_touch_leaves_the_idle_timer(store):
+    clock = Clock()
+    sessions = Sessions(store, SessionSettings(timeout=100), clock=clock)
+    _, sid = await sessions.create("bob")
+    clock.now += 60
+    assert (await sessions.validate(sid, touch=False)).idle_expires == T0 + 100
+    await sessions.flush()
+    clock.now += 41
+    assert await sessions.validate(sid) is None
+
+
+async def test_the_oldest_session_is_evicted_beyond_the_per_user_cap(store, audit):
+    clock = Clock()
+    sessions = Sessions(store, SessionSettings(max_sessions_per_user=3), audit=audit,
+                        clock=clock)
+    ids = []
+    for _ in range(4):
+        ids.append((await sessions.create("carol"))[1])
+        clock.now += 1
+    _, other = await sessions.create("dave")
+    assert await sessions.validate(ids[0]) is None
+    assert all([await sessions.validate(i) for i in ids[1:]])
+    assert await sessions.validate(other) is not None
+    assert [r["details"]["reason"] for r in records(audit, "session.evict")] == [
+        "max_sessions_per_user"]
+    assert await sessions.cleanup() == 4
+
+
+async def test_rotation_on_privilege_change_ends_the_old_id(store, audit):
+    clock = Clock()
+    sessions = Sessions(store, SessionSettings(absolute_timeout=1000), audit=audit,
+                        clock=clock)
+    old, sid = await sessions.create("erin")
+    clock.now += 10
+    new, new_sid = await sessions.rotate(sid, "admin")
+    assert new_sid != sid and new.privilege == "admin" and new.user == "erin"
+    assert new.created == old.created and new.absolute_expires == old.absolute_expires
+    assert await sessions.validate(sid) is None
+    assert (await sessions.validate(new_sid)).privilege == "admin"
+    assert await sessions.rotate(sid) is None
+    rotated = records(audit, "session.rotate")[0]["details"]
+    assert (rotated["from"], rotated["to"]) == ("user", "admin")
+
+
+async def test_revoke_user_ends_every_session_of_that_user(store):
+    sessions = Sessions(store, clock=Clock())
+    mine = [(await sessions.create("frank"))[1] for _ in range(3)]
+    _, theirs = await sessions.create("grace")
+    assert await sessions.revoke_user("frank") == 3
+    assert not any([await sessions.validate(s) for s in mine])
+    assert await sessions.validate(theirs) is not None
+
+
+async def test_sessions_survive_a_restart_on_sqlite(tmp_path):
+    first = open_store("sqlite", path=str(tmp_path / "s.db"))
+    await first.open()
+    clock = Clock()
+    _, sid = await Sessions(first, clock=clock).create("heidi")
+    await first.close()
+    second = open_store("sqlite", path=str(tmp_path / "s.db"))
+    await second.open()
+    try:
+        assert (await Sessions(second, clock=clock).validate(sid)).user == "heidi"
+    finally:
+        await second.close()
+
+
+def test_cookie_has_host_prefix_secure_httponly_samesite():
+    sessions = Sessions(None, clock=Clock())  # type: ignore[arg-type]
+    from security.sessions import Session
+
+    s = Session("k", "u", "user", T0, T0 + 3600, T0 + 7200)
+    assert sessions.cookie("SID", s) == ("__Host-a3m_session=SID; Path=/; Max-Age=3600; "
+                                         "Secure; HttpOnly; SameSite=Strict")
+    lax = Sessions(None, SessionSettings(secure_cookies=False, cookie_same_site="Lax"),  # type: ignore[arg-type]
+                   clock=Clock())
+    assert lax.cookie("SID", s) == "a3m_session=SID; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+    assert "Max-Age=0" in sessions.clear_cookie()
+
+
+# --- CSRF
+
+
+def test_csrf_tokens_are_bound_to_the_session_and_expire():
+    clock = Clock()
+    csrf = CsrfTokens(b"k" * 32, lifetime=3600, clock=clock)
+    token = csrf.issue("session-a")
+    assert csrf.verify("session-a", token) == "ok"
+    assert csrf.verify("session-b", token) == "bad_mac"
+    issued, mac = token.split(".")
+    assert csrf.verify("session-a", f"{int(issued, 16) + 1:x}.{mac}") == "bad_mac"
+    assert csrf.verify("session-a", token[:-1] + ("A" if token[-1] != "A" else "B")) == "bad_mac"
+    for bad in ("", "nodot", ".x", "zz.abc", "1" * 20 + ".abc", "a." + "x" * 500):
+        assert csrf.verify("session-a", bad) == "malformed"
+    assert CsrfTokens(b"other-key" * 4, clock=clock).verify("session-a", token) == "bad_mac"
+    clock.now += 3601
+    assert csrf.verify("session-a", token) == "expired"
+
+
+def test_csrf_key_is_generated_once_with_mode_0600(tmp_path):
+    path = tmp_path / "state" / "csrf.key"
+    key = load_or_create_key(path)
+    assert len(key) == 64 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert load_or_create_key(path) == key
+    with pytest.raises(ValueError):
+        CsrfTokens(b"short")
+
+
+# --- passwords
+
+FAST = PasswordSettings(argon2_time_cost=1, argon2_memory_cost_kib=1024, argon2_parallelism=1,
+                        history_size=3)
+
+
+async def test_password_policy_reasons():
+    stats = IdentityStats()
+    policy = PasswordPolicy(FAST, stats=stats)
+    cases = {
+        "password": {"blocklisted", "too_weak"},
+        "abc": {"too_short", "too_weak"},
+        "": {"too_short", "too_weak"},  # zxcvbn itself fails on "" (found by schemathesis)
+        "x" * 129: {"too_long", "too_weak"},
+        "ivan.petrov-2024-mail": {"context"},
+        "Correct-Horse-Battery-Staple-42": set(),
+        "zq7 tundra lamp orbit": set(),  # no composition rules by default
+    }
+    for password, expected in cases.items():
+        result = await policy.check(password, user="ivan.petrov@example.org")
+        assert set(result.reasons) >= expected and (not expected) == result.accepted, (
+            password, result)
+        assert len(result.messages) == len(result.reasons)
+    assert stats.password_rejections["blocklisted"] == 1
+    assert (await policy.check("correct horse battery staple")).score == 4
+
+
+async def test_composition_rules_are_opt_in():
+    policy = PasswordPolicy(PasswordSettings(require_uppercase=True, require_digit=True,
+                                             require_special=True, require_lowercase=True))
+    result = await policy.check("zq7 tundra lamp orbit")
+    assert result.reasons == ["missing_uppercase"]
+    assert (await policy.check("Zq7 tundra lamp orbit")).accepted
+
+
+async def test_context_words_and_blocklist_file(tmp_path):
+    words = tmp_path / "breached.txt"
+    words.write_text("# local list\nMailRoom-Summer-77\n")
+    policy = PasswordPolicy(PasswordSettings(blocklist_file=str(words),
+                                             context_words=("acmecorp",)))
+    assert "blocklisted" in (await policy.check("mailroom-summer-77")).reasons
+    assert "context" in (await policy.check("I-love-AcmeCorp-mail!")).reasons
+    assert context_words("j.doe+x@mail.example.org") == sorted(
+        {"j.doe+x@mail.example.org", "doe", "j.doe+x", "mail.example.org", "mail",
+         "example"})
+
+
+async def test_unicode_is_normalised_before_counting():
+    policy = PasswordPolicy(PasswordSettings(min_length=8))
+    # eight characters once NFKC-normalised (full-width letters fold to ASCII)
+    assert "too_short" not in (await policy.check("ｔｕｎｄｒａ７ｑ")).reasons
+
+
+async def test_password_history_rejects_reuse_with_argon2id(store, audit):
+    policy = PasswordPolicy(FAST, store=store, audit=audit)
+    for pw in ("first-long-passphrase", "second-long-passphrase", "third-long-passphrase",
+               "fourth-long-passphrase"):
+        await policy.remember("judy", pw)
+    record = await store.get_record("pwhistory", "judy", T0)
+    assert len(record.data["hashes"]) == 3
+    assert all(h.startswith("$argon2id$") for h in record.data["hashes"])
+    assert "first-long-passphrase" not in str(record.data)
+    assert "reused" in (await policy.check("third-long-passphrase", user="judy")).reasons
+    assert (await policy.check("first-long-passphrase", user="judy")).accepted  # aged out
+    assert (await policy.check("third-long-passphrase", user="other")).accepted
+    assert await policy.forget("judy")
+    assert (await policy.check("third-long-passphrase", user="judy")).accepted
+    assert all("passphrase" not in str(r) for r in records(audit))
