@@ -245,10 +245,17 @@ def test_two_replicas_without_redis_fail_clearly(chart: Any) -> None:
         chart.render({"replicas": 2}, name=RELEASE, namespace=NAMESPACE)
     # Without the security engine there is no shared state to lose.
     render(chart, {"replicas": 2, "config": {"security": {"enabled": False}}})
-    with pytest.raises(helm.HelmRenderError, match=r"with MFA needs one shared key.*"
-                                                   r"secrets\.security\.mfa\.encryption_key"):
-        chart.render({"replicas": 2, "redis": {"url": "redis://redis:6379/0"}},
-                     name=RELEASE, namespace=NAMESPACE)
+    redis = {"url": "redis://redis:6379/0"}
+    with pytest.raises(helm.HelmRenderError, match=r"needs the keys every pod must share.*"
+                       r"secrets\.security\.mfa\.encryption_key .*secrets\.security\.csrf_key"):
+        chart.render({"replicas": 2, "redis": redis}, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(helm.HelmRenderError, match=r"set secrets\.security\.csrf_key \(or"):
+        chart.render({"replicas": 2, "redis": redis, "secrets": {"security": {
+            "mfa": {"encryption_key": "k" * 40}}}}, name=RELEASE, namespace=NAMESPACE)
+    render(chart, {"replicas": 2, "redis": redis,
+                   "secrets": {"security": {"mfa": {"encryption_key": "k" * 40}}},
+                   "extraEnv": [{"name": "A3MAILER_CSRF_KEY", "valueFrom": {
+                       "secretKeyRef": {"name": "csrf", "key": "key"}}}]})
 
 
 def test_two_replicas_share_redis(chart: Any) -> None:
@@ -338,8 +345,9 @@ def _lay_out_pod(objects: list[dict[str, Any]], root: Path) -> dict[str, str]:
             data = by_kind_name[("ConfigMap", volume["configMap"]["name"])]["data"]
         elif "secret" in volume:
             secret = by_kind_name.get(("Secret", volume["secret"]["secretName"]))
+            placeholder = "placeholder-" * 4  # long enough for every key's minimum
             data = ({k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-                    if secret else {i["key"]: "placeholder-" * 4 for i in volume["secret"]["items"]})
+                    if secret else {i["key"]: placeholder for i in volume["secret"]["items"]})
         else:
             continue
         items = volume.get("configMap", volume.get("secret", {})).get("items")

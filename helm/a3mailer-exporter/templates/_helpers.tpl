@@ -130,11 +130,17 @@ app.kubernetes.io/part-of: a3mailer
 {{- if and (gt (int .Values.replicas) 1) .Values.config.security.enabled (not (include "a3mailer-exporter.redisEnabled" .)) }}
 {{- fail (printf "replicas: %d needs a shared security store, or each pod would keep its own lockouts and bans: set redis.url to an external Redis (password in secrets.security.store.redis_password or redis.existingSecret), or run replicas: 1" (int .Values.replicas)) }}
 {{- end }}
-{{- $mfa := .Values.config.security.mfa }}
-{{- $envNames := list }}
-{{- range $env := .Values.extraEnv }}{{ $envNames = append $envNames $env.name }}{{ end }}
-{{- if and (gt (int .Values.replicas) 1) .Values.config.security.enabled $mfa.enabled (not (has "security.mfa.encryption_key" (include "a3mailer-exporter.secretKeys" . | fromYamlArray))) (not (has $mfa.encryption_key_env $envNames)) }}
-{{- fail (printf "replicas: %d with MFA needs one shared key, or each pod would create its own and could not open the others' secrets: set secrets.security.mfa.encryption_key (at least 32 characters), or an extraEnv entry %s" (int .Values.replicas) $mfa.encryption_key_env) }}
+{{- $security := .Values.config.security }}
+{{- $present := include "a3mailer-exporter.secretKeys" . | fromYamlArray }}
+{{- range $env := .Values.extraEnv }}{{ $present = append $present $env.name }}{{ end }}
+{{- $missing := list }}
+{{- range $shared := list (list $security.mfa.enabled "security.mfa.encryption_key" $security.mfa.encryption_key_env) (list $security.enable_csrf_protection "security.csrf_key" $security.csrf_key_env) }}
+{{- if and (index $shared 0) (not (has (index $shared 1) $present)) (not (has (index $shared 2) $present)) }}
+{{- $missing = append $missing (printf "secrets.%s (or an extraEnv entry %s)" (index $shared 1) (index $shared 2)) }}
+{{- end }}
+{{- end }}
+{{- if and (gt (int .Values.replicas) 1) $security.enabled $missing }}
+{{- fail (printf "replicas: %d needs the keys every pod must share, or each pod would generate its own and could not read the others' MFA secrets or CSRF tokens: set %s" (int .Values.replicas) (join ", " $missing)) }}
 {{- end }}
 {{- range $key := include "a3mailer-exporter.secretKeys" . | fromYamlArray }}
 {{- if not (has $key (include "a3mailer-exporter.secretPaths" (dict "node" $.Values.secrets "prefix" "") | trim | splitList "\n")) }}
