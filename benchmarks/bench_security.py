@@ -51,7 +51,7 @@ import psutil
 from common import ROOT, free_port, ratio, say, stop, summary, wait_for_port, write_result
 
 from exporter.config import load_config, parse_duration
-from security.attempts import Attempt, Decision, parse_ip, tracking_keys
+from security.attempts import Attempt, Decision, parse_address, parse_ip, tracking_keys
 from security.audit import AuditLog
 from security.blocklist import prefix_of
 from security.engine import SecurityManager
@@ -252,32 +252,42 @@ async def bench_components(mode: Mode, settings: Settings, tmp: Path) -> dict[st
     audit = AuditLog(tmp / "components-audit")
     a4 = Attempt("user1@example.org", "198.18.3.4", "imap", True, "s1", "0badf00d")
     a6 = Attempt("user1@example.org", "2001:db8:5:6::7", "imap", True, "s2", "0badf00d")
-    addr4, now = parse_ip(a4.remote_ip), time.time()
+    now = time.time()
     body = json.dumps({"login": a4.login, "remote": a4.remote_ip, "pwhash": a4.pwhash,
                        "protocol": "imap", "session_id": "s1", "tls": True,
                        "success": False}).encode()
-    env = {"engine": engine, "audit": audit, "a4": a4, "a6": a6, "addr4": addr4, "now": now,
-           "body": body, "sync": sync, "parse_ip": parse_ip, "prefix_of": prefix_of,
-           "tracking_keys": tracking_keys, "parse_request": dovecot.parse_request}
+    env = {"engine": engine, "audit": audit, "a4": a4, "a6": a6, "now": now, "body": body,
+           "sync": sync, "parse_ip": parse_ip, "parse_address": parse_address,
+           "prefix_of": prefix_of, "tracking_keys": tracking_keys, "dovecot": dovecot,
+           "allow": Decision("allow", "ok")}
+    # a4 and a6 keep their parsed address (Attempt.address), as one attempt does between
+    # check and report; the parse_address rows show what the first use costs.
     cases = {
         "engine.check, memory store": ("sync(engine.check(a4))", SecurityManager.check),
         "engine.report failure, memory store (no audit)": ("sync(engine.report(a4, False))",
                                                            SecurityManager.report),
         "engine.report success, memory store (no audit)": ("sync(engine.report(a4, True))",
                                                            SecurityManager.report),
-        "engine._keys, IPv4 (once in check, once in report)": ("engine._keys(a4)",
-                                                               SecurityManager._keys),
-        "engine._keys, IPv6": ("engine._keys(a6)", SecurityManager._keys),
-        "parse_ip, IPv4 (ipaddress.ip_address)": ("parse_ip(a4.remote_ip)", parse_ip),
-        "prefix_of, IPv4 address object": ("prefix_of(addr4, 64)", prefix_of),
+        "engine._keys, IPv4 (address already parsed)": ("engine._keys(a4)",
+                                                        SecurityManager._keys),
+        "engine._keys, IPv6 (address already parsed)": ("engine._keys(a6)",
+                                                        SecurityManager._keys),
+        "parse_address, IPv4 (inet_pton; once per attempt)": ("parse_address(a4.remote_ip)",
+                                                               parse_address),
+        "parse_address, IPv6 (inet_pton; once per attempt)": ("parse_address(a6.remote_ip)",
+                                                               parse_address),
+        "parse_ip, IPv4 (ipaddress.ip_address, the path before)": ("parse_ip(a4.remote_ip)",
+                                                                    parse_ip),
+        "prefix_of, parsed IPv4 address": ("prefix_of(a4.address, 64)", prefix_of),
         "tracking_keys": ("tracking_keys(a4.login, '198.18.3.4/32')", tracking_keys),
-        "engine.lists.decide, empty lists (report)": ("engine.lists.decide(addr4, now)",
-                                                      type(engine.lists).decide),
+        "CidrSet.match, empty list (check asks three, report two)": (
+            "engine.lists.allow.match(a4.address, now)", type(engine.lists.allow).match),
         "AuditLog.record auth.failure (every report, when audited)": (
             "audit.record('auth.failure', 'engine', 'user1@example.org@198.18.3.4', "
             "{'protocol': 'imap'})", AuditLog.record),
-        "dovecot.parse_request, report body": ("parse_request('report', body)",
-                                               dovecot.parse_request),
+        "dovecot.parse_request, report body (parses the address)": (
+            "dovecot.parse_request('report', body)", dovecot.parse_request),
+        "dovecot.answer_body, allow": ("dovecot.answer_body(allow)", dovecot.answer_body),
     }
     timers = {name: timeit.Timer(stmt, globals=env) for name, (stmt, _) in cases.items()}
     for timer in timers.values():
@@ -452,6 +462,11 @@ end
 """
 
 WRK_THREADS, WRK_CONNECTIONS = 2, 32
+# A second, smaller closed loop for the policy endpoint. A closed loop of N connections
+# waits at least N / throughput per request; a Dovecot auth process has as many policy
+# requests in flight as logins being authenticated, which at 5,000 decisions/s and about
+# a millisecond each is about 5 (Little's law), so 8 connections is the busy-server case.
+FEW_CONNECTIONS = 8
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -509,9 +524,9 @@ def main_thread_cpu(proc: psutil.Process) -> float:
 
 
 def run_wrk(url: str, seconds: int, server: Server, script: Path | None,
-            seed: int) -> dict[str, Any]:
+            seed: int, connections: int = WRK_CONNECTIONS) -> dict[str, Any]:
     """One wrk run, with the server's and wrk's CPU time over it."""
-    command = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", "--latency",
+    command = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency",
                *(["-s", str(script)] if script else []), url,
                *(["--", str(seed)] if script else [])]
     proc = psutil.Process(server.proc.pid)
@@ -558,22 +573,25 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
     script = tmp / "dovecot-policy.lua"
     script.write_text(LUA, encoding="utf-8")
     default, no_audit = servers["default"], servers["no_login_audit"]
-    cases: dict[str, tuple[Server, str, Path | None]] = {
-        "dovecot_policy": (default, f"http://127.0.0.1:{default.port}", script),
-        "livez": (default, f"http://127.0.0.1:{default.port}/livez", None),
+    policy_url = f"http://127.0.0.1:{default.port}"
+    cases: dict[str, tuple[Server, str, Path | None, int]] = {
+        "dovecot_policy": (default, policy_url, script, WRK_CONNECTIONS),
+        "livez": (default, f"{policy_url}/livez", None, WRK_CONNECTIONS),
         "dovecot_policy_no_login_audit": (no_audit, f"http://127.0.0.1:{no_audit.port}",
-                                          script),
+                                          script, WRK_CONNECTIONS),
+        f"dovecot_policy_{FEW_CONNECTIONS}_connections": (default, policy_url, script,
+                                                          FEW_CONNECTIONS),
     }
-    for name, (server, url, lua) in cases.items():  # warm-up: first requests, JIT-free caches
-        run_wrk(url, mode.http_warmup_seconds, server, lua, seed=1)
+    for name, (server, url, lua, conns) in cases.items():  # warm-up: first requests
+        run_wrk(url, mode.http_warmup_seconds, server, lua, seed=1, connections=conns)
         say(f"http warm-up {name} done")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
     names = list(cases)
     for rnd in range(mode.http_rounds):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
-            server, url, lua = cases[name]
-            run = run_wrk(url, mode.http_seconds, server, lua, seed=100 + rnd)
+            server, url, lua, conns = cases[name]
+            run = run_wrk(url, mode.http_seconds, server, lua, seed=100 + rnd, connections=conns)
             runs[name].append(run)
             say(f"http round {rnd + 1} {name}: {run['requests_per_second']:.0f} req/s, "
                 f"p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms, "
@@ -597,7 +615,9 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
                         "server_cpu_us_per_request")}
         # A closed loop of N connections waits N / throughput per request on average,
         # whatever the server does: the floor under the mean (and so under p50/p99).
-        entry["queueing_mean_ms"] = WRK_CONNECTIONS / entry["requests_per_second"]["median"] * 1e3
+        entry["connections"] = cases[name][3]
+        entry["queueing_mean_ms"] = (entry["connections"] / entry["requests_per_second"]["median"]
+                                     * 1e3)
         entry["requests"] = sum(r["requests"] for r in case_runs)
         entry["non_2xx"] = sum(r["non_2xx"] for r in case_runs)
         entry["socket_errors"] = sum(r["socket_errors"] for r in case_runs)
@@ -674,10 +694,12 @@ async def memory_store_child(n: int, max_keys: int, trace: bool,
     # What one entry is made of (sys.getsizeof; containers' own slots are the rest).
     key = next(iter(store._failures))  # noqa: SLF001 - a benchmark may look inside
     seen = store._failures[key]  # noqa: SLF001
-    pwhash, ts = next(iter(seen.items()))
+    pwhash, ts = seen if isinstance(seen, tuple) else next(iter(seen.items()))
     out["entry_parts_bytes"] = {"key str": sys.getsizeof(key),
-                                "per-key dict {pwhash: ts}": sys.getsizeof(seen),
-                                "pwhash str": sys.getsizeof(pwhash), "ts float": sys.getsizeof(ts)}
+                                f"entry {type(seen).__name__} (one failure)": sys.getsizeof(seen),
+                                "pwhash str": sys.getsizeof(pwhash), "ts float": sys.getsizeof(ts),
+                                "dict {pwhash: ts} (from the second distinct password)":
+                                    sys.getsizeof({pwhash: ts, f"{pwhash}2": ts})}
     store.dirty.clear()
     out["rss_growth_bytes_after_clearing_dirty"] = rss() - base_rss
     await store.close()
@@ -766,6 +788,8 @@ def targets_met(inproc: dict[str, Any], http: dict[str, Any],
     mem = inproc["candidates"]["memory"]["us_per_pair"]["median"]
     policy = http["cases"]["dovecot_policy"]
     rps, p99 = policy["requests_per_second"]["median"], policy["p99_ms"]["median"]
+    few = http["cases"][f"dovecot_policy_{FEW_CONNECTIONS}_connections"]
+    few_rps, few_p99 = few["requests_per_second"]["median"], few["p99_ms"]["median"]
     share = http["ratios"]["dovecot_policy/livez"]
     per_key = memory["per_key"]["rss_bytes_per_tracked_key"]
     bounded, sq = memory["bounded"], memory["bounded_sqlite"]
@@ -783,8 +807,12 @@ def targets_met(inproc: dict[str, Any], http: dict[str, Any],
                    "alternating, SQLite store)",
          "measured": f"{rps:,.0f} requests/s ({rps / 2:,.0f} allow decisions/s)",
          "met": rps >= TARGET_DECISIONS_PER_S},
-        {"target": "p99 under 5 ms on POST /dovecot/policy (wrk, 32 connections)",
+        {"target": f"p99 under 5 ms on POST /dovecot/policy (wrk, {WRK_CONNECTIONS} connections)",
          "measured": f"{p99:.2f} ms", "met": p99 < TARGET_P99_MS},
+        {"target": f"... the same with {FEW_CONNECTIONS} connections (about the logins a busy "
+                   "Dovecot has in flight), still at least 5,000 requests/s",
+         "measured": f"{few_p99:.2f} ms at {few_rps:,.0f} requests/s",
+         "met": few_p99 < TARGET_P99_MS and few_rps >= TARGET_DECISIONS_PER_S},
         {"target": "/dovecot/policy serves at least half the requests/s of /livez",
          "measured": f"{share:.2f}x", "met": share >= TARGET_LIVEZ_SHARE},
         {"target": "under 300 bytes per tracked key (MemoryStore)",

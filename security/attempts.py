@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
+from functools import cached_property
 
 # Protocol names we keep as metric label values; anything else is "other".
 KNOWN_PROTOCOLS = frozenset({"imap", "pop3", "smtp", "submission", "lmtp", "sieve",
@@ -22,6 +24,13 @@ class Attempt:
     session_id: str = ""
     pwhash: str = ""
     device_id: str = ""  # a stable id of the client device (a web front end's cookie), if any
+
+    @cached_property
+    def address(self) -> tuple[int, int, str]:
+        """(IP version, integer value, canonical text) of remote_ip, parsed once per attempt
+        (the front end validates it, the engine uses it for lists and keys).
+        Raises ValueError for what parse_ip rejects."""
+        return parse_address(self.remote_ip)
 
     @property
     def protocol_label(self) -> str:
@@ -51,6 +60,32 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+def parse_address(text: str) -> tuple[int, int, str]:
+    """What parse_ip accepts, as (version, integer value, canonical text).
+
+    Addresses written as inet_ntop writes them (what mail servers send) go through
+    inet_pton, a fraction of ipaddress's cost; that they format back to the same text
+    keeps this path exactly as strict as ipaddress, and for IPv6 outside ::/96 and
+    ::ffff:0:0/96 inet_ntop's text is ipaddress's. Everything else (other spellings,
+    IPv4-mapped, surrounding blanks, errors and their wording) goes through parse_ip.
+    """
+    try:
+        if ":" in text:
+            packed = socket.inet_pton(socket.AF_INET6, text)
+            value = int.from_bytes(packed, "big")
+            if value >> 32 not in (0, 0xFFFF) and socket.inet_ntop(
+                    socket.AF_INET6, packed) == text:
+                return 6, value, text
+        else:
+            packed = socket.inet_pton(socket.AF_INET, text)
+            if socket.inet_ntoa(packed) == text:
+                return 4, int.from_bytes(packed, "big"), text
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        pass
+    address = parse_ip(text)
+    return address.version, int(address), str(address)
 
 
 @dataclass(frozen=True)

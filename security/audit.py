@@ -22,9 +22,21 @@ once `record()` returns the line is in the OS page cache and survives a
 SIGKILL or crash of this process. `fsync` runs every `fsync_every` records or
 `fsync_interval` seconds (checked at the next write; call `sync()` from a
 timer to bound it) and on `close()`, so only a machine crash or power loss can
-lose the last unsynced records. Such a crash can leave a torn last line: on
-open it is moved to `<file>.torn` and the chain continues from the last
-complete record; `verify_file()` on the raw file reports it as `torn`.
+lose the last unsynced records. The fsync a write triggers runs on a
+background thread, never in the caller's: `record()` is called on the event
+loop that answers logins, and an fsync takes milliseconds. Such a crash can
+leave a torn last line: on open it is moved to `<file>.torn` and the chain
+continues from the last complete record; `verify_file()` on the raw file
+reports it as `torn`.
+
+Index: `query()` and `purge()` find records through an in-memory index of
+blocks of consecutive records (byte offset and seq of the first, the range of
+their times, how many). It holds at most `index_blocks` blocks: when full,
+neighbouring blocks merge and a block holds twice as many records, so the
+index stays within a few MB however long the retention, and a query reads at
+most a block's worth of lines beyond what it returns. `verify()`, `query()`
+and `purge()` read the file without holding the lock `record()` takes, so a
+long verification never holds up a login.
 
 One writer per file: a `flock` on `<file>.lock` keeps a second process (or a
 second `AuditLog` in this one) from forking the chain.
@@ -41,16 +53,19 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import math
+import operator
 import os
 import re
-import shutil
 import threading
 import time
 from array import array
-from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -61,8 +76,11 @@ GENESIS = "0" * 64
 ANCHOR_TYPE = "audit.anchor"
 FIELDS = frozenset({"seq", "time", "type", "actor", "subject", "details", "prev", "hash"})
 MAX_QUERY_LIMIT = 1000
+# At most this many index blocks (40 bytes each): about 5 MB of index at the most.
+INDEX_BLOCKS = 1 << 17
 
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*")
+_GOOD_TYPES: set[str] = set()  # types that passed _TYPE_RE, so it runs once per type
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 # Which AuditPolicy flag decides a type; exact types first, then the part before the dot.
@@ -142,8 +160,12 @@ class VerifyResult:
                 f"{self.count} records verified before it")
 
 
-def _canonical(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+# json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False), built once.
+_canonical: Callable[[Any], str] = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
+# Detail values whose JSON round trip gives back the same value of the same type.
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 def _digest(record: dict[str, Any]) -> str:
@@ -155,6 +177,36 @@ def _seal(record: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
     """Adds `hash`; returns the record and its line as written to the file."""
     record["hash"] = _digest(record)
     return record, (_canonical(record) + "\n").encode("ascii")
+
+
+def _normalised(details: dict[str, Any] | None) -> dict[str, Any]:
+    """Details as a reader gets them back (through JSON: non-JSON values become strings).
+
+    Flat details of plain values (the engine's) come back unchanged, so they skip the
+    round trip; a copy still keeps the record apart from the caller's dict.
+    """
+    if not details:
+        return {}
+    if all(type(k) is str and type(v) in _PLAIN_TYPES for k, v in details.items()):
+        return dict(details)
+    body: dict[str, Any] = json.loads(json.dumps(details, default=str, allow_nan=False))
+    return body
+
+
+def _record_text(seq: int, when: float, type: str, actor: str, subject: str,
+                 details_json: str, prev: str) -> tuple[str, str]:
+    """(hash, line with its newline) of a record: the canonical JSON built once.
+
+    The same text _canonical(record) gives, field by field in sorted key order (actor,
+    details, hash, prev, seq, subject, time, type); the hash covers it without `hash`.
+    """
+    if not math.isfinite(when):
+        raise ValueError("Out of range float values are not JSON compliant")
+    head = f'{{"actor":{_quote(actor)},"details":{details_json}'
+    tail = (f',"prev":{_quote(prev)},"seq":{int.__repr__(seq)},"subject":{_quote(subject)}'
+            f',"time":{float.__repr__(when)},"type":{_quote(type)}}}')
+    digest = hashlib.sha256((head + tail).encode("ascii")).hexdigest()
+    return digest, f'{head},"hash":"{digest}"{tail}\n'
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -179,19 +231,33 @@ def _well_formed(rec: dict[str, Any]) -> bool:
             and isinstance(rec["details"], dict))
 
 
-def _lines(fh: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, raw line with its newline if any)."""
+def _indexed(rec: dict[str, Any] | None) -> bool:
+    """Whether a parsed line is a record the index holds (what _load indexes)."""
+    return (rec is not None and _is_int(rec.get("seq")) and isinstance(rec.get("hash"), str)
+            and isinstance(rec.get("prev"), str))
+
+
+def _time_of(rec: dict[str, Any]) -> float:
+    return float(rec["time"]) if _is_number(rec.get("time")) else 0.0
+
+
+def _lines(fh: IO[bytes], limit: int | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw line with its newline if any), up to byte `limit`.
+
+    `limit` is where the writer's last complete record ended when the reader started:
+    lines appended meanwhile are not read.
+    """
     offset = 0
     for number, raw in enumerate(fh, start=1):
+        if limit is not None and offset >= limit:
+            return
         yield number, offset, raw
         offset += len(raw)
 
 
-def _seq_later(path: Path, offset: int, seq: int) -> bool:
-    """Whether a record with this seq appears at or after `offset` (reorder vs delete)."""
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        return any((rec := _parse(raw)) is not None and rec.get("seq") == seq for raw in fh)
+def _seq_in(lines: Iterable[bytes], seq: int) -> bool:
+    """Whether a record with this seq is among these lines (reorder vs delete)."""
+    return any((rec := _parse(raw)) is not None and rec.get("seq") == seq for raw in lines)
 
 
 def _hash_break(rec: dict[str, Any], computed: str, following: bytes | None) -> str:
@@ -214,55 +280,62 @@ def verify_file(path: str | os.PathLike[str],
     memory, a shipped copy); a file that ends before it is reported truncated.
     Raises OSError if the file cannot be read.
     """
-    path = Path(path)
+    with Path(path).open("rb") as fh:
+        return _verify(fh, expect_last)
+
+
+def _verify(fh: IO[bytes], expect_last: tuple[int, str] | None,
+            limit: int | None = None) -> VerifyResult:
+    """verify_file on an open file, reading no further than byte `limit`."""
     count, first_seq, seq, prev, number = 0, None, 0, GENESIS, 0
 
     def broken(number: int, at: int | None, reason: str, detail: str) -> VerifyResult:
         return VerifyResult(False, count, first_seq, seq, prev, at, number, reason, detail)
 
-    with path.open("rb") as fh:
-        lines = _lines(fh)
-        current = next(lines, None)
-        while current is not None:
-            following = next(lines, None)
-            number, offset, raw = current
-            current = following
-            expected: int | None = seq + 1
-            if not raw.endswith(b"\n"):
-                return broken(number, expected if number > 1 else None, "torn",
-                              f"last line is incomplete ({len(raw)} bytes, no newline)")
-            rec = _parse(raw)
-            if rec is None or not isinstance(rec.get("hash"), str):
-                return broken(number, expected if number > 1 else None, "unparseable",
-                              "line is not a JSON record")
-            if number == 1:  # no seq is known yet: name the one the line claims
-                expected = rec["seq"] if _is_int(rec.get("seq")) else None
-            computed = _digest(rec)
-            if computed != rec["hash"]:
-                reason = _hash_break(rec, computed, following[2] if following else None)
-                return broken(number, expected, reason, "hash does not match the record")
-            if not _well_formed(rec):
-                return broken(number, expected, "malformed", "fields are missing or mistyped")
-            if _canonical(rec).encode("ascii") + b"\n" != raw:
-                return broken(number, expected, "not_canonical",
-                              "bytes differ from the canonical form")
-            if rec["type"] == ANCHOR_TYPE:
-                if number != 1:
-                    return broken(number, expected, "misplaced_anchor",
-                                  "an anchor may only be the first line")
-                seq, prev = rec["seq"], rec["prev"]
-                continue
-            want = seq + 1  # 1 on the first line of a log that never was purged
-            if rec["seq"] != want:
-                later = rec["seq"] > want and _seq_later(path, offset + len(raw), want)
-                reason = "deleted" if rec["seq"] > want and not later else "reordered"
-                return broken(number, want, reason, f"found seq {rec['seq']} where {want} belongs")
-            if rec["prev"] != prev:
-                return broken(number, want, "bad_link",
-                              "prev is not the hash of the record before")
-            count += 1
-            first_seq = rec["seq"] if first_seq is None else first_seq
-            seq, prev = rec["seq"], rec["hash"]
+    lines = _lines(fh, limit)
+    current = next(lines, None)
+    while current is not None:
+        following = next(lines, None)
+        number, _, raw = current
+        current = following
+        expected: int | None = seq + 1
+        if not raw.endswith(b"\n"):
+            return broken(number, expected if number > 1 else None, "torn",
+                          f"last line is incomplete ({len(raw)} bytes, no newline)")
+        rec = _parse(raw)
+        if rec is None or not isinstance(rec.get("hash"), str):
+            return broken(number, expected if number > 1 else None, "unparseable",
+                          "line is not a JSON record")
+        if number == 1:  # no seq is known yet: name the one the line claims
+            expected = rec["seq"] if _is_int(rec.get("seq")) else None
+        computed = _digest(rec)
+        if computed != rec["hash"]:
+            reason = _hash_break(rec, computed, following[2] if following else None)
+            return broken(number, expected, reason, "hash does not match the record")
+        if not _well_formed(rec):
+            return broken(number, expected, "malformed", "fields are missing or mistyped")
+        if _canonical(rec).encode("ascii") + b"\n" != raw:
+            return broken(number, expected, "not_canonical",
+                          "bytes differ from the canonical form")
+        if rec["type"] == ANCHOR_TYPE:
+            if number != 1:
+                return broken(number, expected, "misplaced_anchor",
+                              "an anchor may only be the first line")
+            seq, prev = rec["seq"], rec["prev"]
+            continue
+        want = seq + 1  # 1 on the first line of a log that never was purged
+        if rec["seq"] != want:
+            rest = itertools.chain([following[2]] if following else [],
+                                   (line for _, _, line in lines))
+            later = rec["seq"] > want and _seq_in(rest, want)
+            reason = "deleted" if rec["seq"] > want and not later else "reordered"
+            return broken(number, want, reason, f"found seq {rec['seq']} where {want} belongs")
+        if rec["prev"] != prev:
+            return broken(number, want, "bad_link",
+                          "prev is not the hash of the record before")
+        count += 1
+        first_seq = rec["seq"] if first_seq is None else first_seq
+        seq, prev = rec["seq"], rec["hash"]
     if expect_last is not None and expect_last != (seq, prev):
         end = number + 1
         if expect_last[0] > seq:
@@ -285,24 +358,107 @@ class AuditLogLocked(RuntimeError):
     """Another AuditLog (this or another process) already writes this file."""
 
 
+class _Index:
+    """Blocks of consecutive records: first byte offset, first seq, min and max time, count.
+
+    Records are added in file order. Arrays are only appended to in place (the last
+    block grows, or a block is added); merging and trimming build new arrays, so a
+    reader holding the old ones (taken under the log's lock) keeps a consistent view.
+    """
+
+    def __init__(self, max_blocks: int = INDEX_BLOCKS) -> None:
+        self.max_blocks = max(2, max_blocks)
+        self.stride = 1  # records per full block
+        self.offsets, self.seqs, self.counts = array("q"), array("q"), array("q")
+        self.tmin, self.tmax = array("d"), array("d")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def add(self, offset: int, seq: int, when: float) -> None:
+        counts = self.counts
+        if counts and counts[-1] < self.stride:
+            counts[-1] += 1
+            if when < self.tmin[-1]:
+                self.tmin[-1] = when
+            if when > self.tmax[-1]:
+                self.tmax[-1] = when
+            return
+        if len(counts) >= self.max_blocks:
+            self._merge_pairs()
+            self.add(offset, seq, when)
+            return
+        self.offsets.append(offset)
+        self.seqs.append(seq)
+        counts.append(1)
+        self.tmin.append(when)
+        self.tmax.append(when)
+
+    def _merge_pairs(self) -> None:
+        """Halves the blocks: each pair of neighbours becomes one, and the stride doubles."""
+        odd = len(self.counts) % 2
+
+        def pairs(values: array[Any], typecode: str, combine: Callable[[Any, Any], Any]
+                  ) -> array[Any]:
+            merged = array(typecode, map(combine, values[0::2], values[1::2]))
+            return merged + values[-1:] if odd else merged
+
+        self.counts = pairs(self.counts, "q", operator.add)
+        self.tmin = pairs(self.tmin, "d", min)
+        self.tmax = pairs(self.tmax, "d", max)
+        self.offsets, self.seqs = self.offsets[0::2], self.seqs[0::2]
+        self.stride *= 2
+
+    def drop_front(self, n: int, keep_from: int, first_seq: int, shift: int) -> None:
+        """Forgets the first n records (the kept ones start at byte keep_from with
+        first_seq) and moves every offset `shift` bytes down (the file was rewritten)."""
+        if n <= 0:
+            return
+        b = bisect_right(self.offsets, keep_from) - 1
+        dropped = sum(self.counts[:b])
+        counts = self.counts[b:]
+        offsets, seqs = self.offsets[b:], self.seqs[b:]
+        tmin, tmax = self.tmin[b:], self.tmax[b:]
+        if counts:
+            counts[0] -= n - dropped
+            offsets[0], seqs[0] = keep_from, first_seq  # its times stay bounds of what is left
+            if counts[0] == 0:
+                counts, offsets, seqs = counts[1:], offsets[1:], seqs[1:]
+                tmin, tmax = tmin[1:], tmax[1:]
+        self.offsets = array("q", (offset - shift for offset in offsets))
+        self.seqs, self.counts, self.tmin, self.tmax = seqs, counts, tmin, tmax
+
+
 class AuditLog:
-    """The writer, reader and purger of one audit file. Thread-safe; calls are short."""
+    """The writer, reader and purger of one audit file. Thread-safe; calls are short.
+
+    Locks: `_lock` guards the chain head, the index and appends (record() holds it for
+    a write); `_fd_lock` keeps the file handle from being closed or swapped while an
+    fsync runs on it; `_purge_lock` lets one purge run at a time. Taken in the order
+    _purge_lock, _fd_lock, _lock.
+    """
 
     def __init__(self, directory: str | os.PathLike[str], policy: AuditPolicy | None = None, *,
                  filename: str = "audit.log", sink: Sink | None = None,
                  fsync_every: int = 100, fsync_interval: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 index_blocks: int = INDEX_BLOCKS) -> None:
         self.policy = policy or AuditPolicy()
         self.path = Path(directory) / filename
         self.counts_by_type: dict[str, int] = {}
         self.last_verify_ok: bool | None = None
         self.sink_errors = 0
+        self.sync_errors = 0
         self.torn_bytes_recovered = 0
         self._sink = sink
         self._fsync_every = max(1, fsync_every)
         self._fsync_interval = fsync_interval
         self._clock = clock
+        self._index_blocks = index_blocks
         self._lock = threading.Lock()
+        self._fd_lock = threading.Lock()
+        self._purge_lock = threading.Lock()
+        self._sync_pending = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lockfile = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close()
         try:
@@ -320,27 +476,33 @@ class AuditLog:
         self._last_sync = time.monotonic()
         self._closed = False
 
-    def _recover_torn_tail(self) -> None:
+    def _recover_torn_tail(self, chunk: int = 1 << 16) -> None:
         """Moves bytes after the last newline (a write cut by a crash) to `<file>.torn`."""
         with self.path.open("rb") as fh:
-            data = fh.read()
-        keep = data.rfind(b"\n") + 1
-        if keep == len(data):
+            size = fh.seek(0, os.SEEK_END)
+            end, tail = size, b""
+            while end > 0 and b"\n" not in tail:  # read backwards, never the whole file
+                start = max(0, end - chunk)
+                fh.seek(start)
+                tail = fh.read(end - start) + tail
+                end = start
+        keep = end + tail.rfind(b"\n") + 1
+        if keep == size:
             return
         torn = Path(f"{self.path}.torn")
         with torn.open("ab") as out:
-            out.write(data[keep:] + b"\n")
+            out.write(tail[keep - end:] + b"\n")
             out.flush()
             os.fsync(out.fileno())
         os.truncate(self.path, keep)
         os.fsync(self._fh.fileno())
-        self.torn_bytes_recovered = len(data) - keep
+        self.torn_bytes_recovered = size - keep
         log.warning("audit log %s: moved a torn last line (%d bytes) to %s",
                     self.path, self.torn_bytes_recovered, torn)
 
     def _load(self) -> None:
-        """Indexes offsets, seqs and times, and finds the head to continue the chain from."""
-        self._offsets, self._seqs, self._times = array("q"), array("q"), array("d")
+        """Indexes the records and finds the head to continue the chain from."""
+        self._index = _Index(self._index_blocks)
         self._last_seq, self._last_hash = 0, GENESIS
         self._anchor: dict[str, Any] | None = None
         size = 0
@@ -348,17 +510,15 @@ class AuditLog:
             for _, offset, raw in _lines(fh):
                 size = offset + len(raw)
                 rec = _parse(raw)
-                if rec is None or not _is_int(rec.get("seq")) or not isinstance(
-                        rec.get("hash"), str) or not isinstance(rec.get("prev"), str):
+                if not _indexed(rec):
                     log.error("audit log %s: unreadable record at byte %d", self.path, offset)
                     continue
+                assert rec is not None
                 if rec.get("type") == ANCHOR_TYPE and offset == 0:
                     self._anchor = rec
                     self._last_seq, self._last_hash = rec["seq"], rec["prev"]
                     continue
-                self._offsets.append(offset)
-                self._seqs.append(rec["seq"])
-                self._times.append(float(rec["time"]) if _is_number(rec.get("time")) else 0.0)
+                self._index.add(offset, rec["seq"], _time_of(rec))
                 self._last_seq, self._last_hash = rec["seq"], rec["hash"]
         self._size = size
 
@@ -378,21 +538,27 @@ class AuditLog:
         returned record equals what a reader gets back. OSError (disk full) propagates
         after the partial line, if any, is cut off again.
         """
-        if not _TYPE_RE.fullmatch(type) or type == ANCHOR_TYPE:
-            raise ValueError(f"bad audit record type {type!r}")
+        if type not in _GOOD_TYPES:
+            if not _TYPE_RE.fullmatch(type) or type == ANCHOR_TYPE:
+                raise ValueError(f"bad audit record type {type!r}")
+            if len(_GOOD_TYPES) < 1024:  # the types are the code's own: a handful
+                _GOOD_TYPES.add(type)
         if not self.policy.wants(type):
             return None
-        body = json.loads(json.dumps(details or {}, default=str, allow_nan=False))
+        body = _normalised(details)
+        details_json = _canonical(body)
+        actor, subject = str(actor), str(subject)
         with self._lock:
             if self._closed:
                 raise ValueError("audit log is closed")
-            rec, line = _seal({"seq": self._last_seq + 1, "time": float(self._clock()),
-                               "type": type, "actor": str(actor), "subject": str(subject),
-                               "details": body, "prev": self._last_hash})
-            self._append(rec, line)
-        return dict(rec)
+            seq, when, prev = self._last_seq + 1, float(self._clock()), self._last_hash
+            digest, text = _record_text(seq, when, type, actor, subject, details_json, prev)
+            self._append(seq, when, type, digest, text)
+        return {"seq": seq, "time": when, "type": type, "actor": actor, "subject": subject,
+                "details": body, "prev": prev, "hash": digest}
 
-    def _append(self, rec: dict[str, Any], line: bytes) -> None:
+    def _append(self, seq: int, when: float, type: str, digest: str, text: str) -> None:
+        line = text.encode("ascii")
         offset = self._size
         try:
             written = 0
@@ -402,16 +568,15 @@ class AuditLog:
             os.truncate(self.path, offset)
             raise
         self._size += len(line)
-        self._offsets.append(offset)
-        self._seqs.append(rec["seq"])
-        self._times.append(rec["time"])
-        self._last_seq, self._last_hash = rec["seq"], rec["hash"]
-        self.counts_by_type[rec["type"]] = self.counts_by_type.get(rec["type"], 0) + 1
+        self._index.add(offset, seq, when)
+        self._last_seq, self._last_hash = seq, digest
+        self.counts_by_type[type] = self.counts_by_type.get(type, 0) + 1
         self._unsynced += 1
         if (self._unsynced >= self._fsync_every
                 or time.monotonic() - self._last_sync >= self._fsync_interval):
-            self._sync()
-        self._emit(line.decode("ascii").rstrip("\n"))
+            self._sync_soon()
+        if self._sink is not None:
+            self._emit(text[:-1])
 
     def _emit(self, line: str) -> None:
         """Copies a line to the extra sink; a failing sink never fails the record."""
@@ -427,24 +592,44 @@ class AuditLog:
             self.sink_errors += 1
             log.warning("audit sink failed: %s", exc)
 
-    def _sync(self) -> None:
-        os.fsync(self._fh.fileno())
-        self._unsynced = 0
-        self._last_sync = time.monotonic()
+    def _sync_soon(self) -> None:
+        """Has the background syncer fsync the file (called with _lock held)."""
+        if not self._sync_pending:
+            self._sync_pending = True
+            _syncer().submit(self._background_sync)
+
+    def _background_sync(self) -> None:
+        try:
+            self.sync()
+        except OSError as exc:  # counted and logged; the next trigger tries again
+            self.sync_errors += 1
+            log.error("audit log %s: fsync failed: %s", self.path, exc)
+        finally:
+            self._sync_pending = False
 
     def sync(self) -> None:
-        """Forces written records to disk (for a periodic timer)."""
-        with self._lock:
-            if not self._closed and self._unsynced:
-                self._sync()
+        """Forces written records to disk (for a periodic timer; from any thread).
+
+        record() goes on meanwhile: the fsync runs without the lock it takes.
+        """
+        with self._fd_lock:
+            with self._lock:
+                if self._closed or not self._unsynced:
+                    return
+                fd, pending, started = self._fh.fileno(), self._unsynced, time.monotonic()
+            os.fsync(fd)
+            with self._lock:
+                self._unsynced = max(0, self._unsynced - pending)
+                self._last_sync = started
 
     def close(self) -> None:
         """Syncs and releases the file and the writer lock. Idempotent."""
-        with self._lock:
+        with self._fd_lock, self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._sync()
+            os.fsync(self._fh.fileno())
+            self._unsynced = 0
             self._fh.close()
             self._lockfile.close()
 
@@ -454,11 +639,26 @@ class AuditLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def verify(self) -> VerifyResult:
-        """Verifies the file, also against the head held in memory (catches a cut tail)."""
+    def _reader(self) -> tuple[IO[bytes], int, _Index, tuple[int, str]]:
+        """A consistent view for reading without the lock: the file (as the index knows
+        it), where its last complete record ends, the index's arrays and the head."""
         with self._lock:
-            result = verify_file(self.path, expect_last=(self._last_seq, self._last_hash))
-            self.last_verify_ok = result.ok
+            fh = self.path.open("rb")
+            view = _Index(self._index.max_blocks)
+            index = self._index
+            view.offsets, view.seqs, view.counts = index.offsets, index.seqs, index.counts
+            view.tmin, view.tmax, view.stride = index.tmin, index.tmax, index.stride
+            return fh, self._size, view, (self._last_seq, self._last_hash)
+
+    def verify(self) -> VerifyResult:
+        """Verifies the file, also against the head held in memory (catches a cut tail).
+
+        It reads up to the head it saw when it started; record() goes on meanwhile.
+        """
+        fh, size, _, head = self._reader()
+        with fh:
+            result = _verify(fh, expect_last=head, limit=size)
+        self.last_verify_ok = result.ok
         if not result.ok:
             log.error("audit log %s: %s", self.path, result)
         return result
@@ -481,22 +681,27 @@ class AuditLog:
         exact = {t for t in types or () if not t.endswith(".")}
         prefixes = tuple(t for t in types or () if t.endswith("."))
         found: list[dict[str, Any]] = []
-        with self._lock, self.path.open("rb") as fh:
-            top = len(self._seqs) if below is None else bisect_left(self._seqs, below)
-            for i in range(top - 1, -1, -1):
-                when = self._times[i]
-                if (start is not None and when < start) or (end is not None and when >= end):
+        fh, size, index, _ = self._reader()
+        blocks = len(index)
+        top = blocks if below is None else bisect_left(index.seqs, below, 0, blocks)
+        with fh:
+            for b in range(top - 1, -1, -1):
+                if (start is not None and index.tmax[b] < start) or (
+                        end is not None and index.tmin[b] >= end):
                     continue
-                fh.seek(self._offsets[i])
-                rec = _parse(fh.readline())
-                if (rec is None or (types and rec.get("type") not in exact
-                                    and not str(rec.get("type")).startswith(prefixes))
-                        or (actor is not None and rec.get("actor") != actor)
-                        or (subject is not None and rec.get("subject") != subject)):
-                    continue
-                found.append(rec)
-                if len(found) > limit:
-                    return found[:limit], str(found[limit - 1]["seq"])
+                for rec in reversed(_block_records(fh, index, b, blocks, size)):
+                    when = _time_of(rec)
+                    if ((below is not None and rec["seq"] >= below)
+                            or (start is not None and when < start)
+                            or (end is not None and when >= end)
+                            or (types and rec.get("type") not in exact
+                                and not str(rec.get("type")).startswith(prefixes))
+                            or (actor is not None and rec.get("actor") != actor)
+                            or (subject is not None and rec.get("subject") != subject)):
+                        continue
+                    found.append(rec)
+                    if len(found) > limit:
+                        return found[:limit], str(found[limit - 1]["seq"])
         return found, None
 
     def purge(self, now: float | None = None) -> int:
@@ -504,54 +709,150 @@ class AuditLog:
 
         Only a prefix goes (up to the first record inside the retention), replaced
         by an anchor so the rest still verifies. A log that does not verify is left
-        alone: purging would destroy the evidence.
+        alone: purging would destroy the evidence. The copy of the kept records is made
+        without the lock record() takes; only the records written meanwhile are copied,
+        and the file swapped, under it.
         """
         retention = self.policy.retention_seconds
         if retention <= 0:
             return 0
         cutoff = (self._clock() if now is None else now) - retention
-        result = self.verify()
-        if not result.ok:
-            log.error("audit log %s: not purging a log that fails verification", self.path)
-            return 0
-        with self._lock:
+        with self._purge_lock:
+            result = self.verify()
+            if not result.ok:
+                log.error("audit log %s: not purging a log that fails verification", self.path)
+                return 0
             if self._closed:
                 raise ValueError("audit log is closed")
-            n = 0
-            while n < len(self._times) and self._times[n] < cutoff:
-                n += 1
-            if n == 0:
-                return 0
-            with self.path.open("rb") as fh:
-                fh.seek(self._offsets[n - 1])
-                last = json.loads(fh.readline())
-            purged_before = self._anchor["details"].get("purged_total", 0) if self._anchor else 0
-            anchor, line = _seal({
-                "seq": last["seq"], "time": float(self._clock()), "type": ANCHOR_TYPE,
-                "actor": "engine", "subject": "",
-                "details": {"purged": n, "purged_total": purged_before + n, "cutoff": cutoff,
-                            "last_purged_seq": last["seq"], "last_purged_hash": last["hash"]},
-                "prev": last["hash"]})
-            keep_from = self._offsets[n] if n < len(self._offsets) else self._size
-            tmp = Path(f"{self.path}.tmp")
-            with tmp.open("wb") as out, self.path.open("rb") as src:
-                out.write(line)
-                src.seek(keep_from)
-                shutil.copyfileobj(src, out)
-                out.flush()
-                os.fsync(out.fileno())
+            fh, size, index, _ = self._reader()
+            with fh:
+                cut = _first_kept(fh, index, size, cutoff)
+                if cut is None:
+                    return 0
+                n, keep_from, last = cut
+                purged_before = (self._anchor["details"].get("purged_total", 0)
+                                 if self._anchor else 0)
+                anchor, line = _seal({
+                    "seq": last["seq"], "time": float(self._clock()), "type": ANCHOR_TYPE,
+                    "actor": "engine", "subject": "",
+                    "details": {"purged": n, "purged_total": purged_before + n,
+                                "cutoff": cutoff, "last_purged_seq": last["seq"],
+                                "last_purged_hash": last["hash"]},
+                    "prev": last["hash"]})
+                tmp = Path(f"{self.path}.tmp")
+                with tmp.open("wb") as out:
+                    out.write(line)
+                    fh.seek(keep_from)
+                    _copy(fh, out, size - keep_from)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    self._swap(tmp, out, fh, size, n, keep_from, last["seq"] + 1, anchor, line)
+            _fsync_dir(self.path.parent)
+        log.info("audit log %s: purged %d records older than %s", self.path, n, cutoff)
+        return n
+
+    def _swap(self, tmp: Path, out: IO[bytes], old: IO[bytes], copied_to: int, n: int,
+              keep_from: int, first_kept_seq: int, anchor: dict[str, Any], line: bytes) -> None:
+        """Copies what was written since the copy began, then puts the new file in place."""
+        with self._fd_lock, self._lock:
+            if self._closed:
+                tmp.unlink()
+                raise ValueError("audit log is closed")
+            old.seek(copied_to)
+            _copy(old, out, self._size - copied_to)
+            out.flush()
+            os.fsync(out.fileno())
             self._fh.close()
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
             self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held until close()
             shift = keep_from - len(line)
-            self._offsets = array("q", (offset - shift for offset in self._offsets[n:]))
-            self._seqs = self._seqs[n:]
-            self._times = self._times[n:]
+            self._index.drop_front(n, keep_from, first_kept_seq, shift)
             self._size -= shift
             self._anchor = anchor
             self._unsynced = 0
             self.counts_by_type[ANCHOR_TYPE] = self.counts_by_type.get(ANCHOR_TYPE, 0) + 1
             self._emit(line.decode("ascii").rstrip("\n"))
-        log.info("audit log %s: purged %d records older than %s", self.path, n, cutoff)
-        return n
+
+
+def _copy(src: IO[bytes], dst: IO[bytes], length: int) -> None:
+    """Copies `length` bytes from src's position to dst."""
+    while length > 0:
+        data = src.read(min(length, 1 << 20))
+        if not data:
+            raise OSError("audit log ended before the bytes to copy")
+        dst.write(data)
+        length -= len(data)
+
+
+def _block_records(fh: IO[bytes], index: _Index, b: int, blocks: int,
+                   size: int) -> list[dict[str, Any]]:
+    """The indexed records of block b, in file order."""
+    lo = index.offsets[b]
+    hi = index.offsets[b + 1] if b + 1 < blocks else size
+    fh.seek(lo)
+    records = []
+    for raw in fh.read(hi - lo).split(b"\n"):
+        rec = _parse(raw) if raw else None
+        if _indexed(rec):
+            assert rec is not None
+            records.append(rec)
+    return records
+
+
+def _first_kept(fh: IO[bytes], index: _Index, size: int,
+                cutoff: float) -> tuple[int, int, dict[str, Any]] | None:
+    """(records to drop, byte offset of the first kept one or `size`, the last dropped
+    record) for a purge at cutoff; None if the first record is inside the retention.
+
+    As before the index had blocks: everything up to the first record at or after the
+    cutoff goes. A block whose newest time is older than the cutoff is skipped unread.
+    """
+    blocks, n = len(index), 0
+    for b in range(blocks):
+        if index.tmax[b] < cutoff:  # every record of the block is older
+            n += index.counts[b]
+            continue
+        records = _block_records(fh, index, b, blocks, size)
+        for i, rec in enumerate(records):
+            if _time_of(rec) >= cutoff:
+                if n + i == 0:
+                    return None
+                before = records[i - 1] if i else _last_of(fh, index, b, size)
+                return n + i, _offset_of(fh, index, b, i, size), before
+        n += len(records)
+    if n == 0:
+        return None
+    return n, size, _last_of(fh, index, blocks, size)
+
+
+def _last_of(fh: IO[bytes], index: _Index, b: int, size: int) -> dict[str, Any]:
+    """The last indexed record before block b."""
+    return _block_records(fh, index, b - 1, len(index), size)[-1]
+
+
+def _offset_of(fh: IO[bytes], index: _Index, b: int, i: int, size: int) -> int:
+    """Byte offset of the i-th indexed record of block b."""
+    lo = index.offsets[b]
+    hi = index.offsets[b + 1] if b + 1 < len(index) else size
+    fh.seek(lo)
+    offset, seen = lo, 0
+    for raw in fh.read(hi - lo).split(b"\n"):
+        if _indexed(_parse(raw) if raw else None):
+            if seen == i:
+                return offset
+            seen += 1
+        offset += len(raw) + 1
+    raise AssertionError("record not in its block")
+
+
+_SYNCER: ThreadPoolExecutor | None = None
+_SYNCER_LOCK = threading.Lock()
+
+
+def _syncer() -> ThreadPoolExecutor:
+    """The one background thread that runs the fsyncs records trigger (for every log)."""
+    global _SYNCER
+    with _SYNCER_LOCK:
+        if _SYNCER is None:
+            _SYNCER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-fsync")
+        return _SYNCER

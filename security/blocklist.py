@@ -25,7 +25,10 @@ from typing import Literal, TypeAlias
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPLike: TypeAlias = str | Address
+# (version, integer value) or Attempt.address's (version, integer value, canonical text):
+# an address parsed once, so a decision does not parse it again for every list.
+ParsedIP: TypeAlias = tuple[int, int] | tuple[int, int, str]
+IPLike: TypeAlias = str | Address | ParsedIP
 Decision: TypeAlias = Literal["allow", "block", "neutral"]
 
 _BITS = {4: 32, 6: 128}
@@ -60,7 +63,9 @@ def _address(ip: IPLike) -> tuple[int, int]:
     `socket.inet_pton` is several times faster than `ipaddress` for strings;
     `ipaddress` still handles what it rejects (zone ids) and words the errors.
     """
-    if isinstance(ip, str):
+    if isinstance(ip, tuple):
+        version, value = ip[0], ip[1]
+    elif isinstance(ip, str):
         try:
             return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
         except OSError:
@@ -228,10 +233,15 @@ def prefix_of(ip: IPLike, v6_prefix: int = 64) -> str:
     """
     if not 0 <= v6_prefix <= 128:
         raise ValueError(f"v6_prefix must be between 0 and 128, got {v6_prefix}")
+    if isinstance(ip, tuple) and len(ip) == 3 and ip[0] == 4:
+        return f"{ip[2]}/32"  # Attempt.address: the canonical text is at hand
     version, value = _address(ip)
     if version == 4:
-        return f"{ipaddress.IPv4Address(value)}/32"
-    return str(ipaddress.IPv6Network((value & _mask(6, v6_prefix), v6_prefix)))
+        return f"{socket.inet_ntoa(value.to_bytes(4, 'big'))}/32"
+    network = value & _mask(6, v6_prefix)
+    if network >> 32 in (0, 0xFFFF):  # inet_ntop would write these with a dotted quad
+        return f"{ipaddress.IPv6Address(network)}/{v6_prefix}"
+    return f"{socket.inet_ntop(socket.AF_INET6, network.to_bytes(16, 'big'))}/{v6_prefix}"
 
 
 def _rfc3339(timestamp: float) -> str:

@@ -186,8 +186,9 @@ class SecurityManager:
 
     # --- decisions
 
-    def _keys(self, attempt: Attempt) -> tuple[Any, Keys]:
-        ip = parse_ip(attempt.remote_ip)
+    def _keys(self, attempt: Attempt) -> tuple[tuple[int, int, str], Keys]:
+        """The parsed address (for the lists) and the keys; the attempt parses it once."""
+        ip = attempt.address
         return ip, tracking_keys(attempt.login, prefix_of(ip, self.settings.ipv6_prefix_length))
 
     async def check(self, attempt: Attempt) -> Decision:
@@ -220,11 +221,12 @@ class SecurityManager:
 
     async def _decide(self, ip: Any, keys: Keys, attempt: Attempt) -> Decision:
         now = self.clock()
-        if self.lists.trusted_entry(ip, now):
+        lists = self.lists  # Lists.decide's order, each list asked once
+        if lists.trusted.match(ip, now):
             return Decision("allow", "trusted")
-        verdict, entry = self.lists.decide(ip, now)
-        if verdict == "allow":
+        if lists.allow.match(ip, now):
             return Decision("allow", "allowlisted")
+        entry = lists.block.match(ip, now)
         if entry is not None:
             return Decision("reject", "banned", message=self.settings.reject_message,
                             retry_after=_remaining(entry.expires, now))
@@ -274,7 +276,7 @@ class SecurityManager:
         ip, keys = self._keys(attempt)
         self.stats.count(self.stats.attempts,
                          (attempt.protocol_label, "success" if success else "failure"))
-        subject = f"{attempt.login}@{ip}"
+        subject = f"{attempt.login}@{ip[2]}"
         try:
             if success:
                 await self.store.clear_failures(keys.pair)
@@ -282,7 +284,7 @@ class SecurityManager:
                 return []
             self._audit("auth.failure", "engine", subject, {"protocol": attempt.protocol})
             now = self.clock()
-            if self.lists.decide(ip, now)[0] == "allow":
+            if self.lists.trusted.match(ip, now) or self.lists.allow.match(ip, now):
                 return []
             return await self._count_failure(attempt, ip, keys, now)
         except Exception as exc:

@@ -330,6 +330,7 @@ def _semantic_problems(
                     f"metric {metric['name']!r} declared twice")
         seen.add(metric["name"])
     _mail_problems(mon, problem)
+    _bundle_problems(data, problem)
     for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
                           (("security", "dovecot_policy"), "api_key"),
                           (("security", "stalwart_webhook"), "secret"),
@@ -366,6 +367,22 @@ def _semantic_problems(
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")
     return problems
+
+
+def _bundle_problems(data: dict[str, Any], problem: Any) -> None:
+    """Alert and dashboard names in alerting.alerts and dashboards.uids must exist."""
+    import difflib
+
+    from exporter.generate.alerts import ALERT_NAMES
+    from exporter.generate.dashboards import KEYS
+
+    for section, names, what in ((("alerting", "alerts"), ALERT_NAMES, "alert"),
+                                 (("dashboards", "uids"), KEYS, "dashboard")):
+        for name in data[section[0]][section[1]]:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problem((*section, name), f"unknown {what}{hint}")
 
 
 def _mail_problems(mon: dict[str, Any], problem: Any) -> None:

@@ -171,8 +171,12 @@ CHART_KEYS: dict[str, Any] = {
                             additionalProperties={"type": "string"}),
         "ruleLabels": _key("object", {}, "Extra labels on every alert (for Alertmanager "
                            "routing, e.g. team: mail).", additionalProperties={"type": "string"}),
-        "namePrefix": _key("string", "", "Prefix for every alert and rule group name."),
-        "disabled": _key("array", [], "Alert names not to create.", items={"type": "string"}),
+        "namePrefix": _key("string", "", "Prefix for every rule group's name. Alert names "
+                           "stay as they are: runbooks, inhibitions and the alert unit tests "
+                           "use them."),
+        "disabled": _key("array", [], "Alert names not to create (as "
+                         "config.alerting.alerts.NAME.enabled: false does).",
+                         items={"type": "string"}),
     }),
     "dashboards": _section("The generated Grafana dashboards as ConfigMaps for the Grafana "
                            "sidecar, and optionally as grafana-operator objects.", {

@@ -7,22 +7,30 @@ the route's scope: security:read to read, security:write to change.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jsonschema
-from starlette.requests import Request
+from starlette.datastructures import QueryParams
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from exporter.config import read_secret
+from exporter.http.middleware import header
+from exporter.instruments import CounterVec
 from exporter.service import Exporter
 from security.attempts import Attempt
 from security.blocklist import export_text, import_text
+from security.engine import SecurityManager
 from security.protocols import dovecot, stalwart
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -72,12 +80,65 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
-def _is_loopback(request: Request) -> bool:
-    host = request.client.host if request.client else ""
+_LOOPBACK: dict[str, bool] = {}  # client host -> is loopback; a policy client has few hosts
+
+
+def _is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    host = client[0] if client else ""
+    known = _LOOPBACK.get(host)
+    if known is None:
+        try:
+            known = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            known = False
+        if len(_LOOPBACK) >= 1024:
+            _LOOPBACK.clear()
+        _LOOPBACK[host] = known
+    return known
+
+
+class SecretCache:
+    """One secret (`<name>_file` or `<name>_env`, as read_secret reads it), kept between
+    requests: reading the file costs more than a whole policy decision. It is read again
+    when the config names another file or variable, when the file (its mtime, size or
+    inode) or the variable changes, looked at no more than every `recheck` seconds, and
+    at once after clear() (on every config reload)."""
+
+    def __init__(self, name: str, recheck: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.recheck = recheck
+        self.clock = clock
+        self.clear()
+
+    def clear(self) -> None:
+        self._source: tuple[str, str] | None = None
+        self._stamp: object = None
+        self._value: str | None = None
+        self._next_check = 0.0
+
+    def get(self, section: Mapping[str, Any]) -> str | None:
+        """The secret, or None if neither is configured; OSError if the file is unreadable."""
+        source = (section.get(f"{self.name}_file") or "", section.get(f"{self.name}_env") or "")
+        now = self.clock()
+        if source == self._source and now < self._next_check:
+            return self._value
+        path, env = source
+        stamp = _file_stamp(path) if path else os.environ.get(env) if env else None
+        if source != self._source or stamp != self._stamp:
+            self._value = read_secret(section, self.name)  # raises before anything is cached
+            self._source, self._stamp = source, stamp
+        self._next_check = now + self.recheck
+        return self._value
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 async def _json_body(request: Request, validator: jsonschema.Draft7Validator) -> dict[str, Any]:
@@ -92,6 +153,86 @@ async def _json_body(request: Request, validator: jsonschema.Draft7Validator) ->
         raise BadRequest(f"{where}: {errors[0].message}")
     result: dict[str, Any] = body
     return result
+
+
+# The two query strings Dovecot sends, looked up before Starlette parses them.
+_POLICY_COMMANDS = {b"command=allow": "allow", b"command=report": "report"}
+
+
+class DovecotPolicy:
+    """POST /dovecot/policy, as a plain ASGI app rather than an endpoint function.
+
+    Dovecot calls it twice per login; Starlette's Request/Response wrapping of an
+    endpoint function costs about as much as the decision itself (see
+    benchmarks/BENCHMARKS.md). Parsing is in security/protocols/dovecot.py as for any
+    endpoint; the errors are the same JSON responses, and exceptions (a body over the
+    limit included) reach the app's exception handlers as before.
+    """
+
+    def __init__(self, exporter: Exporter, engine: SecurityManager, frontends: CounterVec,
+                 api_key: SecretCache) -> None:
+        self.exporter = exporter
+        self.engine = engine
+        self.frontends = frontends
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._answer(scope, receive)
+        if isinstance(response, bytes):
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-length", str(len(response)).encode("latin-1")),
+                (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": response})
+        else:
+            await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> bytes | Response:
+        """The answer's JSON body, or an error response."""
+        settings = self.exporter.config["security"]["dovecot_policy"]
+        if not settings["enabled"]:
+            return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
+        key = self.api_key.get(settings)
+        sent = None
+        if key is not None:
+            sent = header(scope, settings["api_key_header"].lower().encode("latin-1"))
+        if key is not None and sent:
+            allowed = hmac.compare_digest(sent.encode(), key.encode())
+        else:
+            allowed = settings["allow_loopback_without_key"] and _is_loopback(scope)
+        if not allowed:
+            self.frontends.inc(("dovecot", "unauthorized"))
+            return _error(401, "unauthorized", f"{settings['api_key_header']} required")
+        query = scope.get("query_string", b"")
+        command = _POLICY_COMMANDS.get(query) or QueryParams(query).get("command")
+        try:
+            command, attempt, fields = dovecot.parse_request(command, await _body(receive))
+            if command == "allow":
+                mfa = self.exporter.mfa
+                mfa_reject = mfa is not None and mfa.settings.policy.dovecot_action == "reject"
+                body = dovecot.answer_body(await self.engine.check(attempt), mfa_reject)
+            else:
+                # a login our own policy refused is not a wrong password
+                if not fields.get("policy_reject"):
+                    await self.engine.report(attempt, fields["success"])
+                body = dovecot.OK_BODY
+        except dovecot.PolicyRequestError as exc:
+            self.frontends.inc(("dovecot", "bad_request"))
+            return _error(400, "bad_request", str(exc))
+        self.frontends.inc(("dovecot", "ok"))
+        return body
+
+
+async def _body(receive: Receive) -> bytes:
+    """The request body, read as Starlette's Request.body() reads it."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def _decision_json(decision: Any) -> dict[str, Any]:
@@ -127,40 +268,17 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     if engine is None:
         return []
     frontends = exporter.security_frontends
+    api_key = SecretCache("api_key")
+    webhook_secret = SecretCache("secret")
+
+    def forget_secrets(_config: object) -> None:
+        api_key.clear()
+        webhook_secret.clear()
+
+    exporter.on_reload.append(forget_secrets)
 
     def admin(handler: Endpoint) -> Endpoint:
         return scoped(authorize, handler)
-
-    async def dovecot_policy(request: Request) -> Response:
-        settings = exporter.config["security"]["dovecot_policy"]
-        if not settings["enabled"]:
-            return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
-        key = read_secret(settings, "api_key")
-        sent = request.headers.get(settings["api_key_header"], "")
-        if key is not None and sent:
-            allowed = hmac.compare_digest(sent.encode(), key.encode())
-        else:
-            allowed = settings["allow_loopback_without_key"] and _is_loopback(request)
-        if not allowed:
-            frontends.inc(("dovecot", "unauthorized"))
-            return _error(401, "unauthorized", f"{settings['api_key_header']} required")
-        try:
-            command, attempt, fields = dovecot.parse_request(
-                request.query_params.get("command"), await request.body())
-            if command == "allow":
-                mfa_reject = exporter.mfa is not None and (
-                    exporter.mfa.settings.policy.dovecot_action == "reject")
-                answer = dovecot.answer(await engine.check(attempt), mfa_reject)
-            else:
-                # a login our own policy refused is not a wrong password
-                if not fields.get("policy_reject"):
-                    await engine.report(attempt, fields["success"])
-                answer = dovecot.OK
-        except dovecot.PolicyRequestError as exc:
-            frontends.inc(("dovecot", "bad_request"))
-            return _error(400, "bad_request", str(exc))
-        frontends.inc(("dovecot", "ok"))
-        return JSONResponse(answer)
 
     def _attempt(body: dict[str, Any]) -> Attempt:
         attempt = Attempt(login=body["login"], remote_ip=body["remote_ip"],
@@ -248,19 +366,18 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         types = q.getlist("type") or None
-        try:
-            records, cursor = exporter.audit.query(start=start, end=end, types=types,
-                                                   actor=q.get("actor"),
-                                                   subject=q.get("subject"), limit=limit,
-                                                   cursor=q.get("cursor"))
-        except ValueError as exc:  # a cursor that is not one of ours
+        try:  # it reads the file: off the event loop, which keeps deciding logins
+            records, cursor = await asyncio.to_thread(
+                exporter.audit.query, start=start, end=end, types=types, actor=q.get("actor"),
+                subject=q.get("subject"), limit=limit, cursor=q.get("cursor"))
+        except ValueError as exc:
             raise BadRequest(str(exc)) from None
         return JSONResponse({"records": records, "next_cursor": cursor})
 
     async def audit_verify(request: Request) -> Response:
         if exporter.audit is None:
             return _error(404, "not_found", "the audit log is disabled")
-        result = exporter.audit.verify()
+        result = await asyncio.to_thread(exporter.audit.verify)
         return JSONResponse({**dataclasses.asdict(result), "message": str(result)},
                             status_code=200 if result.ok else 409)
 
@@ -271,7 +388,7 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         settings = exporter.config["security"]["stalwart_webhook"]
         if not settings["enabled"]:
             return _error(404, "not_found", "the Stalwart webhook is disabled")
-        key = read_secret(settings, "secret")
+        key = webhook_secret.get(settings)
         if key is None:
             frontends.inc(("stalwart", "unauthorized"))
             return _error(403, "forbidden", "no webhook secret configured "
@@ -309,7 +426,8 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
                 return
 
     return [
-        Route("/dovecot/policy", dovecot_policy, methods=["POST"]),
+        Route("/dovecot/policy", DovecotPolicy(exporter, engine, frontends, api_key),
+              methods=["POST"]),
         Route("/api/v1/webhooks/stalwart", stalwart_webhook, methods=["POST"]),
         Route("/api/v1/security/check", admin(check), methods=["POST"]),
         Route("/api/v1/security/report", admin(report), methods=["POST"]),

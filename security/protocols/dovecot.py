@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-from security.attempts import Attempt, Decision, parse_ip
+from security.attempts import Attempt, Decision, parse_address
 
 COMMANDS = ("allow", "report")
 
@@ -39,7 +39,7 @@ def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[
     login = _text(fields, "login", required=True)
     remote = _text(fields, "remote", required=True)
     try:
-        parse_ip(remote)
+        address = parse_address(remote)
     except ValueError as exc:
         raise PolicyRequestError(f"remote: not an IP address: {remote!r}") from exc
     if command == "report" and not isinstance(fields.get("success"), bool):
@@ -53,6 +53,8 @@ def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[
         session_id=_text(fields, "session_id"),
         pwhash=_text(fields, "pwhash"),
     )
+    # Attempt.address is a cached_property: seed it, so the engine does not parse again
+    vars(attempt)["address"] = address
     return command, attempt, fields
 
 
@@ -84,3 +86,38 @@ def answer(decision: Decision, mfa_reject: bool = False) -> dict[str, Any]:
 
 
 OK = {"status": 0, "msg": ""}
+
+
+def encode(answer: dict[str, Any]) -> bytes:
+    """The answer as the JSON body sent (compact, UTF-8, like Starlette's JSONResponse)."""
+    return json.dumps(answer, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+OK_BODY = encode(OK)
+# status N: the bodies of allow and the usual tarpit delays, encoded once
+_BODIES = {status: encode({"status": status, "msg": ""}) for status in range(0, 61)}
+
+
+def answer_body(decision: Decision, mfa_reject: bool = False) -> bytes:
+    """encode(answer(decision, mfa_reject)), without encoding the common answers again."""
+    if decision.action == "mfa_required":  # rare: a user with a second factor, a new device
+        return encode(answer(decision, mfa_reject))
+    if decision.action == "allow":
+        return OK_BODY
+    if decision.action == "delay":
+        body = _BODIES.get(max(1, math.ceil(decision.delay)))
+        if body is not None:
+            return body
+    elif decision.action == "reject":  # a flood from a banned network: all the same answer
+        message = decision.message or "Access denied"
+        body = _REJECTS.get(message)
+        if body is None:
+            if len(_REJECTS) >= 64:
+                _REJECTS.clear()
+            body = _REJECTS[message] = encode({"status": -1, "msg": message})
+        return body
+    return encode(answer(decision))
+
+
+_REJECTS: dict[str, bytes] = {}  # message -> body; the messages come from the settings

@@ -42,7 +42,13 @@ CREATE TABLE IF NOT EXISTS records (kind TEXT, key TEXT, grp TEXT NOT NULL, expi
 MAX_FAILURE_AGE = 7 * 86400
 
 
+# Keys snapshotted per slice of a flush before the event loop gets a turn.
+FLUSH_SLICE = 1000
+
+
 class SqliteStore(MemoryStore):
+    write_behind = True  # flush() drains `dirty` every flush_interval
+
     def __init__(self, path: str | Path, max_keys: int = 250_000, flush_interval: float = 1.0):
         super().__init__(max_keys=max_keys)
         self.path = Path(path)
@@ -118,7 +124,12 @@ class SqliteStore(MemoryStore):
                 log.exception("flushing failure counters to SQLite failed; will retry")
 
     async def flush(self) -> None:
-        """Writes the failure keys and record expiries changed since the last flush."""
+        """Writes the failure keys and record expiries changed since the last flush.
+
+        The failure snapshot is taken on the event loop (the failure table is its alone) in
+        slices of FLUSH_SLICE keys with a yield between them, so a large flush never stops
+        the loop for long; a key changed after its slice is dirty again for the next flush.
+        """
         if self._moved:
             moved, self._moved = self._moved, set()
             moves = [(rec.expires, kind, key) for kind, key in moved
@@ -132,21 +143,26 @@ class SqliteStore(MemoryStore):
         if not self.dirty:
             return
         keys, self.dirty = self.dirty, set()
-        rows = [(key, dict(self.failures_of(key) or {})) for key in keys]
+        rows: list[tuple[str, tuple[tuple[str, float], ...]]] = []
         try:
+            snapshot = self.snapshot_failures
+            for i, key in enumerate(keys, start=1):
+                rows.append((key, snapshot(key)))
+                if i % FLUSH_SLICE == 0:
+                    await asyncio.sleep(0)
             await self._run(self._write_failures, rows)
         except BaseException:  # cancelled too: the keys stay dirty for the final flush
             self.dirty |= keys
             raise
 
-    def _write_failures(self, rows: list[tuple[str, dict[str, float]]]) -> None:
+    def _write_failures(self, rows: list[tuple[str, tuple[tuple[str, float], ...]]]) -> None:
         assert self._db is not None
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM failures WHERE key = ?", [(k,) for k, _ in rows])
             self._db.executemany(
                 "INSERT INTO failures (key, pwhash, ts) VALUES (?, ?, ?)",
-                [(key, pwhash, ts) for key, seen in rows for pwhash, ts in seen.items()])
+                [(key, pwhash, ts) for key, seen in rows for pwhash, ts in seen])
 
     # --- write-through of rare, important state
 

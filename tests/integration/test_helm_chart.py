@@ -22,7 +22,7 @@ import yaml
 
 from exporter import __version__
 from exporter.cli import main as cli_main
-from exporter.config import load_config
+from exporter.config import Config, load_config
 from exporter.generate import helm as helm_gen
 from tests.exporter_process import ROOT
 from tests.integration.components import _missing
@@ -56,8 +56,13 @@ def chart() -> Iterator[Any]:
 
 
 def render(chart: Any, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every object the chart renders, parsed."""
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    """Every object the chart renders, parsed (a fresh copy: tests may change it)."""
+    return copy.deepcopy(_render(chart, json.dumps(values, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _render(chart: Any, values: str) -> list[dict[str, Any]]:
+    manifests = chart.render(json.loads(values), name=RELEASE, namespace=NAMESPACE)
     objects = []
     for name, text in sorted(manifests.items()):
         if name.endswith("NOTES.txt"):
@@ -85,8 +90,14 @@ def ci_values(path: Path | None) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text()) if path else None
 
 
+def exporter_configmap(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
+    assert len(found) == 1, f"{len(found)} exporter ConfigMaps"
+    return found[0]
+
+
 def exporter_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    return yaml.safe_load(only(objects, "ConfigMap")["data"]["config.yaml"])
+    return yaml.safe_load(exporter_configmap(objects)["data"]["config.yaml"])
 
 
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,6 +154,17 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
 
 def validate_object(obj: dict[str, Any]) -> None:
     key = (obj["apiVersion"], obj["kind"])
+    if key == ("grafana.integreatly.org/v1beta1", "GrafanaDashboard"):
+        # No grafana-operator CRD is at hand: check what the operator needs.
+        spec = obj["spec"]
+        assert set(spec) <= {"instanceSelector", "folder", "allowCrossNamespaceImport",
+                             "configMapRef", "json", "resyncPeriod"}, spec.keys()
+        assert "matchLabels" in spec["instanceSelector"] or (
+            "matchExpressions" in spec["instanceSelector"])
+        assert ("json" in spec) != ("configMapRef" in spec)
+        if "json" in spec:
+            json.loads(spec["json"])
+        return
     if obj["apiVersion"].startswith("monitoring.coreos.com/"):
         if not CRD_DIR.is_dir():
             _missing(f"{CRD_DIR} (prometheus-operator CRDs) missing")
@@ -186,13 +208,15 @@ def test_validation_can_fail() -> None:
 
 
 def test_objects_per_ci_file(chart: Any) -> None:
-    assert kinds(render(chart)) == ["ConfigMap", "Deployment", "PersistentVolumeClaim",
-                                    "Service", "ServiceAccount", "ServiceMonitor"]
+    assert kinds(render(chart)) == ["ConfigMap"] * 7 + [
+        "Deployment", "PersistentVolumeClaim", "PrometheusRule", "Service", "ServiceAccount",
+        "ServiceMonitor"]
     assert kinds(render(chart, ci_values(CHART / "ci/nothing-values.yaml"))) == [
         "ConfigMap", "Deployment", "Service"]
     everything = kinds(render(chart, ci_values(CHART / "ci/everything-values.yaml")))
-    for kind in ("Ingress", "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget",
-                 "PodMonitor", "Secret", "ServiceAccount", "ServiceMonitor"):
+    for kind in ("GrafanaDashboard", "Ingress", "NetworkPolicy", "PersistentVolumeClaim",
+                 "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "Secret",
+                 "ServiceAccount", "ServiceMonitor"):
         assert kind in everything
     multi = render(chart, ci_values(CHART / "ci/multi-replica-values.yaml"))
     assert "PersistentVolumeClaim" not in kinds(multi)
@@ -395,7 +419,7 @@ def test_secrets_are_files_never_config(chart: Any, tmp_path: Path) -> None:
         "/etc/a3mailer-exporter/secrets/security.admin_token")
     assert config["security"]["dovecot_policy"]["api_key_file"] == (
         "/etc/a3mailer-exporter/secrets/security.dovecot_policy.api_key")
-    configmap = yaml.safe_dump(only(objects, "ConfigMap"))
+    configmap = yaml.safe_dump(exporter_configmap(objects))
     assert "t0ken-admin" not in configmap and "dovecot-k3y" not in configmap
     mapping = _lay_out_pod(objects, tmp_path)
     path = Path(_remap(config["security"]["admin_token_file"], mapping))
@@ -535,3 +559,196 @@ def test_values_copy_is_untouched(chart: Any) -> None:
     before = copy.deepcopy(chart.values)
     render(chart, {"secrets": {"security": {"admin_token": "x"}}, "redis": {"url": "redis://r"}})
     assert chart.values == before
+
+
+# --------------------------------------------------------------------------- rules and dashboards
+# The chart carries the generated rules and dashboards with placeholders
+# (exporter/generate/helm_bundle.py) and fills them from .Values.config at render time;
+# the generator bakes the same config in. The two must agree, value for value.
+
+
+def _generated(config: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What `a3mailer-exporter generate` writes for config: rule groups (recording first,
+    as the chart orders them) and dashboards by key."""
+    from exporter.generate import alerts, dashboards, grafana
+
+    groups = (alerts.render_recording_rules(config)["groups"]
+              + alerts.render_rules(config)["groups"])
+    boards = {key: json.loads(grafana.dashboard_json(config, key)) for key in dashboards.KEYS}
+    return groups, boards
+
+
+def _rendered_boards(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    boards = {}
+    for obj in objects:
+        if obj["kind"] == "ConfigMap" and "-dashboard-" in obj["metadata"]["name"]:
+            (key, text), = obj["data"].items()
+            boards[key.removesuffix(".json")] = json.loads(text)
+    return boards
+
+
+def _config_with(overrides: dict[str, Any], tmp_path: Path) -> Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(overrides))
+    return load_config(path)
+
+
+def test_default_render_is_the_generated_bundle(chart: Any) -> None:
+    """With the default values the PrometheusRule holds exactly alert-rules/*.yaml and the
+    dashboard ConfigMaps exactly dashboards/*.json."""
+    objects = render(chart)
+    rules = yaml.safe_load((ROOT / "alert-rules/alerts.yaml").read_text())
+    recording = yaml.safe_load((ROOT / "alert-rules/recording-rules.yaml").read_text())
+    assert only(objects, "PrometheusRule")["spec"]["groups"] == (
+        recording["groups"] + rules["groups"])
+    boards = _rendered_boards(objects)
+    files = {p.stem: json.loads(p.read_text()) for p in (ROOT / "dashboards").glob("*.json")}
+    assert boards == files and len(boards) == 6
+
+
+def test_threshold_override_changes_rule_configmap_and_dashboard(chart: Any,
+                                                                  tmp_path: Path) -> None:
+    """`--set config.monitoring.alert_thresholds.cpu_usage_threshold=90` changes the alert's
+    expression and description, the exporter's config and the dashboards' threshold steps,
+    to what the generator writes for a config with 90."""
+    values = helm.parse_set_string("config.monitoring.alert_thresholds.cpu_usage_threshold=90")
+    objects = render(chart, values)
+    assert exporter_config(objects)["monitoring"]["alert_thresholds"][
+        "cpu_usage_threshold"] == 90
+    groups = only(objects, "PrometheusRule")["spec"]["groups"]
+    cpu = next(r for g in groups for r in g["rules"] if r.get("alert") == "A3MailerHighCpuUsage")
+    assert cpu["expr"] == 'a3mailer_system_cpu_usage_ratio{job="a3mailer-exporter"} * 100 > 90'
+    assert "above the threshold of 90%" in cpu["annotations"]["description"]
+    boards = _rendered_boards(objects)
+    cpu_panels = [p for p in boards["system"]["panels"]
+                  if "cpu_usage_ratio" in json.dumps(p.get("targets", []))]
+    assert cpu_panels
+    for panel in cpu_panels:
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert steps[-1]["value"] == 90, panel["title"]
+
+    expected_groups, expected_boards = _generated(_config_with(
+        {"monitoring": {"alert_thresholds": {"cpu_usage_threshold": 90}}}, tmp_path))
+    assert groups == expected_groups
+    assert boards == expected_boards
+    default_groups = only(render(chart), "PrometheusRule")["spec"]["groups"]
+    assert default_groups != groups  # the override is what changed them
+
+
+def test_every_threshold_reaches_rules_and_dashboards(chart: Any, tmp_path: Path) -> None:
+    """Each threshold, set to an odd value, renders as the generator renders it."""
+    thresholds = chart.values["config"]["monitoring"]["alert_thresholds"]
+    odd = {name: (value * 3 + 7 if isinstance(value, int) else value * 0.5)
+           for name, value in thresholds.items()}
+    odd = {k: min(v, 100) if "usage" in k or k == "error_rate_threshold" else v
+           for k, v in odd.items()}
+    overrides = {"monitoring": {"alert_thresholds": odd}}
+    objects = render(chart, {"config": overrides})
+    expected_groups, expected_boards = _generated(_config_with(overrides, tmp_path))
+    assert only(objects, "PrometheusRule")["spec"]["groups"] == expected_groups
+    assert _rendered_boards(objects) == expected_boards
+
+
+def test_alert_overrides_come_from_values(chart: Any, tmp_path: Path) -> None:
+    alerting = {
+        "selector": 'job="mail-exporter"',
+        "labels": {"team": "mail"},
+        "dashboard_url": "https://grafana.example.com/d/{uid}/{slug}",
+        "runbook_url": "https://wiki.example.com/{family}#{anchor}",
+        "alerts": {
+            "A3MailerHighCpuUsage": {"severity": "critical", "for": "30m",
+                                     "labels": {"pager": "yes"},
+                                     "annotations": {"note": "call the host team"}},
+            "A3MailerDiskSpaceLow": {"enabled": False},
+        },
+    }
+    expected, _ = _generated(_config_with({"alerting": alerting}, tmp_path))
+    objects = render(chart, {"config": {"alerting": alerting}})
+    assert only(objects, "PrometheusRule")["spec"]["groups"] == expected
+    cpu = next(r for g in expected for r in g["rules"] if r.get("alert") == "A3MailerHighCpuUsage")
+    assert cpu["labels"] == {"severity": "critical", "team": "mail", "pager": "yes"}
+    assert cpu["for"] == "30m" and "for 30m" in cpu["annotations"]["description"]
+    assert cpu["annotations"]["runbook_url"] == "https://wiki.example.com/system#a3mailerhighcpuusage"
+    assert 'job="mail-exporter"' in cpu["expr"]
+    names = {r.get("alert") for g in expected for r in g["rules"]}
+    assert "A3MailerDiskSpaceLow" not in names
+    # the selector reaches the dashboards too
+    board = _rendered_boards(objects)["system"]
+    assert 'job=\\"mail-exporter\\"' in json.dumps(board) and "<<sel>>" not in json.dumps(board)
+
+
+def test_chart_rule_knobs(chart: Any) -> None:
+    """prometheusRule.disabled, .ruleLabels and .namePrefix (the chart's own knobs)."""
+    objects = render(chart, {"prometheusRule": {
+        "disabled": ["A3MailerHighMemoryUsage"], "ruleLabels": {"cluster_owner": "mail"},
+        "namePrefix": "prod-", "labels": {"release": "kube-prometheus-stack"}}})
+    rule = only(objects, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    groups = rule["spec"]["groups"]
+    assert all(g["name"].startswith("prod-a3mailer-") for g in groups)
+    alerts_ = [r for g in groups for r in g["rules"] if "alert" in r]
+    assert "A3MailerHighMemoryUsage" not in {r["alert"] for r in alerts_}
+    assert all(r["labels"]["cluster_owner"] == "mail" for r in alerts_)
+    records = [r for g in groups for r in g["rules"] if "record" in r]
+    assert records and all("cluster_owner" not in r.get("labels", {}) for r in records)
+    with pytest.raises(helm.HelmRenderError, match="A3MailerNoSuchAlert"):
+        chart.render({"config": {"alerting": {"alerts": {"A3MailerNoSuchAlert": {
+            "enabled": False}}}}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_rendered_rules_pass_promtool_and_the_alert_unit_tests(chart: Any,
+                                                              tmp_path: Path) -> None:
+    """The PrometheusRule's groups, extracted from a render as prometheus-operator writes
+    them to Prometheus, pass `promtool check rules` and every unit test in
+    alert-rules/tests/ (rule_files pointed at the extracted file)."""
+    import subprocess
+
+    from tests.integration.components import require_binary
+
+    promtool = require_binary("promtool")
+    rules_file = tmp_path / "chart-rules.yaml"
+    rules_file.write_text(yaml.safe_dump(
+        {"groups": only(render(chart), "PrometheusRule")["spec"]["groups"]}))
+    checked = subprocess.run([promtool, "check", "rules", str(rules_file)],
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tests = sorted((ROOT / "alert-rules/tests").glob("*.test.yaml"))
+    assert tests
+    copies = []
+    for path in tests:
+        case = yaml.safe_load(path.read_text())
+        case["rule_files"] = [str(rules_file)]
+        copy_path = tmp_path / path.name
+        copy_path.write_text(yaml.safe_dump(case, sort_keys=False))
+        copies.append(str(copy_path))
+    tested = subprocess.run([promtool, "test", "rules", *copies], capture_output=True,
+                            text=True, timeout=300)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert tested.stdout.count("SUCCESS") == len(tests)
+
+
+def test_dashboard_objects(chart: Any) -> None:
+    objects = render(chart, {"dashboards": {"label": "grafana_dashboards", "labelValue": "yes",
+                                            "folder": "Mail", "namespace": "grafana",
+                                            "grafanaOperator": {"enabled": True}}})
+    maps = [o for o in objects if o["kind"] == "ConfigMap" and "-dashboard-" in
+            o["metadata"]["name"]]
+    assert len(maps) == 6
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboards"] == "yes"
+        assert cm["metadata"]["annotations"] == {"grafana_folder": "Mail"}
+        assert cm["metadata"]["namespace"] == "grafana"
+    operator = [o for o in objects if o["kind"] == "GrafanaDashboard"]
+    assert {o["spec"]["configMapRef"]["name"] for o in operator} == {
+        cm["metadata"]["name"] for cm in maps}
+    assert all(o["spec"]["folder"] == "Mail" for o in operator)
+    inline = render(chart, {"dashboards": {"enabled": False,
+                                           "grafanaOperator": {"enabled": True}}})
+    dashboards_ = [o for o in inline if o["kind"] == "GrafanaDashboard"]
+    assert len(dashboards_) == 6 and all(json.loads(o["spec"]["json"])["uid"]
+                                         for o in dashboards_)
+    assert not [o for o in inline if o["kind"] == "ConfigMap" and "-dashboard-" in
+                o["metadata"]["name"]]
+    default = render(chart)
+    assert [o for o in default if o["kind"] == "GrafanaDashboard"] == []
+    assert 'grafana_dashboard="1"' in notes(chart)

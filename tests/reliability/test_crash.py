@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyotp
 import pytest
 
 from tests.exporter_process import ROOT, ExporterProcess
@@ -27,10 +28,13 @@ LOAD_SECONDS = scale(4.0, 30.0)
 def security_config(tmp_path: Path, **store: Any) -> dict[str, Any]:
     token = tmp_path / "admin.token"
     token.write_text(TOKEN)
+    mfa_key = tmp_path / "mfa.key"  # replicas on one Redis share it
+    mfa_key.write_text("crash-test-mfa-key-material-0123456789abcdef")
     return {"security": {
         "admin_token_file": str(token), "trusted_networks": [], "max_login_attempts": 3,
         "tarpit": {"enabled": False}, "auto_ban": {"threshold": 6},
-        "enable_rate_limiting": False, "store": store or {"type": "sqlite"}}}
+        "enable_rate_limiting": False, "store": store or {"type": "sqlite"},
+        "mfa": {"encryption_key_file": str(mfa_key)}}}
 
 
 class Load:
@@ -109,6 +113,40 @@ def run_until(load: Load, predicate: Callable[[], bool], seconds: float) -> None
         time.sleep(0.1)
 
 
+class Identity:
+    """An API key, a web session and a TOTP enrolment whose last code was accepted: what
+    must survive the crash besides locks and bans."""
+
+    def __init__(self, url: str):
+        r = httpx.post(url + "/api/v1/apikeys", headers=ADMIN, timeout=10,
+                       json={"name": "crash-test", "scopes": ["security:read"]})
+        assert r.status_code == 201, r.text
+        self.key = r.json()["key"]
+        r = httpx.post(url + "/api/v1/sessions", headers=ADMIN, json={"user": "dana"},
+                       timeout=10)
+        assert r.status_code == 201, r.text
+        self.session = r.json()["session_id"]
+        r = httpx.post(url + "/api/v1/mfa/totp/enroll", headers=ADMIN, json={"user": "dana"},
+                       timeout=10)
+        assert r.status_code == 200, r.text
+        self.code = pyotp.TOTP(r.json()["secret"]).now()
+        assert self.verify(url)["valid"] is True
+
+    def verify(self, url: str) -> dict[str, Any]:
+        return httpx.post(url + "/api/v1/mfa/totp/verify", headers=ADMIN, timeout=10,
+                          json={"user": "dana", "code": self.code}).json()
+
+    def intact(self, url: str) -> dict[str, bool]:
+        key = httpx.get(url + "/api/v1/security/lockouts", timeout=10,
+                        headers={"authorization": f"Bearer {self.key}"}).status_code == 200
+        session = httpx.get(f"{url}/api/v1/sessions/{self.session}", headers=ADMIN,
+                            timeout=10).status_code == 200
+        replay = self.verify(url)
+        return {"api_key": key, "session": session,
+                "totp_replay_refused": replay["valid"] is False
+                and replay.get("reason") == "replayed"}
+
+
 def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_file, record):
     path = config_file(security_config(tmp_path))
     workdir = tmp_path / "exporter"
@@ -117,6 +155,7 @@ def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_f
     manual = httpx.post(proc.url + "/api/v1/security/blocklist", headers=ADMIN,
                         json={"network": "192.0.2.0/24", "reason": "manual, before the crash"})
     assert manual.status_code == 201
+    identity = Identity(proc.url)
     load = Load(proc.url).start()
     run_until(load, lambda: len(load.locked) >= 3 and len(load.banned) >= 1, LOAD_SECONDS)
     kill(proc)  # mid-load: requests are in flight
@@ -135,6 +174,8 @@ def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_f
         assert check["action"] == "reject" and check["reason"] in ("locked", "banned")
         verify = httpx.get(restarted.url + "/api/v1/security/audit/verify", headers=ADMIN)
         assert verify.status_code == 200, verify.text
+        kept = identity.intact(restarted.url)
+        assert all(kept.values()), kept
     finally:
         assert restarted.stop() == 0
     offline = subprocess.run([sys.executable, "-m", "exporter", "audit", "verify",
@@ -145,7 +186,8 @@ def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_f
         "load_seconds": LOAD_SECONDS, "requests": load.requests, "errors_before_kill":
         load.errors, "faults": "SIGKILL under load", "locks_promised": len(promised_locks),
         "bans_promised": len(promised_bans), "locks_lost": len(promised_locks - locks),
-        "bans_lost": len(promised_bans - bans), "audit_chain": "verified"}
+        "bans_lost": len(promised_bans - bans), "audit_chain": "verified",
+        **{f"{name}_intact": ok for name, ok in kept.items()}}
 
 
 @pytest.fixture
@@ -167,6 +209,7 @@ def redis_replicas(tmp_path, config_file, redis_server):
 
 def test_sigkill_one_of_two_redis_replicas(redis_replicas, record):
     a, b = redis_replicas("a"), redis_replicas("b")
+    identity = Identity(a.url)
     load = Load(a.url).start()
     run_until(load, lambda: len(load.locked) >= 3 and len(load.banned) >= 1, LOAD_SECONDS)
     kill(a)
@@ -179,10 +222,13 @@ def test_sigkill_one_of_two_redis_replicas(redis_replicas, record):
     check = httpx.post(b.url + "/api/v1/security/check", headers=ADMIN, json={
         "login": account, "remote_ip": source.removesuffix("/32")}).json()
     assert check["action"] == "reject"
+    kept = identity.intact(b.url)  # the survivor honours what the dead replica created
+    assert all(kept.values()), kept
     restarted = redis_replicas("a", port=a.port)
     assert state(restarted.url) == state(b.url)
     record["crash_redis"] = {
         "load_seconds": LOAD_SECONDS, "requests": load.requests, "faults":
         "SIGKILL of one of two replicas", "locks_promised": len(promised_locks),
         "bans_promised": len(promised_bans), "locks_lost": len(promised_locks - locks),
-        "bans_lost": len(promised_bans - bans)}
+        "bans_lost": len(promised_bans - bans),
+        **{f"{name}_intact": ok for name, ok in kept.items()}}

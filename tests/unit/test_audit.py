@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -507,3 +508,237 @@ def test_any_single_byte_change_is_detected_on_its_line(records, purge_some, whe
         # a change that parses to the same record (say \u00e9 -> \u00E9) counts as one.
         assert not result.ok
         assert result.broken_line == data[:pos].count(b"\n") + 1
+
+
+# --- the write path: canonical text built once, fsync off the caller's thread ----------
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actor=st.text(max_size=10), subject=st.text(max_size=10), details=st.one_of(
+    st.dictionaries(st.text(max_size=5), st.one_of(
+        st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+        st.booleans(), st.none()), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.one_of(  # not plain: through the JSON round trip
+        st.tuples(st.integers()), st.lists(st.text(max_size=3), max_size=2),
+        st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)), min_size=1,
+        max_size=2)),
+    when=st.floats(min_value=-1e12, max_value=1e12))
+def test_the_written_line_is_the_canonical_json_of_the_returned_record(actor, subject,
+                                                                        details, when):
+    with tempfile.TemporaryDirectory() as tmp:
+        with open_log(Path(tmp), Clock(when), fsync_every=10**6) as log:
+            first = log.record("auth.failure", actor, subject, details)
+            rec = log.record("config.reload", actor, subject, details)
+        written = lines(log.path)
+        assert verify_file(log.path).ok
+    assert written[1] == json.dumps(rec, sort_keys=True, separators=(",", ":"),
+                                    allow_nan=False).encode("ascii") + b"\n"
+    assert json.loads(written[1]) == rec and rec["prev"] == first["hash"]
+    body = {k: v for k, v in rec.items() if k != "hash"}
+    assert rec["hash"] == hashlib.sha256(json.dumps(
+        body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert rec["details"] == json.loads(json.dumps(details, default=str))
+
+
+def test_a_non_finite_time_or_detail_is_refused_and_nothing_is_written(tmp_path):
+    clock = Clock(float("nan"))
+    with open_log(tmp_path, clock) as log:
+        with pytest.raises(ValueError):
+            log.record("lockout.lock", "engine", "x", {})
+        clock.now = 5.0
+        with pytest.raises(ValueError):
+            log.record("lockout.lock", "engine", "x", {"until": float("inf")})
+        assert log.record("lockout.lock", "engine", "x", {})["seq"] == 1
+    assert verify_file(log.path).count == 1
+
+
+def test_records_trigger_fsyncs_that_run_on_the_background_thread(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from security import audit as audit_module
+
+    threads: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        threads.append(threading.get_ident())
+        real_fsync(fd)
+
+    with open_log(tmp_path, fsync_every=5, fsync_interval=10**6) as log:
+        monkeypatch.setattr(os, "fsync", fsync)
+        for _ in range(4):
+            log.record("lockout.lock", "engine", "x", {})
+        audit_module._syncer().submit(lambda: None).result(timeout=5)  # the queue is empty
+        assert threads == []  # under fsync_every: nothing yet
+        log.record("lockout.lock", "engine", "x", {})
+        audit_module._syncer().submit(lambda: None).result(timeout=5)
+        assert len(threads) == 1 and threads[0] != threading.get_ident()
+        assert log._unsynced == 0
+        log.record("lockout.lock", "engine", "x", {})
+    assert threads[-1] == threading.get_ident()  # close() syncs the rest itself
+
+
+def test_record_goes_on_while_a_sync_waits_for_the_disk(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    release, entered = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    with open_log(tmp_path, fsync_every=10**6, fsync_interval=10**6) as log:
+        log.record("lockout.lock", "engine", "x", {})
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        syncing = threading.Thread(target=log.sync)
+        syncing.start()
+        assert entered.wait(5)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (
+            log.record("lockout.lock", "engine", "y", {}), done.set()))
+        writer.start()
+        assert done.wait(5), "record() waited for the fsync"
+        release.set()
+        syncing.join(5)
+        writer.join(5)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert log._unsynced == 1  # the record written during the fsync is still pending
+    assert verify_file(log.path).count == 2
+
+
+def test_verify_and_purge_run_while_records_are_written(tmp_path):
+    import threading
+
+    clock = Clock(0.0)
+    policy = AuditPolicy(retention_seconds=10 * DAY)
+    with open_log(tmp_path, clock, policy=policy, fsync_every=10**6) as log:
+        fill(log, 300, clock, step=DAY / 10)  # 30 days
+        stop = threading.Event()
+        written = []
+
+        def write() -> None:
+            while not stop.is_set() and len(written) < 3000:
+                written.append(log.record("blocklist.ban", "engine", "x", {})["seq"])
+                if len(written) % 100 == 0:
+                    time.sleep(0.001)  # spread the writes over the verifications
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            results = [log.verify() for _ in range(3)]
+            purged = log.purge(now=30 * DAY)  # cutoff day 20: the first 200 go
+            results.append(log.verify())
+        finally:
+            stop.set()
+            writer.join(10)
+        assert all(r.ok for r in results), results
+        assert purged == 200 and written
+        result = log.verify()
+        assert result.ok and result.first_seq == 201 and result.last_seq == 300 + len(written)
+        assert seqs(log.query(limit=1000)[0])[:len(written)] == written[::-1][:1000]
+    assert verify_file(log.path).ok
+
+
+def test_a_torn_tail_of_a_large_log_is_found_without_reading_it_all(tmp_path):
+    path = written_log(tmp_path, 2000)  # about 400 kB: several of the 64 kB tail chunks
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"actor":"engine"')
+    with open_log(tmp_path) as log:
+        assert log.torn_bytes_recovered == 17 and log.last_seq == 2000
+        assert path.read_bytes() == whole
+    path.write_bytes(whole + b"x" * 100_000)  # a torn line longer than one chunk
+    with open_log(tmp_path) as log:
+        assert log.torn_bytes_recovered == 100_000 and log.last_seq == 2000
+
+
+# --- the index: bounded, and answers like a scan of the whole file ---------------------
+
+def scan(path: Path) -> list[dict]:
+    """Every record of the file, newest first (the reference the index must match)."""
+    records = [json.loads(raw) for raw in lines(path)]
+    return [r for r in records if r["type"] != ANCHOR_TYPE][::-1]
+
+
+def reference(records: list[dict], start=None, end=None, types=None, actor=None, subject=None):
+    exact = {t for t in types or () if not t.endswith(".")}
+    prefixes = tuple(t for t in types or () if t.endswith("."))
+    return [r for r in records
+            if (start is None or r["time"] >= start) and (end is None or r["time"] < end)
+            and (not types or r["type"] in exact or r["type"].startswith(prefixes))
+            and (actor is None or r["actor"] == actor)
+            and (subject is None or r["subject"] == subject)]
+
+
+def all_pages(log: AuditLog, limit: int, **filters) -> list[dict]:
+    out, cursor = [], None
+    while True:
+        records, cursor = log.query(limit=limit, cursor=cursor, **filters)
+        out += records
+        if cursor is None:
+            return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(min_value=0, max_value=300), blocks=st.integers(min_value=2, max_value=9),
+       steps=st.lists(st.sampled_from([0.0, 0.5, 1.0, 7.0]), min_size=1, max_size=20),
+       limit=st.sampled_from([1, 3, 10, 1000]),
+       start=st.one_of(st.none(), st.floats(min_value=0, max_value=600)),
+       span=st.one_of(st.none(), st.floats(min_value=0, max_value=300)),
+       types=st.sampled_from([None, ["lockout."], ["auth.failure", "blocklist.ban"]]),
+       actor=st.sampled_from([None, "admin"]), subject=st.sampled_from([None, "u1"]))
+def test_a_bounded_index_answers_queries_like_a_full_scan(n, blocks, steps, limit, start,
+                                                          span, types, actor, subject):
+    kinds = ["lockout.lock", "auth.failure", "blocklist.ban", "lockout.unlock"]
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock(0.0)
+        with open_log(Path(tmp), clock, index_blocks=blocks, fsync_every=10**6) as log:
+            for i in range(n):
+                log.record(kinds[i % 4], ["engine", "admin"][i % 3 == 0], f"u{i % 5}", {"i": i})
+                clock.now += steps[i % len(steps)]
+            assert len(log._index) <= blocks
+            assert sum(log._index.counts) == n
+            end = None if start is None or span is None else start + span
+            filters = {"start": start, "end": end, "types": types, "actor": actor,
+                       "subject": subject}
+            expected = reference(scan(log.path), **filters)
+            assert all_pages(log, limit, **filters) == expected
+            first, _ = log.query(limit=limit, **filters)
+            assert first == expected[:limit]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(min_value=1, max_value=200), blocks=st.integers(min_value=2, max_value=7),
+       cut=st.integers(min_value=0, max_value=500), more=st.integers(min_value=0, max_value=30))
+def test_purge_with_a_bounded_index_drops_what_a_full_scan_would(n, blocks, cut, more):
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock(0.0)
+        policy = AuditPolicy(retention_seconds=DAY)
+        with open_log(Path(tmp), clock, policy=policy, index_blocks=blocks,
+                      fsync_every=10**6) as log:
+            fill(log, n, clock, step=60.0)
+            cutoff = cut * 30.0  # on a record's time (every 60 s) or between two
+            before = scan(log.path)[::-1]
+            dropped = next((i for i, r in enumerate(before) if r["time"] >= cutoff), n)
+            assert log.purge(now=cutoff + DAY) == dropped
+            kept = before[dropped:]
+            assert scan(log.path)[::-1] == kept and log.verify().ok
+            assert sum(log._index.counts) == len(kept) and len(log._index) <= blocks
+            fill(log, more, clock, step=60.0)
+            assert all_pages(log, 7) == scan(log.path)
+            assert log.verify().ok
+        with open_log(Path(tmp), clock, policy=policy, index_blocks=blocks) as log:
+            assert log.last_seq == n + more and all_pages(log, 50) == scan(log.path)
+
+
+def test_the_index_of_a_long_log_stays_within_its_block_limit(tmp_path):
+    with open_log(tmp_path, index_blocks=64, fsync_every=10**6) as log:
+        fill(log, 5000)
+        assert len(log._index) <= 64 and log._index.stride == 128
+        assert sum(log._index.counts) == 5000
+        assert seqs(log.query(limit=3)[0]) == [5000, 4999, 4998]
+        assert seqs(log.query(limit=3, cursor="2500")[0]) == [2499, 2498, 2497]
+    with open_log(tmp_path, index_blocks=64) as log:  # rebuilt on open, as bounded
+        assert len(log._index) <= 64 and seqs(log.query(limit=2, cursor="3")[0]) == [2, 1]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from security.attempts import Attempt, parse_address, parse_ip
 from security.blocklist import (
     CidrSet,
     Entry,
@@ -209,6 +210,55 @@ def test_prefix_of():
     assert prefix_of(ipaddress.ip_address("2001:db8::1"), v6_prefix=128) == "2001:db8::1/128"
     with pytest.raises(ValueError):
         prefix_of("2001:db8::1", v6_prefix=129)
+
+
+def _slow_address(text: str) -> tuple[int, int, str]:
+    """parse_address as it was: ipaddress for everything (the reference)."""
+    address = parse_ip(text)
+    return address.version, int(address), str(address)
+
+
+_spellings = st.one_of(
+    st.integers(min_value=0, max_value=2**32 - 1).map(lambda v: str(ipaddress.IPv4Address(v))),
+    st.integers(min_value=0, max_value=2**128 - 1).map(
+        lambda v: str(ipaddress.IPv6Address(v))),
+    st.integers(min_value=0, max_value=2**128 - 1).map(
+        lambda v: ipaddress.IPv6Address(v).exploded),  # not canonical: the slow path
+    st.integers(min_value=0, max_value=2**64).map(lambda v: str(ipaddress.IPv6Address(v))),
+    st.integers(min_value=0, max_value=2**32 - 1).map(
+        lambda v: f"::ffff:{ipaddress.IPv4Address(v)}"),
+    st.sampled_from(["010.1.2.3", "1.2.3.4 ", " ::1", "1.2.3", "::1.2.3.4", "::ffff:1.2.3.4",
+                     "2001:DB8::1", "2001:db8::0:1", "fe80::1%eth0", "1.2.3.4\x00", "", "::",
+                     "0.0.0.0", "255.255.255.255", "1:2:3:4:5:6:7::", "::1", "a::b:0:0:0"]),
+    st.text(alphabet="0123456789abcdef:.", max_size=20))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(text=_spellings)
+def test_parse_address_agrees_with_ipaddress(text):
+    try:
+        expected = _slow_address(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_address(text)
+        return
+    assert parse_address(text) == expected
+    assert Attempt("x", text).address == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.one_of(st.integers(min_value=0, max_value=2**128 - 1),
+                       st.integers(min_value=0, max_value=2**64)),
+       plen=st.integers(min_value=0, max_value=128))
+def test_prefix_of_ipv6_agrees_with_ipaddress(value, plen):
+    expected = str(ipaddress.IPv6Network((value >> (128 - plen) << (128 - plen), plen)))
+    address = ipaddress.IPv6Address(value)
+    if address.ipv4_mapped is None:
+        assert prefix_of(str(address), plen) == expected
+        assert prefix_of((6, value), plen) == expected
+    v4 = value & 0xFFFFFFFF
+    assert prefix_of((4, v4, str(ipaddress.IPv4Address(v4)))) == f"{ipaddress.IPv4Address(v4)}/32"
+    assert prefix_of((4, v4)) == f"{ipaddress.IPv4Address(v4)}/32"
 
 
 def test_lookup_speed_with_100k_entries():

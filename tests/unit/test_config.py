@@ -31,10 +31,10 @@ def test_embedded_defaults_follow_the_seed():
     assert mon["collection_interval"] == "30s"
     assert mon["health_check_interval"] == "10s"
     assert mon["retention_period"] == "24h"
-    assert mon["alert_thresholds"] == {
-        "cpu_usage_threshold": 80, "memory_usage_threshold": 85, "disk_usage_threshold": 90,
-        "error_rate_threshold": 5, "response_time_threshold": 5000,
-        "connection_count_threshold": 1000, "queue_size_threshold": 10000}
+    seed = {"cpu_usage_threshold": 80, "memory_usage_threshold": 85, "disk_usage_threshold": 90,
+            "error_rate_threshold": 5, "response_time_threshold": 5000,
+            "connection_count_threshold": 1000, "queue_size_threshold": 10000}
+    assert {k: mon["alert_thresholds"][k] for k in seed} == seed
     sec = config["security"]
     assert (sec["max_login_attempts"], sec["login_attempt_window"], sec["lockout_duration"]) == (
         5, "5m", "15m")

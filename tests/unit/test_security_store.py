@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from security.blocklist import Entry
 from security.store import MAX_DISTINCT, Lock, Store, open_store
@@ -398,3 +400,147 @@ async def test_sqlite_a_cancelled_flush_does_not_lose_failure_counters(sqlite_st
     await store.close()
     reopened = await sqlite_stores()
     assert await reopened.failure_count("k", T0, WINDOW) == 2
+
+
+# --- compact entries and bounded bookkeeping (MemoryStore and SqliteStore)
+
+
+class DictStoreOracle:
+    """The failure table as it was before compact entries: one {pwhash: time} dict per
+    key in an LRU OrderedDict. The compact store must answer exactly like it."""
+
+    def __init__(self, max_keys: int) -> None:
+        from collections import OrderedDict
+
+        self.max_keys = max_keys
+        self.failures: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
+        seen = self.failures.get(key)
+        if seen is None:
+            seen = self.failures[key] = {}
+            if len(self.failures) > self.max_keys:
+                self.failures.popitem(last=False)
+        else:
+            self.failures.move_to_end(key)
+            for h in [h for h, t in seen.items() if t < now - window]:
+                del seen[h]
+        seen[pwhash] = now
+        if len(seen) > MAX_DISTINCT:
+            del seen[min(seen, key=seen.__getitem__)]
+        return len(seen)
+
+    def failure_count(self, key: str, now: float, window: float) -> int:
+        return sum(1 for t in self.failures.get(key, {}).values() if t >= now - window)
+
+    def clear_failures(self, key: str) -> None:
+        self.failures.pop(key, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(
+    st.sampled_from(["record", "record", "record", "count", "clear"]),
+    st.sampled_from([f"k{i}" for i in range(6)]),
+    st.sampled_from(["a", "b", "c", "d"]),  # few hashes: retries and second passwords
+    # time steps; whole ones land exactly on window boundaries
+    st.one_of(st.sampled_from([0.0, 1.0, 5.0, 25.0, 30.0]), st.floats(min_value=0, max_value=40)),
+    st.sampled_from([5.0, 30.0, 3600.0])), max_size=80))
+def test_compact_entries_answer_like_one_dict_per_key(ops):
+    from security.store.memory import MemoryStore
+
+    async def run() -> None:
+        store, oracle, now = MemoryStore(max_keys=4), DictStoreOracle(max_keys=4), T0
+        for op, key, pwhash, step, window in ops:
+            now += step
+            if op == "record":
+                assert await store.record_failure(key, pwhash, now, window) == \
+                    oracle.record_failure(key, pwhash, now, window)
+            elif op == "count":
+                assert await store.failure_count(key, now, window) == \
+                    oracle.failure_count(key, now, window)
+            else:
+                await store.clear_failures(key)
+                oracle.clear_failures(key)
+            assert list(store._failures) == list(oracle.failures)  # the same LRU order
+            for k in oracle.failures:
+                assert store.failures_of(k) == oracle.failures[k]
+
+    asyncio.run(run())
+
+
+async def test_a_key_is_a_tuple_until_its_second_distinct_password():
+    from security.store.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.record_failure("k", "a", T0, WINDOW)
+    await store.record_failure("k", "a", T0 + 1, WINDOW)  # a retry of the same password
+    assert store._failures["k"] == ("a", T0 + 1)
+    assert await store.record_failure("k", "b", T0 + 2, WINDOW) == 2
+    assert store._failures["k"] == {"a": T0 + 1, "b": T0 + 2}
+    assert store.snapshot_failures("k") == (("a", T0 + 1), ("b", T0 + 2))
+    assert store.snapshot_failures("unknown") == ()
+
+
+async def test_memory_store_entries_stay_bounded_by_max_keys():
+    """A flood of distinct sources: every per-key structure holds at most max_keys entries
+    (before, MemoryStore.dirty kept every key ever seen, so RSS grew without bound)."""
+    from security.store.memory import MemoryStore
+
+    store = MemoryStore(max_keys=100)
+    for i in range(5_000):
+        key = f"s:10.0.{i >> 8}.{i & 255}/32"
+        await store.record_failure(key, f"{i:08x}", T0 + i, 3600)
+        if i % 3 == 0:
+            await store.record_failure(key, "second", T0 + i, 3600)
+        if i % 7 == 0:
+            await store.clear_failures(f"s:10.0.{(i - 1) >> 8}.{(i - 1) & 255}/32")
+    assert store.tracked_keys() == len(store._failures) == 100
+    assert store.dirty == set()  # nothing drains it on the memory store, so nothing fills it
+    assert (store._locks, store._bans, store._offences) == ({}, {}, {})
+
+
+async def test_sqlite_dirty_keys_are_drained_by_each_flush(sqlite_stores):
+    store = await sqlite_stores(flush_interval=3600, max_keys=50)
+    for i in range(500):
+        await store.record_failure(f"k{i}", "a", T0 + i, 3600)
+    assert len(store.dirty) == 500  # the kept keys and the evicted ones, to delete
+    await store.flush()
+    assert store.dirty == set() and store.tracked_keys() == 50
+
+
+async def test_sqlite_flush_snapshots_in_slices_and_lets_the_loop_run(sqlite_stores,
+                                                                       monkeypatch):
+    import security.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "FLUSH_SLICE", 3)
+    store = await sqlite_stores(flush_interval=3600)
+    for i in range(10):
+        await store.record_failure(f"k{i}", "a", T0, WINDOW)
+        if i % 2:
+            await store.record_failure(f"k{i}", "b", T0, WINDOW)  # a dict entry
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    write = store._run
+    turns_at_write: list[int] = []
+
+    async def run_and_count(fn, *args):
+        turns_at_write.append(turns)  # the snapshot is complete when the write is handed on
+        return await write(fn, *args)
+
+    monkeypatch.setattr(store, "_run", run_and_count)
+    worker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    await store.flush()
+    worker.cancel()
+    assert turns_at_write[0] - before >= 3  # 10 keys in slices of 3: the loop ran between
+    await store.close()
+    reopened = await sqlite_stores()
+    assert [await reopened.failure_count(f"k{i}", T0, WINDOW) for i in range(10)] == \
+        [1, 2] * 5

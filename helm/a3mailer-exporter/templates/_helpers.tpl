@@ -147,6 +147,15 @@ app.kubernetes.io/part-of: a3mailer
 {{- fail (printf "secrets.existingSecretKeys: %s is not a secret the exporter reads" $key) }}
 {{- end }}
 {{- end }}
+{{- $alertNames := list }}
+{{- range $group := (.Files.Get "files/rules.yaml" | fromYaml).groups }}
+{{- range $rule := $group.rules }}{{ if $rule.alert }}{{ $alertNames = append $alertNames $rule.alert }}{{ end }}{{ end }}
+{{- end }}
+{{- range $name := concat (keys .Values.config.alerting.alerts) .Values.prometheusRule.disabled }}
+{{- if not (has $name $alertNames) }}
+{{- fail (printf "%s is not an alert of the chart (config.alerting.alerts, prometheusRule.disabled): see alert-rules/alerts.yaml" $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The exporter config (YAML): .Values.config with the mounted secret files and Redis. */}}

@@ -1,0 +1,183 @@
+"""The security routes in process: Dovecot answers, the cached API key, the audit query API."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from exporter.config import load_config
+from exporter.http import create_app
+from exporter.http.security_routes import SecretCache
+from exporter.service import Exporter
+from security.attempts import Decision
+from security.protocols import dovecot
+
+TOKEN = "adm1n"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+MSG = "Authentication temporarily refused"
+
+
+@pytest.fixture
+def serve(config_file, tmp_path):
+    """(exporter, client) on the app in process (ASGITransport: the client is 127.0.0.1)."""
+    built: list[Exporter] = []
+    (tmp_path / "admin.token").write_text(TOKEN)
+
+    async def build(security: dict | None = None) -> tuple[Exporter, httpx.AsyncClient]:
+        config = config_file({"security": {
+            "store": {"type": "memory"}, "trusted_networks": [], "max_login_attempts": 3,
+            "admin_token_file": str(tmp_path / "admin.token"),
+            "tarpit": {"delay_per_failure": "1s", "max_delay": "3s"}, **(security or {})}})
+        exporter = Exporter(load_config(config))
+        built.append(exporter)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(exporter)),
+                                   base_url="http://exporter")
+        return exporter, client
+
+    yield build
+    for exporter in built:
+        if exporter.audit is not None:
+            exporter.audit.close()
+
+
+def policy(login: str, remote: str, pwhash: str, **extra) -> dict:
+    return {"login": login, "remote": remote, "pwhash": pwhash, "protocol": "imap", **extra}
+
+
+# --- Dovecot answers
+
+@pytest.mark.parametrize("decision", [
+    Decision("allow", "ok"), Decision("allow", "trusted"), Decision("delay", "tarpit", 1.0),
+    Decision("delay", "tarpit", 2.5), Decision("delay", "tarpit", 0.2),
+    Decision("delay", "tarpit", 500.0), Decision("reject", "banned", message=MSG),
+    Decision("reject", "locked", message="Zoë's \"locked\""), Decision("reject", "locked"),
+])
+def test_answer_bodies_are_the_json_of_the_answers(decision):
+    expected = json.dumps(dovecot.answer(decision), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+    assert dovecot.answer_body(decision) == expected
+    assert dovecot.answer_body(decision) == expected  # the cached body is the same
+
+
+async def test_dovecot_answers_over_http(serve):
+    _, client = await serve()
+    url = "/dovecot/policy"
+    r = await client.post(url, params={"command": "allow"}, json=policy("al", "192.0.2.5", "a"))
+    assert (r.status_code, r.content) == (200, b'{"status":0,"msg":""}')
+    assert r.headers["content-type"] == "application/json"
+    for n in range(2):
+        r = await client.post(url, params={"command": "report"},
+                              json=policy("al", "192.0.2.5", f"h{n}", success=False))
+        assert r.content == b'{"status":0,"msg":""}'
+    r = await client.post(url, params={"command": "allow"}, json=policy("al", "192.0.2.5", "a"))
+    assert r.json() == {"status": 2, "msg": ""}  # tarpit: 2 distinct failures, 1 s each
+    await client.post(url, params={"command": "report"},
+                      json=policy("al", "192.0.2.5", "h2", success=False))  # third: locked
+    r = await client.post(url, params={"command": "allow"}, json=policy("al", "192.0.2.5", "a"))
+    assert r.json() == {"status": -1, "msg": MSG}
+    # other query strings than Dovecot's two still work (Starlette parses them)
+    r = await client.post(url + "?x=1&command=allow", json=policy("bo", "2001:db8::7", "a"))
+    assert r.json() == {"status": 0, "msg": ""}
+    # a repeated parameter: the last one wins, as Starlette's query_params have it
+    r = await client.post(url + "?command=allow&command=report",
+                          json=policy("bo", "2001:db8::7", "a"))
+    assert r.status_code == 400 and "success" in r.json()["message"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"login": "a", "remote": "10.0.0.01", "protocol": 5}, "remote: not an IP address"),
+    ({"login": "a", "remote": "::ffff:10.0.0.1 ", "protocol": 5}, "protocol: expected"),
+    ({"login": "a", "remote": "1.2.3.4\u0000"}, "remote: not an IP address"),
+])
+async def test_dovecot_request_errors_keep_their_order(serve, body, message):
+    _, client = await serve()
+    r = await client.post("/dovecot/policy", params={"command": "allow"}, json=body)
+    assert r.status_code == 400 and r.json()["message"].startswith(message)
+
+
+# --- the API key, cached
+
+def test_secret_cache_rereads_a_changed_file_after_the_recheck_interval(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("one\n")
+    now = [100.0]
+    cache = SecretCache("api_key", recheck=1.0, clock=lambda: now[0])
+    section = {"api_key_file": str(key), "api_key_env": ""}
+    assert cache.get(section) == "one"
+    key.write_text("two\n")
+    os.utime(key, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert cache.get(section) == "one"  # within the interval: no stat, no read
+    now[0] += 1.0
+    assert cache.get(section) == "two"
+    now[0] += 5.0
+    assert cache.get(section) == "two"
+    key.write_text("six\n")
+    os.utime(key, ns=(1, 1))  # same mtime and size: unchanged as far as the cache knows
+    now[0] += 5.0
+    assert cache.get(section) == "two"
+    cache.clear()  # a config reload
+    assert cache.get(section) == "six"
+    other = tmp_path / "other"
+    other.write_text("seven")
+    assert cache.get({"api_key_file": str(other)}) == "seven"  # another file: read at once
+    key.unlink()
+    with pytest.raises(OSError):
+        cache.get(section)
+
+
+def test_secret_cache_follows_the_environment_variable(monkeypatch):
+    now = [0.0]
+    cache = SecretCache("api_key", clock=lambda: now[0])
+    section = {"api_key_file": "", "api_key_env": "A3M_TEST_KEY"}
+    monkeypatch.delenv("A3M_TEST_KEY", raising=False)
+    assert cache.get(section) is None
+    monkeypatch.setenv("A3M_TEST_KEY", "env-key")
+    now[0] += 2
+    assert cache.get(section) == "env-key"
+
+
+async def test_a_changed_api_key_file_is_used_after_a_reload(serve, tmp_path):
+    key = tmp_path / "dovecot.key"
+    key.write_text("first")
+    exporter, client = await serve({"dovecot_policy": {
+        "api_key_file": str(key), "allow_loopback_without_key": False}})
+    url, body = "/dovecot/policy?command=allow", policy("al", "192.0.2.9", "a")
+
+    async def status(sent: str) -> int:
+        return (await client.post(url, json=body, headers={"X-API-Key": sent})).status_code
+
+    assert (await status("first"), await status("second")) == (200, 401)
+    key.write_text("second")
+    assert exporter.reload() == []
+    assert (await status("first"), await status("second")) == (401, 200)
+
+
+# --- the audit query API
+
+async def test_audit_api_pages_and_filters(serve):
+    exporter, client = await serve()
+    assert exporter.audit is not None
+    for i in range(25):
+        exporter.audit.record(["lockout.lock", "blocklist.ban"][i % 2],
+                              ["engine", "admin"][i % 3 == 0], f"user{i}", {"i": i})
+    seen, cursor = [], None
+    while True:
+        params = {"type": "lockout.", "limit": "4", **({"cursor": cursor} if cursor else {})}
+        r = await client.get("/api/v1/security/audit", params=params, headers=ADMIN)
+        assert r.status_code == 200
+        page = r.json()
+        seen += [rec["details"]["i"] for rec in page["records"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(range(24, -1, -2))
+    r = await client.get("/api/v1/security/audit", params={"actor": "admin", "type": [
+        "lockout.lock", "blocklist.ban"]}, headers=ADMIN)
+    assert [rec["details"]["i"] for rec in r.json()["records"]] == list(range(24, -1, -3))
+    r = await client.get("/api/v1/security/audit", params={"cursor": "x"}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    r = await client.get("/api/v1/security/audit/verify", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["ok"] and r.json()["count"] == 25
