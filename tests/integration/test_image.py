@@ -13,6 +13,7 @@ The wheel and venv are built once per session (about 20 s).
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -201,17 +202,36 @@ def image_tree(stages: list[Stage]) -> Iterator[ImageTree]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-")
+            for r in requirements}
+
+
 def test_venv_holds_the_runtime_only(image_tree: ImageTree) -> None:
-    """The installed venv: the exporter from its wheel, not from the source tree; no pip,
-    no setuptools, no dev extra (pytest, hypothesis, mypy, ruff), no tests package."""
-    probe = ("import importlib.util, exporter, security; print(exporter.__file__); "
-             "print([m for m in ('pip', 'setuptools', 'pytest', 'hypothesis', 'mypy', 'ruff', "
-             "'httpx', 'tests') if importlib.util.find_spec(m)])")
+    """The installed venv: the exporter from its wheel, not from the source tree; every
+    runtime dependency of pyproject.toml and none of the dev extra's own packages, no pip,
+    no setuptools, no tests package."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _names(project["dependencies"])
+    dev_only = _names(project["optional-dependencies"]["dev"]) - runtime
+    probe = ("import importlib.metadata as m, importlib.util, exporter, security; "
+             "print(exporter.__file__); "
+             "print(sorted({d.metadata['Name'] for d in m.distributions()})); "
+             "print(sorted({r for d in m.distributions() for r in (d.requires or []) "
+             "if 'extra ==' not in r})); "
+             "print(bool(importlib.util.find_spec('tests')))")
     done = subprocess.run([str(image_tree.venv / "bin/python"), "-c", probe],
                           cwd=image_tree.root, capture_output=True, text=True, check=True)
-    location, present = done.stdout.splitlines()
+    location, installed_text, required_text, has_tests = done.stdout.splitlines()
     assert Path(location).is_relative_to(image_tree.venv / "lib"), location
-    assert present == "[]"
+    installed = _names(ast.literal_eval(installed_text))
+    required = _names(ast.literal_eval(required_text))  # what the runtime pulls in
+    assert dev_only and not installed & dev_only - required, installed & dev_only - required
+    assert not installed & {"pip", "setuptools", "wheel"}
+    assert runtime - {"uvloop"} <= installed  # uvloop only where its marker holds
+    assert has_tests == "False"
 
 
 def test_image_starts_read_only(image_tree: ImageTree, stages: list[Stage],
