@@ -166,7 +166,9 @@ def test_every_referenced_series_is_catalogued_or_recorded(default_out):
     recorded = {r["record"] for g in yaml.safe_load(
         default_out["alert-rules/recording-rules.yaml"])["groups"] for r in g["rules"]}
     for rel, text in default_out.items():
-        if rel.endswith(".json"):
+        if rel.startswith("helm/"):
+            continue  # the chart's copies, with placeholders: test_helm_chart.py compares
+        if rel.endswith(".json"):  # their renders with these files
             names = dashboards.referenced_series(text)
         elif rel.endswith("rules.yaml") or rel.endswith("alerts.yaml"):
             names = set(alerts.referenced_series(yaml.safe_load(text)))
