@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from typing import Any
 
 from exporter.config import load_schema
-from exporter.config.loader import merge
+from exporter.config.loader import merge, secret_paths
 from exporter.generate.config_reference import _resolve, _walk, _wrap, commented_yaml
 
 CHART_DIR = "helm/a3mailer-exporter"
@@ -271,16 +270,7 @@ CHART_KEYS: dict[str, Any] = {
 def secret_keys() -> list[str]:
     """Dotted config paths of every secret (`security.admin_token` for
     security.admin_token_file), in schema order: the chart's Secret keys."""
-    schema = load_schema()
-    return [".".join((*path[:-1], path[-1].removesuffix("_file")))
-            for path, _ in _secret_file_props(schema)]
-
-
-def _secret_file_props(schema: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for path, _prop in _walk(schema, schema):
-        raw = _raw_prop(schema, path)
-        if raw.get("$ref") == "#/definitions/secret_file" and path[-1].endswith("_file"):
-            yield path, raw
+    return [".".join((*section, name)) for section, name in secret_paths()]
 
 
 def _raw_prop(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
