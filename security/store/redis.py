@@ -212,12 +212,16 @@ def _decode_record(kind: str, key: str, raw: str) -> Record:
 class RedisStore:
     shared = True
 
-    def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:"):
+    def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:",
+                 **client_options: Any):
+        """client_options: further redis-py client settings over ours (the security
+        benchmark compares parsers and protocols with them)."""
         self.url = url
         self.prefix = prefix
-        self._redis: Any = aioredis.from_url(url, password=password, decode_responses=True,
-                                             socket_timeout=2.0, socket_connect_timeout=2.0,
-                                             health_check_interval=30)
+        options = {"password": password, "decode_responses": True, "socket_timeout": 2.0,
+                   "socket_connect_timeout": 2.0, "health_check_interval": 30,
+                   **client_options}
+        self._redis: Any = aioredis.from_url(url, **options)
         self._record = self._redis.register_script(_RECORD_FAILURE)
         self._bump = self._redis.register_script(_BUMP_OFFENCES)
         self._login_state = self._redis.register_script(_LOGIN_STATE)
