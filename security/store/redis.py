@@ -7,7 +7,10 @@ the locks it makes with their offence counts), both atomic on the server, so
 replicas failing one account at once make one lock. Failure windows, locks and
 offence counters carry a TTL, so Redis memory is bounded by the windows and lock
 durations (run it with maxmemory and `maxmemory-policy volatile-lru` as a last
-resort). Times are judged by the caller's `now`, as on the memory store. A lock
+resort). Failure windows and locks are judged by the caller's `now`, as on the
+memory store; an offence counter lasts its escalation window in Redis's time (its
+TTL). The keys are those every earlier version wrote, in the same format, so
+replicas of both versions can share one Redis during an upgrade. A lock
 written through one replica is seen by the others at their next check; bans reach
 the other replicas' in-memory index within the engine's maintenance interval (5 s).
 Connection errors surface as exceptions: the engine fails open or closed as
@@ -60,21 +63,11 @@ local function exact(number)
   return text
 end
 
--- one more offence of a key within window: "<count>|<expires>" (a bare count, as INCR
--- wrote it before, is taken as still within its window: its TTL bounds it)
-local function offence(key, now, window)
-  local raw = redis.call('GET', key)
-  local count = 1
-  if raw then
-    local bar = string.find(raw, '|', 1, true)
-    if not bar then
-      count = tonumber(raw) + 1
-    elseif tonumber(string.sub(raw, bar + 1)) > now then
-      count = tonumber(string.sub(raw, 1, bar - 1)) + 1
-    end
-  end
-  redis.call('SET', key, count .. '|' .. exact(now + tonumber(window)), 'PX',
-             math.ceil(tonumber(window) * 1000))
+-- one more offence of a key: a counter that expires a window after its last bump (in
+-- Redis's time, as replicas of every version count it)
+local function offence(key, window)
+  local count = redis.call('INCR', key)
+  redis.call('PEXPIRE', key, math.ceil(tonumber(window) * 1000))
   return count
 end
 """
@@ -84,9 +77,9 @@ end
 _RECORD_FAILURE = _FUNCTIONS + """
 return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
 """
-# KEYS[1] offence counter; ARGV: now, window seconds -> count within the window
+# KEYS[1] offence counter; ARGV: window seconds -> count within the window
 _BUMP_OFFENCES = _FUNCTIONS + """
-return offence(KEYS[1], tonumber(ARGV[1]), ARGV[2])
+return offence(KEYS[1], ARGV[1])
 """
 
 # Everything check() reads. KEYS: pair lock, account lock, pair failures, MFA hash, source
@@ -118,7 +111,7 @@ return {0, false, failures, fields, source}
 _RECORD_LOGIN_FAILURE = _FUNCTIONS + """
 local now = tonumber(ARGV[1])
 local function lock(n, key, scope, account, source, reason, count)
-  local level = offence(KEYS[5 + n], now, ARGV[8])
+  local level = offence(KEYS[5 + n], ARGV[8])
   local duration = tonumber(ARGV[14 + math.min(level, #ARGV - 14)])
   local json = '{"key": ' .. cjson.encode(key) .. ', "scope": ' .. cjson.encode(scope)
     .. ', "account": ' .. cjson.encode(account) .. ', "source": ' .. cjson.encode(source)
@@ -306,7 +299,7 @@ class RedisStore:
         return sorted(out, key=lambda lock: (lock.created, lock.key))
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
-        return int(await self._bump(keys=[self._k("off", key)], args=[float(now), window]))
+        return int(await self._bump(keys=[self._k("off", key)], args=[window]))
 
     # --- the decision path: one script each, one round trip
 

@@ -4,9 +4,11 @@ random failure sequences decide alike on the memory store and on Redis.
 
 The engine reads and writes Redis through one script per check and one per wrong
 password; these prove the scripts decide as the memory store's composed calls do, under
-the same fake clock (locks, failure windows and offence windows are all judged by the
-caller's `now`, as on the memory store). Left out: the tests that bring their own store
-(SQLite restarts, a broken store), and test_manual_ban_unban_and_expiry: with a shared
+the same fake clock (locks and failure windows are judged by the caller's `now`, as on the
+memory store). Left out: the tests that bring their own store (SQLite restarts, a broken
+store); test_repeat_lockouts_double_up_to_the_maximum, whose last step waits out the
+escalation window on the fake clock (Redis counts offences in its own time, by TTL; the
+levels themselves are in the store suite); and test_manual_ban_unban_and_expiry: with a shared
 store, refresh() reloads the bans through Store.bans(), which drops an expired ban before
 the engine can audit its expiry (as before this suite existed: bans are not on the
 decision path's scripts).
@@ -15,6 +17,7 @@ decision path's scripts).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,7 +62,6 @@ from tests.unit.test_security_engine import (  # noqa: F401 - collected here wit
     test_ipv6_sources_are_tracked_and_banned_by_their_64,
     test_refresh_recounts_lock_gauges_after_expiry,
     test_relocking_after_expiry_does_not_count_the_lock_twice,
-    test_repeat_lockouts_double_up_to_the_maximum,
     test_stats_count_by_protocol_and_decision_without_logins_or_ips,
     test_tarpit_delay_grows_with_distinct_failures_and_success_clears_it,
     test_tarpit_disabled_never_delays,
@@ -117,7 +119,9 @@ async def _lock_view(engine: SecurityManager) -> list[tuple[Any, ...]]:
 async def _same_decisions(url: str, steps: list[tuple[str, str, str, float]]) -> None:
     now = [T0]
     redis = RedisStore(url, prefix=f"test-{uuid.uuid4().hex[:8]}:")
-    settings_ = PROPERTY_SETTINGS
+    # the steps add up to at most 1,800 s: an escalation window longer than that never
+    # passes (Redis would count it in its own time, the memory store on the fake clock)
+    settings_ = dataclasses.replace(PROPERTY_SETTINGS, escalation_window=10_000.0)
     engines = [SecurityManager(settings_, MemoryStore(), None, clock=lambda: now[0]),
                SecurityManager(settings_, redis, None, clock=lambda: now[0])]
     try:

@@ -348,10 +348,13 @@ async def test_repeat_locks_escalate_within_the_escalation_window(store: Store):
         levels.append((lock.level, lock.until - lock.created))
         now = lock.until
     assert levels == [(1, 60.0), (2, 120.0), (3, 150.0), (4, 150.0)]  # the last repeats
-    now += 1001  # a quiet escalation window: back to the first level
-    for h in ("a", "b", "c"):
-        counts = await store.record_login_failure(KEYS, f"{h}{now}", now, POLICY)
-    assert [lock.level for lock in counts.locks] == [1]
+
+
+async def test_a_quiet_escalation_window_brings_locks_back_to_the_first_level(store: Store):
+    for now in (T0, T0 + 1001):  # (Redis counts offences in its own time: by their TTL)
+        for h in ("a", "b", "c"):
+            counts = await store.record_login_failure(KEYS, f"{h}{now}", now, POLICY)
+        assert [lock.level for lock in counts.locks] == [1]
 
 
 async def test_record_login_failure_without_pwhash_counts_each_as_distinct(store: Store):
