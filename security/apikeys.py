@@ -111,8 +111,11 @@ class _Parsed:
     scopes: frozenset[str]
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdef" for c in text)
+    return bool(text) and _HEX.issuperset(text)
 
 
 def _key_from(record: Record, last_used: float | None = None) -> ApiKey:

@@ -181,7 +181,6 @@ def _canonical(value: Any) -> str:
 
 # Detail values whose JSON round trip gives back the same value of the same type.
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
-_STR_TYPE = frozenset({str})
 
 
 def _digest(record: dict[str, Any]) -> str:
@@ -203,11 +202,12 @@ def _normalised(details: dict[str, Any] | None) -> dict[str, Any]:
     """
     if not details:
         return {}
-    if (_PLAIN_TYPES.issuperset(map(type, details.values()))
-            and _STR_TYPE.issuperset(map(type, details))):
-        return dict(details)
-    body: dict[str, Any] = json.loads(json.dumps(details, default=str, allow_nan=False))
-    return body
+    for key, value in details.items():  # a loop: issuperset() would build a set first
+        if type(key) is not str or type(value) not in _PLAIN_TYPES:
+            body: dict[str, Any] = json.loads(json.dumps(details, default=str,
+                                                         allow_nan=False))
+            return body
+    return dict(details)
 
 
 def _record_text(seq: int, when: float, type_json: str, actor: str, subject: str,

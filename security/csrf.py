@@ -10,39 +10,20 @@ generated into the state dir serves one process.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from security.engine import Auditor
 from security.identity import IdentityStats, audit_verification
+from security.keyed_hmac import KeyedHmac
 
 MAX_TOKEN_LENGTH = 128
 CLOCK_SKEW = 60.0
 """Seconds a token's issue time may lie in the future (replicas' clocks differ)."""
-
-
-_BLOCK = 64  # SHA-256's block size
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-def _padded_hashes(key: bytes) -> tuple[Any, Any]:
-    """SHA-256 states after the inner and the outer padded key of HMAC (RFC 2104).
-
-    RFC 2104 section 4 suggests computing these once per key: each MAC then copies two
-    hash states instead of setting the key up again, which is what makes a token check
-    cheaper than a one-shot hmac.new() (tests compare the two on keys of every length).
-    """
-    if len(key) > _BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_BLOCK, b"\0")
-    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
 
 
 def load_or_create_key(path: str | os.PathLike[str]) -> bytes:
@@ -69,7 +50,7 @@ class CsrfTokens:
         if len(key) < 16:
             raise ValueError("the CSRF key must have at least 16 bytes")
         self.key = key
-        self._inner, self._outer = _padded_hashes(key)
+        self._mac_of = KeyedHmac(key, "sha256").hexdigest
         self.lifetime = lifetime
         self.clock = clock
         self.stats = stats or IdentityStats()
@@ -77,11 +58,8 @@ class CsrfTokens:
 
     def _mac(self, session_id: str, issued: str) -> str:
         """HMAC-SHA256 (hex) of the label, the session id and the issue time."""
-        inner = self._inner.copy()
-        inner.update(f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape"))
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        return self._mac_of(
+            f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape"))
 
     def issue(self, session_id: str) -> str:
         issued = format(int(self.clock()), "x")
