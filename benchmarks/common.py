@@ -7,6 +7,7 @@ never single runs and never assertions on timings.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,21 @@ def _relative(path: str) -> str:
 
 def _argv() -> list[str]:
     return [_relative(sys.argv[0]), *sys.argv[1:]]
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_timer_argument(parser: argparse.ArgumentParser) -> None:
+    """--clock: what a benchmark's in-process timings count."""
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="wall: elapsed time (the default, for a quiet machine); cpu: this process's CPU "
+             "time, which leaves out the time other processes hold the cores on a loaded one")
+
+
+def timer(name: str) -> Callable[[], float]:
+    return CLOCKS[name]
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

@@ -38,6 +38,8 @@ SCOPES = ("admin", "security:read", "security:write", "metrics:write")
 MAX_TOKEN_LENGTH = 128
 TOKEN_LENGTH = len(TOKEN_PREFIX) + 12 + 1 + 43
 _DUMMY_HASH = "0" * 64
+_SUCCESS = ("apikey", "success")  # IdentityStats.verifications key of a good check
+PARSED_CACHE = 10_000  # keys whose parsed record is kept (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,23 @@ class KeyCheck:
         return self.ok and (scope in self.scopes or "admin" in self.scopes)
 
 
+@dataclass(slots=True)
+class _Parsed:
+    """What a check needs of a key's record, read out once per record object."""
+
+    record: Record
+    hash: str
+    revoked: float | None
+    expires: float
+    limit: Limit
+    scopes: frozenset[str]
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
 def _is_hex(text: str) -> bool:
-    return bool(text) and all(c in "0123456789abcdef" for c in text)
+    return bool(text) and _HEX.issuperset(text)
 
 
 def _key_from(record: Record, last_used: float | None = None) -> ApiKey:
@@ -114,19 +131,31 @@ class ApiKeys:
                  audit: Auditor | None = None, stats: IdentityStats | None = None,
                  clock: Callable[[], float] = time.time):
         self.store = store
+        self._parsed: dict[str, _Parsed] = {}  # by id: what authenticate() needs of a record
+        self._limits: dict[int, Limit] = {}  # by requests per minute
         self.settings = settings or ApiKeySettings()
         self.audit = audit
         self.stats = stats or IdentityStats()
         self.clock = clock
         self.limiter = RateLimiter()
         self.active = 0
-        self._used: dict[str, tuple[float, float, int]] = {}  # id -> (last, expires, uses)
-        self._limits: dict[int, Limit] = {}
-        self._scopes: dict[str, frozenset[str]] = {}  # a key's scopes never change
+        self._used: dict[str, list[Any]] = {}  # id -> [last, expires, uses]
+
+    @property
+    def settings(self) -> ApiKeySettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: ApiKeySettings) -> None:
+        """New settings (a reload): the rate limits derived from the old ones go."""
+        self._settings = settings
+        self._pepper = settings.pepper
+        self._parsed.clear()
+        self._limits.clear()
 
     def _hash(self, token: str) -> str:
         raw = token.encode("utf-8", "surrogateescape")
-        pepper = self.settings.pepper
+        pepper = self._pepper
         if pepper:
             return hmac.digest(pepper, raw, "sha256").hex()
         return hashlib.sha256(raw).hexdigest()
@@ -233,44 +262,61 @@ class ApiKeys:
     # --- the check
 
     async def authenticate(self, token: str) -> KeyCheck:
-        """Checks a presented key; counts, rate-limits and (written behind) audits it."""
+        """Checks a presented key; counts, rate-limits and (written behind) audits it.
+
+        The record is read from the store on every check, so a key revoked through
+        another replica is refused at once; only what is derived from a record (its
+        scopes and rate limit) is kept, by record object, which a store hands back
+        unchanged until the record changes (Redis decodes a new one every time).
+        """
         now = self.clock()
         # a3m_<12 hex>_<43 base64url>: any other shape cannot be a key (and needs no lookup)
-        well_formed = (len(token) == TOKEN_LENGTH and token[16] == "_"
-                       and token.startswith(TOKEN_PREFIX))
-        key_id = token[4:16] if well_formed else ""
-        digest = self._hash(token if len(token) <= MAX_TOKEN_LENGTH else "")
-        record = await self.store.get_record(KIND, key_id, now) if well_formed else None
-        same = hmac.compare_digest(digest, record.data["hash"] if record else _DUMMY_HASH)
-        if record is None or not same:
-            reason = "malformed" if not well_formed else "unknown" if record is None else "wrong"
-            return self._failed(reason, key_id if _is_hex(key_id) else "")
-        data = record.data
-        revoked = data["revoked"]
-        if revoked is not None and revoked <= now:
+        if len(token) == TOKEN_LENGTH and token[16] == "_" and token.startswith(TOKEN_PREFIX):
+            key_id = token[4:16]
+            digest = self._hash(token)
+            record = await self.store.get_record(KIND, key_id, now)
+        else:
+            key_id, record = "", None
+            digest = self._hash(token if len(token) <= MAX_TOKEN_LENGTH else "")
+        if record is None:
+            hmac.compare_digest(digest, _DUMMY_HASH)  # the work a known id costs
+            return self._failed("unknown" if key_id else "malformed",
+                                key_id if _is_hex(key_id) else "")
+        parsed = self._parsed.get(key_id)
+        if parsed is None or parsed.record is not record:
+            parsed = self._parse(key_id, record)
+        if not hmac.compare_digest(digest, parsed.hash):
+            return self._failed("wrong", key_id)
+        if parsed.revoked is not None and parsed.revoked <= now:
             return self._failed("revoked", key_id)
-        expires = data["expires"]
-        if expires <= now:
+        if parsed.expires <= now:
             return self._failed("expired", key_id)
-        limit = self._limit(data["rate_limit_per_minute"])
-        result = self.limiter.hit("apikey", key_id, limit, now)
-        scopes = self._scopes.get(key_id)
-        if scopes is None:
-            scopes = self._scopes[key_id] = frozenset(data["scopes"])
+        result = self.limiter.hit("apikey", key_id, parsed.limit, now)
         if not result.allowed:
             self.stats.verified("apikey", False, "rate_limited")
-            return KeyCheck(False, "rate_limited", key_id, scopes, result)
-        previous = self._used.get(key_id)
-        self._used[key_id] = (now, expires, previous[2] + 1 if previous else 1)
-        self.stats.verified("apikey", True)
-        return KeyCheck(True, "ok", key_id, scopes, result)
+            return KeyCheck(False, "rate_limited", key_id, parsed.scopes, result)
+        used = self._used.get(key_id)
+        if used is None:
+            self._used[key_id] = [now, parsed.expires, 1]
+        else:
+            used[0] = now
+            used[2] += 1
+        counts = self.stats.verifications
+        counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
+        return KeyCheck(True, "ok", key_id, parsed.scopes, result)
 
-    def _limit(self, per_minute: int) -> Limit:
+    def _parse(self, key_id: str, record: Record) -> _Parsed:
+        data = record.data
+        per_minute, burst = data["rate_limit_per_minute"], self.settings.rate_limit_burst
         limit = self._limits.get(per_minute)
         if limit is None:
-            limit = self._limits[per_minute] = Limit(per_minute, 60.0,
-                                                     self.settings.rate_limit_burst)
-        return limit
+            limit = self._limits[per_minute] = Limit(per_minute, 60.0, burst)
+        if len(self._parsed) >= PARSED_CACHE:
+            del self._parsed[next(iter(self._parsed))]
+        parsed = self._parsed[key_id] = _Parsed(record, data["hash"], data["revoked"],
+                                                data["expires"], limit,
+                                                frozenset(data["scopes"]))
+        return parsed
 
     def _failed(self, reason: str, key_id: str) -> KeyCheck:
         self.stats.verified("apikey", False, reason)
@@ -292,7 +338,7 @@ class ApiKeys:
             except BaseException:  # keep what was not written for the next flush
                 for k, (t, e, n) in pending[i:]:
                     later = self._used.get(k)
-                    self._used[k] = (max(t, later[0]), e, n + later[2]) if later else (t, e, n)
+                    self._used[k] = [max(t, later[0]), e, n + later[2]] if later else [t, e, n]
                 raise
             audit_verification(self.audit, "apikey", True, f"{TOKEN_PREFIX}{key_id}",
                                {"uses": uses, "last_used": last})

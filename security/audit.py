@@ -80,7 +80,8 @@ MAX_QUERY_LIMIT = 1000
 INDEX_BLOCKS = 1 << 17
 
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*")
-_GOOD_TYPES: set[str] = set()  # types that passed _TYPE_RE, so it runs once per type
+# Types that passed _TYPE_RE (so it runs once per type), with their JSON text.
+_GOOD_TYPES: dict[str, str] = {}
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 # Which AuditPolicy flag decides a type; exact types first, then the part before the dot.
@@ -160,10 +161,24 @@ class VerifyResult:
                 f"{self.count} records verified before it")
 
 
-# json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False), built once.
-_canonical: Callable[[Any], str] = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+# The C encoder JSONEncoder.encode builds anew on every call, built once. Without the
+# circular-reference check: every value it meets is acyclic (details went through a JSON
+# round trip or are flat; records come from the file), where a cycle would only raise
+# RecursionError instead of ValueError.
+_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_chunks = _make_encoder(None, _ENCODER.default, _quote, None, ":", ",", True, False,
+                               False) if _make_encoder is not None else None
+
+
+def _canonical(value: Any) -> str:
+    """json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)."""
+    if _encode_chunks is None or isinstance(value, str):
+        return _ENCODER.encode(value)
+    return "".join(_encode_chunks(value, 0))
+
+
 # Detail values whose JSON round trip gives back the same value of the same type.
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
@@ -187,26 +202,34 @@ def _normalised(details: dict[str, Any] | None) -> dict[str, Any]:
     """
     if not details:
         return {}
-    if all(type(k) is str and type(v) in _PLAIN_TYPES for k, v in details.items()):
-        return dict(details)
-    body: dict[str, Any] = json.loads(json.dumps(details, default=str, allow_nan=False))
-    return body
+    for key, value in details.items():  # a loop: issuperset() would build a set first
+        if type(key) is not str or type(value) not in _PLAIN_TYPES:
+            body: dict[str, Any] = json.loads(json.dumps(details, default=str,
+                                                         allow_nan=False))
+            return body
+    return dict(details)
 
 
-def _record_text(seq: int, when: float, type: str, actor: str, subject: str,
-                 details_json: str, prev: str) -> tuple[str, str]:
+def _record_text(seq: int, when: float, type_json: str, actor: str, subject: str,
+                 details_json: str, prev: str) -> tuple[str, bytes]:
     """(hash, line with its newline) of a record: the canonical JSON built once.
 
     The same text _canonical(record) gives, field by field in sorted key order (actor,
     details, hash, prev, seq, subject, time, type); the hash covers it without `hash`.
+    `type_json` is the type already quoted as JSON.
     """
     if not math.isfinite(when):
         raise ValueError("Out of range float values are not JSON compliant")
-    head = f'{{"actor":{_quote(actor)},"details":{details_json}'
+    head = f'{{"actor":{_quote(actor)},"details":{details_json}'.encode("ascii")
     tail = (f',"prev":{_quote(prev)},"seq":{int.__repr__(seq)},"subject":{_quote(subject)}'
-            f',"time":{float.__repr__(when)},"type":{_quote(type)}}}')
-    digest = hashlib.sha256((head + tail).encode("ascii")).hexdigest()
-    return digest, f'{head},"hash":"{digest}"{tail}\n'
+            f',"time":{float.__repr__(when)},"type":{type_json}}}').encode("ascii")
+    hashed = _sha256(head)
+    hashed.update(tail)
+    digest = hashed.hexdigest()
+    return digest, b"".join((head, b',"hash":"', digest.encode("ascii"), b'"', tail, b"\n"))
+
+
+_sha256 = hashlib.sha256
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -538,27 +561,42 @@ class AuditLog:
         returned record equals what a reader gets back. OSError (disk full) propagates
         after the partial line, if any, is cut off again.
         """
-        if type not in _GOOD_TYPES:
+        type_json = _GOOD_TYPES.get(type)
+        if type_json is None:
             if not _TYPE_RE.fullmatch(type) or type == ANCHOR_TYPE:
                 raise ValueError(f"bad audit record type {type!r}")
+            type_json = _quote(type)
             if len(_GOOD_TYPES) < 1024:  # the types are the code's own: a handful
-                _GOOD_TYPES.add(type)
-        if not self.policy.wants(type):
+                _GOOD_TYPES[type] = type_json
+        wanted = self._wanted.get(type)
+        if wanted is None:
+            wanted = self._wanted[type] = self._policy.wants(type)
+        if not wanted:
             return None
         body = _normalised(details)
-        details_json = _canonical(body)
+        details_json = _canonical(body) if body else "{}"
         actor, subject = str(actor), str(subject)
         with self._lock:
             if self._closed:
                 raise ValueError("audit log is closed")
             seq, when, prev = self._last_seq + 1, float(self._clock()), self._last_hash
-            digest, text = _record_text(seq, when, type, actor, subject, details_json, prev)
-            self._append(seq, when, type, digest, text)
+            digest, line = _record_text(seq, when, type_json, actor, subject, details_json,
+                                        prev)
+            self._append(seq, when, type, digest, line)
         return {"seq": seq, "time": when, "type": type, "actor": actor, "subject": subject,
                 "details": body, "prev": prev, "hash": digest}
 
-    def _append(self, seq: int, when: float, type: str, digest: str, text: str) -> None:
-        line = text.encode("ascii")
+    @property
+    def policy(self) -> AuditPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: AuditPolicy) -> None:
+        """A new policy (a reload): which types it wants is asked again."""
+        self._policy = policy
+        self._wanted: dict[str, bool] = {}
+
+    def _append(self, seq: int, when: float, type: str, digest: str, line: bytes) -> None:
         offset = self._size
         try:
             written = 0
@@ -576,7 +614,7 @@ class AuditLog:
                 or time.monotonic() - self._last_sync >= self._fsync_interval):
             self._sync_soon()
         if self._sink is not None:
-            self._emit(text[:-1])
+            self._emit(line[:-1].decode("ascii"))
 
     def _emit(self, line: str) -> None:
         """Copies a line to the extra sink; a failing sink never fails the record."""

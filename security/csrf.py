@@ -19,6 +19,7 @@ from pathlib import Path
 
 from security.engine import Auditor
 from security.identity import IdentityStats, audit_verification
+from security.keyed_hmac import KeyedHmac
 
 MAX_TOKEN_LENGTH = 128
 CLOCK_SKEW = 60.0
@@ -49,16 +50,16 @@ class CsrfTokens:
         if len(key) < 16:
             raise ValueError("the CSRF key must have at least 16 bytes")
         self.key = key
-        self._keyed = hmac.new(key, digestmod="sha256")  # copied per token: no key setup
+        self._mac_of = KeyedHmac(key, "sha256").hexdigest
         self.lifetime = lifetime
         self.clock = clock
         self.stats = stats or IdentityStats()
         self.audit = audit
 
     def _mac(self, session_id: str, issued: str) -> str:
-        mac = self._keyed.copy()
-        mac.update(f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape"))
-        return mac.hexdigest()
+        """HMAC-SHA256 (hex) of the label, the session id and the issue time."""
+        return self._mac_of(
+            f"a3m-csrf\0{session_id}\0{issued}".encode("utf-8", "surrogateescape"))
 
     def issue(self, session_id: str) -> str:
         issued = format(int(self.clock()), "x")
@@ -73,10 +74,10 @@ class CsrfTokens:
             at = int(issued, 16)
         except ValueError:
             return "malformed"
-        # the MAC first, so a forged token learns nothing about its time
-        good = hmac.compare_digest(self._mac(session_id, issued).encode(),
-                                   mac.encode("utf-8", "surrogateescape"))
-        if not good:
+        # the MAC first, so a forged token learns nothing about its time; a MAC is ASCII
+        # hex, so any other text is simply wrong (compare_digest takes ASCII str only)
+        expected = self._mac(session_id, issued)
+        if not (mac.isascii() and hmac.compare_digest(expected, mac)):
             return "bad_mac"
         age = self.clock() - at
         if age > self.lifetime or age < -CLOCK_SKEW:

@@ -33,45 +33,62 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 SLACK = 1e-6
 """Seconds of tolerance in comparisons: a float near 1.7e9 has ~2.4e-7 s of precision."""
 
+_floor = math.floor
+
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """`rate` requests per `window` seconds, plus `burst` extra requests at once."""
+    """`rate` requests per `window` seconds, plus `burst` extra requests at once.
+
+    The derived values gcra() needs are computed once, here, and kept in plain slots:
+    a decision reads them, it never recomputes them.
+    """
 
     rate: float
     window: float
     burst: int = 0
+    _interval: float = field(init=False, repr=False, compare=False)
+    _capacity: int = field(init=False, repr=False, compare=False)
+    _span: float = field(init=False, repr=False, compare=False)
+    """capacity * interval: how far ahead of now a full bucket's TAT lies."""
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.window > 0):
             raise ValueError(f"rate and window must be positive, got {self.rate}/{self.window}s")
         if self.burst < 0:
             raise ValueError(f"burst must be >= 0, got {self.burst}")
+        interval = self.window / self.rate
+        capacity = 1 + self.burst
+        object.__setattr__(self, "_interval", interval)
+        object.__setattr__(self, "_capacity", capacity)
+        object.__setattr__(self, "_span", capacity * interval)
 
     @property
     def emission_interval(self) -> float:
         """Seconds between two requests at the steady rate."""
-        return self.window / self.rate
+        return self._interval
 
     @property
     def tolerance(self) -> float:
         """How far ahead of `now` the TAT may run and still allow a request."""
-        return self.burst * self.emission_interval
+        return self.burst * self._interval
 
     @property
     def capacity(self) -> int:
         """Requests an idle key may send at once: ``1 + burst``."""
-        return 1 + self.burst
+        return self._capacity
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One decision; enough to answer the client and fill the RateLimit headers."""
+class Result(NamedTuple):
+    """One decision; enough to answer the client and fill the RateLimit headers.
+
+    An immutable record (a named tuple: built once per request, it must be cheap)."""
 
     allowed: bool
     remaining: int
@@ -82,6 +99,9 @@ class Result:
     """Seconds until the bucket is full again (all `limit` requests available)."""
     limit: int
     """The bucket's capacity, ``1 + burst``."""
+
+
+_result = tuple.__new__  # Result's own constructor, without the keyword-argument layer
 
 
 def gcra(tat: float | None, now: float, limit: Limit, cost: int = 1) -> tuple[Result, float | None]:
@@ -104,18 +124,28 @@ def gcra(tat: float | None, now: float, limit: Limit, cost: int = 1) -> tuple[Re
         else:                       allow;  new_tat = min(new_tat, now + capacity * T)
                                     remaining = floor((now - allow_at + SLACK) / T)
                                     reset_after = new_tat - now; store new_tat
+
+    (max and min are written out as comparisons below, with the ties and NaNs resolved
+    as the builtins resolve them.)
     """
-    if cost < 0 or cost > limit.capacity:
-        raise ValueError(f"cost must be between 0 and the capacity {limit.capacity}, got {cost}")
-    interval = limit.emission_interval
-    base = now if tat is None else max(tat, now)
+    capacity = limit._capacity
+    if cost < 0 or cost > capacity:
+        raise ValueError(f"cost must be between 0 and the capacity {capacity}, got {cost}")
+    interval = limit._interval
+    base = now if tat is None or now > tat else tat  # max(tat, now)
     new_tat = base + cost * interval
-    allow_at = new_tat - limit.capacity * interval
+    allow_at = new_tat - limit._span
     if now < allow_at - SLACK:
-        return Result(False, 0, allow_at - now, base - now, limit.capacity), None
-    new_tat = min(new_tat, now + limit.capacity * interval)
-    remaining = min(limit.capacity - cost, max(0, math.floor((now - allow_at + SLACK) / interval)))
-    return Result(True, remaining, 0.0, new_tat - now, limit.capacity), new_tat
+        return _result(Result, (False, 0, allow_at - now, base - now, capacity)), None
+    full = now + limit._span
+    if full < new_tat:  # min(new_tat, full)
+        new_tat = full
+    remaining = _floor((now - allow_at + SLACK) / interval)
+    if remaining < 0:
+        remaining = 0
+    if remaining > capacity - cost:
+        remaining = capacity - cost
+    return _result(Result, (True, remaining, 0.0, new_tat - now, capacity)), new_tat
 
 
 class RateLimiter:
@@ -141,16 +171,18 @@ class RateLimiter:
         Any hit, refused ones included, makes the key the most recently used:
         a key that keeps being refused is the last one worth forgetting.
         """
-        now = time.time() if now is None else now
+        if now is None:
+            now = time.time()
         slot = (klass, key)
-        tat = self._tats.get(slot)
+        tats = self._tats
+        tat = tats.get(slot)
         if tat is not None:
-            self._tats.move_to_end(slot)
+            tats.move_to_end(slot)
         result, new_tat = gcra(tat, now, limit, cost)
         if new_tat is not None:
-            self._tats[slot] = new_tat
-            while len(self._tats) > self.max_keys:
-                self._tats.popitem(last=False)
+            tats[slot] = new_tat
+            while len(tats) > self.max_keys:
+                tats.popitem(last=False)
         return result
 
     def peek(

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from security.attempts import parse_ip
 from security.blocklist import CidrSet, Entry, prefix_of
+from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
 from security.mfa import webauthn as wa
 from security.mfa.delivery import DeliveryError, Sender
@@ -117,7 +118,7 @@ class MfaManager:
         self.stats = MfaStats()
         self.limiter = RateLimiter()
         self.ipv6_prefix_length = ipv6_prefix_length
-        self._unsealed: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._unsealed: dict[str, tuple[dict[str, Any], KeyedHmac]] = {}
         self.configure(settings, senders or {})
 
     def configure(self, settings: MfaSettings, senders: dict[str, Sender]) -> None:
@@ -220,7 +221,7 @@ class MfaManager:
         code = totp.normalize(code)
         if not totp.well_formed(code, params.digits):
             return await self._failed(user, "totp", "invalid", self._attempt(user, code), now)
-        record, key = self._totp_record(user, raw)
+        record, key = self._totp_record(user, raw, params)
         counter = totp.step(now, params)
         offset = totp.match(key, code, counter, params, self.settings.skew_steps, record["d"])
         if offset is None:
@@ -242,11 +243,15 @@ class MfaManager:
         """A wrong code as the failure counter keeps it: a keyed hash, never the code."""
         return self.sealer.digest(code[:64], f"totp|{user}")
 
-    def _totp_record(self, user: str, raw: str) -> tuple[dict[str, Any], bytes]:
-        """The stored record, parsed, and its secret, unsealed. Both are cached by the
-        sealed text (a process holding the key can unseal anyway), so a verification
-        costs no JSON parse or AES-GCM decryption; a changed record has a new text."""
+    def _totp_record(self, user: str, raw: str, params: totp.TotpParams
+                     ) -> tuple[dict[str, Any], KeyedHmac]:
+        """The stored record, parsed, and its secret, unsealed and keyed for HMAC. Both are
+        cached by the sealed text (a process holding the key can unseal anyway), so a
+        verification costs no JSON parse, AES-GCM decryption or HMAC key setup; a changed
+        record has a new text, a changed algorithm (a reload) keys the secret again."""
         cached = self._unsealed.get(raw)
+        if cached is not None and cached[1].name != totp.keyed_name(params):
+            cached = None
         if cached is None:
             record = json.loads(raw)
             try:
@@ -256,7 +261,7 @@ class MfaManager:
                           extra={"problem": str(exc)})
                 raise MfaError("sealed_secret", "the stored TOTP secret cannot be decrypted "
                                                 "with the configured key") from None
-            cached = self._unsealed[raw] = (record, key)
+            cached = self._unsealed[raw] = (record, totp.keyed(key, params))
             if len(self._unsealed) > UNSEALED_CACHE:
                 del self._unsealed[next(iter(self._unsealed))]
         return dict(cached[0]), cached[1]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import pyotp
 import segno
 
+from security.keyed_hmac import KeyedHmac
+
 MIN_SECRET_BYTES = 20  # 160 bits, RFC 4226's recommendation
 _DIGESTS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 
@@ -61,23 +63,47 @@ def step(now: float, params: TotpParams) -> int:
 
 def code_at(key: bytes, counter: int, params: TotpParams) -> str:
     """RFC 4226 HOTP value for counter: dynamic truncation of the HMAC."""
-    mac = hmac.digest(key, counter.to_bytes(8, "big"), _DIGESTS[params.algorithm])
+    return _truncated(hmac.digest(key, counter.to_bytes(8, "big"), _DIGESTS[params.algorithm]),
+                      params.digits)
+
+
+def _truncated(mac: bytes, digits: int) -> str:
     offset = mac[-1] & 0x0F
     value = int.from_bytes(mac[offset:offset + 4], "big") & 0x7FFFFFFF
-    return str(value % 10 ** params.digits).zfill(params.digits)
+    return str(value % 10 ** digits).zfill(digits)
 
 
-def match(key: bytes, code: str, counter: int, params: TotpParams, skew: int,
+def keyed(key: bytes, params: TotpParams) -> KeyedHmac:
+    """The secret with its HMAC key set up once, for match() to reuse across calls."""
+    return KeyedHmac(key, keyed_name(params))
+
+
+def keyed_name(params: TotpParams) -> str:
+    """The hashlib name of the HMAC the codes use (KeyedHmac.name of a keyed secret)."""
+    return _DIGESTS[params.algorithm]
+
+
+def match(key: bytes | KeyedHmac, code: str, counter: int, params: TotpParams, skew: int,
           drift: int = 0) -> int | None:
     """The offset (-skew..skew) from counter at which code is valid, or None.
 
     The user's last observed drift is tried first (the likely match), then the rest of
-    the window; the window itself never widens beyond skew steps.
+    the window; the window itself never widens beyond skew steps. `key` is the secret,
+    or keyed(secret, params) made once for it (the same codes, cheaper).
     """
+    if isinstance(key, KeyedHmac):
+        if key.name != _DIGESTS[params.algorithm]:
+            raise ValueError(f"the secret was keyed for {key.name}, not {params.algorithm}")
+        mac = key
+    else:
+        mac = keyed(key, params)
     expected = code.encode("ascii")
+    digits = params.digits
     for offset in _search_order(skew, drift):
-        if counter + offset >= 0 and hmac.compare_digest(
-                code_at(key, counter + offset, params).encode("ascii"), expected):
+        at = counter + offset
+        if at >= 0 and hmac.compare_digest(
+                _truncated(mac.digest(at.to_bytes(8, "big")), digits).encode("ascii"),
+                expected):
             return offset
     return None
 

@@ -1,11 +1,21 @@
 """The embedded default store: the memory store, persisted to SQLite in the state dir.
 
-Locks, bans and offence counts are written through before the call returns (they
-are rare, and a restart must never forget them); failure counters are written
+Locks, bans, offence counts and records are written through before the call returns
+(they are rare, and a restart must never forget them); failure counters are written
 behind, every flush_interval, so no login decision waits for a disk write. All
 SQLite work runs on one worker thread, in order. With WAL and synchronous=NORMAL a
 killed process loses nothing that was written; a power cut can lose the last
 flush interval of failure counters.
+
+MFA state (the accepted TOTP step above all, which replay protection hangs on) is
+written to an append-only journal before the call returns, and to SQLite behind,
+every flush_interval: one `write()` of one line per change, on the caller's thread,
+instead of a hop to the worker thread and a commit (~5 µs against ~130 µs of CPU).
+Once the call returns, the line is in the OS page cache, so a SIGKILL or crash of
+the process loses nothing: the next open replays the journal over the table. That is
+the durability of a WAL commit with synchronous=NORMAL (no fsync either), so a power
+cut can lose the last flush interval here too. Each flush starts a new journal file
+(`<db>.mfa-journal.<n>`) and removes the older ones once their changes are committed.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +55,8 @@ MAX_FAILURE_AGE = 7 * 86400
 
 # Keys snapshotted per slice of a flush before the event loop gets a turn.
 FLUSH_SLICE = 1000
+JOURNAL = ".mfa-journal."  # <db name><JOURNAL><generation>
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # one line of ASCII JSON
 
 
 class SqliteStore(MemoryStore):
@@ -57,6 +70,11 @@ class SqliteStore(MemoryStore):
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._flusher: asyncio.Task[None] | None = None
         self._moved: set[tuple[str, str]] = set()  # records whose expiry moved since a flush
+        self._mfa_dirty: set[tuple[str, str]] = set()  # (user, field) journaled, not in SQLite
+        self._journal_fd = -1
+        self._journal_gen = 0
+        self._journal_size = 0
+        self._mfa_flush = asyncio.Lock()  # one journal rotation and commit at a time
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -85,6 +103,7 @@ class SqliteStore(MemoryStore):
             self._offences[key] = (count, expires)
         for user, field, value in db.execute("SELECT user, field, value FROM mfa"):
             self._mfa.setdefault(user, {})[field] = value
+        self._open_journal(self._replay_journals())
         db.execute("DELETE FROM records WHERE expires IS NOT NULL AND expires <= ?", (now,))
         for kind, key, group, expires, data in db.execute(
                 "SELECT kind, key, grp, expires, data FROM records"):
@@ -111,6 +130,9 @@ class SqliteStore(MemoryStore):
             await self.flush()
             await self._run(self._db.close)
             self._db = None
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+            self._journal_fd = -1
         self._worker.shutdown(wait=True)
 
     # --- write-behind of failure counters
@@ -124,12 +146,14 @@ class SqliteStore(MemoryStore):
                 log.exception("flushing failure counters to SQLite failed; will retry")
 
     async def flush(self) -> None:
-        """Writes the failure keys and record expiries changed since the last flush.
+        """Writes the MFA changes, failure keys and record expiries since the last flush.
 
         The failure snapshot is taken on the event loop (the failure table is its alone) in
         slices of FLUSH_SLICE keys with a yield between them, so a large flush never stops
         the loop for long; a key changed after its slice is dirty again for the next flush.
         """
+        if self._mfa_dirty:
+            await self._flush_mfa()
         if self._moved:
             moved, self._moved = self._moved, set()
             moves = [(rec.expires, kind, key) for kind, key in moved
@@ -225,13 +249,109 @@ class SqliteStore(MemoryStore):
         await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
         return ban
 
-    # --- MFA state: the memory store's answer, written through before returning
+    # --- MFA state: the memory store's answer, journaled before returning
 
-    async def _write_mfa(self, user: str, fields: list[str]) -> None:
+    def _journal_path(self, gen: int) -> Path:
+        return self.path.with_name(f"{self.path.name}{JOURNAL}{gen}")
+
+    def _journals(self) -> list[tuple[int, Path]]:
+        """The journal files on disk, oldest generation first."""
+        found = []
+        for path in self.path.parent.glob(f"{self.path.name}{JOURNAL}*"):
+            gen = path.name.rpartition(".")[2]
+            if gen.isdigit():
+                found.append((int(gen), path))
+        return sorted(found)
+
+    def _replay_journals(self) -> int:
+        """Applies the journals, in order, over the table just loaded; returns the
+        generation the next journal takes.
+
+        A line is one change, whole or not at all: a last line without its newline (cut
+        by a crash) or one that does not parse is skipped. The replayed fields are dirty,
+        so the next flush commits them and removes these files.
+        """
+        journals = self._journals()
+        for _, path in journals:
+            with path.open("rb") as fh:
+                for raw in fh:
+                    change = _journal_change(raw)
+                    if change is None:
+                        log.warning("skipping an unreadable MFA journal line",
+                                    extra={"journal": str(path)})
+                        continue
+                    user, values = change
+                    fields = self._mfa.setdefault(user, {})
+                    for field, value in values:
+                        if value is None:
+                            fields.pop(field, None)
+                        else:
+                            fields[field] = value
+                        self._mfa_dirty.add((user, field))
+                    if not fields:
+                        del self._mfa[user]
+        return journals[-1][0] + 1 if journals else 1
+
+    def _open_journal(self, gen: int) -> None:
+        fd = os.open(self._journal_path(gen), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd, self._journal_gen = fd, gen
+        self._journal_size = os.fstat(fd).st_size
+
+    def _journal(self, user: str, fields: list[str]) -> None:
+        """Journals the fields' current values (None: removed) as one line, on this thread.
+
+        One write() of a whole line: once it returns the change survives a crash of this
+        process. A write cut short (disk full) is cut off again and raises, so the journal
+        never holds half a line before a whole one.
+        """
+        assert self._journal_fd >= 0, "the store is not open"
         current = self._mfa.get(user, {})
-        rows = [(user, f, current[f]) for f in fields if f in current]
-        gone = [(user, f) for f in fields if f not in current]
-        await self._run(self._write_mfa_rows, rows, gone)
+        line = (_compact([user, [[f, current.get(f)] for f in fields]]) + "\n").encode("ascii")
+        written = 0
+        try:
+            while written < len(line):
+                written += os.write(self._journal_fd, line[written:])
+        except OSError:
+            os.truncate(self._journal_path(self._journal_gen), self._journal_size)
+            raise
+        self._journal_size += written
+        for field in fields:
+            self._mfa_dirty.add((user, field))
+
+    async def _flush_mfa(self) -> None:
+        """Commits the journaled fields to SQLite and removes the journals that held them.
+
+        It first switches to a new journal: changes from then on go there and stay until
+        the next flush; then it snapshots the fields (in slices, like the failure keys).
+        """
+        async with self._mfa_flush:
+            dirty, self._mfa_dirty = self._mfa_dirty, set()
+            if not dirty:
+                return
+            done = self._journal_gen
+            self._open_journal(done + 1)
+            rows: list[tuple[str, str, str]] = []
+            gone: list[tuple[str, str]] = []
+            try:
+                # a value changed during a yield is newer than the switch: also fine, the
+                # new journal holds that change too
+                for i, (user, field) in enumerate(dirty, start=1):
+                    value = self._mfa.get(user, {}).get(field)
+                    if value is None:
+                        gone.append((user, field))
+                    else:
+                        rows.append((user, field, value))
+                    if i % FLUSH_SLICE == 0:
+                        await asyncio.sleep(0)
+                await self._run(self._write_mfa_rows, rows, gone)
+            except BaseException:  # the journals stay; the fields go in the next flush
+                self._mfa_dirty |= dirty
+                raise
+            for gen, path in self._journals():
+                if gen <= done:
+                    path.unlink(missing_ok=True)
 
     def _write_mfa_rows(self, rows: list[tuple[str, str, str]],
                         gone: list[tuple[str, str]]) -> None:
@@ -244,30 +364,30 @@ class SqliteStore(MemoryStore):
 
     async def mfa_put(self, user: str, field: str, value: str) -> None:
         await super().mfa_put(user, field, value)
-        await self._write_mfa(user, [field])
+        self._journal(user, [field])
 
     async def mfa_pop(self, user: str, field: str) -> str | None:
         value = await super().mfa_pop(user, field)
         if value is not None:
-            await self._write_mfa(user, [field])
+            self._journal(user, [field])
         return value
 
     async def mfa_incr(self, user: str, field: str) -> int:
         value = await super().mfa_incr(user, field)
-        await self._write_mfa(user, [field])
+        self._journal(user, [field])
         return value
 
     async def mfa_advance(self, user: str, field: str, value: int) -> bool:
         advanced = await super().mfa_advance(user, field, value)
         if advanced:
-            await self._write_mfa(user, [field])
+            self._journal(user, [field])
         return advanced
 
     async def mfa_delete(self, user: str, prefix: str = "") -> int:
         names = [f for f in self._mfa.get(user, {}) if f.startswith(prefix)]
         count = await super().mfa_delete(user, prefix)
         if names:
-            await self._write_mfa(user, names)
+            self._journal(user, names)
         return count
     # --- records: written through, except expiry moves (written behind)
 
@@ -293,3 +413,19 @@ class SqliteStore(MemoryStore):
         gone = super().expire_records(now)
         self._moved -= {(rec.kind, rec.key) for rec in gone}
         return gone
+
+
+def _journal_change(raw: bytes) -> tuple[str, list[tuple[str, str | None]]] | None:
+    """(user, [(field, value or None), ...]) of a journal line, or None if it is no whole,
+    well-formed line."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        user, values = json.loads(raw)
+        changes = [(field, value) for field, value in values]
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(user, str) or not all(
+            isinstance(f, str) and (v is None or isinstance(v, str)) for f, v in changes):
+        return None
+    return user, changes

@@ -52,10 +52,22 @@ async def test_records_carry_a_ttl(store):
 async def test_two_replicas_share_api_keys_and_revocation_is_seen_at_once(replicas):
     a, b = ApiKeys(replicas[0]), ApiKeys(replicas[1])
     key, token = await a.create("shared", ["security:read"])
-    assert (await b.authenticate(token)).ok  # created through A, used through B
+    for _ in range(3):  # created through A, used through B (and whatever B keeps, kept)
+        assert (await b.authenticate(token)).ok
     await a.revoke(key.id)
-    assert (await b.authenticate(token)).reason == "revoked"
+    assert (await b.authenticate(token)).reason == "revoked"  # the very next check
     assert [k.state(time.time()) for k in await b.list()] == ["revoked"]
+
+
+async def test_a_key_rotated_on_one_replica_is_refused_on_the_other_at_once(replicas):
+    a, b = ApiKeys(replicas[0]), ApiKeys(replicas[1])
+    key, token = await a.create("rotating", ["metrics:write"])
+    assert (await b.authenticate(token)).ok and (await a.authenticate(token)).ok
+    new, new_token, _ = await a.rotate(key.id)  # no grace: the old key ends now
+    assert (await b.authenticate(token)).reason == "revoked"
+    assert (await b.authenticate(new_token)).allows("metrics:write")
+    await b.revoke(new.id)  # and the other way round
+    assert (await a.authenticate(new_token)).reason == "revoked"
 
 
 async def test_two_replicas_share_sessions(replicas):

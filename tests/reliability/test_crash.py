@@ -129,12 +129,21 @@ class Identity:
         r = httpx.post(url + "/api/v1/mfa/totp/enroll", headers=ADMIN, json={"user": "dana"},
                        timeout=10)
         assert r.status_code == 200, r.text
-        self.code = pyotp.TOTP(r.json()["secret"]).now()
+        self.totp = pyotp.TOTP(r.json()["secret"])
+        self.code = self.totp.now()
+        self.last_code = ""
         assert self.verify(url)["valid"] is True
 
-    def verify(self, url: str) -> dict[str, Any]:
+    def verify(self, url: str, code: str | None = None) -> dict[str, Any]:
         return httpx.post(url + "/api/v1/mfa/totp/verify", headers=ADMIN, timeout=10,
-                          json={"user": "dana", "code": self.code}).json()
+                          json={"user": "dana", "code": code or self.code}).json()
+
+    def accept_last(self, url: str) -> None:
+        """Just before the kill: a code of the next time step (inside the one-step skew) is
+        accepted, so its step is most likely in the MFA journal only, not yet committed to
+        SQLite by a flush."""
+        self.last_code = self.totp.at(time.time() + self.totp.interval)
+        assert self.verify(url, self.last_code)["valid"] is True
 
     def intact(self, url: str) -> dict[str, bool]:
         key = httpx.get(url + "/api/v1/security/lockouts", timeout=10,
@@ -142,9 +151,14 @@ class Identity:
         session = httpx.get(f"{url}/api/v1/sessions/{self.session}", headers=ADMIN,
                             timeout=10).status_code == 200
         replay = self.verify(url)
-        return {"api_key": key, "session": session,
+        kept = {"api_key": key, "session": session,
                 "totp_replay_refused": replay["valid"] is False
                 and replay.get("reason") == "replayed"}
+        if self.last_code:
+            late = self.verify(url, self.last_code)
+            kept["totp_last_replay_refused"] = (late["valid"] is False
+                                                and late.get("reason") == "replayed")
+        return kept
 
 
 def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_file, record):
@@ -158,6 +172,7 @@ def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_f
     identity = Identity(proc.url)
     load = Load(proc.url).start()
     run_until(load, lambda: len(load.locked) >= 3 and len(load.banned) >= 1, LOAD_SECONDS)
+    identity.accept_last(proc.url)
     kill(proc)  # mid-load: requests are in flight
     load.finish()
     promised_locks, promised_bans = set(load.locked), set(load.banned) | {"192.0.2.0/24"}

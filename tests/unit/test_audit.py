@@ -539,6 +539,32 @@ def test_the_written_line_is_the_canonical_json_of_the_returned_record(actor, su
     assert rec["details"] == json.loads(json.dumps(details, default=str))
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False,
+                                                                       allow_infinity=False),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=4), children, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_canonical_text_is_exactly_json_dumps(value):
+    """The hash chain hangs on these bytes: the encoder built once writes what
+    json.dumps(sort_keys, compact separators, allow_nan=False) writes, for any value."""
+    from security.audit import _canonical
+
+    assert _canonical(value) == json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                           allow_nan=False)
+
+
+def test_canonical_text_refuses_non_finite_floats_and_non_json_values():
+    from security.audit import _canonical
+
+    for bad in ({"a": [float("nan")]}, float("inf"), {"k": {1, 2}}):
+        with pytest.raises((ValueError, TypeError)):
+            _canonical(bad)
+
+
 def test_a_non_finite_time_or_detail_is_refused_and_nothing_is_written(tmp_path):
     clock = Clock(float("nan"))
     with open_log(tmp_path, clock) as log:

@@ -4,6 +4,7 @@ and SQLite stores with a fake clock (Redis: tests/integration/test_redis_identit
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import stat
 
@@ -140,6 +141,33 @@ async def test_per_key_rate_limit(store):
     assert (await keys.authenticate(other)).ok  # its own budget
     clock.now += 1.0  # one request per second
     assert (await keys.authenticate(token)).ok
+
+
+async def test_a_key_changed_by_another_instance_is_judged_by_the_new_record(store):
+    """What a check derives from a record is kept per record object: a revoke or rotation
+    through another ApiKeys on the same store (another service of this process) counts at
+    the very next check, however often the key was checked before."""
+    clock = Clock()
+    a, b = ApiKeys(store, clock=clock), ApiKeys(store, clock=clock)
+    key, token = await a.create("shared", ["security:read"])
+    for _ in range(3):
+        assert (await b.authenticate(token)).ok
+    new, new_token, _ = await a.rotate(key.id)
+    assert (await b.authenticate(token)).reason == "revoked"
+    assert (await b.authenticate(new_token)).scopes == frozenset({"security:read"})
+    await a.revoke(new.id)
+    assert (await b.authenticate(new_token)).reason == "revoked"
+
+
+async def test_a_reload_applies_the_new_burst_to_known_keys(store):
+    clock = Clock()
+    keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=0), clock=clock)
+    _, token = await keys.create("busy", ["admin"], rate_limit_per_minute=60)
+    assert [(await keys.authenticate(token)).reason for _ in range(2)] == ["ok", "rate_limited"]
+    keys.settings = ApiKeySettings(rate_limit_burst=3)  # what IdentityServices.configure does
+    checks = [await keys.authenticate(token) for _ in range(4)]
+    assert [c.reason for c in checks] == ["ok", "ok", "ok", "rate_limited"]
+    assert checks[0].limit.limit == 4  # the capacity the headers report
 
 
 async def test_last_used_is_written_behind_with_one_audit_record(store, audit):
@@ -298,6 +326,21 @@ def test_csrf_tokens_are_bound_to_the_session_and_expire():
     assert CsrfTokens(b"other-key" * 4, clock=clock).verify("session-a", token) == "bad_mac"
     clock.now += 3601
     assert csrf.verify("session-a", token) == "expired"
+
+
+@pytest.mark.parametrize("length", [16, 32, 63, 64, 65, 200])
+def test_csrf_mac_is_hmac_sha256_for_keys_of_any_length(length):
+    """The MAC with precomputed pads is exactly hmac.new(key, msg, sha256), also for keys
+    longer than SHA-256's 64-byte block (hashed first) and shorter ones (zero-padded)."""
+    clock = Clock()
+    key = os.urandom(length)
+    csrf = CsrfTokens(key, clock=clock)
+    token = csrf.issue("ünï-session\udcff")  # surrogateescape'd bytes are MACed as bytes
+    issued, mac = token.split(".")
+    message = f"a3m-csrf\0ünï-session\udcff\0{issued}".encode("utf-8", "surrogateescape")
+    assert mac == hmac.new(key, message, "sha256").hexdigest()
+    assert csrf.verify("ünï-session\udcff", token) == "ok"
+    assert csrf.verify("ünï-session\udcff", f"{issued}.{mac[:-1]}é") == "bad_mac"  # not ASCII
 
 
 def test_csrf_key_is_generated_once_with_mode_0600(tmp_path):

@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 from security.store import Store
 from security.store.sqlite import SqliteStore
@@ -102,3 +107,151 @@ async def test_sqlite_keeps_mfa_state_across_a_restart(sqlite_stores):
                                                 "totp_step": "500", "tries": "1"}
     assert await second.mfa_advance("alice", "totp_step", 500) is False
     assert await second.mfa_users() == ["alice"]
+
+
+# --- SQLite: MFA changes are journaled before the call returns, committed behind
+
+
+def journal_files(store: SqliteStore) -> list[str]:
+    return [path.name for _, path in store._journals()]
+
+
+async def test_sqlite_mfa_changes_survive_a_kill_before_any_flush(sqlite_stores):
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    await first.mfa_put("alice", "totp", "sealed")
+    assert await first.mfa_advance("alice", "totp_step", 500)
+    await first.mfa_put("alice", "rc:1", "1")
+    assert await first.mfa_pop("alice", "rc:1") == "1"
+    assert await first.mfa_incr("alice", "tries") == 1
+    await first.mfa_put("bob", "x", "1")
+    assert await first.mfa_delete("bob") == 1
+    assert journal_files(first) == ["security.db.mfa-journal.1"]
+    second = await sqlite_stores()  # the first never closed nor flushed: as after SIGKILL
+    assert await second.mfa_fields("alice") == {"totp": "sealed", "totp_step": "500",
+                                                "tries": "1"}
+    assert await second.mfa_users() == ["alice"]
+    assert await second.mfa_advance("alice", "totp_step", 500) is False  # no replay
+
+
+async def test_sqlite_flush_commits_the_journal_and_removes_it(sqlite_stores):
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    assert await first.mfa_advance("alice", "totp_step", 7)
+    await first.flush()
+    assert journal_files(first) == ["security.db.mfa-journal.2"]  # the next one, empty
+    assert (first.path.parent / "security.db.mfa-journal.2").stat().st_size == 0
+    assert await first.mfa_advance("alice", "totp_step", 8)  # only in journal 2
+    rows = await first._run(lambda: first._db.execute(
+        "SELECT value FROM mfa WHERE user = 'alice' AND field = 'totp_step'").fetchall())
+    assert rows == [("7",)]  # the table has what the flush committed
+    second = await sqlite_stores()
+    assert await second.mfa_get("alice", "totp_step") == "8"
+    await second.flush()
+    assert journal_files(second) == ["security.db.mfa-journal.4"]
+
+
+async def test_sqlite_journal_skips_a_torn_or_unreadable_line(sqlite_stores):
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    assert await first.mfa_advance("alice", "totp_step", 5)
+    path = first._journal_path(first._journal_gen)
+    with path.open("ab") as fh:
+        fh.write(b'["mallory",[["x",7]]]\n{not json\n["alice",[["totp_step","9"')  # no \n
+    second = await sqlite_stores()
+    assert await second.mfa_fields("alice") == {"totp_step": "5"}
+    assert await second.mfa_users() == ["alice"]
+
+
+async def test_sqlite_a_failed_flush_keeps_the_journal(sqlite_stores, monkeypatch):
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    assert await first.mfa_advance("alice", "totp_step", 5)
+
+    def broken(*_):
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(first, "_write_mfa_rows", broken)
+    try:
+        await first.flush()
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the flush should have failed")
+    assert journal_files(first) == ["security.db.mfa-journal.1", "security.db.mfa-journal.2"]
+    assert await first.mfa_advance("alice", "totp_step", 6)  # into journal 2
+    second = await sqlite_stores()
+    assert await second.mfa_get("alice", "totp_step") == "6"
+    monkeypatch.undo()
+    await first.flush()  # works again: both journals' changes committed, both removed
+    assert journal_files(first) == ["security.db.mfa-journal.3"]
+
+
+def restart_view(path: Path) -> dict[str, dict[str, str]]:
+    """The MFA state a store opened on the files right now would hold, read without
+    touching them: the table (a consistent WAL snapshot, whatever the worker thread is
+    committing meanwhile), then the journals replayed over it."""
+    view = SqliteStore(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for user, field, value in db.execute("SELECT user, field, value FROM mfa"):
+            view._mfa.setdefault(user, {})[field] = value
+    view._replay_journals()
+    return view._mfa
+
+
+async def test_sqlite_journal_and_flushes_interleaved_lose_nothing(sqlite_stores):
+    """Changes racing flushes (each flush yields to the loop while it commits): after
+    every change, a restart at that moment would find exactly what the writer holds."""
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    mismatches = []
+
+    async def writer(n: int) -> None:
+        for i in range(80):
+            await first.mfa_put(f"u{i % 5}", f"f{n}", str(i))
+            if i % 3 == 0:
+                await first.mfa_pop(f"u{(i + 1) % 5}", f"f{n}")
+            if restart_view(first.path) != first._mfa:
+                mismatches.append((n, i))
+            await asyncio.sleep(0)
+
+    async def flusher() -> None:
+        for _ in range(40):
+            await first.flush()
+            await asyncio.sleep(0)
+
+    await asyncio.gather(writer(1), writer(2), flusher(), flusher())
+    assert not mismatches
+    assert len(journal_files(first)) <= 2
+    second = await sqlite_stores()
+    assert {user: await second.mfa_fields(user) for user in await second.mfa_users()} == (
+        first._mfa)
+
+
+def test_sqlite_accepted_step_survives_sigkill(tmp_path):
+    """A real process advances the TOTP step (flush an hour away), says so and is killed:
+    the step it accepted is refused after the restart."""
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from security.store.sqlite import SqliteStore\n"
+        "async def main():\n"
+        "    store = SqliteStore(sys.argv[1], flush_interval=3600)\n"
+        "    await store.open()\n"
+        "    assert await store.mfa_advance('alice', 'totp_step', 500)\n"
+        "    await store.mfa_put('alice', 'totp', 'sealed')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    path = tmp_path / "security.db"
+    proc = subprocess.run([sys.executable, "-c", script, str(path)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+
+    async def after() -> tuple[bool, bool, dict[str, str]]:
+        store = SqliteStore(path, flush_interval=3600)
+        await store.open()
+        try:
+            return (await store.mfa_advance("alice", "totp_step", 500),
+                    await store.mfa_advance("alice", "totp_step", 501),
+                    await store.mfa_fields("alice"))
+        finally:
+            await store.close()
+
+    replayed, next_step, fields = asyncio.run(after())
+    assert (replayed, next_step) == (False, True)
+    assert fields == {"totp_step": "501", "totp": "sealed"}

@@ -4,6 +4,7 @@ stores, a fake clock), checked against pyotp and the RFC 6238 test vectors."""
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import stat
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyotp
 import pytest
 
 from security.audit import AuditLog, AuditPolicy
+from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
 from security.mfa.manager import LoginContext, MfaError, MfaManager
 from security.mfa.sealing import Sealer, SealError, load_or_create_key
@@ -84,6 +86,37 @@ def test_code_at_matches_pyotp_and_the_rfc_6238_vectors():
     for t in (0, 59, T0, T0 + 12345):
         assert totp.code_at(key, totp.step(t, TotpParams()), TotpParams()) == pyotp.TOTP(
             totp.base32(key)).at(t)
+
+
+def test_keyed_secrets_give_the_rfc_6238_codes_for_every_algorithm():
+    """match() on a secret keyed once (the manager's cache) finds the RFC 6238 appendix B
+    codes for SHA1, SHA256 and SHA512, exactly where the one-shot code_at() puts them."""
+    seeds = {"SHA1": b"12345678901234567890", "SHA256": b"12345678901234567890123456789012",
+             "SHA512": b"1234567890" * 6 + b"1234"}
+    vectors = {"SHA1": {59: "94287082", 1111111109: "07081804", 2000000000: "69279037"},
+               "SHA256": {59: "46119246", 1111111109: "68084774", 2000000000: "90698825"},
+               "SHA512": {59: "90693936", 1111111109: "25091201", 2000000000: "38618901"}}
+    for algorithm, seed in seeds.items():
+        params = TotpParams(digits=8, period=30, algorithm=algorithm)
+        mac = totp.keyed(seed, params)
+        for t, expected in vectors[algorithm].items():
+            counter = totp.step(t, params)
+            assert totp.code_at(seed, counter, params) == expected
+            assert totp.match(mac, expected, counter, params, 0) == 0
+            assert totp.match(mac, expected, counter + 1, params, 1) == -1
+        with pytest.raises(ValueError):  # keyed for one algorithm, asked for another
+            totp.match(mac, "12345678", 1, TotpParams(digits=8, algorithm="SHA1" if (
+                algorithm != "SHA1") else "SHA256"), 1)
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha256", "sha512"])
+@pytest.mark.parametrize("length", [0, 16, 20, 63, 64, 65, 128, 129, 300])
+def test_keyed_hmac_is_hmac_for_keys_of_any_length(name, length):
+    key = bytes((i * 7 + length) % 256 for i in range(length))
+    mac = KeyedHmac(key, name)
+    for message in (b"", b"x", bytes(range(256)) * 3):
+        assert mac.digest(message) == hmac.new(key, message, name).digest()
+        assert mac.hexdigest(message) == hmac.new(key, message, name).hexdigest()
 
 
 def test_secrets_are_at_least_160_bits_and_the_uri_is_otpauth():
@@ -192,6 +225,22 @@ async def test_one_step_of_skew_and_drift_is_tracked(make_manager, clock):
     clock.now += 90
     for far in (clock.now - 60, clock.now + 60):
         assert (await manager.verify_totp("bob", code_for(secret, far))).reason == "invalid"
+
+
+async def test_a_reload_with_another_algorithm_keys_the_cached_secret_again(make_manager,
+                                                                             clock):
+    manager = await make_manager()
+    secret = (await manager.enroll_totp("carol"))["secret"]
+    assert (await manager.verify_totp("carol", code_for(secret, clock.now))).valid  # cached
+    sha256 = TotpParams(algorithm="SHA256")
+    manager.configure(MfaSettings(totp=sha256), {})
+    clock.now += 30
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    sha1_code = totp.code_at(key, totp.step(clock.now, TotpParams()), TotpParams())
+    sha256_code = totp.code_at(key, totp.step(clock.now, sha256), sha256)
+    assert sha1_code != sha256_code
+    assert (await manager.verify_totp("carol", sha1_code)).reason == "invalid"
+    assert (await manager.verify_totp("carol", sha256_code)).valid
 
 
 async def test_malformed_codes_and_unknown_users(make_manager, clock):

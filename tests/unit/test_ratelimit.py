@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -211,3 +214,141 @@ def test_property_spacing_of_one_interval_is_always_allowed(limit, gaps, start):
         else:
             # retry_after is honest: waiting exactly that long is enough
             assert limiter.peek("c", "k", limit, now=now + result.retry_after).allowed
+
+
+# --- the fast gcra() decides exactly as the implementation it replaced
+
+
+def reference_gcra(tat, now, rate, window, burst, cost=1):
+    """gcra() as it was before the rewrite without per-call dataclass work (commit
+    6eb9d7b), with the old Limit properties spelt out: the behaviour to keep, bit for bit."""
+    interval = window / rate  # Limit.emission_interval
+    capacity = 1 + burst  # Limit.capacity
+    if cost < 0 or cost > capacity:
+        raise ValueError(cost)
+    base = now if tat is None else max(tat, now)
+    new_tat = base + cost * interval
+    allow_at = new_tat - capacity * interval
+    if now < allow_at - SLACK:
+        return (False, 0, allow_at - now, base - now, capacity), None
+    new_tat = min(new_tat, now + capacity * interval)
+    remaining = min(capacity - cost, max(0, math.floor((now - allow_at + SLACK) / interval)))
+    return (True, remaining, 0.0, new_tat - now, capacity), new_tat
+
+
+class ReferenceLimiter:
+    """RateLimiter as it was (an OrderedDict LRU of TATs) over reference_gcra."""
+
+    def __init__(self, max_keys):
+        self.max_keys, self.tats = max_keys, OrderedDict()
+
+    def hit(self, key, rate, window, burst, now, cost):
+        tat = self.tats.get(key)
+        if tat is not None:
+            self.tats.move_to_end(key)
+        result, new_tat = reference_gcra(tat, now, rate, window, burst, cost)
+        if new_tat is not None:
+            self.tats[key] = new_tat
+            while len(self.tats) > self.max_keys:
+                self.tats.popitem(last=False)
+        return result
+
+    def peek(self, key, rate, window, burst, now, cost):
+        return reference_gcra(self.tats.get(key), now, rate, window, burst, cost)[0]
+
+
+def exactly(decision):
+    """A decision compared bit for bit: repr tells 1 from 1.0 and 0.0 from -0.0."""
+    if isinstance(decision, Result):
+        decision = (decision.allowed, decision.remaining, decision.retry_after,
+                    decision.reset_after, decision.limit)
+    return tuple(f"{type(v).__name__}:{v!r}" for v in decision)
+
+
+any_limits = st.tuples(
+    st.one_of(st.integers(1, 10**6), st.floats(1e-3, 1e6)),  # rate
+    st.one_of(st.sampled_from([1, 60, 60.0, 3600.0]), st.floats(1e-3, 1e5)),  # window
+    st.one_of(st.integers(0, 2), st.integers(0, 60), st.sampled_from([1000, 10**9])),  # burst
+)
+operations = st.lists(st.tuples(
+    st.sampled_from(["hit", "hit", "hit", "peek", "reset"]),
+    st.sampled_from(["a", "b", "c"]),
+    st.one_of(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, -1.0]),  # gaps, in intervals
+              st.floats(-5, 60, allow_nan=False)),
+    st.sampled_from([0.0, 0.0, 5e-7, -5e-7, 1.5e-6, -1.5e-6, -3e-6]),  # around SLACK
+    st.one_of(st.just(1), st.integers(0, 3), st.integers(-1, 10**9 + 2))),  # cost
+    min_size=1, max_size=120)
+
+
+@settings(max_examples=400, deadline=None)
+@given(limit=any_limits, ops=operations, start=st.floats(0, 4e9, allow_nan=False),
+       max_keys=st.integers(1, 3))
+def test_property_rewritten_limiter_decides_exactly_like_the_old_one(limit, ops, start,
+                                                                       max_keys):
+    rate, window, burst = limit
+    new, old = RateLimiter(max_keys=max_keys), ReferenceLimiter(max_keys)
+    lim = Limit(rate, window, burst)
+    assert lim.emission_interval == window / rate and lim.capacity == 1 + burst
+    assert lim.tolerance == burst * (window / rate)
+    now = start
+    for op, key, gap, jitter, cost in ops:
+        now += gap * (window / rate) + jitter
+        if op == "reset":
+            new.reset("c", key)
+            old.tats.pop(key, None)
+            continue
+        try:
+            expected = getattr(old, op)(key, rate, window, burst, now, cost)
+        except ValueError:
+            with pytest.raises(ValueError):
+                getattr(new, op)("c", key, lim, now=now, cost=cost)
+            continue
+        got = getattr(new, op)("c", key, lim, now=now, cost=cost)
+        assert isinstance(got, Result) and exactly(got) == exactly(expected)
+        assert [(k[1], repr(t)) for k, t in new._tats.items()] == [
+            (k, repr(t)) for k, t in old.tats.items()]
+
+
+@settings(max_examples=400, deadline=None)
+@given(limit=any_limits, tat=st.one_of(st.none(), st.floats(0, 4e9, allow_nan=False)),
+       now=st.floats(0, 4e9, allow_nan=False), cost=st.integers(0, 70))
+def test_property_gcra_matches_the_old_one_on_any_state(limit, tat, now, cost):
+    rate, window, burst = limit
+    try:
+        expected = reference_gcra(tat, now, rate, window, burst, cost)
+    except ValueError:
+        with pytest.raises(ValueError):
+            gcra(tat, now, Limit(rate, window, burst), cost)
+        return
+    result, new_tat = gcra(tat, now, Limit(rate, window, burst), cost)
+    assert exactly(result) == exactly(expected[0]) and repr(new_tat) == repr(expected[1])
+
+
+@pytest.mark.parametrize("rate,window,burst", [(60, 60, 0), (300, 60, 10), (1000, 60.0, 50),
+                                               (7, 3.0, 2)])
+def test_slack_edges_decide_like_the_old_one(rate, window, burst):
+    """Requests a few microseconds either side of the instant a request fits: where SLACK
+    decides (the random walk above rarely lands within a microsecond of it)."""
+    interval = window / rate
+    for start in (EPOCH, 4e9 - 1000.5):
+        tat = None
+        for _ in range(burst + 1):  # empty the bucket
+            tat = reference_gcra(tat, start, rate, window, burst)[1]
+        for k in range(-12, 13):
+            now = start + interval + k * 2.5e-7
+            for cost in (0, 1):
+                expected = reference_gcra(tat, now, rate, window, burst, cost)
+                result, new_tat = gcra(tat, now, Limit(rate, window, burst), cost)
+                assert exactly(result) == exactly(expected[0]), (k, cost)
+                assert repr(new_tat) == repr(expected[1])
+
+
+def test_result_is_an_immutable_record_with_the_old_fields():
+    result = Result(allowed=True, remaining=3, retry_after=0.0, reset_after=1.5, limit=4)
+    assert (result.allowed, result.remaining, result.limit) == (True, 3, 4)
+    assert repr(result) == ("Result(allowed=True, remaining=3, retry_after=0.0, "
+                            "reset_after=1.5, limit=4)")
+    with pytest.raises(AttributeError):
+        result.allowed = False  # type: ignore[misc]
+    assert Limit(300, 60, 10) == Limit(300.0, 60.0, 10) and hash(Limit(300, 60, 10))
+    assert repr(Limit(300, 60, 10)) == "Limit(rate=300, window=60, burst=10)"
