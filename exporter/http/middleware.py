@@ -85,8 +85,9 @@ class Guard:
         method = scope["method"]
         parent = tracing.extract(scope["headers"])
         with tracing.observe("http", "other", method, SpanKind.SERVER,
-                             _request_attributes(scope) if tracing.enabled() else None,
-                             parent) as operation:
+                             parent=parent) as operation:
+            if operation.span is not None:
+                _request_attributes(operation, scope)
             try:
                 await self._guarded(scope, receive, send_wrapper)
             except BodyTooLarge:
@@ -187,17 +188,17 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
-def _request_attributes(scope: Scope) -> dict[str, Any]:
+def _request_attributes(operation: tracing.Span | tracing.Timed, scope: Scope) -> None:
     """The HTTP server span's attributes known before routing (semantic conventions)."""
     server = scope.get("server") or ("", 0)
-    return {"http.request.method": scope["method"], "url.scheme": scope.get("scheme", "http"),
-            "server.port": server[1] or 0, "network.protocol.version": scope.get(
-                "http_version", "1.1")}
+    operation.set("http.request.method", scope["method"])
+    operation.set("url.scheme", scope.get("scheme", "http"))
+    operation.set("server.port", server[1] or 0)
+    operation.set("network.protocol.version", scope.get("http_version", "1.1"))
 
 
-def _response_attributes(operation: tracing.Operation | tracing.Timed, scope: Scope,
-                         handler: str,
-                         status: int) -> None:
+def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
+                         handler: str, status: int) -> None:
     """The rest once the route answered. A path with a parameter (an account name, a
     metric name) is reported as its route template, an unrouted one (anything a client
     sent) not at all; the query string never."""
