@@ -7,8 +7,9 @@ one ResourceSpans with the resource and one ScopeSpans, the scope and the spans,
 with exactly the fields the SDK's encoder (opentelemetry-exporter-otlp-proto-common
 `encode_spans`) sets for the same span: ids, trace state, parent, name, kind, start
 and end, attributes, status and flags (SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE, and
-IS_REMOTE for a remote parent). Encoded names and string attributes are kept (a
-bounded cache), so a span costs a few struct packs and joins.
+IS_REMOTE for a remote parent). Names and attributes (key and value) are encoded
+once and kept, in a bounded cache: spans of one kind differ mostly in their ids
+and times, written with int.to_bytes.
 
 Why not the SDK's OTLPSpanExporter: its export() takes ReadableSpans and builds a
 protobuf object for every span, attribute and value, 20 to 30 times the CPU of
@@ -17,21 +18,24 @@ holds the GIL the requests need; the part of it that sends bytes is private API.
 tests/unit/test_otlp.py decodes our output with opentelemetry-proto's classes and
 compares it with encode_spans() of the same spans.
 
-The sender POSTs the bytes with httpx (the SDK's rules: 2xx is success; 429, 502,
-503, 504 and connection errors are retried with exponential backoff and jitter, or
-after Retry-After, while the export's time lasts; anything else fails at once).
+The sender POSTs the bytes over one kept-alive http.client connection, with the
+SDK exporter's rules: 2xx is success; 429, 502, 503, 504 and connection errors are
+retried with exponential backoff (1 s, 2 s, ... with 20 % jitter) or after
+Retry-After, while the export's time lasts; anything else fails at once.
 """
 
 from __future__ import annotations
 
+import http.client
 import random
+import ssl
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-import httpx
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import TraceState
 
@@ -39,26 +43,25 @@ CONTENT_TYPE = "application/x-protobuf"
 RETRYABLE = frozenset({429, 502, 503, 504})
 MAX_ATTEMPTS = 6
 JITTER = 0.2
-MAX_CACHED = 4096  # encoded names and string attributes kept
+MAX_CACHED = 4096  # encoded names, and attributes, kept
 
 # Span.SpanKind in trace.proto: the API's enum shifted by one (0 is UNSPECIFIED)
-SPAN_KINDS = {SpanKind.INTERNAL: b"\x30\x01", SpanKind.SERVER: b"\x30\x02",
-              SpanKind.CLIENT: b"\x30\x03", SpanKind.PRODUCER: b"\x30\x04",
-              SpanKind.CONSUMER: b"\x30\x05"}
+# (Span.kind, field 6), indexed by the API enum's value
+SPAN_KINDS = tuple(b"\x30" + bytes((kind.value + 1,)) for kind in sorted(SpanKind,
+                                                                        key=lambda k: k.value))
 # Span.flags (field 16, fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, | IS_REMOTE
 _LOCAL_FLAGS = b"\x85\x01" + struct.pack("<I", 0x100)
 _REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", 0x300)
 _UNSET_STATUS = b"\x7a\x00"  # Span.status, an empty Status (code UNSET), as the SDK sends it
 _ERROR_CODE = b"\x18\x02"  # Status.code = STATUS_CODE_ERROR
 
-# trace_id (1, 16 bytes), span_id (2, 8 bytes), parent_span_id (4, 8 bytes) as one pack
-_IDS = struct.Struct(">2sQQ2sQ")
-_IDS_PARENT = struct.Struct(">2sQQ2sQ2sQ")
-_TIMES = struct.Struct("<sQsQ")  # start_time_unix_nano (7), end_time_unix_nano (8)
-_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"
-_START, _END = b"\x39", b"\x41"
-_LOW_64 = (1 << 64) - 1
+_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"  # fields 1, 2, 4
+_START, _END = b"\x39", b"\x41"  # fixed64 fields 7 and 8
+_FIXED = 2 + 16 + 2 + 8 + 1 + 8 + 1 + 8  # the bytes of the ids and times
+_FIXED_WITH_PARENT = _FIXED + 2 + 8
+_UNSET_LOCAL, _UNSET_REMOTE = _UNSET_STATUS + _LOCAL_FLAGS, _UNSET_STATUS + _REMOTE_FLAGS
 _DOUBLE = struct.Struct("<d")
+_EMPTY: dict[Any, bytes] = {}
 
 
 class SpanRecord(Protocol):
@@ -148,108 +151,152 @@ class Encoder:
         self._resource = _field(b"\x0a", attributes)  # ResourceSpans.resource
         scope = _field(b"\x0a", scope_name.encode()) + _field(b"\x12", scope_version.encode())
         self._scope = _field(b"\x0a", scope)  # ScopeSpans.scope
-        self._names: dict[str, bytes] = {}
-        self._strings: dict[tuple[str, str], bytes] = {}
+        self._heads: dict[str, tuple[SpanKind, bytes]] = {}  # name -> kind, name and kind
+        # encoded Span.attributes entries: value type -> key -> value -> bytes (by type,
+        # as True == 1 == 1.0 but they encode differently)
+        self._attributes: dict[type, dict[str, dict[Any, bytes]]] = {
+            str: {}, int: {}, bool: {}, float: {}}
+        self._cached = 0
 
-    def _name(self, name: str) -> bytes:
-        encoded = _field(b"\x2a", name.encode()) if name else b""
-        if len(self._names) < MAX_CACHED:
-            self._names[name] = encoded
+    def _head(self, name: str, kind: SpanKind) -> bytes:
+        """Span.name and Span.kind."""
+        head = (_field(b"\x2a", name.encode()) if name else b"") + SPAN_KINDS[kind.value]
+        if len(self._heads) < MAX_CACHED:
+            self._heads[name] = (kind, head)
+        return head
+
+    def _attribute(self, key: str, value: Any) -> bytes:
+        encoded = key_value(key, value, b"\x4a") or b""
+        by_key = self._attributes.get(value.__class__)
+        if by_key is not None and self._cached < MAX_CACHED:
+            by_key.setdefault(key, {})[value] = encoded
+            self._cached += 1
         return encoded
 
-    def _attributes(self, attributes: Mapping[str, Any]) -> bytes:
-        strings = self._strings
-        parts = []
-        for key, value in attributes.items():
-            if value.__class__ is str:
-                encoded = strings.get((key, value))
-                if encoded is None:
-                    encoded = key_value(key, value, b"\x4a")
-                    if len(strings) < MAX_CACHED:
-                        strings[(key, value)] = encoded  # type: ignore[assignment]
-            else:
-                encoded = key_value(key, value, b"\x4a")
-            if encoded is not None:
-                parts.append(encoded)
-        return b"".join(parts)
-
     def encode(self, spans: Iterable[SpanRecord]) -> bytes:
-        names = self._names
+        heads, cache, attribute = self._heads, self._attributes, self._attribute
+        to_bytes = int.to_bytes
         out = [self._scope]
-        append = out.append
+        extend = out.extend
         for span in spans:
-            trace_id = span.trace_id
-            if span.parent_id:
-                ids = _IDS_PARENT.pack(_TRACE_ID, trace_id >> 64, trace_id & _LOW_64, _SPAN_ID,
-                                       span.span_id, _PARENT_ID, span.parent_id)
+            entry = heads.get(span.name)
+            kind = span.kind
+            tail = entry[1] if entry is not None and entry[0] is kind else self._head(
+                span.name, kind)
+            attributes = span.attributes
+            if attributes:
+                parts = [tail]
+                for key, value in attributes.items():
+                    by_key = cache.get(value.__class__)
+                    encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
+                    parts.append(encoded if encoded is not None else attribute(key, value))
+                tail = b"".join(parts)
+            if span.error:
+                tail += _field(b"\x7a", _field(b"\x12", span.error.encode()) + _ERROR_CODE) + (
+                    _REMOTE_FLAGS if span.remote else _LOCAL_FLAGS)
             else:
-                ids = _IDS.pack(_TRACE_ID, trace_id >> 64, trace_id & _LOW_64, _SPAN_ID,
-                                span.span_id)
-            name = names.get(span.name)
-            if name is None:
-                name = self._name(span.name)
-            error = span.error
-            if error:
-                status = _field(b"\x7a", _field(b"\x12", error.encode()) + _ERROR_CODE)
+                tail += _UNSET_REMOTE if span.remote else _UNSET_LOCAL
+            if span.trace_state:
+                tail += _field(b"\x1a", ",".join(
+                    f"{k}={v}" for k, v in span.trace_state.items()).encode())
+            parent = span.parent_id
+            # ScopeSpans.spans: tag, length, then trace_id, span_id, parent_span_id, the
+            # rest, start and end time
+            if parent:
+                extend((b"\x12", _length(_FIXED_WITH_PARENT + len(tail)),
+                        _TRACE_ID, to_bytes(span.trace_id, 16), _SPAN_ID, to_bytes(span.span_id, 8),
+                        _PARENT_ID, to_bytes(parent, 8), tail,
+                        _START, to_bytes(span.start_ns, 8, "little"),
+                        _END, to_bytes(span.end_ns, 8, "little")))
             else:
-                status = _UNSET_STATUS
-            parts = [ids, name, SPAN_KINDS[span.kind],
-                     _TIMES.pack(_START, span.start_ns, _END, span.end_ns),
-                     self._attributes(span.attributes) if span.attributes else b"", status,
-                     _REMOTE_FLAGS if span.remote else _LOCAL_FLAGS]
-            trace_state = span.trace_state
-            if trace_state:
-                parts.append(_field(b"\x1a", ",".join(
-                    f"{key}={value}" for key, value in trace_state.items()).encode()))
-            body = b"".join(parts)
-            append(b"\x12")  # ScopeSpans.spans
-            append(_length(len(body)))
-            append(body)
+                extend((b"\x12", _length(_FIXED + len(tail)),
+                        _TRACE_ID, to_bytes(span.trace_id, 16), _SPAN_ID, to_bytes(span.span_id, 8),
+                        tail,
+                        _START, to_bytes(span.start_ns, 8, "little"),
+                        _END, to_bytes(span.end_ns, 8, "little")))
         scope_spans = b"".join(out)
         resource_spans = self._resource + b"\x12" + _length(len(scope_spans)) + scope_spans
         return b"\x0a" + _length(len(resource_spans)) + resource_spans
 
 
 class Sender:
-    """POSTs encoded requests to the OTLP/HTTP traces endpoint; `stop` (set at shutdown)
-    cuts a backoff short."""
+    """POSTs encoded requests to the OTLP/HTTP traces endpoint over one kept-alive
+    connection; `stop` (set at shutdown) cuts a backoff short."""
 
     def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float,
                  stop: threading.Event):
+        url = urllib.parse.urlsplit(endpoint)
         self.endpoint = endpoint
         self.timeout = timeout
         self.stop = stop
-        self.client = httpx.Client(headers={**headers, "content-type": CONTENT_TYPE},
-                                   timeout=timeout)
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._headers = {**headers, "Content-Type": CONTENT_TYPE}
+        self._connection: http.client.HTTPConnection | None = None
 
     def send(self, body: bytes) -> bool:
         deadline = time.monotonic() + self.timeout
         for attempt in range(MAX_ATTEMPTS):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
             backoff = 2 ** attempt * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
             try:
-                response = self.client.post(self.endpoint, content=body, timeout=remaining)
-            except httpx.TransportError:
-                pass
+                status, retry_after = self._post(body, deadline)
+            except (OSError, http.client.HTTPException):
+                pass  # refused, reset, timed out: retried like a 503
             else:
-                if 200 <= response.status_code < 300:
+                if 200 <= status < 300:
                     return True
-                if response.status_code not in RETRYABLE:
+                if status not in RETRYABLE:
                     return False
-                backoff = _retry_after(response) or backoff
+                backoff = retry_after if retry_after is not None else backoff
             if backoff > deadline - time.monotonic() or self.stop.wait(backoff):
                 return False
         return False
 
+    def _post(self, body: bytes, deadline: float) -> tuple[int, float | None]:
+        """One POST; a kept-alive connection the receiver has closed meanwhile is
+        replaced and the POST sent again at once."""
+        for fresh in (self._connection is None, True):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("export timed out")
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = self._connect(remaining)
+            connection.timeout = remaining
+            if connection.sock is not None:
+                connection.sock.settimeout(remaining)
+            try:
+                connection.request("POST", self._path, body, self._headers)
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if fresh:
+                    raise
+                continue
+            if response.will_close:
+                self.close()
+            return response.status, _retry_after(response.getheader("retry-after"))
+        raise AssertionError("unreachable")
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
     def close(self) -> None:
-        self.client.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (an HTTP date is not honoured: the backoff applies)."""
     try:
-        seconds = float(response.headers.get("retry-after", ""))
+        seconds = float(value or "")
     except ValueError:
         return None
     return seconds if seconds >= 0 else None

@@ -41,16 +41,18 @@ with a parameter (an account name) is reported as its route template.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from random import getrandbits
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -92,16 +94,13 @@ _SAMPLED, _RANDOM = 0x01, 0x02
 _ROOT_FLAGS = _SAMPLED | _RANDOM
 
 
-class _Unsampled:
-    """The current-span marker inside a trace that is not sampled."""
-
-    def __repr__(self) -> str:
-        return "UNSAMPLED"
+class _Marker(enum.Enum):
+    UNSAMPLED = "unsampled"  # the current span inside a trace that is not sampled
 
 
-UNSAMPLED = _Unsampled()
+UNSAMPLED: Final = _Marker.UNSAMPLED
 # The running sampled Span, UNSAMPLED inside a trace that is not sampled, or None.
-_current: ContextVar[Span | _Unsampled | None] = ContextVar("a3mailer_span", default=None)
+_current: ContextVar[Span | _Marker | None] = ContextVar("a3mailer_span", default=None)
 @dataclass(frozen=True)
 class TracingSettings:
     enabled: bool = False
@@ -164,8 +163,7 @@ class Tracing:
         root = TraceIdRatioBased(s.sampling_rate)
         self.sampler = ParentBased(root)
         self.bound = root.bound
-        self.resource = Resource.create({"service.name": s.service_name,
-                                         "service.version": __version__})
+        self.resource = resource(s.service_name)
         if exporter is None:
             # imported here: it brings httpx's client, needless while tracing is off
             from exporter.otlp import Encoder, Sender
@@ -281,6 +279,12 @@ class Tracing:
         yield catalogue.single("a3mailer_tracing_queue_spans", float(self.pending))
 
 
+def resource(service_name: str) -> Resource:
+    """The SDK's Resource of every span: service.name and .version, telemetry.sdk.*,
+    and what OTEL_RESOURCE_ATTRIBUTES adds."""
+    return Resource.create({"service.name": service_name, "service.version": __version__})
+
+
 def _refuse(spans: list[Span]) -> bool:
     return False
 
@@ -342,6 +346,9 @@ class Timed:
     def set_attribute(self, key: str, value: Any) -> None:
         return None
 
+    def update(self, attributes: Mapping[str, Any]) -> None:
+        return None
+
     def fail(self, error_type: str) -> None:
         self.error = error_type
 
@@ -350,31 +357,23 @@ class Timed:
 
 
 class _UnsampledRoot(Timed):
-    """The root of a trace that is not sampled: nothing below it makes a span. With a
-    caller's context (`parent`), that is OpenTelemetry's current context meanwhile, so
-    its baggage and its unsampled traceparent go on."""
+    """The root of a trace that is not sampled: nothing below it makes a span."""
 
-    __slots__ = ("_otel", "_token")
-
-    def __init__(self, path: str | None, operation: str, parent: Context | None = None):
-        self.path = path
-        self.operation = operation
-        self.error = ""
-        self._otel: Any = parent
+    __slots__ = ("_token",)
 
     def __enter__(self) -> _UnsampledRoot:
         self._token = _current.set(UNSAMPLED)
-        if self._otel is not None:
-            self._otel = otel_context.attach(self._otel)
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        Timed.__exit__(self, exc_type, exc, tb)
+        seconds = time.perf_counter() - self._start
         _current.reset(self._token)
-        if self._otel is not None:
-            otel_context.detach(self._otel)
+        monitor = _monitor
+        if monitor is not None and self.path is not None:
+            monitor.record(self.path, self.operation, seconds,
+                           bool(self.error) or exc_type is not None)
 
 
 class Span:
@@ -387,9 +386,9 @@ class Span:
     The attributes given are shared (a caller's constant) until the first is set.
     """
 
-    __slots__ = ("_otel", "_own", "_perf", "_token", "_tracing", "attributes", "end_ns",
-                 "error", "flags", "kind", "name", "operation", "parent_id", "path", "prefix",
-                 "remote", "span_id", "start_ns", "trace_hex", "trace_id", "trace_state")
+    __slots__ = ("_own", "_perf", "_token", "_tracing", "attributes", "end_ns", "error",
+                 "flags", "kind", "name", "operation", "parent_id", "path", "prefix", "remote",
+                 "span_id", "start_ns", "trace_hex", "trace_id", "trace_state")
 
     def __init__(self, tracing: Tracing, path: str | None, operation: str, name: str | None,
                  kind: SpanKind, attributes: Mapping[str, Any] | None, prefix: str,
@@ -400,7 +399,7 @@ class Span:
         self.operation = operation
         self.name = name or f"{path} {operation}"
         self.kind = kind
-        self.attributes: Mapping[str, Any] = attributes or {}
+        self.attributes: Mapping[str, Any] = attributes or _NO_ATTRIBUTES
         self._own = False
         self.prefix = prefix
         self.trace_id = trace_id
@@ -411,7 +410,6 @@ class Span:
         self.remote = remote
         self.trace_hex = trace_hex
         self.error = ""
-        self._otel: Any = None
 
     @property
     def span(self) -> Span:
@@ -419,8 +417,6 @@ class Span:
 
     def __enter__(self) -> Span:
         self._token = _current.set(self)
-        if self._otel is not None:
-            self._otel = otel_context.attach(self._otel)
         self.start_ns = time.time_ns()
         self._perf = time.perf_counter_ns()
         return self
@@ -430,8 +426,6 @@ class Span:
         nanoseconds = time.perf_counter_ns() - self._perf
         self.end_ns = self.start_ns + nanoseconds
         _current.reset(self._token)
-        if self._otel is not None:
-            otel_context.detach(self._otel)
         error = self.error
         if exc_type is not None and not error:
             error = self.error = exc_type.__name__
@@ -450,7 +444,18 @@ class Span:
         self.attributes[key] = value  # type: ignore[index]
 
     def set(self, key: str, value: Any) -> None:
-        self.set_attribute(self.prefix + key, value)
+        if not self._own:
+            self.attributes = dict(self.attributes)
+            self._own = True
+        self.attributes[self.prefix + key] = value  # type: ignore[index]
+
+    def update(self, attributes: Mapping[str, Any]) -> None:
+        """Sets several attributes (named as given) at once."""
+        if self._own:
+            self.attributes.update(attributes)  # type: ignore[attr-defined]
+        else:
+            self.attributes = {**self.attributes, **attributes}
+            self._own = True
 
     def fail(self, error_type: str) -> None:
         self.error = error_type
@@ -459,22 +464,51 @@ class Span:
         self.name = name
 
 
+_NO_ATTRIBUTES: Mapping[str, Any] = {}
+# what observe() gives: `with observe(...) as op`, op is a Span or a Timed
+Observed = AbstractContextManager["Span | Timed"]
+
+
+class _InContext:
+    """An operation run in a caller's context (from `extract`), which is OpenTelemetry's
+    current context meanwhile, so that its baggage (and an unsampled traceparent) goes
+    on into requests this one makes."""
+
+    __slots__ = ("context", "operation", "token")
+
+    def __init__(self, operation: Span | Timed, context: Context):
+        self.operation = operation
+        self.context = context
+
+    def __enter__(self) -> Span | Timed:
+        self.token = otel_context.attach(self.context)
+        return self.operation.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.operation.__exit__(exc_type, exc, tb)
+        finally:
+            otel_context.detach(self.token)
+
+
 def observe(path: str | None, operation: str, name: str | None = None,
             kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
             parent: Context | None = None, root: bool = True,
-            prefix: str = "") -> Span | Timed:
-    """`with observe("collector", "system"):` times the block, records it in the monitor
-    and, with tracing on and the trace sampled, makes it a span named `name` (default
-    "<path> <operation>") with `kind` and `attributes`. `path` None makes a span only
-    (a probe phase); `root` False never starts a trace (store calls: only inside a
-    request, a decision or a run); `parent`, a caller's context from `extract`, is
-    continued; `prefix` is put before the keys `set` is given."""
+            prefix: str = "") -> Observed:
+    """`with observe("collector", "system") as op:` times the block, records it in the
+    monitor and, with tracing on and the trace sampled, makes it a span named `name`
+    (default "<path> <operation>") with `kind` and `attributes` (shared, not copied:
+    a constant). `path` None makes a span only (a probe phase); `root` False never
+    starts a trace (store calls: only inside a request, a decision or a run);
+    `parent`, a caller's context from `extract`, is continued; `prefix` goes before
+    the keys `op.set` is given."""
     tracing = _tracing
     if tracing is None:
         return Timed(path, operation)
     if parent is not None:
-        return _continued(tracing, path, operation, name, kind, attributes, parent, root,
-                          prefix)
+        return _InContext(_continued(tracing, path, operation, name, kind, attributes, parent,
+                                     root, prefix), parent)
     current = _current.get()
     if current is None:
         if not root or path is None:
@@ -487,7 +521,6 @@ def observe(path: str | None, operation: str, name: str | None = None,
                     _ROOT_FLAGS, None, False, format(trace_id, "032x"))
     if current is UNSAMPLED:
         return Timed(path, operation)
-    assert isinstance(current, Span)
     return Span(tracing, path, operation, name, kind, attributes, prefix, current.trace_id,
                 current.span_id, current.flags, current.trace_state, False, current.trace_hex)
 
@@ -495,28 +528,24 @@ def observe(path: str | None, operation: str, name: str | None = None,
 def _continued(tracing: Tracing, path: str | None, operation: str, name: str | None,
                kind: SpanKind, attributes: Mapping[str, Any] | None, parent: Context,
                root: bool, prefix: str) -> Span | Timed:
-    """An operation in a caller's context: the SDK's sampler decides on its traceparent;
-    without one (baggage only) it is a new trace, decided as above."""
+    """The operation for a caller's context: with a traceparent, the SDK's sampler
+    decides on it; without one (baggage only) it is a new trace, decided as above."""
     remote = trace.get_current_span(parent).get_span_context()
-    op: Span | _UnsampledRoot
-    if remote.is_valid:
-        assert tracing.sampler is not None
-        result = tracing.sampler.should_sample(parent, remote.trace_id,
-                                               name or f"{path} {operation}", kind)
-        if not result.decision.is_sampled():
-            return _UnsampledRoot(path, operation, parent)
-        op = Span(tracing, path, operation, name, kind, attributes, prefix, remote.trace_id,
-                  remote.span_id, _SAMPLED | (remote.trace_flags & _RANDOM),
-                  result.trace_state, True, format(remote.trace_id, "032x"))
-    else:
-        op = observe(path, operation, name, kind, attributes, None, root, prefix)  # type: ignore[assignment]
-        if not isinstance(op, (Span, _UnsampledRoot)):
-            op = _UnsampledRoot(path, operation)
-    op._otel = parent
-    return op
+    if not remote.is_valid:
+        op = observe(path, operation, name, kind, attributes, None, root, prefix)
+        assert isinstance(op, (Span, Timed))  # without a parent: never _InContext
+        return op
+    assert tracing.sampler is not None
+    result = tracing.sampler.should_sample(parent, remote.trace_id,
+                                           name or f"{path} {operation}", kind)
+    if not result.decision.is_sampled():
+        return _UnsampledRoot(path, operation)
+    return Span(tracing, path, operation, name, kind, attributes, prefix, remote.trace_id,
+                remote.span_id, _SAMPLED | (remote.trace_flags & _RANDOM), result.trace_state,
+                True, format(remote.trace_id, "032x"))
 
 
-def phase(name: str, phase_name: str) -> Span | Timed:
+def phase(name: str, phase_name: str) -> Observed:
     """A child span for one phase of a traced run (probe connect, tls, banner, ...)."""
     return observe(None, phase_name, name, attributes={"a3mailer.probe.phase": phase_name},
                    root=False)
@@ -525,7 +554,7 @@ def phase(name: str, phase_name: str) -> Span | Timed:
 _SECURITY_NAMES = {"check": "security check", "report": "security report"}
 
 
-def security_observer(operation: str) -> Span | Timed:
+def security_observer(operation: str) -> Observed:
     """The security engine's observer (security/engine.py `Observer`)."""
     return observe("security", operation,
                    _SECURITY_NAMES.get(operation) or f"security {operation}",

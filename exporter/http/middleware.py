@@ -86,8 +86,6 @@ class Guard:
         parent = tracing.extract(scope["headers"])
         with tracing.observe("http", "other", method, SpanKind.SERVER,
                              parent=parent) as operation:
-            if operation.span is not None:
-                _request_attributes(operation, scope)
             try:
                 await self._guarded(scope, receive, send_wrapper)
             except BodyTooLarge:
@@ -188,25 +186,22 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
-def _request_attributes(operation: tracing.Span | tracing.Timed, scope: Scope) -> None:
-    """The HTTP server span's attributes known before routing (semantic conventions)."""
-    server = scope.get("server") or ("", 0)
-    operation.set("http.request.method", scope["method"])
-    operation.set("url.scheme", scope.get("scheme", "http"))
-    operation.set("server.port", server[1] or 0)
-    operation.set("network.protocol.version", scope.get("http_version", "1.1"))
-
-
 def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
                          handler: str, status: int) -> None:
-    """The rest once the route answered. A path with a parameter (an account name, a
-    metric name) is reported as its route template, an unrouted one (anything a client
-    sent) not at all; the query string never."""
+    """The HTTP server span's attributes (semantic conventions), set once it answered.
+    A path with a parameter (an account name, a metric name) is reported as its route
+    template, an unrouted one (anything a client sent) not at all; the query string
+    never."""
+    server = scope.get("server") or ("", 0)
+    attributes = {"http.request.method": scope["method"],
+                  "url.scheme": scope.get("scheme", "http"), "server.port": server[1] or 0,
+                  "network.protocol.version": scope.get("http_version", "1.1"),
+                  "http.response.status_code": status}
     if handler != "other":
         operation.rename(f"{scope['method']} {handler}")
-        operation.set("http.route", handler)
-        operation.set("url.path", handler if "{" in handler else scope["path"])
-    operation.set("http.response.status_code", status)
+        attributes["http.route"] = handler
+        attributes["url.path"] = handler if "{" in handler else scope["path"]
+    operation.update(attributes)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
