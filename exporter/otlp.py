@@ -64,20 +64,38 @@ _DOUBLE = struct.Struct("<d")
 _EMPTY: dict[Any, bytes] = {}
 
 
+class TraceRecord(Protocol):
+    """What the encoder reads from a span's trace (exporter.tracing.Trace)."""
+
+    @property
+    def trace_id(self) -> int: ...
+    @property
+    def state(self) -> TraceState | None: ...
+    @property
+    def remote_parent(self) -> int: ...  # the caller's span id, for a caller's trace
+
+
 class SpanRecord(Protocol):
     """What the encoder reads from a finished span (exporter.tracing.Span)."""
 
-    trace_id: int
-    span_id: int
-    parent_id: int  # 0: a root
-    remote: bool  # the parent is another process's span
-    trace_state: TraceState | None
-    name: str
-    kind: SpanKind
-    start_ns: int
-    end_ns: int
-    attributes: Mapping[str, Any]
-    error: str  # "": status UNSET; else ERROR with this message
+    @property
+    def trace(self) -> TraceRecord: ...
+    @property
+    def span_id(self) -> int: ...
+    @property
+    def parent_id(self) -> int: ...  # 0: a root
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> SpanKind: ...
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def attributes(self) -> Mapping[str, Any]: ...
+    @property
+    def error(self) -> str: ...  # "": status UNSET; else ERROR with this message
 
 
 def varint(n: int) -> bytes:
@@ -173,50 +191,54 @@ class Encoder:
             self._cached += 1
         return encoded
 
-    def encode(self, spans: Iterable[SpanRecord]) -> bytes:
-        heads, cache, attribute = self._heads, self._attributes, self._attribute
+    def span(self, span: SpanRecord) -> bytes:
+        """One span as its ScopeSpans.spans field (tag, length, Span message)."""
+        entry = self._heads.get(span.name)
+        kind = span.kind
+        tail = entry[1] if entry is not None and entry[0] is kind else self._head(
+            span.name, kind)
+        attributes = span.attributes
+        if attributes:
+            cache = self._attributes
+            parts = [tail]
+            for key, value in attributes.items():
+                by_key = cache.get(value.__class__)
+                encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
+                parts.append(encoded if encoded is not None else self._attribute(key, value))
+            tail = b"".join(parts)
+        trace = span.trace
+        parent = span.parent_id
+        remote = parent == trace.remote_parent
+        if span.error:
+            tail += _field(b"\x7a", _field(b"\x12", span.error.encode()) + _ERROR_CODE) + (
+                _REMOTE_FLAGS if remote else _LOCAL_FLAGS)
+        else:
+            tail += _UNSET_REMOTE if remote else _UNSET_LOCAL
+        if trace.state:
+            tail += _field(b"\x1a", ",".join(
+                f"{k}={v}" for k, v in trace.state.items()).encode())
         to_bytes = int.to_bytes
-        out = [self._scope]
-        extend = out.extend
-        for span in spans:
-            entry = heads.get(span.name)
-            kind = span.kind
-            tail = entry[1] if entry is not None and entry[0] is kind else self._head(
-                span.name, kind)
-            attributes = span.attributes
-            if attributes:
-                parts = [tail]
-                for key, value in attributes.items():
-                    by_key = cache.get(value.__class__)
-                    encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
-                    parts.append(encoded if encoded is not None else attribute(key, value))
-                tail = b"".join(parts)
-            if span.error:
-                tail += _field(b"\x7a", _field(b"\x12", span.error.encode()) + _ERROR_CODE) + (
-                    _REMOTE_FLAGS if span.remote else _LOCAL_FLAGS)
-            else:
-                tail += _UNSET_REMOTE if span.remote else _UNSET_LOCAL
-            if span.trace_state:
-                tail += _field(b"\x1a", ",".join(
-                    f"{k}={v}" for k, v in span.trace_state.items()).encode())
-            parent = span.parent_id
-            # ScopeSpans.spans: tag, length, then trace_id, span_id, parent_span_id, the
-            # rest, start and end time
-            if parent:
-                extend((b"\x12", _length(_FIXED_WITH_PARENT + len(tail)),
-                        _TRACE_ID, to_bytes(span.trace_id, 16), _SPAN_ID, to_bytes(span.span_id, 8),
-                        _PARENT_ID, to_bytes(parent, 8), tail,
-                        _START, to_bytes(span.start_ns, 8, "little"),
-                        _END, to_bytes(span.end_ns, 8, "little")))
-            else:
-                extend((b"\x12", _length(_FIXED + len(tail)),
-                        _TRACE_ID, to_bytes(span.trace_id, 16), _SPAN_ID, to_bytes(span.span_id, 8),
-                        tail,
-                        _START, to_bytes(span.start_ns, 8, "little"),
-                        _END, to_bytes(span.end_ns, 8, "little")))
-        scope_spans = b"".join(out)
+        # trace_id, span_id, parent_span_id, the rest, start and end time
+        if parent:
+            return b"".join((b"\x12", _length(_FIXED_WITH_PARENT + len(tail)),
+                             _TRACE_ID, to_bytes(trace.trace_id, 16),
+                             _SPAN_ID, to_bytes(span.span_id, 8), _PARENT_ID, to_bytes(parent, 8),
+                             tail, _START, to_bytes(span.start_ns, 8, "little"),
+                             _END, to_bytes(span.end_ns, 8, "little")))
+        return b"".join((b"\x12", _length(_FIXED + len(tail)),
+                         _TRACE_ID, to_bytes(trace.trace_id, 16),
+                         _SPAN_ID, to_bytes(span.span_id, 8),
+                         tail, _START, to_bytes(span.start_ns, 8, "little"),
+                         _END, to_bytes(span.end_ns, 8, "little")))
+
+    def request(self, spans: Iterable[bytes]) -> bytes:
+        """The ExportTraceServiceRequest of spans encoded by span()."""
+        scope_spans = self._scope + b"".join(spans)
         resource_spans = self._resource + b"\x12" + _length(len(scope_spans)) + scope_spans
         return b"\x0a" + _length(len(resource_spans)) + resource_spans
+
+    def encode(self, spans: Iterable[SpanRecord]) -> bytes:
+        return self.request([self.span(span) for span in spans])
 
 
 class Sender:

@@ -48,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from random import getrandbits
 from types import TracebackType
@@ -258,9 +258,10 @@ class Tracing:
 
     def readable(self, span: Span) -> ReadableSpan:
         """The SDK's ReadableSpan for a finished span (for an SDK SpanExporter)."""
-        flags = TraceFlags(span.flags)
-        context = SpanContext(span.trace_id, span.span_id, False, flags, span.trace_state)
-        parent = (SpanContext(span.trace_id, span.parent_id, span.remote, flags, span.trace_state)
+        t = span.trace
+        flags = TraceFlags(t.flags)
+        context = SpanContext(t.trace_id, span.span_id, False, flags, t.state)
+        parent = (SpanContext(t.trace_id, span.parent_id, span.remote, flags, t.state)
                   if span.parent_id else None)
         status = Status(StatusCode.ERROR, span.error) if span.error else Status(StatusCode.UNSET)
         return ReadableSpan(name=span.name, context=context, parent=parent,
@@ -376,6 +377,22 @@ class _UnsampledRoot(Timed):
                            bool(self.error) or exc_type is not None)
 
 
+class Trace:
+    """What the spans of one sampled trace share: its id (and as hex, for exemplars),
+    W3C flags and trace state, and the caller's span id when it continues a caller's
+    trace (-1 when it does not)."""
+
+    __slots__ = ("flags", "hex", "remote_parent", "state", "trace_id")
+
+    def __init__(self, trace_id: int, flags: int, state: TraceState | None,
+                 remote_parent: int):
+        self.trace_id = trace_id
+        self.hex = format(trace_id, "032x")
+        self.flags = flags
+        self.state = state
+        self.remote_parent = remote_parent
+
+
 class Span:
     """A sampled operation: the span record the export thread encodes, and the context
     manager that times it, makes it the current span and, at the end, queues it and
@@ -386,15 +403,16 @@ class Span:
     The attributes given are shared (a caller's constant) until the first is set.
     """
 
-    __slots__ = ("_own", "_perf", "_token", "_tracing", "attributes", "end_ns", "error",
-                 "flags", "kind", "name", "operation", "parent_id", "path", "prefix", "remote",
-                 "span_id", "start_ns", "trace_hex", "trace_id", "trace_state")
+    __slots__ = ("_own", "_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
+                 "operation", "parent_id", "path", "prefix", "span_id", "start_ns", "trace")
+    _token: Token[Span | _Marker | None] | None
 
-    def __init__(self, tracing: Tracing, path: str | None, operation: str, name: str | None,
-                 kind: SpanKind, attributes: Mapping[str, Any] | None, prefix: str,
-                 trace_id: int, parent_id: int, flags: int, trace_state: TraceState | None,
-                 remote: bool, trace_hex: str):
-        self._tracing = tracing
+    def __init__(self, trace: Trace, parent_id: int, path: str | None, operation: str,
+                 name: str | None, kind: SpanKind, attributes: Mapping[str, Any] | None,
+                 prefix: str):
+        self.trace = trace
+        self.parent_id = parent_id
+        self.span_id = getrandbits(64) or 1
         self.path = path
         self.operation = operation
         self.name = name or f"{path} {operation}"
@@ -402,18 +420,16 @@ class Span:
         self.attributes: Mapping[str, Any] = attributes or _NO_ATTRIBUTES
         self._own = False
         self.prefix = prefix
-        self.trace_id = trace_id
-        self.span_id = getrandbits(64) or 1
-        self.parent_id = parent_id
-        self.flags = flags
-        self.trace_state = trace_state
-        self.remote = remote
-        self.trace_hex = trace_hex
         self.error = ""
 
     @property
     def span(self) -> Span:
         return self
+
+    @property
+    def remote(self) -> bool:
+        """Whether the parent is another process's span."""
+        return self.parent_id == self.trace.remote_parent
 
     def __enter__(self) -> Span:
         self._token = _current.set(self)
@@ -425,17 +441,21 @@ class Span:
                  tb: TracebackType | None) -> None:
         nanoseconds = time.perf_counter_ns() - self._perf
         self.end_ns = self.start_ns + nanoseconds
-        _current.reset(self._token)
+        token = self._token
+        if token is not None:
+            _current.reset(token)
         error = self.error
         if exc_type is not None and not error:
             error = self.error = exc_type.__name__
         if error:
             self.set_attribute("error.type", error)
-        self._tracing.finish(self)
+        tracing = _tracing  # the installed one: after a reload, the new one exports it
+        if tracing is not None:
+            tracing.finish(self)
         monitor = _monitor
         if monitor is not None and self.path is not None:
             monitor.record(self.path, self.operation, nanoseconds / 1e9, bool(error),
-                           self.trace_hex)
+                           self.trace.hex)
 
     def set_attribute(self, key: str, value: Any) -> None:
         if not self._own:
@@ -462,6 +482,19 @@ class Span:
 
     def rename(self, name: str) -> None:
         self.name = name
+
+
+class _Leaf(Span):
+    """A sampled span inside which nothing is observed (a store call): it never becomes
+    the current span, which saves setting the context variable twice."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        self._token = None
+        self.start_ns = time.time_ns()
+        self._perf = time.perf_counter_ns()
+        return self
 
 
 _NO_ATTRIBUTES: Mapping[str, Any] = {}
@@ -494,22 +527,24 @@ class _InContext:
 
 def observe(path: str | None, operation: str, name: str | None = None,
             kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-            parent: Context | None = None, root: bool = True,
-            prefix: str = "") -> Observed:
+            parent: Context | None = None, root: bool = True, prefix: str = "",
+            leaf: bool = False) -> Observed:
     """`with observe("collector", "system") as op:` times the block, records it in the
     monitor and, with tracing on and the trace sampled, makes it a span named `name`
     (default "<path> <operation>") with `kind` and `attributes` (shared, not copied:
     a constant). `path` None makes a span only (a probe phase); `root` False never
     starts a trace (store calls: only inside a request, a decision or a run);
     `parent`, a caller's context from `extract`, is continued; `prefix` goes before
-    the keys `op.set` is given."""
+    the keys `op.set` is given; `leaf` says nothing inside is observed."""
     tracing = _tracing
     if tracing is None:
         return Timed(path, operation)
+    current = _current.get()
     if parent is not None:
         return _InContext(_continued(tracing, path, operation, name, kind, attributes, parent,
-                                     root, prefix), parent)
-    current = _current.get()
+                                     root, prefix, leaf), parent)
+    if current is UNSAMPLED:
+        return Timed(path, operation)
     if current is None:
         if not root or path is None:
             return Timed(path, operation)
@@ -517,22 +552,20 @@ def observe(path: str | None, operation: str, name: str | None = None,
         if low >= tracing.bound:
             return _UnsampledRoot(path, operation)
         trace_id = (getrandbits(64) << 64 | low) or 1 << 64
-        return Span(tracing, path, operation, name, kind, attributes, prefix, trace_id, 0,
-                    _ROOT_FLAGS, None, False, format(trace_id, "032x"))
-    if current is UNSAMPLED:
-        return Timed(path, operation)
-    return Span(tracing, path, operation, name, kind, attributes, prefix, current.trace_id,
-                current.span_id, current.flags, current.trace_state, False, current.trace_hex)
+        return (_Leaf if leaf else Span)(Trace(trace_id, _ROOT_FLAGS, None, -1), 0, path,
+                                         operation, name, kind, attributes, prefix)
+    return (_Leaf if leaf else Span)(current.trace, current.span_id, path, operation, name,
+                                     kind, attributes, prefix)
 
 
 def _continued(tracing: Tracing, path: str | None, operation: str, name: str | None,
                kind: SpanKind, attributes: Mapping[str, Any] | None, parent: Context,
-               root: bool, prefix: str) -> Span | Timed:
+               root: bool, prefix: str, leaf: bool) -> Span | Timed:
     """The operation for a caller's context: with a traceparent, the SDK's sampler
     decides on it; without one (baggage only) it is a new trace, decided as above."""
     remote = trace.get_current_span(parent).get_span_context()
     if not remote.is_valid:
-        op = observe(path, operation, name, kind, attributes, None, root, prefix)
+        op = observe(path, operation, name, kind, attributes, None, root, prefix, leaf)
         assert isinstance(op, (Span, Timed))  # without a parent: never _InContext
         return op
     assert tracing.sampler is not None
@@ -540,9 +573,10 @@ def _continued(tracing: Tracing, path: str | None, operation: str, name: str | N
                                            name or f"{path} {operation}", kind)
     if not result.decision.is_sampled():
         return _UnsampledRoot(path, operation)
-    return Span(tracing, path, operation, name, kind, attributes, prefix, remote.trace_id,
-                remote.span_id, _SAMPLED | (remote.trace_flags & _RANDOM), result.trace_state,
-                True, format(remote.trace_id, "032x"))
+    caller = Trace(remote.trace_id, _SAMPLED | (remote.trace_flags & _RANDOM),
+                   result.trace_state, remote.span_id)
+    return (_Leaf if leaf else Span)(caller, remote.span_id, path, operation, name, kind,
+                                     attributes, prefix)
 
 
 def phase(name: str, phase_name: str) -> Observed:
@@ -591,8 +625,9 @@ def outgoing_headers() -> dict[str, str]:
     current = _current.get()
     context = None
     if isinstance(current, Span):
-        span_context = SpanContext(current.trace_id, current.span_id, False,
-                                   TraceFlags(current.flags), current.trace_state)
+        t = current.trace
+        span_context = SpanContext(t.trace_id, current.span_id, False, TraceFlags(t.flags),
+                                   t.state)
         context = trace.set_span_in_context(NonRecordingSpan(span_context))
     carrier: dict[str, str] = {}
     PROPAGATOR.inject(carrier, context=context)
@@ -630,7 +665,7 @@ def _observed(method: Any, name: str, kind: SpanKind, attributes: dict[str, str]
     span_name = f"store {name}"
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        with observe("store", name, span_name, kind, attributes, root=False):
+        with observe("store", name, span_name, kind, attributes, root=False, leaf=True):
             return await method(*args, **kwargs)
 
     call.__name__ = name

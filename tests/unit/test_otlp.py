@@ -17,7 +17,7 @@ from opentelemetry.trace.span import TraceState
 
 from exporter import __version__
 from exporter.otlp import Encoder
-from exporter.tracing import SCOPE, Span, Tracing, TracingSettings, resource
+from exporter.tracing import SCOPE, Span, Trace, Tracing, TracingSettings, resource
 
 TRACING = Tracing(TracingSettings())  # disabled: no thread; its readable() is used
 TRACING.resource = resource("otlp-test")
@@ -28,8 +28,8 @@ def record(name: str = "store get_lock", kind: SpanKind = SpanKind.INTERNAL,
            trace_state: TraceState | None = None, error: str = "",
            trace_id: int | None = None) -> Span:
     trace_id = trace_id or random.getrandbits(128) or 1
-    span = Span(TRACING, "store", "x", name, kind, attributes, "", trace_id, parent, 1,
-                trace_state, remote, format(trace_id, "032x"))
+    trace = Trace(trace_id, 1, trace_state, parent if remote else -1)
+    span = Span(trace, parent, "store", "x", name, kind, attributes, "")
     span.start_ns = 1_700_000_000_000_000_000 + random.getrandbits(30)
     span.end_ns = span.start_ns + random.getrandbits(20)
     span.error = error
@@ -58,9 +58,9 @@ def test_every_field_we_use_encodes_as_the_sdk_encodes_it():
     spans = [
         root,
         record(attributes={"db.operation.name": "get_lock", "db.system.name": "sqlite"},
-               parent=root.span_id, trace_id=root.trace_id),
+               parent=root.span_id, trace_id=root.trace.trace_id),
         record("store get_lock", SpanKind.CLIENT, {"db.system.name": "redis"},
-               parent=root.span_id, trace_id=root.trace_id, error="StoreUnavailable"),
+               parent=root.span_id, trace_id=root.trace.trace_id, error="StoreUnavailable"),
         record("security check", attributes={"a3mailer.security.success": False,
                                              "a3mailer.security.ratio": 0.25,
                                              "a3mailer.security.none": None}),
@@ -115,7 +115,7 @@ def test_random_spans_encode_as_the_sdk_encodes_them(shapes):
     mine, theirs = ours(spans), sdks(spans)
     assert mine == theirs
     for span, decoded in zip(spans, mine.resource_spans[0].scope_spans[0].spans, strict=True):
-        assert decoded.trace_id == span.trace_id.to_bytes(16, "big")
+        assert decoded.trace_id == span.trace.trace_id.to_bytes(16, "big")
         assert decoded.end_time_unix_nano - decoded.start_time_unix_nano == (
             span.end_ns - span.start_ns)
         for attribute in decoded.attributes:
