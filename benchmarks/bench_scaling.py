@@ -3,10 +3,12 @@ sharing one Redis, against one process on its embedded SQLite store, in the same
 
 Each exporter process gets its own wrk (1 thread, 8 connections) running the same Lua
 workload (command=allow and command=report alternating, distinct accounts and addresses
-per process); the processes' requests/s are added up. Server, Redis and wrk CPU time are
-read per case (psutil), so the figures say where the time goes when the total stops
-growing: on this 2-core machine wrk, Redis and the exporters share two cores, so
-scaling stops when they are all busy, not at a limit of the design.
+per process); the processes' requests/s are added up. Exporter and Redis CPU time
+(psutil) and wrk's (this process's reaped children) are read per case, with the 1-minute
+load average at its start, so the figures say where the time goes when the total stops
+growing: wrk, Redis and the exporters share the machine's cores, so scaling stops when
+they are all busy, not at a limit of the design. Redis's own count of replies written
+(INFO total_writes_processed) gives its round trips per request.
 
 Run: .venv/bin/python benchmarks/bench_scaling.py [--quick] [--out FILE]
 """
@@ -14,7 +16,9 @@ Run: .venv/bin/python benchmarks/bench_scaling.py [--quick] [--out FILE]
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -80,13 +84,15 @@ def wrk(port: int, seconds: int, script: Path, seed: int, out: dict[int, str]) -
 
 def parse(text: str) -> dict[str, float]:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    requests = re.search(r"(\d+) requests in", text)
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)$", text, re.MULTILINE)
     p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)$", text, re.MULTILINE)
-    if not (rps and p99 and p50):
+    if not (rps and requests and p99 and p50):
         raise RuntimeError(f"unexpected wrk output:\n{text}")
     unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    return {"rps": float(rps.group(1)), "p50_ms": float(p50.group(1)) * unit[p50.group(2)],
+    return {"rps": float(rps.group(1)), "requests": int(requests.group(1)),
+            "p50_ms": float(p50.group(1)) * unit[p50.group(2)],
             "p99_ms": float(p99.group(1)) * unit[p99.group(2)],
             "non_2xx": int(non2xx.group(1)) if non2xx else 0}
 
@@ -95,10 +101,30 @@ def cpu(pids: list[int]) -> float:
     return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
 
-def run_case(ports: list[int], pids: list[int], redis_pid: int | None, seconds: int,
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children: the wrk runs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def redis_replies(redis: Redis | None) -> int:
+    """Replies the Redis has written: one per round trip of a client that does not
+    pipeline (the INFO that asks included)."""
+    if redis is None:
+        return 0
+    done = subprocess.run(["redis-cli", "-h", redis.host, "-p", str(redis.port), "info",
+                           "stats"], capture_output=True, text=True, check=True)
+    return int(re.search(r"total_writes_processed:(\d+)", done.stdout).group(1))  # type: ignore[union-attr]
+
+
+def run_case(ports: list[int], pids: list[int], redis: Redis | None, seconds: int,
              script: Path) -> dict[str, Any]:
     outputs: dict[int, str] = {}
+    redis_pid = redis.pid if redis is not None else None
+    load = os.getloadavg()[0]
+    replies = redis_replies(redis)
     before, redis_before = cpu(pids), cpu([redis_pid]) if redis_pid else 0.0
+    wrk_before = children_cpu()
     started = time.monotonic()
     threads = [threading.Thread(target=wrk, args=(port, seconds, script, seed, outputs))
                for seed, port in enumerate(ports)]
@@ -111,11 +137,16 @@ def run_case(ports: list[int], pids: list[int], redis_pid: int | None, seconds: 
     total = sum(r["rps"] for r in runs)
     server_cpu = (cpu(pids) - before) / wall
     redis_cpu = ((cpu([redis_pid]) - redis_before) / wall) if redis_pid else 0.0
+    wrk_cpu = (children_cpu() - wrk_before) / wall  # before redis-cli runs again
+    trips = (redis_replies(redis) - replies - 1) if redis is not None else 0
     return {"decisions_per_second": total, "p50_ms": max(r["p50_ms"] for r in runs),
             "p99_ms": max(r["p99_ms"] for r in runs),
             "non_2xx": sum(r["non_2xx"] for r in runs),
             "exporter_cpu_cores": server_cpu, "redis_cpu_cores": redis_cpu,
-            "exporter_cpu_us_per_decision": server_cpu / total * 1e6 if total else 0.0}
+            "wrk_cpu_cores": wrk_cpu, "busy_cores": server_cpu + redis_cpu + wrk_cpu,
+            "exporter_cpu_us_per_decision": server_cpu / total * 1e6 if total else 0.0,
+            "redis_round_trips_per_decision": trips / max(1, sum(r["requests"] for r in runs)),
+            "loadavg_1m_at_start": load}
 
 
 def main() -> int:
@@ -142,13 +173,17 @@ def main() -> int:
             for rnd in range(rounds):
                 for name, case in procs.items():
                     result = run_case([p for _, p in case], [pr.pid for pr, _ in case],
-                                      redis.pid if name.startswith("redis") else None,
+                                      redis if name.startswith("redis") else None,
                                       seconds, script)
                     samples[name].append(result)
                     say(f"round {rnd + 1} {name}: {result['decisions_per_second']:,.0f} "
                         f"requests/s, p99 {result['p99_ms']:.2f} ms, exporters "
-                        f"{result['exporter_cpu_cores']:.2f} cores, redis "
-                        f"{result['redis_cpu_cores']:.2f}")
+                        f"{result['exporter_cpu_cores']:.2f} cores "
+                        f"({result['exporter_cpu_us_per_decision']:.0f} us a request), redis "
+                        f"{result['redis_cpu_cores']:.2f} "
+                        f"({result['redis_round_trips_per_decision']:.2f} round trips a "
+                        f"request), wrk {result['wrk_cpu_cores']:.2f}, load "
+                        f"{result['loadavg_1m_at_start']:.1f}")
         finally:
             for case in {id(p): p for c in procs.values() for p, _ in c}.values():
                 stop(case)

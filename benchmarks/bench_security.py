@@ -18,6 +18,15 @@
    by RSS growth, and by tracemalloc on a smaller N), the keys one failed login
    creates through the engine's report(), and whether max_tracked_keys bounds the
    store's keys and RSS when far more distinct addresses arrive.
+4. redis: the same check+report pairs in process on a real Redis (with the MFA
+   manager attached, as the exporter wires it by default), the store as the
+   exporter builds it against the baseline in the same rounds: the decision
+   path's store calls one by one, as the engine made them before it read and
+   wrote through one script per check and one per wrong password. Also redis-py
+   client variants (the other parser, RESP3) and 8 pairs at once (like one wrk
+   with 8 connections). Per pair: wall time, this process's CPU time, and the
+   round trips Redis answered (its total_writes_processed). The HTTP part (2.)
+   also runs an exporter on this Redis.
 
 Run: .venv/bin/python benchmarks/bench_security.py [--quick] [--out FILE]
 """
@@ -48,7 +57,17 @@ from typing import Any
 
 import httpx
 import psutil
-from common import ROOT, free_port, ratio, say, stop, summary, wait_for_port, write_result
+from common import (
+    ROOT,
+    event_loop_runner,
+    free_port,
+    ratio,
+    say,
+    stop,
+    summary,
+    wait_for_port,
+    write_result,
+)
 
 from exporter.config import load_config, parse_duration
 from security.attempts import Attempt, Decision, parse_address, parse_ip, tracking_keys
@@ -59,7 +78,11 @@ from security.protocols import dovecot
 from security.settings import Settings
 from security.store import open_store
 from security.store.memory import MemoryStore
+from security.store.redis import RedisStore
 from security.store.sqlite import SqliteStore
+
+sys.path.insert(0, str(ROOT))
+from tests.integration.components import Redis  # noqa: E402 - a plain class, no pytest
 
 TARGET_PAIR_US = 20.0
 TARGET_DECISIONS_PER_S = 5_000.0
@@ -113,17 +136,19 @@ class Mode:
     engine_logins: int
     bounded_addresses: int
     bounded_max_keys: int
+    redis_pairs: int
+    redis_rounds: int
 
 
 FULL = Mode(pairs=30_000, rounds=12, component_number=20_000, component_rounds=5,
             http_rounds=3, http_seconds=12, http_warmup_seconds=2, memory_keys=1_000_000,
             tracemalloc_keys=100_000, engine_logins=100_000, bounded_addresses=1_000_000,
-            bounded_max_keys=100_000)
-# Quick stays under 20 s; its HTTP figures come from 2 s runs.
+            bounded_max_keys=100_000, redis_pairs=4_000, redis_rounds=6)
+# Quick stays under 40 s; its HTTP figures come from 2 s runs.
 QUICK = Mode(pairs=4_000, rounds=3, component_number=3_000, component_rounds=2,
              http_rounds=1, http_seconds=2, http_warmup_seconds=1, memory_keys=100_000,
              tracemalloc_keys=20_000, engine_logins=20_000, bounded_addresses=200_000,
-             bounded_max_keys=20_000)
+             bounded_max_keys=20_000, redis_pairs=600, redis_rounds=3)
 
 WORKLOAD_NOTE = (
     f"{ACCOUNTS:,} accounts; addresses {1 - V6_SHARE:.0%} IPv4 from {V4_NET} ({V4_SIZE:,} "
@@ -501,6 +526,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     state_dir: Path
     log: Path
+    redis_pid: int | None = None  # the Redis its store is on, whose CPU is read too
 
 
 def start_server(name: str, config_text: str, tmp: Path) -> Server:
@@ -530,6 +556,8 @@ def run_wrk(url: str, seconds: int, server: Server, script: Path | None,
                *(["-s", str(script)] if script else []), url,
                *(["--", str(seed)] if script else [])]
     proc = psutil.Process(server.proc.pid)
+    redis = psutil.Process(server.redis_pid) if server.redis_pid else None
+    redis_cpu = sum(redis.cpu_times()[:2]) if redis else 0.0
     server_cpu = sum(proc.cpu_times()[:2])
     main_cpu = main_thread_cpu(proc)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -538,6 +566,8 @@ def run_wrk(url: str, seconds: int, server: Server, script: Path | None,
     wall = time.monotonic() - wall
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = parse_wrk(done.stdout)
+    result["redis_cpu_percent_of_core"] = ((sum(redis.cpu_times()[:2]) - redis_cpu) / wall * 100
+                                           if redis else 0.0)
     result["server_cpu_percent_of_core"] = (sum(proc.cpu_times()[:2]) - server_cpu) / wall * 100
     # the event loop's thread; the rest is the SQLite store's worker and other helpers
     result["server_main_thread_cpu_percent_of_core"] = (main_thread_cpu(proc) - main_cpu
@@ -582,6 +612,10 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
         f"dovecot_policy_{FEW_CONNECTIONS}_connections": (default, policy_url, script,
                                                           FEW_CONNECTIONS),
     }
+    if "redis" in servers:  # the same server on the Redis store
+        cases["dovecot_policy_redis"] = (servers["redis"],
+                                         f"http://127.0.0.1:{servers['redis'].port}", script,
+                                         WRK_CONNECTIONS)
     for name, (server, url, lua, conns) in cases.items():  # warm-up: first requests
         run_wrk(url, mode.http_warmup_seconds, server, lua, seed=1, connections=conns)
         say(f"http warm-up {name} done")
@@ -611,7 +645,7 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
             for key in ("requests_per_second", "mean_ms", "p50_ms", "p75_ms", "p90_ms", "p99_ms",
                         "max_ms",
                         "server_cpu_percent_of_core", "server_main_thread_cpu_percent_of_core",
-                        "wrk_cpu_percent_of_core",
+                        "wrk_cpu_percent_of_core", "redis_cpu_percent_of_core",
                         "server_cpu_us_per_request")}
         # A closed loop of N connections waits N / throughput per request on average,
         # whatever the server does: the floor under the mean (and so under p50/p99).
@@ -630,6 +664,9 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
         "dovecot_policy/dovecot_policy_no_login_audit": ratio(
             med["dovecot_policy"], med["dovecot_policy_no_login_audit"]),
     }
+    if "dovecot_policy_redis" in med:
+        result["ratios"]["dovecot_policy_redis/dovecot_policy"] = ratio(
+            med["dovecot_policy_redis"], med["dovecot_policy"])
     result["server_metrics"] = {name: security_metrics(server.port)
                                 for name, server in servers.items()}
     result["server_rss_mb"] = {name: psutil.Process(server.proc.pid).memory_info().rss / 2**20
@@ -779,6 +816,121 @@ def bench_memory(mode: Mode) -> dict[str, Any]:
                       "keys the store holds"}
 
 
+# --- 4. Redis --------------------------------------------------------------------------
+
+
+class PerCallRedisStore(RedisStore):
+    """The baseline: the decision path's store calls one by one on Redis (get_lock twice,
+    failure_count, mfa_fields; get_lock and three record_failure scripts, and a lock's
+    bump_offences, put_lock and clear_failures), as the engine made them before one script
+    per check and one per wrong password: the memory store's composition of those calls."""
+
+    login_state = MemoryStore.login_state
+    record_login_failure = MemoryStore.record_login_failure
+    _make_lock = MemoryStore._make_lock
+
+
+def redis_variants() -> dict[str, tuple[str, type[RedisStore], dict[str, Any], int]]:
+    """name -> (label, store class, redis-py client options, pairs at once)."""
+    from redis._parsers import _AsyncRESP2Parser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    default_parser = "hiredis" if HIREDIS_AVAILABLE else "Python (RESP2)"
+    out = {
+        "redis_per_call": (f"store calls one by one, as before (baseline; {default_parser} "
+                           "parser)", PerCallRedisStore, {}, 1),
+        "redis": (f"one script per check and per wrong password ({default_parser} parser)",
+                  RedisStore, {}, 1),
+        "redis_resp3": ("the same, RESP3 (protocol=3)", RedisStore, {"protocol": 3}, 1),
+        "redis_per_call_8": ("store calls one by one, 8 pairs at once", PerCallRedisStore,
+                             {}, 8),
+        "redis_8": ("one script per call, 8 pairs at once", RedisStore, {}, 8),
+    }
+    if HIREDIS_AVAILABLE:  # else the default is the Python parser already
+        out["redis_python_parser"] = ("the same, redis-py's Python parser", RedisStore,
+                                      {"parser_class": _AsyncRESP2Parser}, 1)
+    return out
+
+
+async def redis_replies(client: Any) -> int:
+    """Replies Redis has written so far: one per round trip of a client that does not
+    pipeline (INFO's own reply included, subtracted by the caller)."""
+    return int((await client.info("stats"))["total_writes_processed"])
+
+
+async def drive_concurrently(target: Any, items: list[tuple[Attempt, bool]], at_once: int
+                             ) -> list[Decision]:
+    """check+report over items, `at_once` logins in flight (each worker its own slice)."""
+    results: list[list[Decision]] = [[] for _ in range(at_once)]
+
+    async def worker(n: int) -> None:
+        out = results[n]
+        for attempt, success in items[n::at_once]:
+            out.append(await target.check(attempt))
+            await target.report(attempt, success)
+
+    await asyncio.gather(*(worker(n) for n in range(at_once)))
+    return [d for part in results for d in part]
+
+
+async def bench_redis(mode: Mode, redis_url: str, tmp: Path) -> dict[str, Any]:
+    from redis import asyncio as aioredis
+
+    from security.mfa.manager import MfaManager
+    from security.mfa.sealing import Sealer
+    from security.mfa.settings import MfaSettings
+
+    settings, _ = settings_from(CONFIG, tmp)
+    variants = redis_variants()
+    engines: dict[str, SecurityManager] = {}
+    for n, (name, (_, cls, options, _)) in enumerate(variants.items()):
+        store = cls(redis_url, prefix=f"bench{n}:", **options)
+        engine = engines[name] = SecurityManager(settings, store)
+        # MFA on, as the exporter's default: every check asks for the user's MFA fields
+        engine.second_factor = MfaManager(MfaSettings(), store, Sealer("k" * 40))
+        await store.open()
+    stats = aioredis.from_url(redis_url)
+    workload = Workload(seed=2027)
+    warm = workload.batch(200)  # the same for all: one-at-a-time candidates decide alike
+    for name, engine in engines.items():  # warm-up: scripts loaded, connections open
+        await drive_concurrently(engine, warm, variants[name][3])
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    cpu: dict[str, list[float]] = {name: [] for name in engines}
+    trips: dict[str, list[float]] = {name: [] for name in engines}
+    mixes: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in engines}
+    names = list(engines)
+    for rnd in range(mode.redis_rounds):
+        items = workload.batch(mode.redis_pairs)
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            replies = await redis_replies(stats)
+            cpu_start, start = time.process_time(), time.perf_counter()
+            decisions = await drive_concurrently(engines[name], items, variants[name][3])
+            wall, used = time.perf_counter() - start, time.process_time() - cpu_start
+            trips[name].append((await redis_replies(stats) - replies - 1) / mode.redis_pairs)
+            seconds[name].append(wall / mode.redis_pairs * 1e6)
+            cpu[name].append(used / mode.redis_pairs * 1e6)
+            mixes[name].update(f"{d.action}/{d.reason}" for d in decisions)
+        say(f"redis round {rnd + 1}: " + ", ".join(
+            f"{name} {cpu[name][-1]:.0f} us CPU {trips[name][-1]:.2f} trips" for name in names))
+    for engine in engines.values():
+        await engine.store.close()
+    await stats.aclose()
+    candidates = {name: {"label": variants[name][0], "at_once": variants[name][3],
+                         "wall_us_per_pair": summary(seconds[name]),
+                         "cpu_us_per_pair": summary(cpu[name]),
+                         "round_trips_per_pair": summary(trips[name]),
+                         "decisions": dict(mixes[name].most_common())} for name in names}
+    med = {name: c["cpu_us_per_pair"]["median"] for name, c in candidates.items()}
+    ratios = {f"{name}/redis_per_call": ratio(med[name], med["redis_per_call"])
+              for name in names if name != "redis_per_call" and not name.endswith("_8")}
+    ratios["redis_8/redis_per_call_8"] = ratio(med["redis_8"], med["redis_per_call_8"])
+    return {"pairs_per_round": mode.redis_pairs, "rounds": mode.redis_rounds,
+            "workload": WORKLOAD_NOTE + "; the MFA manager attached (no user enrolled)",
+            "candidates": candidates, "ratios_of_cpu_us": ratios}
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -834,6 +986,39 @@ def targets_met(inproc: dict[str, Any], http: dict[str, Any],
     ]
 
 
+def run_parts(mode: Mode, tmp: Path, redis: Redis, began: float
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The four parts, in the order that keeps them from competing for the cores."""
+    # The servers boot while the memory part (in child processes, RSS only) runs.
+    servers = {"default": start_server("default", CONFIG, tmp),
+               "no_login_audit": start_server("no_login_audit", CONFIG_NO_LOGIN_AUDIT, tmp),
+               "redis": start_server("redis", CONFIG + (
+                   f"  store: {{type: redis, redis_url: '{redis.url}'}}\n"), tmp)}
+    servers["redis"].redis_pid = redis.pid
+    try:
+        memory = bench_memory(mode)
+        say(f"memory part took {time.monotonic() - began:.1f} s")
+        for server in servers.values():
+            wait_for_port(server.port, server.proc)
+        http = bench_http(mode, servers, tmp)
+        say(f"http part done after {time.monotonic() - began:.1f} s")
+    except Exception:
+        for server in servers.values():
+            if server.log.exists():
+                say(f"--- {server.name} log tail:\n{server.log.read_text()[-3000:]}")
+        raise
+    finally:
+        for server in servers.values():
+            stop(server.proc)
+    # In-process last, with the servers gone, so nothing else competes for the cores.
+    with event_loop_runner() as runner:
+        inproc = runner.run(bench_inprocess(mode, tmp))
+        say(f"in-process part done after {time.monotonic() - began:.1f} s")
+        redis_part = runner.run(bench_redis(mode, redis.url, tmp))
+        say(f"redis part done after {time.monotonic() - began:.1f} s")
+    return inproc, http, memory, redis_part
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run under 20 s")
@@ -847,41 +1032,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp_name:
         tmp = Path(tmp_name)
         began = time.monotonic()
-        # The servers boot while the memory part (in child processes, RSS only) runs.
-        servers = {"default": start_server("default", CONFIG, tmp),
-                   "no_login_audit": start_server("no_login_audit", CONFIG_NO_LOGIN_AUDIT, tmp)}
+        redis = Redis(tmp / "redis").start()
         try:
-            memory = bench_memory(mode)
-            say(f"memory part took {time.monotonic() - began:.1f} s")
-            for server in servers.values():
-                wait_for_port(server.port, server.proc)
-            http = bench_http(mode, servers, tmp)
-            say(f"http part done after {time.monotonic() - began:.1f} s")
-        except Exception:
-            for server in servers.values():
-                if server.log.exists():
-                    say(f"--- {server.name} log tail:\n{server.log.read_text()[-3000:]}")
-            raise
+            inproc, http, memory, redis_part = run_parts(mode, tmp, redis, began)
         finally:
-            for server in servers.values():
-                stop(server.proc)
-        # In-process last, with the servers gone, so nothing else competes for the cores.
-        try:
-            import uvloop
-
-            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-        except ImportError:
-            runner = asyncio.Runner()
-        with runner:
-            inproc = runner.run(bench_inprocess(mode, tmp))
-        say(f"in-process part done after {time.monotonic() - began:.1f} s")
+            redis.stop()
 
     path = write_result("security", args.out, {
         "mode": "quick" if args.quick else "full",
         "issue": "security engine",
         "baselines": {"inprocess": "a dict counter behind the same two awaited calls",
-                      "http": "GET /livez on the same server, same wrk settings"},
-        "inprocess": inproc, "http": http, "memory": memory,
+                      "http": "GET /livez on the same server, same wrk settings",
+                      "redis": "the same engine calls one by one on Redis (PerCallRedisStore)"},
+        "inprocess": inproc, "http": http, "memory": memory, "redis": redis_part,
         "targets": targets_met(inproc, http, memory),
     })
     say(f"wrote {path}")

@@ -41,7 +41,16 @@ from typing import Any
 
 import httpx
 from bench_security import CONFIG, LUA, Server, run_wrk, start_server
-from common import free_port, ratio, say, stop, summary, wait_for_port, write_result
+from common import (
+    event_loop_runner,
+    free_port,
+    ratio,
+    say,
+    stop,
+    summary,
+    wait_for_port,
+    write_result,
+)
 from prometheus_client import Histogram
 
 from exporter import tracing
@@ -231,10 +240,9 @@ def tracers(sink: str) -> dict[str, Tracing]:
 
 
 async def decision_shaped() -> None:
-    with observe("http", "/dovecot/policy"), observe("security", "check"):
-        for name in ("get_lock", "get_lock", "failure_count"):
-            with observe("store", name, root=False):
-                pass
+    with observe("http", "/dovecot/policy"), observe("security", "check"), observe(
+            "store", "login_state", root=False):  # a check's one store call
+        pass
 
 
 async def bench_inprocess(mode: Mode, sink: str) -> dict[str, Any]:
@@ -402,13 +410,7 @@ def main() -> int:
                     stop(server.proc)
             say(f"http part done after {time.monotonic() - began:.1f} s")
         # in process with the servers gone, so nothing else competes for the cores
-        try:
-            import uvloop
-
-            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-        except ImportError:
-            runner = asyncio.Runner()
-        with runner:
+        with event_loop_runner() as runner:
             inproc = runner.run(bench_inprocess(mode, sink_url))
         say(f"in-process part done after {time.monotonic() - began:.1f} s")
         record = bench_record(mode)

@@ -7,6 +7,7 @@ never single runs and never assertions on timings.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -122,3 +123,13 @@ def fmt_ms(seconds: float) -> str:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def event_loop_runner() -> asyncio.Runner:
+    """A runner on uvloop (the exporter's loop) when it is installed, else asyncio's."""
+    try:
+        import uvloop
+
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        return asyncio.Runner()

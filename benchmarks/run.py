@@ -183,12 +183,15 @@ def security_section(r: dict[str, Any]) -> list[str]:
             "account, address and pwhash like the in-process workload; /livez on the same "
             "server is the baseline. A second exporter whose audit log skips login records "
             "(audit_config.log_successful_auth and log_failed_auth false) shows the audit "
-            f"log's share. wrk and the server share the machine's {http['cores']} cores; "
+            "log's share; dovecot_policy_redis is the first exporter's config on a local "
+            "Redis store (its redis-server's CPU in the last column). wrk and the server "
+            f"share the machine's {http['cores']} cores; "
             "wrk is closed-loop (no coordinated-omission correction).", "",
             "| case | connections | requests/s | p50 ms | p99 ms | max ms | queueing floor ms "
             "| non-2xx | server CPU, % of a core (main thread) | server CPU µs per request "
-            "| wrk CPU, % of a core |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| wrk CPU, % of a core | Redis CPU, % of a core |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: |"]
     for name, c in cases.items():
         out.append(f"| {name} | {c.get('connections', http['connections'])} "
                    f"| {rng(c['requests_per_second'], 0)} | {rng(c['p50_ms'])} "
@@ -197,7 +200,8 @@ def security_section(r: dict[str, Any]) -> list[str]:
                    f"| {c['server_cpu_percent_of_core']['median']:.0f} "
                    f"({c['server_main_thread_cpu_percent_of_core']['median']:.0f}) "
                    f"| {c['server_cpu_us_per_request']['median']:.0f} "
-                   f"| {c['wrk_cpu_percent_of_core']['median']:.0f} |")
+                   f"| {c['wrk_cpu_percent_of_core']['median']:.0f} "
+                   f"| {c.get('redis_cpu_percent_of_core', {'median': 0.0})['median']:.0f} |")
     out += ["", "Queueing floor: connections / requests per second, the mean latency any "
             "closed loop of that many connections shows at that throughput. "
             "Ratios of median requests/s: "
@@ -256,6 +260,29 @@ def security_section(r: dict[str, Any]) -> list[str]:
             "is its slots in the OrderedDict (hash table and linked-list node) and, on the "
             "SQLite store until the next flush, in `store.dirty`. The first row's inserts share "
             "one timestamp object; the engine row's three keys of a login share one."]
+    if "redis" in r:
+        out += ["", *redis_lines(r)]
+    return out
+
+
+def redis_lines(r: dict[str, Any]) -> list[str]:
+    """bench_security.py's part 4: check+report in process on a real Redis."""
+    red = r["redis"]
+    out = ["### security: check+report in process on the Redis store", "",
+           run_line(r) + f" {red['rounds']} rounds of {red['pairs_per_round']:,} logins per "
+           "candidate, candidates rotated each round, one uvloop event loop, a local "
+           "redis-server. Workload: " + red["workload"] + ". Round trips: the replies Redis "
+           "wrote (INFO total_writes_processed) per pair; CPU: this process's.", "",
+           "| candidate | logins at once | CPU µs per pair | wall µs per pair "
+           "| round trips per pair | decisions |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name, c in red["candidates"].items():
+        total = sum(c["decisions"].values()) or 1
+        mix = ", ".join(f"{k} {v / total:.1%}" for k, v in c["decisions"].items())
+        out.append(f"| {name}: {c['label']} | {c['at_once']} | {rng(c['cpu_us_per_pair'], 0)} "
+                   f"| {rng(c['wall_us_per_pair'], 0)} | {rng(c['round_trips_per_pair'])} "
+                   f"| {mix} |")
+    out += ["", "| ratio of CPU µs per pair | value |", "| --- | ---: |"]
+    out += [f"| {key} | {value:.2f} |" for key, value in red["ratios_of_cpu_us"].items()]
     return out
 
 
@@ -374,13 +401,17 @@ def scaling_section(r: dict[str, Any]) -> list[str]:
            run_line(r) + f" {r['rounds']} rounds of {r['seconds']} s per case, cases rotated "
            f"each round; {r['method']}. sqlite_1 is one exporter on its embedded store.", "",
            "| case | decisions/s | p50 ms (worst) | p99 ms (worst) | exporters' CPU, cores "
-           "| Redis CPU, cores | exporter CPU µs per decision | non-2xx |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, c in r["cases"].items():
+           "| Redis CPU, cores | wrk CPU, cores | exporter CPU µs per decision "
+           "| Redis round trips per decision | load at start | non-2xx |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    missing = {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    for name, c in r["cases"].items():  # runs before wrk CPU and round trips were read: nan
         out.append(f"| {name} | {rng(c['decisions_per_second'], 0)} | {rng(c['p50_ms'])} "
                    f"| {rng(c['p99_ms'])} | {rng(c['exporter_cpu_cores'])} "
-                   f"| {rng(c['redis_cpu_cores'])} "
+                   f"| {rng(c['redis_cpu_cores'])} | {rng(c.get('wrk_cpu_cores', missing))} "
                    f"| {rng(c['exporter_cpu_us_per_decision'], 0)} "
+                   f"| {rng(c.get('redis_round_trips_per_decision', missing))} "
+                   f"| {rng(c.get('loadavg_1m_at_start', missing), 1)} "
                    f"| {c['non_2xx']['max']:.0f} |")
     out += ["", "| ratio of decisions/s | value |", "| --- | ---: |"]
     out += [f"| {key} | {value:.2f} |" for key, value in r["ratios"].items()]

@@ -468,7 +468,7 @@ _SPECS = [
           "performance"),
     _spec("a3mailer_exporter_schedule_run_duration_seconds", "histogram", "seconds",
           "Latency of each scheduled run (probes as probe-<name>, delivery-roundtrip, dns, "
-          "dnsbl, queue-*, stalwart), a timeout included (span of the same name).",
+          "dnsbl, queue-*, stalwart, alerts), a timeout included (span of the same name).",
           ("schedule",), "performance"),
     _spec("a3mailer_tracing_sampling_ratio", "gauge", "ratio",
           "Share of new traces sampled (tracing.sampling_rate); 0 when tracing is disabled.",
@@ -481,6 +481,27 @@ _SPECS = [
           "could not be reached within the export timeout).", ("reason",), "tracing"),
     _spec("a3mailer_tracing_queue_spans", "gauge", "",
           "Sampled spans waiting in the batch queue for export.", (), "tracing"),
+    # --- threshold alert engine (exporter/alerts.py, exporter/alert_push.py)
+    _spec("a3mailer_alert_active", "gauge", "",
+          "Firing instances of the threshold alert, as the in-process engine evaluates it "
+          "(alerting.engine); 0 while none fires.", ("alert", "severity"), "alerts"),
+    _spec("a3mailer_alert_pending", "gauge", "",
+          "Instances of the threshold alert whose condition holds but not yet for its `for`.",
+          ("alert", "severity"), "alerts"),
+    _spec("a3mailer_alert_evaluations_total", "counter", "",
+          "Evaluations of the threshold alerts by the in-process engine.", (), "alerts"),
+    _spec("a3mailer_alert_evaluation_failures_total", "counter", "",
+          "Engine evaluations that raised (the exporter's log says why); the alerts kept "
+          "their states.", (), "alerts"),
+    _spec("a3mailer_alert_evaluation_duration_seconds", "gauge", "seconds",
+          "How long the engine's last evaluation took, reading the metrics included.", (),
+          "alerts"),
+    _spec("a3mailer_alert_pushes_total", "counter", "",
+          "Pushes of alerts to Alertmanager (POST /api/v2/alerts); only with "
+          "alerting.engine.alertmanager.url.", (), "alerts"),
+    _spec("a3mailer_alert_push_failures_total", "counter", "",
+          "Pushes to Alertmanager that failed, by reason: timeout, unreachable (connection "
+          "refused, DNS, TLS) or rejected (a non-2xx answer).", ("reason",), "alerts"),
 ]
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -10,7 +10,7 @@ their latencies with the trace id of a sampled sample as its bucket's exemplar:
   a3mailer_exporter_http_request_duration_seconds;
 - security: check and report; the engine keeps its own histogram of checks
   (a3mailer_security_decision_duration_seconds, no exemplars);
-- store: the store method (get_lock, record_failure, ...),
+- store: the store method (login_state, record_login_failure, ...),
   a3mailer_security_store_operation_duration_seconds;
 - collector: the collector's name, a3mailer_exporter_collector_run_duration_seconds;
 - schedule: the Periodic's name (probe-<name>, delivery-roundtrip, dns, dnsbl,

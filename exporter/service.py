@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from exporter import __version__, catalogue, tracing
+from exporter.alerts import AlertEngine
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
 from exporter.collectors.identity import IdentityCollector
@@ -104,6 +105,8 @@ class Exporter:
         self.mail = MailMonitoring(self.state_dir, self._report_logged_login
                                    if self.security is not None else None)
         self._mail_components: set[str] = set()
+        # the threshold alert engine (alerting.engine): the rules' threshold alerts in process
+        self.alerts = AlertEngine(self.state_dir)
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
         self._apply(config)
@@ -156,8 +159,7 @@ class Exporter:
         if self.identity is not None:
             self.identity.configure(config)
             identity_sources.append(IdentityCollector(self.identity))
-        self.scrape = Scrape([
-            *enabled_collectors(mon),
+        sources = [
             *self.mail.collectors(),
             *security_sources,
             *identity_sources,
@@ -167,7 +169,12 @@ class Exporter:
             Source("performance", self.performance.collect),
             Source("tracing", self.tracing.collect),
             Source("exporter", self._collect_self),
-        ])
+        ]
+        self.scrape = Scrape([*enabled_collectors(mon), *sources,
+                              Source("alerts", self.alerts.collect)])
+        # the engine reads what a scrape reads, through its own collector instances (the CPU
+        # usage is measured between one reader's calls)
+        self.alerts.configure(config, Scrape([*enabled_collectors(mon), *sources]).collect)
 
     def _configure_tracing(self, config: Config) -> None:
         """A changed tracing section gets a new provider; the old one exports what it
@@ -242,6 +249,7 @@ class Exporter:
             host, port = await self.postfix_policy.start(*split_listen(policy["listen"]))
             log.info("postfix policy server listening", extra={"listen": f"{host}:{port}"})
         await self.mail.start()
+        await self.alerts.start()
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
         if self.audit is not None:
@@ -254,6 +262,7 @@ class Exporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.alerts.stop()
         await self.mail.stop()
         if self.postfix_policy is not None:
             await self.postfix_policy.stop()

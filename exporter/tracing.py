@@ -636,9 +636,9 @@ def outgoing_headers() -> dict[str, str]:
 
 # --- the security store, observed ----------------------------------------------------
 
-STORE_OPERATIONS = ("record_failure", "failure_count", "clear_failures", "get_lock",
-                    "put_lock", "delete_lock", "locks", "bump_offences", "put_ban",
-                    "delete_ban", "bans", "refresh")
+STORE_OPERATIONS = ("login_state", "record_login_failure", "record_failure",
+                    "failure_count", "clear_failures", "get_lock", "put_lock", "delete_lock",
+                    "locks", "bump_offences", "put_ban", "delete_ban", "bans", "refresh")
 _DB_SYSTEMS = {"RedisStore": "redis", "SqliteStore": "sqlite"}
 
 

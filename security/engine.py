@@ -24,14 +24,14 @@ import contextlib
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
 from security.blocklist import CidrSet, Entry, Lists, parse_network, prefix_of
 from security.settings import Settings
-from security.store import Lock, Store
+from security.store import Lock, LockPolicy, Store
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,14 @@ class Auditor(Protocol):
 
 
 class SecondFactor(Protocol):
-    """Answers whether a login needs a second factor (security.mfa.manager.MfaManager)."""
+    """Answers whether a login needs a second factor (security.mfa.manager.MfaManager),
+    from the user's MFA fields and the source's failures, which check() reads from the
+    store together with everything else it needs."""
 
-    async def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
-                                   source_failures: Callable[[], Awaitable[int]]
-                                   ) -> str | None: ...
+    def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
+                             fields: dict[str, str], source_failures: int) -> str | None: ...
+
+
 class Observation(Protocol):
     """What an observer hands back for one operation: attributes for its span (bounded
     values only: never a login, an address or a hash) and its failure, if any."""
@@ -132,6 +135,7 @@ class SecurityManager:
                                       for network in settings.trusted_networks])
         self.lists.allow = CidrSet([Entry(network, "allowlist", "config", now)
                                     for network in settings.allowlist])
+        self.lock_policy = lock_policy(settings)
 
     # --- lifecycle
 
@@ -230,26 +234,25 @@ class SecurityManager:
         if entry is not None:
             return Decision("reject", "banned", message=self.settings.reject_message,
                             retry_after=_remaining(entry.expires, now))
-        for key, reason in ((keys.pair, "locked"), (keys.account, "account_locked")):
-            lock = await self.store.get_lock(key, now)
-            if lock is not None:
-                return Decision("reject", reason, message=self.settings.reject_message,
-                                retry_after=lock.until - now)
+        s = self.settings
+        second_factor = self.second_factor
+        # one store call: the locks, the tarpit's count and, with MFA, the user's fields
+        # (the account key's login is MFA's user name: both trimmed and lower-cased)
+        state = await self.store.login_state(
+            keys, now, s.login_attempt_window, s.tarpit_enabled,
+            keys.account.removeprefix("a:") if second_factor is not None else None)
+        lock = state.lock
+        if lock is not None:
+            return Decision("reject", "locked" if lock.key == keys.pair else "account_locked",
+                            message=s.reject_message, retry_after=lock.until - now)
         decision = ALLOW
-        if self.settings.tarpit_enabled:
-            failures = await self.store.failure_count(keys.pair, now,
-                                                      self.settings.login_attempt_window)
-            if failures:
-                delay = min(self.settings.tarpit_max_delay,
-                            failures * self.settings.tarpit_delay_per_failure)
-                decision = Decision("delay", "tarpit", delay=delay)
-        if self.second_factor is not None:
-            async def source_failures() -> int:
-                return await self.store.failure_count(keys.source, now,
-                                                      self.settings.login_attempt_window)
-
-            why = await self.second_factor.second_factor_reason(
-                attempt.login, attempt.remote_ip, attempt.device_id, source_failures)
+        if state.failures:
+            delay = min(s.tarpit_max_delay, state.failures * s.tarpit_delay_per_failure)
+            decision = Decision("delay", "tarpit", delay=delay)
+        if second_factor is not None:
+            why = second_factor.second_factor_reason(
+                attempt.login, attempt.remote_ip, attempt.device_id, state.mfa or {},
+                state.source_failures)
             if why is not None:  # the tarpit's delay still applies
                 return Decision("mfa_required", why, delay=decision.delay,
                                 message=self.mfa_message)
@@ -294,45 +297,28 @@ class SecurityManager:
     async def _count_failure(self, attempt: Attempt, ip: Any, keys: Keys,
                              now: float) -> list[str]:
         s = self.settings
-        window = s.login_attempt_window
-        pair_locked = await self.store.get_lock(keys.pair, now) is not None
-        pair = await self.store.record_failure(keys.pair, attempt.pwhash, now, window)
-        # a source already locked out of this account cannot push it to a whole-account lock
-        account = 0 if pair_locked else await self.store.record_failure(
-            keys.account, attempt.pwhash, now, window)
-        source = await self.store.record_failure(keys.source, attempt.pwhash, now, window)
-        network = keys.source.removeprefix("s:")
-        login = keys.account.removeprefix("a:")
+        # one store call records the three keys and makes the locks they reach
+        counts = await self.store.record_login_failure(keys, attempt.pwhash, now,
+                                                       self.lock_policy)
         actions = []
-        if pair >= s.max_login_attempts and not pair_locked:
-            await self._lock(keys.pair, "source_account", login, network, now,
-                             f"{pair} distinct wrong passwords in {window:g}s")
-            actions.append("lock")
-        if account >= s.account_lock_threshold and await self.store.get_lock(
-                keys.account, now) is None:
-            await self._lock(keys.account, "account", login, "", now,
-                             f"{account} distinct wrong passwords from all sources in {window:g}s")
-            actions.append("account_lock")
+        for lock in counts.locks:
+            self._lock_scopes[lock.key] = lock.scope
+            self._recount()
+            self._audit("lockout.lock", "engine",
+                        lock.account if not lock.source else f"{lock.account}@{lock.source}",
+                        {"scope": lock.scope, "until": lock.until, "level": lock.level,
+                         "reason": lock.reason})
+            actions.append("lock" if lock.scope == "source_account" else "account_lock")
+        source = counts.source
         if s.auto_ban_enabled and source >= s.auto_ban_threshold and self.lists.block.match(
                 ip, now) is None:
-            await self.ban(network, f"{source} distinct wrong passwords in {window:g}s",
+            window = s.login_attempt_window
+            await self.ban(keys.source.removeprefix("s:"),
+                           f"{source} distinct wrong passwords in {window:g}s",
                            s.auto_ban_duration, source="automatic", actor="engine")
             await self.store.clear_failures(keys.source)
             actions.append("ban")
         return actions
-
-    async def _lock(self, key: str, scope: str, account: str, source: str, now: float,
-                    reason: str) -> Lock:
-        level = await self.store.bump_offences(key, now, self.settings.escalation_window)
-        lock = Lock(key, scope, account, source, reason, now,
-                    now + self.settings.lock_duration(level), level)
-        await self.store.put_lock(lock)
-        await self.store.clear_failures(key)
-        self._lock_scopes[key] = scope
-        self._recount()
-        self._audit("lockout.lock", "engine", account if not source else f"{account}@{source}",
-                    {"scope": scope, "until": lock.until, "level": level, "reason": reason})
-        return lock
 
     # --- administration
 
@@ -397,6 +383,21 @@ class SecurityManager:
                 self.audit.record(type_, actor, subject, details)
             except Exception:
                 log.exception("audit record failed", extra={"type": type_})
+
+
+def lock_policy(settings: Settings) -> LockPolicy:
+    """The settings' lockout rules as the store applies them (Store.record_login_failure)."""
+    durations = [settings.lock_duration(1)]
+    while len(durations) < 64:  # doubling reaches the cap long before (and 2**63 overflows)
+        following = settings.lock_duration(len(durations) + 1)
+        if following == durations[-1]:
+            break
+        durations.append(following)
+    window = settings.login_attempt_window
+    return LockPolicy(window, settings.max_login_attempts, settings.account_lock_threshold,
+                      settings.escalation_window, tuple(durations),
+                      f"%d distinct wrong passwords in {window:g}s",
+                      f"%d distinct wrong passwords from all sources in {window:g}s")
 
 
 def _remaining(expires: float | None, now: float) -> float:

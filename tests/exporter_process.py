@@ -18,12 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class ExporterProcess:
     def __init__(self, workdir: Path, config: Path | None = None, port: int | None = None,
-                 scheme: str = "http"):
+                 scheme: str = "http", command: list[str] | None = None,
+                 state_dir: Path | None = None, env: dict[str, str] | None = None,
+                 user: int | None = None, cwd: Path = ROOT):
+        """``command`` replaces ``python -m exporter`` (e.g. an installed entry point);
+        ``user`` runs the child under that UID (and GID), as a container's USER would."""
         self.workdir = workdir
         self.config = config
         self.port = port or free_port()
         self.scheme = scheme
-        self.state_dir = workdir / "state"
+        self.command = command or [sys.executable, "-m", "exporter"]
+        self.env = env if env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.user = user
+        self.cwd = cwd
+        self.state_dir = state_dir or workdir / "state"
         self.log_path = workdir / "exporter.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -36,13 +44,13 @@ class ExporterProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True) -> ExporterProcess:
-        cmd = [sys.executable, "-m", "exporter", "run", "--listen", self.address,
-               "--state-dir", str(self.state_dir)]
+        cmd = [*self.command, "run", "--listen", self.address, "--state-dir", str(self.state_dir)]
         if self.config:
             cmd += ["--config", str(self.config)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=self.env,
+                                     user=self.user, group=self.user)
         if wait:
             self.wait_live()
         return self

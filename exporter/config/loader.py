@@ -6,6 +6,7 @@ on its own (so line numbers point into it) and then merged over them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -121,6 +122,24 @@ def parse_headers(text: str) -> dict[str, str]:
             raise ValueError(f"header {number}: expected name=value with a token name")
         headers[name] = urllib.parse.unquote(value.strip())
     return headers
+
+
+@functools.cache
+def secret_paths() -> tuple[tuple[tuple[str, ...], str], ...]:
+    """(section path, name) of every secret: each `<name>_file` key the schema types as a
+    secret_file, so a secret added to the schema is checked at load (and gets its place in
+    the chart's Secret) without a second list to keep."""
+    found: list[tuple[tuple[str, ...], str]] = []
+
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        for key, prop in node.get("properties", {}).items():
+            if prop.get("$ref") == "#/definitions/secret_file" and key.endswith("_file"):
+                found.append((path, key.removesuffix("_file")))
+            elif prop.get("type") == "object":
+                walk(prop, (*path, key))
+
+    walk(load_schema(), ())
+    return tuple(found)
 
 
 @functools.cache
@@ -331,15 +350,7 @@ def _semantic_problems(
         seen.add(metric["name"])
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
-    for section, name in ((("security",), "admin_token"), (("server", "auth"), "bearer_token"),
-                          (("security", "dovecot_policy"), "api_key"),
-                          (("security", "stalwart_webhook"), "secret"),
-                          (("security", "store"), "redis_password"),
-                          (("monitoring", "stalwart"), "password"),
-                          (("monitoring", "stalwart"), "token"),
-                          (("security", "mfa"), "encryption_key"),
-                          (("security", "mfa", "email"), "password"),
-                          (("security", "mfa", "sms"), "auth_value")):
+    for section, name in secret_paths():
         values: Any = data
         for key in section:
             values = values[key]
@@ -356,17 +367,28 @@ def _semantic_problems(
         if SECRET_HEADER.search(name):
             problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "
                     "tracing.otlp_headers_file or tracing.otlp_headers_env")
-    try:
-        parse_headers(read_secret(tracing, "otlp_headers") or "")
-    except OSError as exc:
-        problem(("tracing", "otlp_headers_file"), f"cannot read secret: {exc.strerror}")
-    except ValueError as exc:
-        where = "otlp_headers_file" if tracing["otlp_headers_file"] else "otlp_headers_env"
-        problem(("tracing", where), str(exc))
+    with contextlib.suppress(OSError):  # an unreadable file is reported with every secret
+        try:
+            parse_headers(read_secret(tracing, "otlp_headers") or "")
+        except ValueError as exc:
+            where = "otlp_headers_file" if tracing["otlp_headers_file"] else "otlp_headers_env"
+            problem(("tracing", where), str(exc))
     tls = data["server"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")
+    _alert_engine_problems(data["alerting"]["engine"]["alertmanager"], problem)
     return problems
+
+
+def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:
+    """The engine's Alertmanager credentials: Basic (user and password) or a bearer token."""
+    where = ("alerting", "engine", "alertmanager")
+    password = bool(push["password_file"] or push["password_env"])
+    bearer = bool(push["bearer_token_file"] or push["bearer_token_env"])
+    if password != bool(push["username"]):
+        problem((*where, "username"), "username and password_file/password_env go together")
+    if bearer and (password or push["username"]):
+        problem((*where, "bearer_token_file"), "Basic auth or a bearer token, not both")
 
 
 def _bundle_problems(data: dict[str, Any], problem: Any) -> None:

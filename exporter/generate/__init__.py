@@ -18,6 +18,8 @@ from exporter.generate import (
     alerts,
     config_reference,
     dashboards,
+    helm,
+    helm_bundle,
     metrics_reference,
 )
 from exporter.generate.yaml_dump import dump_yaml
@@ -50,6 +52,10 @@ def _dashboard(key: str) -> Callable[[Config], str]:
     return render
 
 
+def _chart_file(render: Callable[[], str]) -> Callable[[Config], str]:
+    return lambda config: render()
+
+
 # output path (relative to the project root) -> function that renders it from the config
 OUTPUTS: dict[str, Callable[[Config], str]] = {
     "exporter/config/defaults.yaml": lambda config: config_reference.defaults_yaml(),
@@ -59,6 +65,12 @@ OUTPUTS: dict[str, Callable[[Config], str]] = {
     "alert-rules/recording-rules.yaml": recording_rules_yaml,
     "alert-rules/alertmanager.example.yml": alertmanager.alertmanager_yml,
     **{f"dashboards/{key}.json": _dashboard(key) for key in dashboards.KEYS},
+    # --- Helm chart (exporter/generate/helm.py, helm_bundle.py): independent of --config,
+    # the chart fills its rules and dashboards from the release's values
+    **{path: _chart_file(render) for path, render in {
+        f"{helm.CHART_DIR}/values.yaml": helm.values_yaml,
+        f"{helm.CHART_DIR}/values.schema.json": helm.values_schema_json,
+        **helm_bundle.outputs()}.items()},
 }
 DEFAULTS = "exporter/config/defaults.yaml"
 

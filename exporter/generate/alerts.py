@@ -3,11 +3,13 @@
 `ALERTS` is the one table of alerts. A row is either
 
 - a threshold alert (`metric` set): one catalogued metric, optionally summed or
-  rated per instance, scaled into the unit of its threshold and compared with the
-  value at the config key path `threshold`. These rows are everything an
-  in-process evaluator needs (metric, matchers, rate window, scale, comparison,
-  threshold key, `for`, severity), so it can fire and resolve with Prometheus;
-  `THRESHOLD_ALERTS` lists them; or
+  rated per instance (`rate`), turned into a ratio of its rates (`ratio`: the share
+  of the rate with those matchers) or a histogram quantile (`quantile`), scaled
+  into the unit of its threshold and compared with the value at the config key path
+  `threshold`. These rows are everything the in-process engine (exporter/alerts.py)
+  needs (metric, matchers, rate window, scale, comparison, threshold key, `for`,
+  severity), so it fires and resolves with Prometheus; `THRESHOLD_ALERTS` lists
+  them; or
 - an expression alert (`expr` set), written with the tokens of `promql.py`.
 
 `render_rules(config, value)` turns the tables into rule groups: the loaded
@@ -47,7 +49,9 @@ class Alert:
     metric: str = ""
     matchers: str = ""  # extra label matchers, e.g. result="failure"
     rate: str = ""  # window: per-second rate, summed per instance
-    record: str = ""  # recording rule holding that rate (rate alerts only)
+    ratio: str = ""  # matchers: the share of the rate that has them (0 when none has)
+    quantile: float = 0  # a histogram: this quantile of its buckets' rates
+    record: str = ""  # recording rule holding that rate, ratio or quantile
     total: bool = False  # sum the series per instance first (gauges with a split label)
     until: bool = False  # compare metric - time() (a Unix timestamp ahead)
     scale: float = 1  # the metric's value times scale is in the threshold's unit
@@ -71,24 +75,20 @@ def _rate(metric: str, matchers: str, window: str) -> str:
     return f"sum by (<<by>>) (rate({metric}{{{inner}}}[{window}]))"
 
 
-# --- recording rules: expressions that alerts and dashboards share or that are costly
-def _ratio(metric: str, failed: str) -> str:
+def _ratio(metric: str, failed: str, window: str) -> str:
     """Share of a counter's rate with the `failed` matchers; 0 (not absent) when none."""
-    total = f"sum by (<<by>>) (rate({metric}{{<<sel>>}}[5m]))"
-    return (f"(\n  sum by (<<by>>) (rate({metric}{{<<sel>>, {failed}}}[5m]))\n  or\n"
-            f"  {total} * 0\n)\n/\n{total}")
+    total = _rate(metric, "", window)
+    return f"(\n  {_rate(metric, failed, window)}\n  or\n  {total} * 0\n)\n/\n{total}"
 
 
+def _quantile(metric: str, q: float, window: str) -> str:
+    return (f"histogram_quantile({number(q)}, sum by (<<by>>, le) "
+            f"(rate({metric}_bucket{{<<sel>>}}[{window}])))")
+
+
+# --- recording rules: expressions that alerts and dashboards share or that are costly
+# (the threshold alerts' rates, ratios and quantiles come from their rows: threshold_recordings)
 RECORDING_RULES: list[Recording] = [
-    Recording("instance:a3mailer_exporter_http_errors:ratio_rate5m",
-              _ratio("a3mailer_exporter_http_requests_total", 'code=~"5.."')),
-    Recording("instance_quantile:a3mailer_exporter_http_request_duration_seconds:"
-              "histogram_quantile",
-              "histogram_quantile(0.95, sum by (<<by>>, le) "
-              "(rate(a3mailer_exporter_http_request_duration_seconds_bucket{<<sel>>}[5m])))",
-              (("quantile", "0.95"),)),
-    Recording("instance:a3mailer_mail_deliveries_failed:ratio_rate5m",
-              _ratio("a3mailer_mail_deliveries_total", 'status=~"deferred|bounced|expired"')),
     Recording("instance_protocol:a3mailer_stalwart_request_time_seconds:mean5m",
               "\nor\n".join(
                   f'label_replace(sum by (<<by>>) (rate(a3mailer_stalwart_{p}_request_time_seconds'
@@ -140,17 +140,17 @@ ALERTS: list[Alert] = [
           f"{{{{ $value | printf \"%.1f\" }}}}% of the HTTP requests to {_ON} (security "
           "decisions, webhooks, admin API) failed with 5xx in the last 5 minutes, above the "
           "threshold of <<threshold>>%.",
-          "performance",
-          expr="instance:a3mailer_exporter_http_errors:ratio_rate5m * 100 > <<threshold>>",
+          "performance", metric="a3mailer_exporter_http_requests_total", ratio='code=~"5.."',
+          rate="5m", record="instance:a3mailer_exporter_http_errors:ratio_rate5m", scale=100,
           threshold=T + "error_rate_threshold"),
     Alert("A3MailerApiSlowResponses", "application", "warning", "10m",
           f"The exporter's HTTP API on {_ON} is slow.",
           f"The 95th percentile of HTTP response times on {_ON} is "
           "{{ $value | printf \"%.0f\" }} ms, above the threshold of <<threshold>> ms.",
-          "performance",
-          expr='instance_quantile:a3mailer_exporter_http_request_duration_seconds:'
-               'histogram_quantile{quantile="0.95"} * 1000 > <<threshold>>',
-          threshold=T + "response_time_threshold"),
+          "performance", metric="a3mailer_exporter_http_request_duration_seconds",
+          quantile=0.95, rate="5m",
+          record="instance_quantile:a3mailer_exporter_http_request_duration_seconds:"
+                 "histogram_quantile", scale=1000, threshold=T + "response_time_threshold"),
     Alert("A3MailerStalwartSlowRequests", "application", "warning", "10m",
           f"A3Mailer/Stalwart {{{{ $labels.protocol }}}} requests are slow on {_ON}.",
           f"Stalwart's {{{{ $labels.protocol }}}} requests on {_ON} took "
@@ -209,8 +209,9 @@ ALERTS: list[Alert] = [
           f"{{{{ $value | printf \"%.1f\" }}}}% of the delivery attempts logged on {_ON} in the "
           "last 5 minutes were deferred, bounced or expired, above the threshold of "
           "<<threshold>>%.",
-          "mail",
-          expr="instance:a3mailer_mail_deliveries_failed:ratio_rate5m * 100 > <<threshold>>",
+          "mail", metric="a3mailer_mail_deliveries_total",
+          ratio='status=~"deferred|bounced|expired"', rate="5m",
+          record="instance:a3mailer_mail_deliveries_failed:ratio_rate5m", scale=100,
           threshold=T + "error_rate_threshold"),
     Alert("A3MailerDnsCheckFailing", "mail", "warning", "30m",
           "The {{ $labels.check }} DNS check of {{ $labels.domain }} fails.",
@@ -287,6 +288,15 @@ ALERTS: list[Alert] = [
           "security", metric="a3mailer_mfa_verifications_total", matchers='result!="success"',
           rate="5m", record="instance:a3mailer_mfa_verification_failures:rate5m", scale=60,
           threshold=T + "mfa_failure_rate_threshold"),
+    Alert("A3MailerSecurityDecisionsSlow", "security", "warning", "10m",
+          f"Login decisions are slow on {_ON}.",
+          f"The 99th percentile of the security engine's login decisions on {_ON} was "
+          "{{ $value | printf \"%.0f\" }} ms over the last 5 minutes, above the threshold of "
+          "<<threshold>> ms; the mail servers wait for every decision (is the security store "
+          "slow?).",
+          "performance", metric="a3mailer_performance_latency_seconds",
+          matchers='path="security", window="5m", percentile="99"', scale=1000,
+          threshold=T + "decision_latency_threshold"),
     Alert("A3MailerAuditChainBroken", "security", "critical", "1m",
           f"The audit log's hash chain is broken on {_ON}.",
           f"The audit log of {_ON} no longer verifies: a record was edited, deleted, reordered "
@@ -333,6 +343,31 @@ ALERTS: list[Alert] = [
           "exporter",
           expr="sum by (<<by>>, source, operation) (increase(a3mailer_log_follow_errors_total"
                "{<<sel>>}[10m])) > 0"),
+    Alert("A3MailerOperationErrorRateHigh", "exporter", "warning", "15m",
+          f"{{{{ $labels.path }}}} operations of {_ON} fail.",
+          f"{{{{ $value | printf \"%.1f\" }}}}% of the {{{{ $labels.path }}}} operations of {_ON} "
+          "failed over the performance monitor's last 15 minutes, above the threshold of "
+          "<<threshold>>%: a probe, collector, scheduled check or store call that fails now "
+          "and then (GET /api/v1/performance says which operation).",
+          "performance", metric="a3mailer_performance_error_ratio",
+          matchers='path!="http", window="15m"', scale=100,
+          threshold=T + "error_rate_threshold"),
+    Alert("A3MailerTracingExportFailing", "exporter", "warning", "10m",
+          f"Sampled spans are dropped on {_ON}.",
+          f"{_ON} has dropped {{{{ $value | printf \"%.2f\" }}}} sampled spans per second over "
+          "5 minutes ({{ $labels.reason }}): the OTLP receiver at tracing.otlp_endpoint is "
+          "unreachable, refusing, or slower than the span volume.",
+          "performance",
+          expr="sum by (<<by>>, reason) (rate(a3mailer_tracing_spans_dropped_total{<<sel>>}"
+               "[5m])) > 0"),
+    Alert("A3MailerAlertPushFailing", "exporter", "warning", "10m",
+          f"The alert engine of {_ON} cannot push to Alertmanager.",
+          f"{_ON} failed {{{{ $value | printf \"%.0f\" }}}} pushes to "
+          "alerting.engine.alertmanager.url in the last 10 minutes ({{ $labels.reason }}); "
+          "its in-process alerts reach no one.",
+          "exporter",
+          expr="sum by (<<by>>, reason) (increase(a3mailer_alert_push_failures_total{<<sel>>}"
+               "[10m])) > 0"),
     Alert("A3MailerStalwartSeriesDropped", "exporter", "info", "1h",
           "Stalwart series are dropped on {{ $labels.instance }}.",
           f"{_ON} leaves {{{{ $value }}}} Stalwart series out because of "
@@ -357,7 +392,9 @@ THRESHOLD_ALERTS = [a for a in ALERTS if a.is_threshold]
 
 
 def _threshold_expr(alert: Alert) -> str:
-    if alert.rate:
+    if alert.quantile:
+        value = f'{alert.record}{{quantile="{number(alert.quantile)}"}}'
+    elif alert.rate:
         value = alert.record
     else:
         matchers = f"<<sel>>, {alert.matchers}" if alert.matchers else "<<sel>>"
@@ -373,13 +410,23 @@ def _threshold_expr(alert: Alert) -> str:
     return f"{value} {alert.op} <<threshold>>"
 
 
+def recording_of(alert: Alert) -> Recording:
+    """The recording rule holding a rate, ratio or quantile row's value before scaling."""
+    if alert.quantile:
+        return Recording(alert.record, _quantile(alert.metric, alert.quantile, alert.rate),
+                         (("quantile", number(alert.quantile)),))
+    if alert.ratio:
+        return Recording(alert.record, _ratio(alert.metric, alert.ratio, alert.rate))
+    return Recording(alert.record, _rate(alert.metric, alert.matchers, alert.rate))
+
+
 def threshold_recordings() -> list[Recording]:
-    """The recording rules of the rate-based threshold alerts (one per record name)."""
+    """The recording rules of the threshold alerts' rates, ratios and quantiles (one per
+    record name)."""
     seen: dict[str, Recording] = {}
     for alert in THRESHOLD_ALERTS:
         if alert.rate and alert.record not in seen:
-            seen[alert.record] = Recording(alert.record,
-                                           _rate(alert.metric, alert.matchers, alert.rate))
+            seen[alert.record] = recording_of(alert)
     return list(seen.values())
 
 
@@ -403,7 +450,20 @@ def _tokens(config: Config, alert: Alert, value: ValueRenderer) -> dict[str, str
             "for": override.get("for", alert.for_)}
 
 
-def _rule(config: Config, alert: Alert, value: ValueRenderer) -> dict[str, Any] | None:
+def keep_firing_for(config: Config, alert: Alert) -> str:
+    """The alert's hysteresis: alerting.keep_firing_for for threshold alerts, unless the
+    alert's override sets its own; "" when none ("0s" turns it off)."""
+    override = config["alerting"]["alerts"].get(alert.name, {})
+    default = config["alerting"]["keep_firing_for"] if alert.is_threshold else ""
+    value = str(override.get("keep_firing_for", default))
+    return "" if value == "0s" else value
+
+
+def rule_for(config: Config, alert: Alert, value: ValueRenderer | None = None
+             ) -> dict[str, Any] | None:
+    """The alert's rule as Prometheus loads it (None when disabled); the in-process engine
+    takes its labels, annotations, `for` and `keep_firing_for` from here too."""
+    value = value or configured(config)
     alerting = config["alerting"]
     override = alerting["alerts"].get(alert.name, {})
     if not override.get("enabled", True):
@@ -426,6 +486,9 @@ def _rule(config: Config, alert: Alert, value: ValueRenderer) -> dict[str, Any] 
     for_ = override.get("for", alert.for_)
     if for_:
         rule["for"] = for_
+    hysteresis = keep_firing_for(config, alert)
+    if hysteresis:
+        rule["keep_firing_for"] = hysteresis
     rule["labels"] = labels
     rule["annotations"] = annotations
     return rule
@@ -439,7 +502,7 @@ def render_rules(config: Config, value: ValueRenderer | None = None) -> dict[str
         members = [a for a in ALERTS if a.family == family]
         if family == "exporter":
             members.append(INFO_INHIBITOR)
-        rules = [r for a in members if (r := _rule(config, a, value)) is not None]
+        rules = [r for a in members if (r := rule_for(config, a, value)) is not None]
         groups.append({"name": f"a3mailer-{family}", "rules": rules})
     return {"groups": groups}
 
@@ -488,6 +551,8 @@ def check_tables() -> list[str]:
             problems.append(f"{where}: a scale below 1 must be 1 / an integer")
         if alert.rate and not alert.record:
             problems.append(f"{where}: a rate alert names its recording rule")
+        if alert.is_threshold:
+            problems += [f"{where}: {p}" for p in _row_problems(alert)]
         if alert.threshold:
             try:
                 lookup(config, alert.threshold)
@@ -502,4 +567,28 @@ def check_tables() -> list[str]:
             if base not in catalogue.METRICS and base not in records and (
                     base not in promql.SYNTHETIC):
                 problems.append(f"rules: {name} is neither catalogued nor recorded")
+    return problems
+
+
+def _row_problems(alert: Alert) -> list[str]:
+    """What the engine (exporter/rule_values.py) needs of a threshold row."""
+    from exporter.rule_values import parse_matchers
+
+    problems = []
+    spec = catalogue.METRICS.get(alert.metric)
+    if spec is None:
+        return [f"unknown metric {alert.metric}"]
+    for matchers in (alert.matchers, alert.ratio):
+        try:
+            parse_matchers(matchers)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if (alert.ratio or alert.quantile) and not alert.rate:
+        problems.append("a ratio or quantile needs a rate window")
+    if alert.rate and (alert.total or alert.until):
+        problems.append("a rate is summed per instance already; total and until do not apply")
+    if alert.quantile and not (0 < alert.quantile < 1 and spec.type == "histogram"):
+        problems.append("a quantile is between 0 and 1, of a histogram")
+    if alert.rate and not alert.quantile and spec.type != "counter":
+        problems.append("a rate or ratio reads a counter")
     return problems

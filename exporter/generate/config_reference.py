@@ -49,10 +49,17 @@ def _scalar(value: Any) -> str:
 
 def defaults_yaml() -> str:
     schema = load_schema()
-    lines = [HEADER]
-    for path, prop in _walk(schema, schema):
+    return "\n".join([HEADER, *commented_yaml(schema, schema)]) + "\n"
+
+
+def commented_yaml(node: dict[str, Any], schema: dict[str, Any],
+                   prefix: tuple[str, ...] = ()) -> list[str]:
+    """YAML lines of a schema node's defaults, each key under its description, nested
+    below `prefix` (the Helm chart's values.yaml puts the config under `config:`)."""
+    lines = []
+    for path, prop in _walk(node, schema, prefix):
         indent = "  " * (len(path) - 1)
-        if len(path) == 1:
+        if len(path) == len(prefix) + 1:
             lines.append("")
         for text in _wrap(prop.get("description", ""), 88 - len(indent)):
             lines.append(f"{indent}# {text}")
@@ -60,7 +67,7 @@ def defaults_yaml() -> str:
             lines.append(f"{indent}{path[-1]}:")
         else:
             lines.append(f"{indent}{path[-1]}: {_scalar(prop['default'])}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _wrap(text: str, width: int) -> list[str]:

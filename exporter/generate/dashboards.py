@@ -509,6 +509,50 @@ PERFORMANCE_ROWS: list[Row] = [
     )),
 ]
 
+PERFORMANCE_ROWS.append(Row("Performance monitor", (
+    Panel("Operations per path", "timeseries", "ops",
+          "Operations per second of each instrumented path (http, security, store, collector, "
+          "schedule) over the performance monitor's 1-minute window.",
+          (q('a3mailer_performance_operations_per_second{<<sel>>, window="1m"}',
+             "{{instance}} {{path}}"),)),
+    Panel("Failing operations per path", "timeseries", "percent",
+          "Share of each path's operations that failed over the 15-minute window; the line is "
+          "monitoring.alert_thresholds.error_rate_threshold (A3MailerOperationErrorRateHigh, "
+          "every path but http).",
+          (q('a3mailer_performance_error_ratio{<<sel>>, window="15m"} * 100',
+             "{{instance}} {{path}}"),),
+          threshold=T + "error_rate_threshold"),
+    Panel("Login decision p99", "timeseries", "ms",
+          "99th percentile of the security engine's login decisions over 5 minutes; the line "
+          "is monitoring.alert_thresholds.decision_latency_threshold.",
+          (q('a3mailer_performance_latency_seconds{<<sel>>, path="security", window="5m", '
+             'percentile="99"} * 1000', ON),),
+          threshold=T + "decision_latency_threshold"),
+    Panel("Latency p95 per path", "timeseries", "s",
+          "95th percentile latency of each path's operations over 5 minutes (within 2%).",
+          (q('a3mailer_performance_latency_seconds{<<sel>>, window="5m", percentile="95"}',
+             "{{instance}} {{path}}"),), width=12),
+    Panel("Latency p99 per path", "timeseries", "s",
+          "99th percentile latency of each path's operations over 5 minutes (within 2%).",
+          (q('a3mailer_performance_latency_seconds{<<sel>>, window="5m", percentile="99"}',
+             "{{instance}} {{path}}"),), width=12),
+)))
+PERFORMANCE_ROWS.append(Row("Tracing", (
+    Panel("Spans exported and dropped", "timeseries", "ops",
+          "Sampled spans the OTLP receiver accepted per second, and spans dropped by reason "
+          "(queue_full, export_failed: A3MailerTracingExportFailing).",
+          (q("sum by (instance) (rate(a3mailer_tracing_spans_exported_total{<<sel>>}"
+             f"[{RI}]))", "exported {{instance}}"),
+           q("sum by (instance, reason) (rate(a3mailer_tracing_spans_dropped_total{<<sel>>}"
+             f"[{RI}]))", "dropped {{instance}} {{reason}}"))),
+    Panel("Span queue", "timeseries", "short",
+          "Sampled spans waiting in the batch processor's queue for export.",
+          (q("a3mailer_tracing_queue_spans{<<sel>>}", ON),)),
+    Panel("Sampling ratio", "stat", "percentunit",
+          "Share of new traces sampled (tracing.sampling_rate); 0 when tracing is off.",
+          (q("a3mailer_tracing_sampling_ratio{<<sel>>}", ON),), min=0, max=1),
+)))
+
 # --------------------------------------------------------------------------- Exporter
 EXPORTER_ROWS: list[Row] = [
     Row("Process", (
@@ -569,6 +613,31 @@ EXPORTER_ROWS: list[Row] = [
     )),
 ]
 
+EXPORTER_ROWS.append(Row("Alert engine", (
+    Panel("Engine alerts", "timeseries", "short",
+          "Threshold alerts firing and pending in the exporter's own engine (alerting.engine), "
+          "evaluated like the Prometheus rules; GET /api/v1/alerts lists them.",
+          (q("sum by (instance) (a3mailer_alert_active{<<sel>>})", "firing {{instance}}"),
+           q("sum by (instance) (a3mailer_alert_pending{<<sel>>})", "pending {{instance}}"))),
+    Panel("Engine alerts by name", "bargauge", "short",
+          "Firing instances of each threshold alert in the engine, by severity.",
+          (q("sum by (alert, severity) (a3mailer_alert_active{<<sel>>})",
+             "{{alert}} ({{severity}})", instant=True),)),
+    Panel("Engine evaluations", "timeseries", "s",
+          "How long the engine's last evaluation took (reading the metrics included), and "
+          "evaluations that failed per second.",
+          (q("a3mailer_alert_evaluation_duration_seconds{<<sel>>}", "duration {{instance}}"),
+           q(f"rate(a3mailer_alert_evaluation_failures_total{{<<sel>>}}[{RI}])",
+             "failed {{instance}}"))),
+    Panel("Alertmanager pushes", "timeseries", "ops",
+          "The engine's pushes to alerting.engine.alertmanager.url per second, and failed "
+          "ones by reason (A3MailerAlertPushFailing).",
+          (q(f"sum by (instance) (rate(a3mailer_alert_pushes_total{{<<sel>>}}[{RI}]))",
+             "pushes {{instance}}"),
+           q("sum by (instance, reason) (rate(a3mailer_alert_push_failures_total{<<sel>>}"
+             f"[{RI}]))", "failed {{instance}} {{reason}}")), width=24),
+)))
+
 DASHBOARDS: list[Dashboard] = [
     Dashboard("overview", "A3Mailer / Overview",
               "Health, firing alerts and the key indicators of every selected exporter.",
@@ -583,10 +652,11 @@ DASHBOARDS: list[Dashboard] = [
               "The login-security engine: attempts, decisions, lockouts, bans, rate limiting, "
               "front ends, store and audit log.", SECURITY_ROWS),
     Dashboard("performance", "A3Mailer / Performance and tracing",
-              "Latency of the exporter's API, of security decisions and of the mail server.",
-              PERFORMANCE_ROWS),
+              "Latency of the exporter's API, of security decisions and of the mail server; "
+              "the performance monitor's windows per path; span export.", PERFORMANCE_ROWS),
     Dashboard("exporter", "A3Mailer / Exporter",
-              "The exporter itself: process, scrape, collectors and its sources.",
+              "The exporter itself: process, scrape, collectors, its sources and its alert "
+              "engine.",
               EXPORTER_ROWS),
 ]
 KEYS = tuple(d.key for d in DASHBOARDS)

@@ -111,6 +111,16 @@ def create_app(exporter: Exporter) -> ASGIApp:
             return error(400, "bad_request", str(exc))
         return JSONResponse(body)
 
+    async def active_alerts(request: Request) -> Response:
+        if not exporter.config["alerting"]["engine"]["enabled"]:
+            return error(404, "not_found", "the alert engine is disabled "
+                                           "(alerting.engine.enabled)")
+        state = request.query_params.get("state") or None
+        if state not in (None, "pending", "firing"):
+            return error(400, "bad_request", "state must be pending or firing")
+        return JSONResponse({**exporter.alerts.status(),
+                             "alerts": exporter.alerts.snapshot(state)})
+
     async def custom_metric(request: Request) -> Response:
         denied = await authorize(request, "metrics:write")
         if denied:
@@ -184,6 +194,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
         Route("/-/reload", reload, methods=["POST"]),
         Route("/api/v1/monitoring/history", history, methods=["GET"]),
         Route("/api/v1/performance", performance, methods=["GET"]),
+        Route("/api/v1/alerts", active_alerts, methods=["GET"]),
         Route("/api/v1/metrics/custom/{name}", custom_metric, methods=["POST"]),
     ]
     routes += security_routes(exporter, authorize)

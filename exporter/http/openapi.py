@@ -43,6 +43,42 @@ _PERFORMANCE = {
 }
 
 
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_NULLABLE_TIME = {"type": ["number", "null"], "description": "Unix time"}
+_ALERTS = {
+    "type": "object",
+    "required": ["enabled", "evaluation_interval_seconds", "last_evaluation", "rules",
+                 "alertmanager", "alerts"],
+    "properties": {
+        "enabled": {"type": "boolean"}, "evaluation_interval_seconds": {"type": "number"},
+        "last_evaluation": _NULLABLE_TIME, "evaluations": {"type": "integer"},
+        "evaluation_failures": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
+        "rules": {"type": "integer", "description": "Threshold alerts evaluated"},
+        "alertmanager": {"type": "object", "properties": {
+            "enabled": {"type": "boolean"}, "pushes": {"type": "integer"},
+            "failures": {"type": "integer"}, "last_success": _NULLABLE_TIME,
+            "last_error": {"type": ["string", "null"]}}},
+        "alerts": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "severity", "state", "value", "threshold", "since", "labels",
+                         "annotations"],
+            "properties": {
+                "name": {"type": "string"}, "severity": {"type": "string"},
+                "state": {"type": "string", "enum": ["pending", "firing"]},
+                "value": {"type": ["number", "string"],
+                          "description": "In the threshold's unit (NaN, +Inf as strings)"},
+                "threshold": {"type": "number"},
+                "since": {"type": "number", "description": "Unix time it became pending, or "
+                                                           "firing"},
+                "active_at": {"type": "number"}, "fired_at": _NULLABLE_TIME,
+                "keep_firing_since": {**_NULLABLE_TIME, "description": "Set while kept firing "
+                                      "by alerting.keep_firing_for (the condition is false)"},
+                "for_seconds": {"type": "number"}, "keep_firing_for_seconds": {"type": "number"},
+                "labels": _STRING_MAP, "annotations": _STRING_MAP}}},
+    },
+}
+
+
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": schema or {"type": "object"}}}}
@@ -283,6 +319,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "parameters": [{"name": "path", "in": "query", "schema": {
                     "type": "string", "enum": list(PATHS)}, "description": "Only this path"}],
                 "responses": {"200": _json("Windows", _PERFORMANCE), **_errors(400)}}},
+            "/api/v1/alerts": {"get": {
+                "summary": "Pending and firing threshold alerts of the in-process engine",
+                "description": "The threshold alerts of the generated rules as the engine "
+                               "(alerting.engine) evaluates them, with the labels and "
+                               "annotations Prometheus would give them; 404 when the engine is "
+                               "disabled.",
+                "parameters": [{"name": "state", "in": "query", "schema": {
+                    "type": "string", "enum": ["pending", "firing"]},
+                    "description": "Only alerts in this state"}],
+                "responses": {"200": _json("Alerts", _ALERTS), **_errors(400, 404)}}},
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
                 "security": admin,

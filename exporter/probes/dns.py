@@ -1007,11 +1007,6 @@ class DnsChecks:
         self.periodic: Periodic[DnsReport] = Periodic(
             "dns", self.run, settings.interval, settings.interval)
 
-    def configure(self, settings: DnsSettings) -> None:
-        """New settings (on reload); the next run uses them."""
-        self.settings = settings
-        self.periodic.interval = self.periodic.timeout = settings.interval
-
     def start(self) -> None:
         self.periodic.start()
 

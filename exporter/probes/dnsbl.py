@@ -41,6 +41,7 @@ import dns.resolver
 
 from exporter import catalogue
 from exporter.health import CheckResult, Status
+from exporter.probes.dns import make_resolver
 from exporter.schedule import Periodic
 
 if TYPE_CHECKING:
@@ -109,22 +110,6 @@ class DnsblSettings:
             ip_sets=tuple(IpSet(s["name"], tuple(s["ips"])) for s in section["ip_sets"]),
             test_points=bool(section.get("test_points", True)),
         )
-
-
-def make_resolver(nameservers: Sequence[str], port: int, timeout: float
-                  ) -> dns.asyncresolver.Resolver:
-    """A resolver for `nameservers` on `port` (the system's resolv.conf when empty),
-    no cache, each query bounded by `timeout` seconds in total."""
-    if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = list(nameservers)
-        resolver.port = port
-    else:
-        resolver = dns.asyncresolver.Resolver()
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
-    resolver.cache = None
-    return resolver
 
 
 # --------------------------------------------------------------------------- queries
@@ -242,11 +227,6 @@ class Dnsbl:
         self.settings = settings
         self.periodic: Periodic[DnsblReport] = Periodic(
             "dnsbl", self.run, settings.interval, settings.interval)
-
-    def configure(self, settings: DnsblSettings) -> None:
-        """New settings (on reload); the next run uses them."""
-        self.settings = settings
-        self.periodic.interval = self.periodic.timeout = settings.interval
 
     def start(self) -> None:
         self.periodic.start()

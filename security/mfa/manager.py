@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -545,21 +545,21 @@ class MfaManager:
             for name in expired + oldest:
                 await self.store.mfa_pop(user, name)
 
-    async def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
-                                   source_failures: Callable[[], Awaitable[int]]) -> str | None:
-        """Why this login needs a second factor, or None. Only users with a confirmed
-        factor are asked: risky_network (security.mfa.policy.risky_networks), risky_source
-        (that many distinct wrong passwords from the source lately), new_device (a
-        device_id not remembered), new_source (a network not remembered)."""
-        user = normalize_user(login)
-        fields = await self.store.mfa_fields(user)
+    def second_factor_reason(self, login: str, remote_ip: str, device_id: str,
+                             fields: dict[str, str], source_failures: int) -> str | None:
+        """Why this login needs a second factor, or None, from the user's MFA fields and
+        the source's distinct wrong passwords lately (the engine reads both from the store
+        in its one call per check). Only users with a confirmed factor are asked:
+        risky_network (security.mfa.policy.risky_networks), risky_source (that many
+        distinct wrong passwords from the source), new_device (a device_id not
+        remembered), new_source (a network not remembered)."""
         if not _methods(fields):
             return None
+        user = normalize_user(login)
         policy, now = self.settings.policy, self.clock()
         if self._risky.match(remote_ip, now) is not None:
             return "risky_network"
-        if policy.risky_source_failures and (
-                await source_failures() >= policy.risky_source_failures):
+        if policy.risky_source_failures and source_failures >= policy.risky_source_failures:
             return "risky_source"
         if policy.on_new_device and device_id and not _known(
                 fields, "dev:" + self.sealer.digest(device_id, f"device|{user}"), now):

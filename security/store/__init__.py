@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from security.attempts import Keys
 from security.blocklist import Entry
 
 # A key never remembers more distinct passwords than this: every threshold is below it.
@@ -48,6 +49,46 @@ class Record:
     group: str = ""
 
 
+@dataclass(frozen=True)
+class LockPolicy:
+    """When failures lock a key, as Store.record_login_failure applies it (the engine builds
+    it from its settings). A key is locked once its distinct failures within `window` reach
+    its threshold; the lock lasts durations[level - 1] (the last one for any later level),
+    level counting the key's locks within escalation_window; its reason is the template
+    with the count (printf `%d`, which Python and Redis's Lua format alike)."""
+
+    window: float
+    pair_threshold: int
+    account_threshold: int
+    escalation_window: float
+    durations: tuple[float, ...]
+    pair_reason: str
+    account_reason: str
+
+    def duration(self, level: int) -> float:
+        return self.durations[min(level, len(self.durations)) - 1]
+
+
+@dataclass(frozen=True)
+class LoginState:
+    """What SecurityManager.check reads from the store for one attempt, in one call."""
+
+    lock: Lock | None  # the pair's lock, else the account's (a lock whose `until` passed: none)
+    failures: int  # the pair's distinct failures within the window (0 when not asked)
+    mfa: dict[str, str] | None  # the user's MFA fields (None when not asked)
+    source_failures: int  # the source's, only when MFA was asked and the user has fields
+
+
+@dataclass(frozen=True)
+class FailureCounts:
+    """What one wrong password did (Store.record_login_failure)."""
+
+    pair: int  # distinct failures within the window, per key
+    account: int  # 0 when the pair was locked already (it cannot push the whole account)
+    source: int
+    locks: tuple[Lock, ...]  # the locks it made: the pair's first, then the account's
+
+
 class StoreUnavailable(Exception):
     """The backend cannot be reached; the engine fails open or closed as configured."""
 
@@ -82,6 +123,25 @@ class Store(Protocol):
     async def delete_ban(self, network: str) -> Entry | None: ...
 
     async def bans(self, now: float) -> list[Entry]: ...
+
+    # --- the decision path: everything check() reads, and everything a wrong password
+    # writes, in one call each (one round trip, one atomic script on Redis). The memory
+    # and SQLite stores compose them from the methods above; their behaviour is the same.
+
+    async def login_state(self, keys: Keys, now: float, window: float, failures: bool,
+                          mfa_user: str | None) -> LoginState:
+        """The pair's lock, else the account's; unless locked: with `failures`, the pair's
+        distinct failures within window; with mfa_user, that user's MFA fields and, when it
+        has any, the source's distinct failures within window."""
+        ...
+
+    async def record_login_failure(self, keys: Keys, pwhash: str, now: float,
+                                   policy: LockPolicy) -> FailureCounts:
+        """One wrong password: recorded for the pair, the account (unless the pair is
+        locked) and the source; the pair locked when it reaches its threshold (and is not
+        locked), then the account likewise; each lock bumps its key's offences (the level),
+        and clears its key's failures."""
+        ...
 
     def tracked_keys(self) -> int: ...
 

@@ -17,8 +17,9 @@ import time
 from collections import OrderedDict
 from typing import TypeAlias
 
+from security.attempts import Keys
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock, Record
+from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, LoginState, Record
 
 # One failure (pwhash, time), or several {pwhash: time}.
 Failures: TypeAlias = tuple[str, float] | dict[str, float]
@@ -140,6 +141,48 @@ class MemoryStore:
         count = count + 1 if expires > now else 1
         self._offences[key] = (count, now + window)
         return count
+
+    # --- the decision path, composed of the calls above (SqliteStore's overrides included)
+
+    async def login_state(self, keys: Keys, now: float, window: float, failures: bool,
+                          mfa_user: str | None) -> LoginState:
+        lock = await self.get_lock(keys.pair, now) or await self.get_lock(keys.account, now)
+        if lock is not None:
+            return LoginState(lock, 0, None, 0)
+        count = await self.failure_count(keys.pair, now, window) if failures else 0
+        if mfa_user is None:
+            return LoginState(None, count, None, 0)
+        fields = await self.mfa_fields(mfa_user)
+        source = await self.failure_count(keys.source, now, window) if fields else 0
+        return LoginState(None, count, fields, source)
+
+    async def record_login_failure(self, keys: Keys, pwhash: str, now: float,
+                                   policy: LockPolicy) -> FailureCounts:
+        window = policy.window
+        pair_locked = await self.get_lock(keys.pair, now) is not None
+        pair = await self.record_failure(keys.pair, pwhash, now, window)
+        account = 0 if pair_locked else await self.record_failure(keys.account, pwhash, now,
+                                                                  window)
+        source = await self.record_failure(keys.source, pwhash, now, window)
+        login, network = keys.account.removeprefix("a:"), keys.source.removeprefix("s:")
+        locks = []
+        if pair >= policy.pair_threshold and not pair_locked:
+            locks.append(await self._make_lock(keys.pair, "source_account", login, network,
+                                               now, policy.pair_reason % pair, policy))
+        if account >= policy.account_threshold and await self.get_lock(keys.account,
+                                                                       now) is None:
+            locks.append(await self._make_lock(keys.account, "account", login, "", now,
+                                               policy.account_reason % account, policy))
+        return FailureCounts(pair, account, source, tuple(locks))
+
+    async def _make_lock(self, key: str, scope: str, account: str, source: str, now: float,
+                         reason: str, policy: LockPolicy) -> Lock:
+        level = await self.bump_offences(key, now, policy.escalation_window)
+        lock = Lock(key, scope, account, source, reason, now, now + policy.duration(level),
+                    level)
+        await self.put_lock(lock)
+        await self.clear_failures(key)
+        return lock
 
     # --- bans
 

@@ -1,11 +1,18 @@
 """The shared store: several exporter replicas keep one state in Redis.
 
-Every update is atomic on the server (a Lua script for the failure window, one
-SET/SADD transaction for locks), every key carries a TTL, so Redis memory is
-bounded by the windows and lock durations (run it with maxmemory and
-`maxmemory-policy volatile-lru` as a last resort). A lock written through one
-replica is seen by the others at their next check; bans reach the other
-replicas' in-memory index within the engine's maintenance interval (5 s).
+The decision path costs one round trip per call: a check is one Lua script
+(login_state: both locks, the tarpit's count, the user's MFA fields), a wrong
+password another (record_login_failure: three failure windows, the lock checks,
+the locks it makes with their offence counts), both atomic on the server, so
+replicas failing one account at once make one lock. Failure windows, locks and
+offence counters carry a TTL, so Redis memory is bounded by the windows and lock
+durations (run it with maxmemory and `maxmemory-policy volatile-lru` as a last
+resort). Failure windows and locks are judged by the caller's `now`, as on the
+memory store; an offence counter lasts its escalation window in Redis's time (its
+TTL). The keys are those every earlier version wrote, in the same format, so
+replicas of both versions can share one Redis during an upgrade. A lock
+written through one replica is seen by the others at their next check; bans reach
+the other replicas' in-memory index within the engine's maintenance interval (5 s).
 Connection errors surface as exceptions: the engine fails open or closed as
 configured, and redis-py reconnects on the next call.
 """
@@ -21,27 +28,115 @@ from typing import Any
 
 from redis import asyncio as aioredis
 
+from security.attempts import Keys
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock, Record
+from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, LoginState, Record
 
-# KEYS[1] failure zset; ARGV: now, window, member, max distinct -> distinct count
-_RECORD_FAILURE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (tonumber(ARGV[1]) - tonumber(ARGV[2])))
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
-local n = redis.call('ZCARD', KEYS[1])
-local cap = tonumber(ARGV[4])
-if n > cap then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - cap - 1)
-  n = cap
+# Lua functions the scripts below share. Times arrive as Python's repr (exact) and are
+# written back as received or with %.17g (exact): Lua's own number-to-string has only 14
+# digits, which would round a microsecond timestamp.
+_FUNCTIONS = """
+-- a failure zset: drops what fell out of the window, adds member, caps the distinct
+-- passwords remembered; returns how many are within the window
+local function record(key, now, cutoff, window, member, cap)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
+  redis.call('ZADD', key, now, member)
+  local n = redis.call('ZCARD', key)
+  if n > cap then
+    redis.call('ZREMRANGEBYRANK', key, 0, n - cap - 1)
+    n = cap
+  end
+  redis.call('PEXPIRE', key, math.ceil(tonumber(window) * 1000))
+  return n
 end
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000))
-return n
+
+-- a lock's JSON while its `until` is after now, else false
+local function live_lock(key, now)
+  local raw = redis.call('GET', key)
+  if raw and cjson.decode(raw)['until'] > now then return raw end
+  return false
+end
+
+local function exact(number)
+  local text = string.format('%.17g', number)
+  if not string.find(text, '[.eEn]') then text = text .. '.0' end  -- JSON reads it as a float
+  return text
+end
+
+-- one more offence of a key: a counter that expires a window after its last bump (in
+-- Redis's time, as replicas of every version count it)
+local function offence(key, window)
+  local count = redis.call('INCR', key)
+  redis.call('PEXPIRE', key, math.ceil(tonumber(window) * 1000))
+  return count
+end
+"""
+
+# KEYS[1] failure zset; ARGV: now, cutoff (now - window), window, member, max distinct
+# -> distinct count
+_RECORD_FAILURE = _FUNCTIONS + """
+return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
 """
 # KEYS[1] offence counter; ARGV: window seconds -> count within the window
-_BUMP_OFFENCES = """
-local n = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 1000))
-return n
+_BUMP_OFFENCES = _FUNCTIONS + """
+return offence(KEYS[1], ARGV[1])
+"""
+
+# Everything check() reads. KEYS: pair lock, account lock, pair failures, MFA hash, source
+# failures; ARGV: now, cutoff (now - window), count the pair's failures (1/0), read the
+# MFA hash (1/0) -> {1 or 2 (the pair's or the account's lock), lock JSON} when locked,
+# else {0, false, pair failures, MFA hash as a flat list or false, source failures}
+_LOGIN_STATE = _FUNCTIONS + """
+local now = tonumber(ARGV[1])
+for i = 1, 2 do
+  local lock = live_lock(KEYS[i], now)
+  if lock then return {i, lock} end
+end
+local failures = 0
+if ARGV[3] == '1' then failures = redis.call('ZCOUNT', KEYS[3], ARGV[2], '+inf') end
+local fields, source = false, 0
+if ARGV[4] == '1' then
+  fields = redis.call('HGETALL', KEYS[4])
+  if #fields > 0 then source = redis.call('ZCOUNT', KEYS[5], ARGV[2], '+inf') end
+end
+return {0, false, failures, fields, source}
+"""
+
+# Everything a wrong password writes, atomically (MemoryStore.record_login_failure is the
+# same in Python). KEYS: pair, account and source failures, pair lock, account lock, pair
+# offences, account offences, the lock index; ARGV: now, cutoff, window, member, max
+# distinct, pair threshold, account threshold, escalation window, pair key, account key,
+# login, network, pair reason, account reason, then the lock duration of each level
+# -> {pair count, account count, source count, pair lock JSON or false, account lock...}
+_RECORD_LOGIN_FAILURE = _FUNCTIONS + """
+local now = tonumber(ARGV[1])
+local function lock(n, key, scope, account, source, reason, count)
+  local level = offence(KEYS[5 + n], ARGV[8])
+  local duration = tonumber(ARGV[14 + math.min(level, #ARGV - 14)])
+  local json = '{"key": ' .. cjson.encode(key) .. ', "scope": ' .. cjson.encode(scope)
+    .. ', "account": ' .. cjson.encode(account) .. ', "source": ' .. cjson.encode(source)
+    .. ', "reason": ' .. cjson.encode(string.format(reason, count))
+    .. ', "created": ' .. ARGV[1] .. ', "until": ' .. exact(now + duration)
+    .. ', "level": ' .. level .. '}'
+  redis.call('SET', KEYS[3 + n], json, 'PX', math.max(1, math.ceil(duration * 1000)))
+  redis.call('SADD', KEYS[8], key)
+  redis.call('DEL', KEYS[n])
+  return json
+end
+local cap = tonumber(ARGV[5])
+local pair_locked = live_lock(KEYS[4], now)
+local pair = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap)
+local account = 0
+if not pair_locked then account = record(KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap) end
+local source = record(KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap)
+local pair_lock, account_lock = false, false
+if pair >= tonumber(ARGV[6]) and not pair_locked then
+  pair_lock = lock(1, ARGV[9], 'source_account', ARGV[11], ARGV[12], ARGV[13], pair)
+end
+if account >= tonumber(ARGV[7]) and not live_lock(KEYS[5], now) then
+  account_lock = lock(2, ARGV[10], 'account', ARGV[11], '', ARGV[14], account)
+end
+return {pair, account, source, pair_lock, account_lock}
 """
 
 # KEYS[1] a user's MFA hash; ARGV: field, value -> 1 when stored (greater than before), else 0
@@ -92,6 +187,10 @@ def _ttl_ms(expires: float | None, now: float) -> int | None:
     return None if expires is None else max(1, math.ceil((expires - now) * 1000))
 
 
+def _decode_lock(raw: str) -> Lock:
+    return Lock(**json.loads(raw))
+
+
 def _encode_record(record: Record) -> str:
     expires = "" if record.expires is None else repr(record.expires)
     return f"{expires}|{json.dumps({'d': record.data, 'g': record.group})}"
@@ -106,14 +205,20 @@ def _decode_record(kind: str, key: str, raw: str) -> Record:
 class RedisStore:
     shared = True
 
-    def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:"):
+    def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:",
+                 **client_options: Any):
+        """client_options: further redis-py client settings over ours (the security
+        benchmark compares parsers and protocols with them)."""
         self.url = url
         self.prefix = prefix
-        self._redis: Any = aioredis.from_url(url, password=password, decode_responses=True,
-                                             socket_timeout=2.0, socket_connect_timeout=2.0,
-                                             health_check_interval=30)
+        options = {"password": password, "decode_responses": True, "socket_timeout": 2.0,
+                   "socket_connect_timeout": 2.0, "health_check_interval": 30,
+                   **client_options}
+        self._redis: Any = aioredis.from_url(url, **options)
         self._record = self._redis.register_script(_RECORD_FAILURE)
         self._bump = self._redis.register_script(_BUMP_OFFENCES)
+        self._login_state = self._redis.register_script(_LOGIN_STATE)
+        self._login_failure = self._redis.register_script(_RECORD_LOGIN_FAILURE)
         self._mfa_advance = self._redis.register_script(_MFA_ADVANCE)
         self._mfa_delete = self._redis.register_script(_MFA_DELETE)
         self._touch = self._redis.register_script(_TOUCH_RECORD)
@@ -144,7 +249,8 @@ class RedisStore:
     async def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
         member = pwhash or f"#{secrets.token_hex(8)}"
         return int(await self._record(keys=[self._k("f", key)],
-                                      args=[now, window, member, MAX_DISTINCT]))
+                                      args=[float(now), float(now - window), window, member,
+                                            MAX_DISTINCT]))
 
     async def failure_count(self, key: str, now: float, window: float) -> int:
         return int(await self._redis.zcount(self._k("f", key), now - window, "+inf"))
@@ -158,7 +264,7 @@ class RedisStore:
         raw = await self._redis.get(self._k("lock", key))
         if raw is None:
             return None
-        lock = Lock(**json.loads(raw))
+        lock = _decode_lock(raw)
         return lock if lock.until > now else None
 
     async def put_lock(self, lock: Lock) -> None:
@@ -174,7 +280,7 @@ class RedisStore:
             pipe.delete(self._k("lock", key))
             pipe.srem(self._k("locks"), key)
             raw, _, _ = await pipe.execute()
-        return Lock(**json.loads(raw)) if raw else None
+        return _decode_lock(raw) if raw else None
 
     async def locks(self, now: float) -> list[Lock]:
         keys = sorted(await self._redis.smembers(self._k("locks")))
@@ -183,7 +289,7 @@ class RedisStore:
         values = await self._redis.mget([self._k("lock", k) for k in keys])
         out, gone = [], []
         for key, raw in zip(keys, values, strict=True):
-            lock = Lock(**json.loads(raw)) if raw else None
+            lock = _decode_lock(raw) if raw else None
             if lock is None or lock.until <= now:
                 gone.append(key)
             else:
@@ -194,6 +300,37 @@ class RedisStore:
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
         return int(await self._bump(keys=[self._k("off", key)], args=[window]))
+
+    # --- the decision path: one script each, one round trip
+
+    async def login_state(self, keys: Keys, now: float, window: float, failures: bool,
+                          mfa_user: str | None) -> LoginState:
+        k = self._k
+        answer = await self._login_state(
+            keys=[k("lock", keys.pair), k("lock", keys.account), k("f", keys.pair),
+                  k("mfa", mfa_user or ""), k("f", keys.source)],
+            args=[float(now), float(now - window), int(failures), int(mfa_user is not None)])
+        if answer[0]:
+            return LoginState(_decode_lock(answer[1]), 0, None, 0)
+        _, _, count, flat, source = answer
+        fields = None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+        return LoginState(None, int(count), fields, int(source))
+
+    async def record_login_failure(self, keys: Keys, pwhash: str, now: float,
+                                   policy: LockPolicy) -> FailureCounts:
+        k = self._k
+        answer = await self._login_failure(
+            keys=[k("f", keys.pair), k("f", keys.account), k("f", keys.source),
+                  k("lock", keys.pair), k("lock", keys.account), k("off", keys.pair),
+                  k("off", keys.account), k("locks")],
+            args=[float(now), float(now - policy.window), policy.window,
+                  pwhash or f"#{secrets.token_hex(8)}", MAX_DISTINCT, policy.pair_threshold,
+                  policy.account_threshold, policy.escalation_window, keys.pair, keys.account,
+                  keys.account.removeprefix("a:"), keys.source.removeprefix("s:"),
+                  policy.pair_reason, policy.account_reason, *policy.durations])
+        pair, account, source, *made = answer
+        return FailureCounts(int(pair), int(account), int(source),
+                             tuple(_decode_lock(raw) for raw in made if raw is not None))
 
     # --- bans
 

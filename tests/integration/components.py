@@ -15,6 +15,7 @@ scripts can use them too. Every wrapper:
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import grp
 import http.server
@@ -211,10 +212,11 @@ def http_json(
     url: str,
     body: Any = None,
     timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> Any:
     """Tiny JSON-over-HTTP client (stdlib only) for the components' APIs."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -225,10 +227,11 @@ def http_json(
     return json.loads(raw) if raw.strip() else None
 
 
-def http_ok(url: str) -> bool:
+def http_ok(url: str, headers: Mapping[str, str] | None = None) -> bool:
     """True when GET url answers 200."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        request = urllib.request.Request(url, headers=dict(headers or {}))
+        with urllib.request.urlopen(request, timeout=2) as response:
             return bool(response.status == 200)
     except (OSError, urllib.error.URLError):
         return False
@@ -791,7 +794,8 @@ class Alertmanager(Component):
 
     ``config``: None for the default (group by all labels, 1s/1s/1h), a dict
     used verbatim, or a callable ``webhook_url -> dict`` to build one around
-    our receiver. ``received()`` lists the webhook payloads.
+    our receiver. ``received()`` lists the webhook payloads. ``basic_auth``
+    (user, password): its API wants them (``--web.config.file``).
     """
 
     name = "alertmanager"
@@ -805,8 +809,10 @@ class Alertmanager(Component):
         group_interval: str = "1s",
         repeat_interval: str = "1h",
         extra_args: Iterable[str] = (),
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(workdir)
+        self.basic_auth = basic_auth
         self.binary = require_binary("prometheus-alertmanager")
         self.port = free_port()
         self.webhook = RecordingHTTPServer()
@@ -842,9 +848,25 @@ class Alertmanager(Component):
         """host:port, as Prometheus' alerting config wants it."""
         return f"{LOOPBACK}:{self.port}"
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        if self.basic_auth is None:
+            return {}
+        pair = f"{self.basic_auth[0]}:{self.basic_auth[1]}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
     def start(self) -> Alertmanager:
         self.config_path.write_text(json.dumps(self.config, indent=2))
         (self.workdir / "data").mkdir(exist_ok=True)
+        web_args = []
+        if self.basic_auth is not None:
+            import bcrypt
+
+            user, password = self.basic_auth
+            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+            web = self.workdir / "web.yml"
+            web.write_text(json.dumps({"basic_auth_users": {user: hashed}}))
+            web_args.append(f"--web.config.file={web}")
         self._spawn(
             [
                 self.binary,
@@ -852,11 +874,13 @@ class Alertmanager(Component):
                 f"--storage.path={self.workdir / 'data'}",
                 f"--web.listen-address={LOOPBACK}:{self.port}",
                 "--cluster.listen-address=",
+                *web_args,
                 *self.extra_args,
             ]
         )
         self._wait_ready(
-            lambda: http_ok(f"{self.url}/-/ready"), f"Alertmanager ready on {self.url}"
+            lambda: http_ok(f"{self.url}/-/ready", self.auth_headers),
+            f"Alertmanager ready on {self.url}",
         )
         return self
 
@@ -877,11 +901,11 @@ class Alertmanager(Component):
 
     def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """POST /api/v2/alerts (each: labels, annotations, startsAt/endsAt optional)."""
-        http_json("POST", f"{self.url}/api/v2/alerts", alerts)
+        http_json("POST", f"{self.url}/api/v2/alerts", alerts, headers=self.auth_headers)
 
     def alerts(self) -> list[dict[str, Any]]:
         """GET /api/v2/alerts."""
-        return list(http_json("GET", f"{self.url}/api/v2/alerts"))
+        return list(http_json("GET", f"{self.url}/api/v2/alerts", headers=self.auth_headers))
 
     def stop(self) -> None:
         super().stop()

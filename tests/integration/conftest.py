@@ -109,6 +109,17 @@ def mail_stack(tmp_path: Path) -> Iterator[MailStack]:
         stack.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    """One redis-server for a whole module, for tests that keep apart by key prefix and
+    never stop it (starting one per test costs more than most of them)."""
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Redis]:
     """redis-server on a free loopback port; ``.url`` is redis://127.0.0.1:<port>/0."""

@@ -118,7 +118,7 @@ class Env:
 
 def local_config(example: dict[str, Any], mail: MailStack, nsd: Nsd, policy_port: int,
                  policy_ca: Path, stalwart_url: str, state: Path, policy_listen: str,
-                 webhook_url: str) -> dict[str, Any]:
+                 webhook_url: str, exporter_address: str) -> dict[str, Any]:
     """examples/full.yaml pointed at the test's servers: only addresses, files, intervals
     and the queue threshold change; every feature it enables stays enabled."""
     dovecot, postfix = mail.dovecot, mail.postfix
@@ -174,7 +174,11 @@ def local_config(example: dict[str, Any], mail: MailStack, nsd: Nsd, policy_port
                                        "ca_file": str(dovecot.cert_path), "username": ALICE,
                                        "password_file": str(password), "from_address": ALICE}}},
         "alerting": {
-            "alerts": {"A3MailerMailQueueLarge": {"for": "1s"}},
+            "alerts": {"A3MailerMailQueueLarge": {"for": "1s", "keep_firing_for": "2s"}},
+            # the engine's alerts carry the labels Prometheus gives this target
+            "engine": {"evaluation_interval": "2s",
+                       "target_labels": {"job": JOB, "instance": exporter_address},
+                       "alertmanager": {"resend_interval": "2s"}},
             "alertmanager": {"webhook_url": webhook_url, "group_wait": "1s",
                              "group_interval": "1s",
                              "smarthost": f"{LOOPBACK}:{free_port()}"}},
@@ -218,7 +222,7 @@ def env() -> Iterator[Env]:
         def alertmanager_config(webhook_url: str) -> dict[str, Any]:
             config = local_config(example, mail, nsd, policy.port, ca,
                                   stalwart.server.url, work / "exporter/state",
-                                  policy_listen, webhook_url)
+                                  policy_listen, webhook_url, f"{LOOPBACK}:{exporter_port}")
             path = work / "full.local.yaml"
             path.write_text(yaml.safe_dump(config))
             load_config(path)  # valid as it stands
@@ -230,6 +234,11 @@ def env() -> Iterator[Env]:
         am = Alertmanager(work / "alertmanager", config=alertmanager_config)
         cleanup.append(am)
         am.start()
+        # the alert engine pushes to the same Alertmanager (its URL is known only now; the
+        # engine's keys do not change the bundle)
+        built["config"]["alerting"]["engine"]["alertmanager"]["url"] = am.url
+        built["path"].write_text(yaml.safe_dump(built["config"]))
+        load_config(built["path"])
         os.environ["A3MAILER_ADMIN_TOKEN"] = ADMIN_TOKEN
         (work / "exporter").mkdir(exist_ok=True)
         exporter = ExporterProcess(work / "exporter", built["path"], port=exporter_port)
@@ -351,6 +360,8 @@ def test_full_example_enables_every_feature(env):
     assert all(sec[k]["enabled"] for k in ("dovecot_policy", "stalwart_webhook",
                                             "postfix_policy", "audit_config", "mfa"))
     assert sec["mfa"]["email"]["enabled"]
+    engine = example["alerting"]["engine"]
+    assert engine["enabled"] and engine["alertmanager"]["url"]
     # the local copy changed addresses and intervals only
     local = env.config
     for path in (("monitoring", "delivery", "enabled"), ("monitoring", "stalwart", "enabled"),
@@ -435,6 +446,20 @@ def test_queue_breach_alerts_through_alertmanager_and_resolves(env):
                          f"?var-instance={instance}",
         "hint": "postqueue -p | tail",
     }
+    # the exporter's own engine fires the same alert, with the same labels (Alertmanager,
+    # which both push to, shows one alert)
+    def engine_alert() -> list[dict[str, Any]]:
+        body = httpx.get(env.exporter.url + "/api/v1/alerts?state=firing", timeout=10).json()
+        return [a for a in body["alerts"] if a["name"] == "A3MailerMailQueueLarge"]
+
+    [mine] = wait_until(engine_alert, 30, "the engine fires A3MailerMailQueueLarge")
+    assert mine["labels"] == alert["labels"]
+    assert {k: v for k, v in mine["annotations"].items() if k != "description"} == {
+        k: v for k, v in alert["annotations"].items() if k != "description"}
+    assert re.fullmatch(rf"\d+ messages are queued on {re.escape(instance)}, above the "
+                        rf"threshold of {QUEUE_THRESHOLD}\.", mine["annotations"]["description"])
+    assert [a["labels"] for a in am.alerts() if a["labels"]["alertname"] ==
+            "A3MailerMailQueueLarge"] == [alert["labels"]]
     # the cause goes away: the held messages are released and delivered
     postsuper(env.mail, "-H", "ALL")
 
@@ -459,6 +484,7 @@ def test_queue_breach_alerts_through_alertmanager_and_resolves(env):
               "A3MailerMailQueueLarge"]
     assert done["labels"] == alert["labels"]
     assert done["endsAt"] > done["startsAt"]
+    wait_until(lambda: not engine_alert(), 30, "the engine resolved it too")
 
 
 # Series that exist only after an event the environment does not cause (a failure)

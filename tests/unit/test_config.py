@@ -254,3 +254,22 @@ def test_control_characters_are_a_config_error(tmp_path):
     path.write_text("monitoring:\n  enabled: true\n  \x1f\n")
     assert problems(path) == [f"{path}:3: (top level): invalid YAML: character #x001f is not "
                               "allowed"]
+
+
+def test_every_schema_secret_is_checked_at_load(tmp_path):
+    """The secrets come from the schema (every *_file typed secret_file), not a list."""
+    from exporter.config.loader import secret_paths
+
+    paths = {".".join((*section, name)) for section, name in secret_paths()}
+    assert {"security.admin_token", "security.api_keys.pepper", "tracing.otlp_headers",
+            "security.mfa.encryption_key", "monitoring.stalwart.token"} <= paths
+    data: dict = {}
+    for section, name in secret_paths():
+        node = data
+        for part in section:
+            node = node.setdefault(part, {})
+        node[f"{name}_file"] = str(tmp_path / f"missing-{name}")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    found = problems(path)
+    assert len([p for p in found if "cannot read secret" in p]) == len(paths), found

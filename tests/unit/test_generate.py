@@ -166,7 +166,9 @@ def test_every_referenced_series_is_catalogued_or_recorded(default_out):
     recorded = {r["record"] for g in yaml.safe_load(
         default_out["alert-rules/recording-rules.yaml"])["groups"] for r in g["rules"]}
     for rel, text in default_out.items():
-        if rel.endswith(".json"):
+        if rel.startswith("helm/"):
+            continue  # the chart's copies, with placeholders: test_helm_chart.py compares
+        if rel.endswith(".json"):  # their renders with these files
             names = dashboards.referenced_series(text)
         elif rel.endswith("rules.yaml") or rel.endswith("alerts.yaml"):
             names = set(alerts.referenced_series(yaml.safe_load(text)))
@@ -243,17 +245,25 @@ OTHER_KNOBS: list[tuple[str, Any, Any]] = [
     ("alerting.dashboard_url", "https://grafana.example/d/{uid}/{slug}",
      lambda out: _rule(out, "A3MailerMailQueueLarge")["annotations"]["dashboard_url"]
      == "https://grafana.example/d/a3mailer-mail/a3mailer-mail-services"),
+    ("alerting.keep_firing_for", "9m",
+     lambda out: all(r.get("keep_firing_for") == ("9m" if (name, sev) in {
+         (a.name, a.severity) for a in alerts.THRESHOLD_ALERTS} else None)
+         for (name, sev), r in rules(out).items())),
     ("alerting.labels", {"team": "mail"},
      lambda out: all(r["labels"]["team"] == "mail" for r in rules(out).values())),
     ("alerting.alerts", {"A3MailerProbeFailing": {"enabled": False},
                          "A3MailerHighCpuUsage": {"severity": "critical", "for": "3m",
                                                   "labels": {"page": "yes"},
-                                                  "annotations": {"hint": "call Bob"}}},
+                                                  "annotations": {"hint": "call Bob"},
+                                                  "keep_firing_for": "0s"},
+                         "A3MailerStalwartDown": {"keep_firing_for": "2m"}},
      lambda out: ("A3MailerProbeFailing", "critical") not in rules(out)
      and _rule(out, "A3MailerHighCpuUsage", "critical")["for"] == "3m"
      and "for 3m" in _rule(out, "A3MailerHighCpuUsage", "critical")["annotations"]["description"]
      and _rule(out, "A3MailerHighCpuUsage", "critical")["labels"]["page"] == "yes"
-     and _rule(out, "A3MailerHighCpuUsage", "critical")["annotations"]["hint"] == "call Bob"),
+     and _rule(out, "A3MailerHighCpuUsage", "critical")["annotations"]["hint"] == "call Bob"
+     and "keep_firing_for" not in _rule(out, "A3MailerHighCpuUsage", "critical")
+     and _rule(out, "A3MailerStalwartDown", "critical")["keep_firing_for"] == "2m"),
     ("alerting.alertmanager.webhook_url", "http://127.0.0.9:9/hook",
      lambda out: all(r.get("webhook_configs", [{"url": "http://127.0.0.9:9/hook"}])[0]["url"]
                      == "http://127.0.0.9:9/hook" for r in _am(out)["receivers"])),
@@ -284,6 +294,8 @@ def _bundle_keys() -> list[str]:
     keys = [T + k for k in schema["monitoring"]["properties"]["alert_thresholds"]["properties"]]
     for section in ("alerting", "dashboards"):
         for key, prop in schema[section]["properties"].items():
+            if (section, key) == ("alerting", "engine"):
+                continue  # the in-process engine's keys: the bundle ignores them (tested below)
             if "properties" in prop:
                 keys += [f"{section}.{key}.{sub}" for sub in prop["properties"]]
             else:
@@ -311,6 +323,18 @@ def test_knob_changes_the_bundle(tmp_path, default_out, path, value, check):
 def test_bundle_ignores_keys_outside_its_sections(tmp_path, default_out):
     out = render(tmp_path, {"monitoring": {"collection_interval": "5s"},
                             "security": {"max_login_attempts": 9}})
+    assert out == default_out
+
+
+def test_bundle_ignores_the_alert_engine_keys(tmp_path, default_out):
+    engine = load_schema()["properties"]["alerting"]["properties"]["engine"]["properties"]
+    changed = {"enabled": False, "evaluation_interval": "7s",
+               "target_labels": {"job": "x", "instance": "y:1"},
+               "alertmanager": {"url": "http://127.0.0.9:9093", "timeout": "3s",
+                                "resend_interval": "2m", "username": "am",
+                                "password_env": "AM_PASSWORD", "ca_file": "/etc/ca.pem"}}
+    assert set(changed) == set(engine)
+    out = render(tmp_path, {"alerting": {"engine": changed}})
     assert out == default_out
 
 

@@ -106,13 +106,14 @@ def audit(tmp_path: Path) -> AuditLog:
 MakeEngine = Callable[..., Awaitable[SecurityManager]]
 
 
-@pytest.fixture
-async def make_engine(audit: AuditLog, clock: Clock) -> AsyncIterator[MakeEngine]:
-    """Started engines (maintenance effectively off); stopped at the end."""
+async def started_engines(audit: AuditLog, clock: Clock, default_store: Callable[[], Any]
+                          ) -> AsyncIterator[MakeEngine]:
+    """Started engines (maintenance effectively off) on default_store() unless given one;
+    stopped at the end."""
     running: list[SecurityManager] = []
 
     async def make(store: Any = None, **overrides: Any) -> SecurityManager:
-        engine = SecurityManager(Settings(**{**BASE, **overrides}), store or MemoryStore(),
+        engine = SecurityManager(Settings(**{**BASE, **overrides}), store or default_store(),
                                  audit, clock=clock)
         await engine.start(maintenance_interval=3600)
         running.append(engine)
@@ -122,6 +123,12 @@ async def make_engine(audit: AuditLog, clock: Clock) -> AsyncIterator[MakeEngine
     for engine in running:
         if engine._maintenance is not None:
             await engine.stop()
+
+
+@pytest.fixture
+async def make_engine(audit: AuditLog, clock: Clock) -> AsyncIterator[MakeEngine]:
+    async for make in started_engines(audit, clock, MemoryStore):
+        yield make
 
 
 # --- plain decisions, trust

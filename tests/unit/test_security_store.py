@@ -8,6 +8,7 @@ base time in the past would make persisted failure counters vanish on reopen.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from security.attempts import tracking_keys
 from security.blocklist import Entry
-from security.store import MAX_DISTINCT, Lock, Store, open_store
+from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, Store, open_store
 from security.store.sqlite import SqliteStore
 
 T0 = 4_000_000_000.0  # 2096: see the module docstring
@@ -229,6 +231,136 @@ async def test_bump_offences_counts_within_the_window_and_restarts_after_it(stor
     assert await store.bump_offences("k", T0 + 20, window) == 3
     assert await store.bump_offences("k", T0 + 20 + window + 1, window) == 1
     assert await store.bump_offences("k", T0 + 30 + window, window) == 2
+
+
+# --- the decision path: login_state (check) and record_login_failure (report)
+
+KEYS = tracking_keys("alice", "192.0.2.1/32")
+POLICY = LockPolicy(window=WINDOW, pair_threshold=3, account_threshold=5,
+                    escalation_window=1000.0, durations=(60.0, 120.0, 150.0),
+                    pair_reason="%d distinct wrong passwords in 60s",
+                    account_reason="%d distinct wrong passwords from all sources in 60s")
+
+
+async def test_login_state_finds_the_pair_lock_before_the_account_lock(store: Store):
+    pair = a_lock(KEYS.pair, duration=60)
+    account = a_lock(KEYS.account, duration=600, scope="account")
+    assert (await store.login_state(KEYS, T0, WINDOW, True, None)).lock is None
+    await store.put_lock(account)
+    await store.put_lock(pair)
+    state = await store.login_state(KEYS, T0, WINDOW, True, "alice")
+    assert (state.lock, state.failures, state.mfa, state.source_failures) == (pair, 0, None, 0)
+    assert (await store.login_state(KEYS, T0 + 60, WINDOW, True, None)).lock == account
+    other = tracking_keys("alice", "198.51.100.1/32")
+    assert (await store.login_state(other, T0, WINDOW, True, None)).lock == account
+    assert (await store.login_state(KEYS, T0 + 600, WINDOW, True, None)).lock is None
+
+
+async def test_login_state_counts_the_pair_only_when_asked(store: Store):
+    for h in ("a", "b", "b"):
+        await store.record_failure(KEYS.pair, h, T0, WINDOW)
+    await store.record_failure(KEYS.source, "a", T0, WINDOW)
+    state = await store.login_state(KEYS, T0 + 1, WINDOW, True, None)
+    assert (state.lock, state.failures, state.mfa, state.source_failures) == (None, 2, None, 0)
+    assert (await store.login_state(KEYS, T0 + 1, WINDOW, False, None)).failures == 0
+    # the window, inclusive as failure_count's
+    assert (await store.login_state(KEYS, T0 + WINDOW, WINDOW, True, None)).failures == 2
+    assert (await store.login_state(KEYS, T0 + WINDOW + 0.5, WINDOW, True, None)).failures == 0
+
+
+async def test_login_state_reads_the_mfa_fields_and_then_the_source(store: Store):
+    for h in ("a", "b", "c"):
+        await store.record_failure(KEYS.source, h, T0, WINDOW)
+    state = await store.login_state(KEYS, T0, WINDOW, True, "alice")
+    assert (state.mfa, state.source_failures) == ({}, 0)  # no fields: the source not needed
+    await store.mfa_put("alice", "totp", "sealed")
+    await store.mfa_put("alice", "src:192.0.2.1/32", "123.5")
+    state = await store.login_state(KEYS, T0, WINDOW, True, "alice")
+    assert state.mfa == {"totp": "sealed", "src:192.0.2.1/32": "123.5"}
+    assert (state.failures, state.source_failures) == (0, 3)
+    assert (await store.login_state(KEYS, T0 + WINDOW + 1, WINDOW, True, "alice")
+            ).source_failures == 0
+    assert (await store.login_state(KEYS, T0, WINDOW, True, "bob")).mfa == {}
+
+
+async def test_record_login_failure_counts_three_keys_and_locks_the_pair(store: Store):
+    assert await store.record_login_failure(KEYS, "h1", T0, POLICY) == FailureCounts(
+        1, 1, 1, ())
+    assert await store.record_login_failure(KEYS, "h1", T0 + 1, POLICY) == FailureCounts(
+        1, 1, 1, ())  # a retry counts once
+    assert await store.record_login_failure(KEYS, "h2", T0 + 2, POLICY) == FailureCounts(
+        2, 2, 2, ())
+    counts = await store.record_login_failure(KEYS, "h3", T0 + 3.25, POLICY)
+    lock = Lock(KEYS.pair, "source_account", "alice", "192.0.2.1/32",
+                "3 distinct wrong passwords in 60s", T0 + 3.25, T0 + 63.25, 1)
+    assert counts == FailureCounts(3, 3, 3, (lock,))
+    assert all(type(value) is float for value in (counts.locks[0].created,
+                                                  counts.locks[0].until))
+    assert await store.get_lock(KEYS.pair, T0 + 4) == lock
+    assert await store.locks(T0 + 4) == [lock]
+    assert await store.failure_count(KEYS.pair, T0 + 4, WINDOW) == 0  # cleared by the lock
+    assert await store.failure_count(KEYS.account, T0 + 4, WINDOW) == 3
+    assert await store.failure_count(KEYS.source, T0 + 4, WINDOW) == 3
+
+
+async def test_a_locked_pair_keeps_counting_but_not_against_the_account(store: Store):
+    await store.put_lock(a_lock(KEYS.pair, duration=60))
+    for n in range(1, 5):
+        assert await store.record_login_failure(KEYS, f"h{n}", T0 + n, POLICY) == \
+            FailureCounts(n, 0, n, ())
+    assert await store.failure_count(KEYS.account, T0 + 5, WINDOW) == 0
+    # once the lock has passed, the failures it saw count: the next one locks again
+    counts = await store.record_login_failure(KEYS, "h5", T0 + 60, POLICY)
+    assert [(lock.level, lock.reason, lock.until) for lock in counts.locks] == [
+        (1, "5 distinct wrong passwords in 60s", T0 + 120)]
+
+
+async def test_the_account_locks_at_its_threshold_from_all_sources(store: Store):
+    sources = [tracking_keys("Alice".lower(), f"192.0.2.{i}/32") for i in range(1, 6)]
+    for i, keys in enumerate(sources[:4]):
+        assert (await store.record_login_failure(keys, f"h{i}", T0, POLICY)).locks == ()
+    counts = await store.record_login_failure(sources[4], "h4", T0 + 1, POLICY)
+    lock = Lock(KEYS.account, "account", "alice", "",
+                "5 distinct wrong passwords from all sources in 60s", T0 + 1, T0 + 61, 1)
+    assert counts == FailureCounts(1, 5, 1, (lock,))
+    assert await store.get_lock(KEYS.account, T0 + 2) == lock
+    assert await store.failure_count(KEYS.account, T0 + 2, WINDOW) == 0
+    # a locked account is not locked again
+    assert (await store.record_login_failure(sources[0], "x", T0 + 2, POLICY)).locks == ()
+
+
+async def test_one_failure_can_lock_the_pair_and_then_the_account(store: Store):
+    policy = dataclasses.replace(POLICY, account_threshold=3)
+    for h in ("h1", "h2"):
+        await store.record_login_failure(KEYS, h, T0, policy)
+    counts = await store.record_login_failure(KEYS, "h3", T0, policy)
+    assert [(lock.key, lock.scope) for lock in counts.locks] == [
+        (KEYS.pair, "source_account"), (KEYS.account, "account")]
+    assert [lock.key for lock in await store.locks(T0)] == sorted([KEYS.account, KEYS.pair])
+
+
+async def test_repeat_locks_escalate_within_the_escalation_window(store: Store):
+    now, levels = T0, []
+    for _ in range(4):
+        for h in ("a", "b", "c"):
+            counts = await store.record_login_failure(KEYS, f"{h}{now}", now, POLICY)
+        (lock,) = counts.locks
+        levels.append((lock.level, lock.until - lock.created))
+        now = lock.until
+    assert levels == [(1, 60.0), (2, 120.0), (3, 150.0), (4, 150.0)]  # the last repeats
+
+
+async def test_a_quiet_escalation_window_brings_locks_back_to_the_first_level(store: Store):
+    for now in (T0, T0 + 1001):  # (Redis counts offences in its own time: by their TTL)
+        for h in ("a", "b", "c"):
+            counts = await store.record_login_failure(KEYS, f"{h}{now}", now, POLICY)
+        assert [lock.level for lock in counts.locks] == [1]
+
+
+async def test_record_login_failure_without_pwhash_counts_each_as_distinct(store: Store):
+    for n in (1, 2):
+        assert (await store.record_login_failure(KEYS, "", T0, POLICY)).pair == n
+    assert len((await store.record_login_failure(KEYS, "", T0, POLICY)).locks) == 1
 
 
 # --- bans
