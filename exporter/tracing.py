@@ -1,4 +1,5 @@
-"""Tracing over the OpenTelemetry SDK, and `observe`, the one hook every engine calls.
+"""Tracing with OpenTelemetry's sampling, propagation and data model, and `observe`,
+the one hook every engine calls.
 
 `with observe(path, operation, ...)` times a piece of work, records it in the
 PerformanceMonitor (exporter/performance.py) and, with tracing enabled, makes it
@@ -7,18 +8,30 @@ caller's W3C traceparent), the security engine (its observer), the security
 store (`ObservedStore`), the scrape (a span per collector) and `Periodic` (a span
 per scheduled run; probe phases are child spans through `phase`).
 
-Sampling is parent-based with a ratio for new traces: the SDK's
-ParentBased(TraceIdRatioBased(rate)). Most new traces are not sampled, so a root
-is decided here first, exactly as TraceIdRatioBased would (on the low 64 bits of
-a fresh random trace id); a dropped root never reaches the SDK and its children
-cost a context-variable lookup. A kept root hands its trace id to the SDK (the id
-generator below), whose sampler then keeps it too.
-
-Sampled spans go to a batch processor (tracing.batch_size, tracing.batch_timeout)
-and out over OTLP/HTTP protobuf to tracing.otlp_endpoint + /v1/traces, on the
-processor's own thread: a request only appends to a queue. A queue that is full
-drops the span; an export that fails (the receiver down, or refusing) drops the
-batch; both are counted in a3mailer_tracing_spans_dropped_total{reason}.
+What is the SDK's and what is ours (README "Tracing" says why):
+- Sampling is the SDK's ParentBased(TraceIdRatioBased(rate)). A caller's
+  traceparent is handed to that sampler object. A new trace is decided here with
+  the SDK sampler's own bound on the low 64 bits of a fresh trace id, which is
+  TraceIdRatioBased's whole rule (tests/unit/test_tracing.py checks the two agree),
+  so that the nine requests in ten it drops cost two random bits and a context
+  variable, not a sampler call; children follow their parent, as ParentBased's
+  local-parent samplers (ALWAYS_ON, ALWAYS_OFF) do.
+- Propagation is the SDK's W3C TraceContext and Baggage propagators (`extract`,
+  `outgoing_headers`); an incoming context is attached as OpenTelemetry's current
+  context for the request, so its baggage is there.
+- A sampled span is ours: a slots object (`Span`) with the ids (random.getrandbits,
+  like the SDK's RandomIdGenerator), time.time_ns() start and end, its attributes
+  and status, current in a context variable while it runs. Ending it appends it
+  to a bounded queue; nothing else happens on the request's thread.
+- Export is ours: one thread takes the queue in batches (tracing.batch_size, at
+  most tracing.batch_timeout after a span ends, like the SDK's BatchSpanProcessor)
+  and encodes each batch directly as OTLP protobuf (exporter/otlp.py, the same
+  message the SDK's encoder makes) and POSTs it to tracing.otlp_endpoint +
+  /v1/traces. Given an SDK SpanExporter instead (the tests' in-memory one), the
+  thread hands it SDK ReadableSpans built from the records.
+A full queue drops the new span; an export that fails (the receiver down, or
+refusing) drops the batch; both are counted in
+a3mailer_tracing_spans_dropped_total{reason}.
 
 Span attributes follow the OpenTelemetry semantic conventions (http.*, url.*,
 db.*, server.*, error.type) plus a3mailer.* ones. They never carry a login, an
@@ -28,15 +41,18 @@ with a parameter (an account name) is reported as its route template.
 
 from __future__ import annotations
 
+import enum
 import logging
-import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from random import getrandbits
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -44,12 +60,20 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
 from prometheus_client.core import Metric
 
 from exporter import __version__, catalogue
@@ -59,16 +83,24 @@ from exporter.performance import PerformanceMonitor
 log = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
+SCOPE = "a3mailer-exporter"  # the instrumentation scope of every span
 MIN_QUEUE = 2048  # spans that may wait for export; at least 4 batches
 MIN_EXPORT_TIMEOUT = 1.0
-_LOW_64 = (1 << 64) - 1
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 _PROPAGATED = {b"traceparent": "traceparent", b"tracestate": "tracestate", b"baggage": "baggage"}
+# W3C trace flags of a new trace: sampled, and (trace context level 2) a random trace id,
+# as the SDK sets them with its RandomIdGenerator
+_SAMPLED, _RANDOM = 0x01, 0x02
+_ROOT_FLAGS = _SAMPLED | _RANDOM
 
-# True inside a trace whose root was not sampled: nothing below it records a span.
-_unsampled: ContextVar[bool] = ContextVar("a3mailer_unsampled", default=False)
+
+class _Marker(enum.Enum):
+    UNSAMPLED = "unsampled"  # the current span inside a trace that is not sampled
 
 
+UNSAMPLED: Final = _Marker.UNSAMPLED
+# The running sampled Span, UNSAMPLED inside a trace that is not sampled, or None.
+_current: ContextVar[Span | _Marker | None] = ContextVar("a3mailer_span", default=None)
 @dataclass(frozen=True)
 class TracingSettings:
     enabled: bool = False
@@ -96,72 +128,104 @@ class TracingSettings:
         return max(MIN_QUEUE, 4 * self.batch_size)
 
 
+
+
 class Tracing:
-    """The TracingManager: one TracerProvider with its sampler, batch processor and
-    OTLP exporter, built from TracingSettings, and the counts of what became of the
-    sampled spans."""
+    """The TracingManager: the sampler, the queue of finished spans and the thread that
+    exports them, built from TracingSettings, and the counts of what became of the
+    sampled spans. `exporter`, an SDK SpanExporter, replaces the OTLP/HTTP export."""
 
     def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None):
         self.settings = settings
-        self.tracer: Any = None
+        self.active = False
         self.bound = 0
+        self.sampler: ParentBased | None = None
+        self.resource: Resource | None = None
+        self.scope = InstrumentationScope(SCOPE, __version__)
         self.exported = 0.0
         self.dropped = {"queue_full": 0.0, "export_failed": 0.0}
-        self.pending = 0
-        self._lock = threading.Lock()
+        self._queue: deque[Span] = deque()
+        self._capacity = settings.queue_size
+        self._batch_size = min(settings.batch_size, settings.queue_size)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._export_lock = threading.Lock()  # one batch at a time: the thread or a flush
+        self._count_lock = threading.Lock()
         self._failing = False
-        self._provider: TracerProvider | None = None
-        self._ids: _PreDrawnIds | None = None
+        self._send: Callable[[list[Span]], bool] = _refuse
+        self._close: Callable[[], None] = _nothing
+        self._thread: threading.Thread | None = None
         if settings.enabled:
             self._build(exporter)
 
     def _build(self, exporter: SpanExporter | None) -> None:
         s = self.settings
+        root = TraceIdRatioBased(s.sampling_rate)
+        self.sampler = ParentBased(root)
+        self.bound = root.bound
+        self.resource = resource(s.service_name)
         if exporter is None:
-            # imported here: it brings requests and protobuf, needless while tracing is off
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            # imported here: it brings httpx's client, needless while tracing is off
+            from exporter.otlp import Encoder, Sender
 
-            exporter = OTLPSpanExporter(endpoint=s.endpoint, headers=dict(s.headers),
-                                        timeout=max(MIN_EXPORT_TIMEOUT, s.batch_timeout))
-            # Failed exports are counted and logged once per outage below; the SDK's own
-            # retry warnings would log every batch.
-            for name in ("opentelemetry.exporter.otlp.proto.http",
-                         "opentelemetry.exporter.otlp.common.http",
-                         "opentelemetry.sdk._shared_internal"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-        sampler = TraceIdRatioBased(s.sampling_rate)
-        self.bound = sampler.bound
-        self._ids = _PreDrawnIds()
-        self._provider = TracerProvider(
-            sampler=ParentBased(sampler), id_generator=self._ids,
-            resource=Resource.create({"service.name": s.service_name,
-                                      "service.version": __version__}))
-        batch = BatchSpanProcessor(_CountingExporter(exporter, self),
-                                   max_queue_size=s.queue_size,
-                                   schedule_delay_millis=s.batch_timeout * 1000,
-                                   max_export_batch_size=min(s.batch_size, s.queue_size))
-        self._provider.add_span_processor(_Admission(batch, self))
-        self.tracer = self._provider.get_tracer("a3mailer-exporter", __version__)
+            encoder = Encoder(self.resource.attributes, SCOPE, __version__)
+            sender = Sender(s.endpoint, s.headers, max(MIN_EXPORT_TIMEOUT, s.batch_timeout),
+                            self._stop)
+            self._send = lambda spans: sender.send(encoder.encode(spans))
+            self._close = sender.close
+        else:
+            sdk_exporter = exporter
+            self._send = lambda spans: sdk_exporter.export(
+                [self.readable(span) for span in spans]) == SpanExportResult.SUCCESS
+            self._close = sdk_exporter.shutdown
+        self._thread = threading.Thread(target=self._run, name="tracing-export", daemon=True)
+        self._thread.start()
+        self.active = True
 
-    def admit(self) -> bool:
-        """A sampled span ended: may it join the queue? Counts it dropped otherwise."""
-        with self._lock:
-            if self.pending >= self.settings.queue_size:
+    @property
+    def pending(self) -> int:
+        """Finished spans waiting for export."""
+        return len(self._queue)
+
+    def finish(self, span: Span) -> None:
+        """A sampled span ended: into the queue if there is room, else counted dropped."""
+        queue = self._queue
+        if len(queue) >= self._capacity:
+            with self._count_lock:
                 self.dropped["queue_full"] += 1
-                return False
-            self.pending += 1
-            return True
+            return
+        queue.append(span)
+        if len(queue) >= self._batch_size and not self._wake.is_set():
+            self._wake.set()
 
-    def exporting(self, count: int) -> None:
-        with self._lock:
-            self.pending -= count
+    def _run(self) -> None:
+        delay = self.settings.batch_timeout
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            with self._export_lock:
+                self._drain()
 
-    def exported_batch(self, count: int, ok: bool) -> None:
-        with self._lock:
+    def _drain(self) -> None:
+        """Exports, in batches, the spans queued now (the caller holds the export lock)."""
+        queue, size = self._queue, self._batch_size
+        left = len(queue)
+        while left > 0:
+            batch = [queue.popleft() for _ in range(min(left, size))]
+            left -= len(batch)
+            self._export(batch)
+
+    def _export(self, batch: list[Span]) -> None:
+        try:
+            ok = self._send(batch)
+        except Exception:
+            log.debug("span export raised", exc_info=True)
+            ok = False
+        with self._count_lock:
             if ok:
-                self.exported += count
+                self.exported += len(batch)
             else:
-                self.dropped["export_failed"] += count
+                self.dropped["export_failed"] += len(batch)
         if ok and self._failing:
             log.info("span export recovered", extra={"endpoint": self.settings.endpoint})
         elif not ok and not self._failing:
@@ -170,90 +234,70 @@ class Tracing:
         self._failing = not ok
 
     def force_flush(self, timeout: float = 5.0) -> bool:
-        return bool(self._provider.force_flush(int(timeout * 1000))) if self._provider else True
+        """Exports what is queued now, on the caller's thread; False if the export
+        thread's batch did not finish within `timeout`."""
+        if not self._export_lock.acquire(timeout=timeout):
+            return False
+        try:
+            self._drain()
+        finally:
+            self._export_lock.release()
+        return True
 
     def shutdown(self) -> None:
         """Exports what is queued (bounded by the export timeout) and stops the thread."""
-        if self._provider is not None:
-            self._provider.shutdown()
-            self._provider = None
+        if self._thread is None:
+            return
+        thread, self._thread = self._thread, None
+        self.active = False
+        self._stop.set()
+        self._wake.set()
+        thread.join(max(MIN_EXPORT_TIMEOUT, self.settings.batch_timeout))
+        self.force_flush(max(MIN_EXPORT_TIMEOUT, self.settings.batch_timeout))
+        self._close()
+
+    def readable(self, span: Span) -> ReadableSpan:
+        """The SDK's ReadableSpan for a finished span (for an SDK SpanExporter)."""
+        t = span.trace
+        flags = TraceFlags(t.flags)
+        context = SpanContext(t.trace_id, span.span_id, False, flags, t.state)
+        parent = (SpanContext(t.trace_id, span.parent_id, span.remote, flags, t.state)
+                  if span.parent_id else None)
+        status = Status(StatusCode.ERROR, span.error) if span.error else Status(StatusCode.UNSET)
+        return ReadableSpan(name=span.name, context=context, parent=parent,
+                            resource=self.resource, attributes=dict(span.attributes),
+                            kind=span.kind, status=status, start_time=span.start_ns,
+                            end_time=span.end_ns, instrumentation_scope=self.scope)
 
     def collect(self) -> Iterator[Metric]:
-        rate = self.settings.sampling_rate if self.tracer is not None else 0.0
+        rate = self.settings.sampling_rate if self.active else 0.0
         yield catalogue.single("a3mailer_tracing_sampling_ratio", rate)
         yield catalogue.single("a3mailer_tracing_spans_exported_total", self.exported)
         dropped = catalogue.family("a3mailer_tracing_spans_dropped_total")
         for reason, count in self.dropped.items():
             dropped.add_metric([reason], count)
         yield dropped
-        yield catalogue.single("a3mailer_tracing_queue_spans", float(max(0, self.pending)))
+        yield catalogue.single("a3mailer_tracing_queue_spans", float(self.pending))
 
 
-class _PreDrawnIds(RandomIdGenerator):
-    """Hands the SDK the trace id a root was already sampled by (see observe)."""
-
-    def __init__(self) -> None:
-        self._next = threading.local()
-
-    def set_next(self, trace_id: int) -> None:
-        self._next.trace_id = trace_id
-
-    def generate_trace_id(self) -> int:
-        trace_id: int | None = getattr(self._next, "trace_id", None)
-        if trace_id is not None:
-            self._next.trace_id = None
-            return trace_id
-        return int(super().generate_trace_id())
+def resource(service_name: str) -> Resource:
+    """The SDK's Resource of every span: service.name and .version, telemetry.sdk.*,
+    and what OTEL_RESOURCE_ATTRIBUTES adds."""
+    return Resource.create({"service.name": service_name, "service.version": __version__})
 
 
-class _Admission(SpanProcessor):
-    """In front of the batch processor: a span joins the queue only while there is room
-    (the SDK would silently push out the oldest one instead), so drops are counted."""
-
-    def __init__(self, batch: Any, tracing: Tracing):
-        self.batch = batch
-        self.tracing = tracing
-
-    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
-        return None
-
-    def on_end(self, span: Any) -> None:
-        if self.tracing.admit():
-            self.batch.on_end(span)
-
-    def shutdown(self) -> None:
-        self.batch.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return bool(self.batch.force_flush(timeout_millis))
+def _refuse(spans: list[Span]) -> bool:
+    return False
 
 
-class _CountingExporter(SpanExporter):
-    def __init__(self, inner: SpanExporter, tracing: Tracing):
-        self.inner = inner
-        self.tracing = tracing
-
-    def export(self, spans: Any) -> SpanExportResult:
-        count = len(spans)
-        self.tracing.exporting(count)
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        self.tracing.exported_batch(count, result == SpanExportResult.SUCCESS)
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+def _nothing() -> None:
+    return None
 
 
 # --- the hook ------------------------------------------------------------------------
 
 _monitor: PerformanceMonitor | None = None
-_tracing: Tracing | None = None  # None, or one whose tracer is set: tracing is on
+_tracing: Tracing | None = None  # None, or an active one: tracing is on
 
 
 def install(monitor: PerformanceMonitor | None, tracing: Tracing | None) -> None:
@@ -261,7 +305,7 @@ def install(monitor: PerformanceMonitor | None, tracing: Tracing | None) -> None
     reload); observe() reads them. None switches either off."""
     global _monitor, _tracing
     _monitor = monitor
-    _tracing = tracing if tracing is not None and tracing.tracer is not None else None
+    _tracing = tracing if tracing is not None and tracing.active else None
 
 
 def installed() -> tuple[PerformanceMonitor | None, Tracing | None]:
@@ -273,118 +317,9 @@ def enabled() -> bool:
     return _tracing is not None
 
 
-class Operation:
-    """One timed piece of work: a sample for the monitor and, when traced, a span.
-
-    `path` None makes a span only (a probe phase); `root` False never starts a trace
-    (store calls: only inside a request, a decision or a run). Use `set` for span
-    attributes (prefixed with `prefix`; a no-op when not traced), `fail` to mark the
-    outcome an error without raising.
-    """
-
-    __slots__ = ("_context_token", "_start", "_unsampled_token", "attributes", "error", "kind",
-                 "name", "operation", "parent", "path", "prefix", "root", "span")
-
-    def __init__(self, path: str | None, operation: str, name: str | None = None,
-                 kind: SpanKind = SpanKind.INTERNAL,
-                 attributes: Mapping[str, Any] | None = None, parent: Context | None = None,
-                 root: bool = True, prefix: str = ""):
-        self.path = path
-        self.operation = operation
-        self.name = name
-        self.kind = kind
-        self.attributes = attributes
-        self.parent = parent
-        self.root = root
-        self.prefix = prefix
-        self.error = ""
-        self.span: Any = None
-        self._context_token: Token[Context] | None = None
-        self._unsampled_token: Token[bool] | None = None
-        self._start = 0.0
-
-    def __enter__(self) -> Operation:
-        tracing = _tracing
-        if tracing is not None:
-            self._begin_span(tracing)
-        self._start = time.perf_counter()
-        return self
-
-    def _begin_span(self, tracing: Tracing) -> None:
-        parent = self.parent
-        if parent is not None:
-            # an incoming request: its traceparent decides, its baggage stays current
-            remote = trace.get_current_span(parent).get_span_context()
-            if remote.is_valid and not remote.trace_flags.sampled:
-                self._context_token = otel_context.attach(parent)
-                self._unsampled_token = _unsampled.set(True)
-                return
-            if remote.is_valid:
-                self._start_span(tracing, parent)
-                return
-        elif _unsampled.get():
-            return
-        elif trace.get_current_span().get_span_context().is_valid:
-            self._start_span(tracing, None)
-            return
-        if not self.root or self.path is None:
-            if parent is not None:
-                self._context_token = otel_context.attach(parent)
-            return
-        trace_id = random.getrandbits(128) or 1
-        if trace_id & _LOW_64 >= tracing.bound:
-            if parent is not None:
-                self._context_token = otel_context.attach(parent)
-            self._unsampled_token = _unsampled.set(True)
-            return
-        assert tracing._ids is not None
-        tracing._ids.set_next(trace_id)
-        self._start_span(tracing, parent)
-
-    def _start_span(self, tracing: Tracing, parent: Context | None) -> None:
-        span = tracing.tracer.start_span(self.name or f"{self.path} {self.operation}",
-                                         context=parent, kind=self.kind,
-                                         attributes=self.attributes)
-        self.span = span
-        self._context_token = otel_context.attach(trace.set_span_in_context(span, parent))
-
-    def set(self, key: str, value: Any) -> None:
-        span = self.span
-        if span is not None:
-            span.set_attribute(self.prefix + key, value)
-
-    def fail(self, error_type: str) -> None:
-        self.error = error_type
-
-    def rename(self, name: str) -> None:
-        if self.span is not None:
-            self.span.update_name(name)
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        seconds = time.perf_counter() - self._start
-        error = self.error
-        if exc_type is not None and not error:
-            error = exc_type.__name__
-        trace_id = None
-        span = self.span
-        if span is not None:
-            if error:
-                span.set_attribute("error.type", error)
-                span.set_status(Status(StatusCode.ERROR, error))
-            span.end()
-            trace_id = format(span.get_span_context().trace_id, "032x")
-        if self._context_token is not None:
-            otel_context.detach(self._context_token)
-        if self._unsampled_token is not None:
-            _unsampled.reset(self._unsampled_token)
-        monitor = _monitor
-        if monitor is not None and self.path is not None:
-            monitor.record(self.path, self.operation, seconds, bool(error), trace_id)
-
-
 class Timed:
-    """What observe() gives while tracing is off: the same interface, only timed."""
+    """An operation that is not traced (tracing off, or its trace not sampled): the same
+    interface as Span, only timed for the monitor."""
 
     __slots__ = ("_start", "error", "operation", "path")
     span = None
@@ -409,6 +344,12 @@ class Timed:
     def set(self, key: str, value: Any) -> None:
         return None
 
+    def set_attribute(self, key: str, value: Any) -> None:
+        return None
+
+    def update(self, attributes: Mapping[str, Any]) -> None:
+        return None
+
     def fail(self, error_type: str) -> None:
         self.error = error_type
 
@@ -416,35 +357,249 @@ class Timed:
         return None
 
 
+class _UnsampledRoot(Timed):
+    """The root of a trace that is not sampled: nothing below it makes a span."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> _UnsampledRoot:
+        self._token = _current.set(UNSAMPLED)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        seconds = time.perf_counter() - self._start
+        _current.reset(self._token)
+        monitor = _monitor
+        if monitor is not None and self.path is not None:
+            monitor.record(self.path, self.operation, seconds,
+                           bool(self.error) or exc_type is not None)
+
+
+class Trace:
+    """What the spans of one sampled trace share: its id (and as hex, for exemplars),
+    W3C flags and trace state, and the caller's span id when it continues a caller's
+    trace (-1 when it does not)."""
+
+    __slots__ = ("flags", "hex", "remote_parent", "state", "trace_id")
+
+    def __init__(self, trace_id: int, flags: int, state: TraceState | None,
+                 remote_parent: int):
+        self.trace_id = trace_id
+        self.hex = format(trace_id, "032x")
+        self.flags = flags
+        self.state = state
+        self.remote_parent = remote_parent
+
+
+class Span:
+    """A sampled operation: the span record the export thread encodes, and the context
+    manager that times it, makes it the current span and, at the end, queues it and
+    records the sample (with the trace id, for exemplars).
+
+    `set` adds an attribute named `prefix` + key, `set_attribute` one named key;
+    `fail` marks the outcome an error without raising; `rename` changes the name.
+    The attributes given are shared (a caller's constant) until the first is set.
+    """
+
+    __slots__ = ("_own", "_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
+                 "operation", "parent_id", "path", "prefix", "span_id", "start_ns", "trace")
+    _token: Token[Span | _Marker | None] | None
+
+    def __init__(self, trace: Trace, parent_id: int, path: str | None, operation: str,
+                 name: str | None, kind: SpanKind, attributes: Mapping[str, Any] | None,
+                 prefix: str):
+        self.trace = trace
+        self.parent_id = parent_id
+        self.span_id = getrandbits(64) or 1
+        self.path = path
+        self.operation = operation
+        self.name = name or f"{path} {operation}"
+        self.kind = kind
+        self.attributes: Mapping[str, Any] = attributes or _NO_ATTRIBUTES
+        self._own = False
+        self.prefix = prefix
+        self.error = ""
+
+    @property
+    def span(self) -> Span:
+        return self
+
+    @property
+    def remote(self) -> bool:
+        """Whether the parent is another process's span."""
+        return self.parent_id == self.trace.remote_parent
+
+    def __enter__(self) -> Span:
+        self._token = _current.set(self)
+        self.start_ns = time.time_ns()
+        self._perf = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        nanoseconds = time.perf_counter_ns() - self._perf
+        self.end_ns = self.start_ns + nanoseconds
+        token = self._token
+        if token is not None:
+            _current.reset(token)
+        error = self.error
+        if exc_type is not None and not error:
+            error = self.error = exc_type.__name__
+        if error:
+            self.set_attribute("error.type", error)
+        tracing = _tracing  # the installed one: after a reload, the new one exports it
+        if tracing is not None:
+            tracing.finish(self)
+        monitor = _monitor
+        if monitor is not None and self.path is not None:
+            monitor.record(self.path, self.operation, nanoseconds / 1e9, bool(error),
+                           self.trace.hex)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if not self._own:
+            self.attributes = dict(self.attributes)
+            self._own = True
+        self.attributes[key] = value  # type: ignore[index]
+
+    def set(self, key: str, value: Any) -> None:
+        if not self._own:
+            self.attributes = dict(self.attributes)
+            self._own = True
+        self.attributes[self.prefix + key] = value  # type: ignore[index]
+
+    def update(self, attributes: Mapping[str, Any]) -> None:
+        """Sets several attributes (named as given) at once."""
+        if self._own:
+            self.attributes.update(attributes)  # type: ignore[attr-defined]
+        else:
+            self.attributes = {**self.attributes, **attributes}
+            self._own = True
+
+    def fail(self, error_type: str) -> None:
+        self.error = error_type
+
+    def rename(self, name: str) -> None:
+        self.name = name
+
+
+class _Leaf(Span):
+    """A sampled span inside which nothing is observed (a store call): it never becomes
+    the current span, which saves setting the context variable twice."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        self._token = None
+        self.start_ns = time.time_ns()
+        self._perf = time.perf_counter_ns()
+        return self
+
+
+_NO_ATTRIBUTES: Mapping[str, Any] = {}
+# what observe() gives: `with observe(...) as op`, op is a Span or a Timed
+Observed = AbstractContextManager["Span | Timed"]
+
+
+class _InContext:
+    """An operation run in a caller's context (from `extract`), which is OpenTelemetry's
+    current context meanwhile, so that its baggage (and an unsampled traceparent) goes
+    on into requests this one makes."""
+
+    __slots__ = ("context", "operation", "token")
+
+    def __init__(self, operation: Span | Timed, context: Context):
+        self.operation = operation
+        self.context = context
+
+    def __enter__(self) -> Span | Timed:
+        self.token = otel_context.attach(self.context)
+        return self.operation.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.operation.__exit__(exc_type, exc, tb)
+        finally:
+            otel_context.detach(self.token)
+
+
 def observe(path: str | None, operation: str, name: str | None = None,
             kind: SpanKind = SpanKind.INTERNAL, attributes: Mapping[str, Any] | None = None,
-            parent: Context | None = None, root: bool = True,
-            prefix: str = "") -> Operation | Timed:
-    """`with observe("collector", "system"):` times the block, records it in the monitor
-    and, with tracing on, makes it a span (see Operation for the arguments)."""
-    if _tracing is None:
+            parent: Context | None = None, root: bool = True, prefix: str = "",
+            leaf: bool = False) -> Observed:
+    """`with observe("collector", "system") as op:` times the block, records it in the
+    monitor and, with tracing on and the trace sampled, makes it a span named `name`
+    (default "<path> <operation>") with `kind` and `attributes` (shared, not copied:
+    a constant). `path` None makes a span only (a probe phase); `root` False never
+    starts a trace (store calls: only inside a request, a decision or a run);
+    `parent`, a caller's context from `extract`, is continued; `prefix` goes before
+    the keys `op.set` is given; `leaf` says nothing inside is observed."""
+    tracing = _tracing
+    if tracing is None:
         return Timed(path, operation)
-    return Operation(path, operation, name, kind, attributes, parent, root, prefix)
+    current = _current.get()
+    if parent is not None:
+        return _InContext(_continued(tracing, path, operation, name, kind, attributes, parent,
+                                     root, prefix, leaf), parent)
+    if current is UNSAMPLED:
+        return Timed(path, operation)
+    if current is None:
+        if not root or path is None:
+            return Timed(path, operation)
+        low = getrandbits(64)  # the bits TraceIdRatioBased decides by
+        if low >= tracing.bound:
+            return _UnsampledRoot(path, operation)
+        trace_id = (getrandbits(64) << 64 | low) or 1 << 64
+        return (_Leaf if leaf else Span)(Trace(trace_id, _ROOT_FLAGS, None, -1), 0, path,
+                                         operation, name, kind, attributes, prefix)
+    return (_Leaf if leaf else Span)(current.trace, current.span_id, path, operation, name,
+                                     kind, attributes, prefix)
 
 
-def phase(name: str, phase_name: str) -> Operation | Timed:
+def _continued(tracing: Tracing, path: str | None, operation: str, name: str | None,
+               kind: SpanKind, attributes: Mapping[str, Any] | None, parent: Context,
+               root: bool, prefix: str, leaf: bool) -> Span | Timed:
+    """The operation for a caller's context: with a traceparent, the SDK's sampler
+    decides on it; without one (baggage only) it is a new trace, decided as above."""
+    remote = trace.get_current_span(parent).get_span_context()
+    if not remote.is_valid:
+        op = observe(path, operation, name, kind, attributes, None, root, prefix, leaf)
+        assert isinstance(op, (Span, Timed))  # without a parent: never _InContext
+        return op
+    assert tracing.sampler is not None
+    result = tracing.sampler.should_sample(parent, remote.trace_id,
+                                           name or f"{path} {operation}", kind)
+    if not result.decision.is_sampled():
+        return _UnsampledRoot(path, operation)
+    caller = Trace(remote.trace_id, _SAMPLED | (remote.trace_flags & _RANDOM),
+                   result.trace_state, remote.span_id)
+    return (_Leaf if leaf else Span)(caller, remote.span_id, path, operation, name, kind,
+                                     attributes, prefix)
+
+
+def phase(name: str, phase_name: str) -> Observed:
     """A child span for one phase of a traced run (probe connect, tls, banner, ...)."""
     return observe(None, phase_name, name, attributes={"a3mailer.probe.phase": phase_name},
                    root=False)
 
 
-def security_observer(operation: str) -> Operation | Timed:
+_SECURITY_NAMES = {"check": "security check", "report": "security report"}
+
+
+def security_observer(operation: str) -> Observed:
     """The security engine's observer (security/engine.py `Observer`)."""
-    return observe("security", operation, f"security {operation}",
+    return observe("security", operation,
+                   _SECURITY_NAMES.get(operation) or f"security {operation}",
                    prefix="a3mailer.security.")
 
 
 def annotate(key: str, value: Any) -> None:
-    """Sets an attribute on the current span, when there is a traced one."""
-    if _tracing is not None:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attribute(key, value)
+    """Sets an attribute on the current span, when there is a sampled one."""
+    current = _current.get()
+    if isinstance(current, Span):
+        current.set_attribute(key, value)
 
 
 def extract(headers: list[tuple[bytes, bytes]]) -> Context | None:
@@ -467,8 +622,15 @@ def outgoing_headers() -> dict[str, str]:
     probe), continuing the current trace; empty when there is none to continue."""
     if _tracing is None:
         return {}
+    current = _current.get()
+    context = None
+    if isinstance(current, Span):
+        t = current.trace
+        span_context = SpanContext(t.trace_id, current.span_id, False, TraceFlags(t.flags),
+                                   t.state)
+        context = trace.set_span_in_context(NonRecordingSpan(span_context))
     carrier: dict[str, str] = {}
-    PROPAGATOR.inject(carrier)
+    PROPAGATOR.inject(carrier, context=context)
     return carrier
 
 
@@ -503,7 +665,7 @@ def _observed(method: Any, name: str, kind: SpanKind, attributes: dict[str, str]
     span_name = f"store {name}"
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        with observe("store", name, span_name, kind, attributes, root=False):
+        with observe("store", name, span_name, kind, attributes, root=False, leaf=True):
             return await method(*args, **kwargs)
 
     call.__name__ = name

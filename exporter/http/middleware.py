@@ -85,8 +85,7 @@ class Guard:
         method = scope["method"]
         parent = tracing.extract(scope["headers"])
         with tracing.observe("http", "other", method, SpanKind.SERVER,
-                             _request_attributes(scope) if tracing.enabled() else None,
-                             parent) as operation:
+                             parent=parent) as operation:
             try:
                 await self._guarded(scope, receive, send_wrapper)
             except BodyTooLarge:
@@ -187,25 +186,22 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
-def _request_attributes(scope: Scope) -> dict[str, Any]:
-    """The HTTP server span's attributes known before routing (semantic conventions)."""
+def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
+                         handler: str, status: int) -> None:
+    """The HTTP server span's attributes (semantic conventions), set once it answered.
+    A path with a parameter (an account name, a metric name) is reported as its route
+    template, an unrouted one (anything a client sent) not at all; the query string
+    never."""
     server = scope.get("server") or ("", 0)
-    return {"http.request.method": scope["method"], "url.scheme": scope.get("scheme", "http"),
-            "server.port": server[1] or 0, "network.protocol.version": scope.get(
-                "http_version", "1.1")}
-
-
-def _response_attributes(operation: tracing.Operation | tracing.Timed, scope: Scope,
-                         handler: str,
-                         status: int) -> None:
-    """The rest once the route answered. A path with a parameter (an account name, a
-    metric name) is reported as its route template, an unrouted one (anything a client
-    sent) not at all; the query string never."""
+    attributes = {"http.request.method": scope["method"],
+                  "url.scheme": scope.get("scheme", "http"), "server.port": server[1] or 0,
+                  "network.protocol.version": scope.get("http_version", "1.1"),
+                  "http.response.status_code": status}
     if handler != "other":
         operation.rename(f"{scope['method']} {handler}")
-        operation.set("http.route", handler)
-        operation.set("url.path", handler if "{" in handler else scope["path"])
-    operation.set("http.response.status_code", status)
+        attributes["http.route"] = handler
+        attributes["url.path"] = handler if "{" in handler else scope["path"]
+    operation.update(attributes)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -28,7 +28,6 @@ from exporter.schedule import Periodic
 from exporter.service import Exporter
 from exporter.tracing import (
     ObservedStore,
-    Operation,
     Tracing,
     TracingSettings,
     observe,
@@ -106,7 +105,7 @@ def test_a_sampled_caller_is_followed_whatever_the_rate(traced):
     t, _, spans = traced(rate=0.0)
     parent = tracing.extract([(b"traceparent", header(TRACE, PARENT, True)),
                               (b"tracestate", b"mail=1"), (b"baggage", b"tenant=t1")])
-    with Operation("http", "/x", "GET /x", SpanKind.SERVER, parent=parent) as op:
+    with observe("http", "/x", "GET /x", SpanKind.SERVER, parent=parent) as op:
         assert op.span is not None
         outgoing = outgoing_headers()
         with observe("security", "check"):
@@ -127,7 +126,7 @@ def test_an_unsampled_caller_is_never_traced_but_its_baggage_is_kept(traced):
     t, monitor, spans = traced(rate=1.0)
     parent = tracing.extract([(b"traceparent", header(TRACE, PARENT, False)),
                               (b"baggage", b"tenant=t2")])
-    with Operation("http", "/x", "GET /x", SpanKind.SERVER, parent=parent) as op:
+    with observe("http", "/x", "GET /x", SpanKind.SERVER, parent=parent) as op:
         assert op.span is None
         assert baggage.get_baggage("tenant") == "t2"
         with observe("security", "check") as inner:

@@ -1,0 +1,324 @@
+"""OTLP/HTTP protobuf for the tracer's span records (exporter/tracing.py): the encoder
+and the sender.
+
+The encoder writes an ExportTraceServiceRequest (opentelemetry-proto's
+collector/trace/v1) directly from the records, in batches, on the export thread:
+one ResourceSpans with the resource and one ScopeSpans, the scope and the spans,
+with exactly the fields the SDK's encoder (opentelemetry-exporter-otlp-proto-common
+`encode_spans`) sets for the same span: ids, trace state, parent, name, kind, start
+and end, attributes, status and flags (SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE, and
+IS_REMOTE for a remote parent). Names and attributes (key and value) are encoded
+once and kept, in a bounded cache: spans of one kind differ mostly in their ids
+and times, written with int.to_bytes.
+
+Why not the SDK's OTLPSpanExporter: its export() takes ReadableSpans and builds a
+protobuf object for every span, attribute and value, 20 to 30 times the CPU of
+writing the bytes here (benchmarks/bench_tracing.py, part "encode"), and all of it
+holds the GIL the requests need; the part of it that sends bytes is private API.
+tests/unit/test_otlp.py decodes our output with opentelemetry-proto's classes and
+compares it with encode_spans() of the same spans.
+
+The sender POSTs the bytes over one kept-alive http.client connection, with the
+SDK exporter's rules: 2xx is success; 429, 502, 503, 504 and connection errors are
+retried with exponential backoff (1 s, 2 s, ... with 20 % jitter) or after
+Retry-After, while the export's time lasts; anything else fails at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import ssl
+import struct
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.span import TraceState
+
+CONTENT_TYPE = "application/x-protobuf"
+RETRYABLE = frozenset({429, 502, 503, 504})
+MAX_ATTEMPTS = 6
+JITTER = 0.2
+MAX_CACHED = 4096  # encoded names, and attributes, kept
+
+# Span.SpanKind in trace.proto: the API's enum shifted by one (0 is UNSPECIFIED)
+# (Span.kind, field 6), indexed by the API enum's value
+SPAN_KINDS = tuple(b"\x30" + bytes((kind.value + 1,)) for kind in sorted(SpanKind,
+                                                                        key=lambda k: k.value))
+# Span.flags (field 16, fixed32): SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, | IS_REMOTE
+_LOCAL_FLAGS = b"\x85\x01" + struct.pack("<I", 0x100)
+_REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", 0x300)
+_UNSET_STATUS = b"\x7a\x00"  # Span.status, an empty Status (code UNSET), as the SDK sends it
+_ERROR_CODE = b"\x18\x02"  # Status.code = STATUS_CODE_ERROR
+
+_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"  # fields 1, 2, 4
+_START, _END = b"\x39", b"\x41"  # fixed64 fields 7 and 8
+_FIXED = 2 + 16 + 2 + 8 + 1 + 8 + 1 + 8  # the bytes of the ids and times
+_FIXED_WITH_PARENT = _FIXED + 2 + 8
+_UNSET_LOCAL, _UNSET_REMOTE = _UNSET_STATUS + _LOCAL_FLAGS, _UNSET_STATUS + _REMOTE_FLAGS
+_DOUBLE = struct.Struct("<d")
+_EMPTY: dict[Any, bytes] = {}
+
+
+class TraceRecord(Protocol):
+    """What the encoder reads from a span's trace (exporter.tracing.Trace)."""
+
+    @property
+    def trace_id(self) -> int: ...
+    @property
+    def state(self) -> TraceState | None: ...
+    @property
+    def remote_parent(self) -> int: ...  # the caller's span id, for a caller's trace
+
+
+class SpanRecord(Protocol):
+    """What the encoder reads from a finished span (exporter.tracing.Span)."""
+
+    @property
+    def trace(self) -> TraceRecord: ...
+    @property
+    def span_id(self) -> int: ...
+    @property
+    def parent_id(self) -> int: ...  # 0: a root
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> SpanKind: ...
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def attributes(self) -> Mapping[str, Any]: ...
+    @property
+    def error(self) -> str: ...  # "": status UNSET; else ERROR with this message
+
+
+def varint(n: int) -> bytes:
+    if n < 0:
+        n &= (1 << 64) - 1  # int64 as protobuf writes it: ten bytes of two's complement
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_VARINTS = [varint(n) for n in range(16384)]
+
+
+def _length(n: int) -> bytes:
+    return _VARINTS[n] if n < 16384 else varint(n)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return tag + _length(len(payload)) + payload
+
+
+def any_value(value: Any) -> bytes | None:
+    """An AnyValue's body, as the SDK's _encode_value makes it; None for a type it cannot
+    encode (the SDK logs those and leaves the attribute out; so do we)."""
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _field(b"\x0a", value.encode())
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < 1 << 63:
+            return None
+        return b"\x18" + varint(value)
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE.pack(value)
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        items = [any_value(item) for item in value]
+        if any(item is None for item in items):
+            return None
+        return _field(b"\x2a", b"".join(_field(b"\x0a", item or b"") for item in items))
+    if isinstance(value, Mapping):
+        pairs = [key_value(str(k), v, b"\x0a") for k, v in value.items()]
+        if any(pair is None for pair in pairs):
+            return None
+        return _field(b"\x32", b"".join(pair or b"" for pair in pairs))
+    return None
+
+
+def key_value(key: str, value: Any, tag: bytes) -> bytes | None:
+    """A KeyValue as a field with `tag` (Span.attributes is 9, Resource.attributes 1)."""
+    body = any_value(value)
+    if body is None:
+        return None
+    return _field(tag, _field(b"\x0a", key.encode()) + _field(b"\x12", body))
+
+
+class Encoder:
+    """ExportTraceServiceRequest bytes for batches of span records of one resource and
+    one instrumentation scope."""
+
+    def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str):
+        attributes = b"".join(kv for kv in (key_value(k, v, b"\x0a")
+                                            for k, v in resource.items()) if kv is not None)
+        self._resource = _field(b"\x0a", attributes)  # ResourceSpans.resource
+        scope = _field(b"\x0a", scope_name.encode()) + _field(b"\x12", scope_version.encode())
+        self._scope = _field(b"\x0a", scope)  # ScopeSpans.scope
+        self._heads: dict[str, tuple[SpanKind, bytes]] = {}  # name -> kind, name and kind
+        # encoded Span.attributes entries: value type -> key -> value -> bytes (by type,
+        # as True == 1 == 1.0 but they encode differently)
+        self._attributes: dict[type, dict[str, dict[Any, bytes]]] = {
+            str: {}, int: {}, bool: {}, float: {}}
+        self._cached = 0
+
+    def _head(self, name: str, kind: SpanKind) -> bytes:
+        """Span.name and Span.kind."""
+        head = (_field(b"\x2a", name.encode()) if name else b"") + SPAN_KINDS[kind.value]
+        if len(self._heads) < MAX_CACHED:
+            self._heads[name] = (kind, head)
+        return head
+
+    def _attribute(self, key: str, value: Any) -> bytes:
+        encoded = key_value(key, value, b"\x4a") or b""
+        by_key = self._attributes.get(value.__class__)
+        if by_key is not None and self._cached < MAX_CACHED:
+            by_key.setdefault(key, {})[value] = encoded
+            self._cached += 1
+        return encoded
+
+    def span(self, span: SpanRecord) -> bytes:
+        """One span as its ScopeSpans.spans field (tag, length, Span message)."""
+        entry = self._heads.get(span.name)
+        kind = span.kind
+        tail = entry[1] if entry is not None and entry[0] is kind else self._head(
+            span.name, kind)
+        attributes = span.attributes
+        if attributes:
+            cache = self._attributes
+            parts = [tail]
+            for key, value in attributes.items():
+                by_key = cache.get(value.__class__)
+                encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
+                parts.append(encoded if encoded is not None else self._attribute(key, value))
+            tail = b"".join(parts)
+        trace = span.trace
+        parent = span.parent_id
+        remote = parent == trace.remote_parent
+        if span.error:
+            tail += _field(b"\x7a", _field(b"\x12", span.error.encode()) + _ERROR_CODE) + (
+                _REMOTE_FLAGS if remote else _LOCAL_FLAGS)
+        else:
+            tail += _UNSET_REMOTE if remote else _UNSET_LOCAL
+        if trace.state:
+            tail += _field(b"\x1a", ",".join(
+                f"{k}={v}" for k, v in trace.state.items()).encode())
+        to_bytes = int.to_bytes
+        # trace_id, span_id, parent_span_id, the rest, start and end time
+        if parent:
+            return b"".join((b"\x12", _length(_FIXED_WITH_PARENT + len(tail)),
+                             _TRACE_ID, to_bytes(trace.trace_id, 16),
+                             _SPAN_ID, to_bytes(span.span_id, 8), _PARENT_ID, to_bytes(parent, 8),
+                             tail, _START, to_bytes(span.start_ns, 8, "little"),
+                             _END, to_bytes(span.end_ns, 8, "little")))
+        return b"".join((b"\x12", _length(_FIXED + len(tail)),
+                         _TRACE_ID, to_bytes(trace.trace_id, 16),
+                         _SPAN_ID, to_bytes(span.span_id, 8),
+                         tail, _START, to_bytes(span.start_ns, 8, "little"),
+                         _END, to_bytes(span.end_ns, 8, "little")))
+
+    def request(self, spans: Iterable[bytes]) -> bytes:
+        """The ExportTraceServiceRequest of spans encoded by span()."""
+        scope_spans = self._scope + b"".join(spans)
+        resource_spans = self._resource + b"\x12" + _length(len(scope_spans)) + scope_spans
+        return b"\x0a" + _length(len(resource_spans)) + resource_spans
+
+    def encode(self, spans: Iterable[SpanRecord]) -> bytes:
+        return self.request([self.span(span) for span in spans])
+
+
+class Sender:
+    """POSTs encoded requests to the OTLP/HTTP traces endpoint over one kept-alive
+    connection; `stop` (set at shutdown) cuts a backoff short."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float,
+                 stop: threading.Event):
+        url = urllib.parse.urlsplit(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.stop = stop
+        self._https = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._https else 80)
+        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._headers = {**headers, "Content-Type": CONTENT_TYPE}
+        self._connection: http.client.HTTPConnection | None = None
+
+    def send(self, body: bytes) -> bool:
+        deadline = time.monotonic() + self.timeout
+        for attempt in range(MAX_ATTEMPTS):
+            backoff = 2 ** attempt * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
+            try:
+                status, retry_after = self._post(body, deadline)
+            except (OSError, http.client.HTTPException):
+                pass  # refused, reset, timed out: retried like a 503
+            else:
+                if 200 <= status < 300:
+                    return True
+                if status not in RETRYABLE:
+                    return False
+                backoff = retry_after if retry_after is not None else backoff
+            if backoff > deadline - time.monotonic() or self.stop.wait(backoff):
+                return False
+        return False
+
+    def _post(self, body: bytes, deadline: float) -> tuple[int, float | None]:
+        """One POST; a kept-alive connection the receiver has closed meanwhile is
+        replaced and the POST sent again at once."""
+        for fresh in (self._connection is None, True):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("export timed out")
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = self._connect(remaining)
+            connection.timeout = remaining
+            if connection.sock is not None:
+                connection.sock.settimeout(remaining)
+            try:
+                connection.request("POST", self._path, body, self._headers)
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if fresh:
+                    raise
+                continue
+            if response.will_close:
+                self.close()
+            return response.status, _retry_after(response.getheader("retry-after"))
+        raise AssertionError("unreachable")
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (an HTTP date is not honoured: the backoff applies)."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
