@@ -183,6 +183,8 @@ def local_config(example: dict[str, Any], mail: MailStack, nsd: Nsd, policy_port
                              "group_interval": "1s",
                              "smarthost": f"{LOOPBACK}:{free_port()}"}},
         "server": {"state_dir": str(state)},
+        # nothing listens there: spans are dropped (and counted), as with a receiver gone
+        "tracing": {"otlp_endpoint": f"http://{LOOPBACK}:{free_port()}"},
     }
     return merge(example, local)
 
