@@ -28,6 +28,9 @@ RUNS = {
                        "test_faults.py"),
     "bad_probe_targets": ("probe targets refusing, hanging and resetting, under load",
                           "test_faults.py"),
+    "otlp_and_alertmanager_gone": ("the OTLP receiver and Alertmanager gone under traced "
+                                   "load (every request sampled), then back on their ports",
+                                   "test_faults.py"),
     "reload_under_load": ("an invalid config reloaded under load, then a valid one",
                           "test_reload_under_load.py"),
 }

@@ -304,10 +304,11 @@ class RecordingHTTPServer:
 
     Serves as Alertmanager's webhook receiver, as a fake scrape target and as a
     fake Dovecot auth-policy endpoint. It binds port 0 itself, so it has no
-    port race.
+    port race; ``port`` rebinds a port a stopped one had (a receiver coming back).
     """
 
-    def __init__(self, responder: Responder = _ok_empty, host: str = LOOPBACK) -> None:
+    def __init__(self, responder: Responder = _ok_empty, host: str = LOOPBACK,
+                 port: int = 0) -> None:
         self.responder = responder
         self.requests: list[RecordedRequest] = []
         self._cond = threading.Condition()
@@ -343,7 +344,7 @@ class RecordingHTTPServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self.host = host
         self.port = int(self._server.server_address[1])
@@ -441,7 +442,7 @@ class OTLPReceiver(RecordingHTTPServer):
     with opentelemetry-proto and keeps every span. Answers 200 with an empty
     ExportTraceServiceResponse, or ``status`` when set (e.g. 503 to refuse)."""
 
-    def __init__(self, host: str = LOOPBACK) -> None:
+    def __init__(self, host: str = LOOPBACK, port: int = 0) -> None:
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
         from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -484,7 +485,7 @@ class OTLPReceiver(RecordingHTTPServer):
             return (200, "application/x-protobuf",
                     pb.ExportTraceServiceResponse().SerializeToString())
 
-        super().__init__(respond, host)
+        super().__init__(respond, host, port)
 
     def wait_for_spans(self, predicate: Callable[[ReceivedSpan], bool], count: int = 1,
                        timeout: float = 30) -> list[ReceivedSpan]:

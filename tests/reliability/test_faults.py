@@ -1,6 +1,6 @@
 """Dependency faults under load: Redis killed and restarted, the state dir's filesystem
-full, probe targets that refuse, hang or reset. The exporter keeps serving, says what is
-wrong, and recovers by itself."""
+full, probe targets that refuse, hang or reset, the OTLP receiver and Alertmanager gone
+and back. The exporter keeps serving, says what is wrong, and recovers by itself."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.exporter_process import ROOT, ExporterProcess
-from tests.integration.components import require_root, wait_until
+from tests.integration.components import (
+    Alertmanager,
+    OTLPReceiver,
+    require_root,
+    wait_until,
+)
 from tests.reliability.conftest import scale
 from tests.reliability.test_crash import ADMIN, security_config
 
@@ -47,6 +52,7 @@ class PolicyLoad:
     def __init__(self, url: str):
         self.url, self.stop = url, threading.Event()
         self.statuses: dict[int, int] = {}
+        self.slowest = 0.0  # seconds, the longest answer
         self.transport_errors = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -57,14 +63,20 @@ class PolicyLoad:
                 i += 1
                 body = {"login": f"load{i % 50}", "remote": f"198.18.{i % 200}.{i % 250}",
                         "pwhash": f"{i:08x}", "protocol": "imap"}
+                start = time.monotonic()
                 try:
                     r = client.post("/dovecot/policy?command=allow", json=body)
                 except httpx.HTTPError:
                     self.transport_errors += 1
                     continue
+                self.slowest = max(self.slowest, time.monotonic() - start)
                 self.statuses[r.status_code] = self.statuses.get(r.status_code, 0) + 1
 
+    def answered(self) -> int:
+        return sum(self.statuses.values())
+
     def __enter__(self) -> PolicyLoad:
+        self.started = time.monotonic()
         self.thread.start()
         return self
 
@@ -302,3 +314,83 @@ def test_probe_targets_refusing_hanging_and_resetting(tmp_path, config_file, rec
         "faults": "probe targets refusing, hanging, resetting", "requests":
         sum(load.statuses.values()), "http_5xx": load.statuses.get(500, 0),
         "open_fds_start": fds_early, "open_fds_end": fds_late}
+
+
+def test_otlp_receiver_and_alertmanager_gone_and_back(tmp_path, config_file, record):
+    """Every request sampled and traced to a real OTLP receiver, a firing alert pushed to a
+    real Alertmanager; both go away under load (connections refused) and come back on the
+    same port. Requests never wait for either: the answer rate during the outage stays at
+    least half the rate before it; spans are dropped and pushes fail, each counted; after
+    it spans arrive again and Alertmanager has the alert again, with no restart."""
+    receiver = OTLPReceiver()
+    am = Alertmanager(tmp_path / "am")
+    am.start()
+    config = security_config(tmp_path, type="memory")
+    config["monitoring"] = {"alert_thresholds": {"active_lockouts_threshold": 0}}
+    config["alerting"] = {
+        "alerts": {"A3MailerLockoutSpike": {"for": "1s"}},
+        "engine": {"evaluation_interval": "1s",
+                   "alertmanager": {"url": am.url, "resend_interval": "1s", "timeout": "2s"}}}
+    config["tracing"] = {"enabled": True, "sampling_rate": 1.0, "otlp_endpoint": receiver.url,
+                         "batch_timeout": "200ms"}
+    workdir = tmp_path / "exporter"
+    workdir.mkdir()
+    proc = ExporterProcess(workdir, config_file(config)).start()
+    back: OTLPReceiver | None = None
+
+    def lockout_alert_in_alertmanager() -> bool:
+        return any(a["labels"].get("alertname") == "A3MailerLockoutSpike" for a in am.alerts())
+
+    try:
+        with PolicyLoad(proc.url) as load:
+            receiver.wait_for_spans(lambda s: s.name.startswith("POST"), count=20)
+            assert "lock" in fail(proc.url, "alice", "192.0.2.7", 3)
+            wait_until(lockout_alert_in_alertmanager, 30, "the lockout alert in Alertmanager")
+
+            # both gone: the receiver's socket closed, Alertmanager SIGKILLed
+            port = receiver.port
+            receiver.stop()
+            assert am.proc is not None
+            am.proc.send_signal(signal.SIGKILL)
+            am.proc.wait(10)
+            time.sleep(1.0)  # let the first failures happen before the rate is measured
+            before_rate = load.answered() / (time.monotonic() - load.started)
+            dropped_at_start = metric(proc.url, "a3mailer_tracing_spans_dropped_total")
+            failed_at_start = metric(proc.url, "a3mailer_alert_push_failures_total")
+            answered_at_start, outage_start = load.answered(), time.monotonic()
+            time.sleep(OUTAGE_SECONDS)
+            outage_rate = (load.answered() - answered_at_start) / (
+                time.monotonic() - outage_start)
+            dropped = metric(proc.url, "a3mailer_tracing_spans_dropped_total",
+                             reason="export_failed")
+            push_failures = metric(proc.url, "a3mailer_alert_push_failures_total",
+                                   reason="unreachable")
+            assert httpx.get(proc.url + "/livez", timeout=5).status_code == 200
+
+            # both back on the same ports
+            back = OTLPReceiver(port=port)
+            am.start()
+            recovery_start = time.monotonic()
+            back.wait_for_spans(lambda s: s.name.startswith("POST"), count=20, timeout=30)
+            wait_until(lockout_alert_in_alertmanager, 30, "the alert pushed again")
+            recovered_in = time.monotonic() - recovery_start
+        assert dropped > dropped_at_start, (dropped_at_start, dropped)
+        assert push_failures > failed_at_start, (failed_at_start, push_failures)
+        assert outage_rate >= 0.5 * before_rate, (before_rate, outage_rate)
+        assert load.statuses.get(500, 0) == 0 and load.transport_errors == 0, load.statuses
+        assert "span export failing" in proc.log()
+    finally:
+        assert proc.stop() == 0
+        am.stop()
+        receiver.stop()
+        if back is not None:
+            back.stop()
+    record["otlp_and_alertmanager_gone"] = {
+        "faults": "OTLP receiver and Alertmanager gone for the outage, then back",
+        "outage_seconds": OUTAGE_SECONDS, "requests": load.answered(),
+        "http_5xx": load.statuses.get(500, 0), "transport_errors": load.transport_errors,
+        "requests_per_second_before": round(before_rate, 1),
+        "requests_per_second_during_outage": round(outage_rate, 1),
+        "slowest_answer_seconds": round(load.slowest, 3),
+        "spans_dropped": dropped, "alert_push_failures": push_failures,
+        "recovered_within_seconds": round(recovered_in, 1)}
