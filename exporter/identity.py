@@ -13,18 +13,20 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.config import Config, parse_duration, read_secret
 from security.apikeys import ApiKeys, ApiKeySettings
 from security.audit import AuditLog
 from security.csrf import CsrfTokens, load_or_create_key
 from security.federation.oidc import OidcSettings, OidcValidator
-from security.federation.saml import SamlServiceProvider, SamlSettings
 from security.identity import IdentityStats
 from security.passwords import PasswordPolicy, PasswordSettings
 from security.sessions import Sessions, SessionSettings
 from security.store import Store
+
+if TYPE_CHECKING:  # pysaml2 and xmlschema (about 17 MB resident) only when SAML is on
+    from security.federation.saml import SamlServiceProvider, SamlSettings
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 1.0
@@ -82,6 +84,8 @@ def oidc_settings(security: dict[str, Any]) -> OidcSettings:
 
 
 def saml_settings(security: dict[str, Any]) -> SamlSettings:
+    from security.federation.saml import SamlSettings
+
     s = security["saml"]
     return SamlSettings(
         entity_id=s["entity_id"], acs_url=s["acs_url"],
@@ -129,6 +133,8 @@ class IdentityServices:
         if saml is None:
             self.saml = None
         elif self.saml is None or saml != self.saml.settings:
+            from security.federation.saml import SamlServiceProvider
+
             self.saml = SamlServiceProvider(saml, self.store, self.stats, self.audit)
 
     def configure(self, config: Config) -> None:

@@ -25,8 +25,6 @@ from typing import Any
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
-from zxcvbn import zxcvbn
-from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
 from security.engine import Auditor
 from security.identity import IdentityStats
@@ -85,6 +83,8 @@ class PasswordCheck:
 
 @functools.cache
 def _builtin_blocklist() -> frozenset[str]:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS
+
     return frozenset(FREQUENCY_LISTS["passwords"])
 
 
@@ -120,13 +120,18 @@ class PasswordPolicy:
         self.audit = audit
         self.stats = stats or IdentityStats()
         s = self.settings
-        self.blocklist: frozenset[str] = _builtin_blocklist() if s.builtin_blocklist else (
-            frozenset())
-        if s.blocklist_file:
-            self.blocklist = self.blocklist | load_blocklist(s.blocklist_file)
+        # the operator's file is read now (a bad one fails the config load); zxcvbn and
+        # its lists (about 12 MB resident) only when the first password is checked
+        self._file_blocklist = (load_blocklist(s.blocklist_file) if s.blocklist_file
+                                else frozenset())
         self.hasher = PasswordHasher(time_cost=s.argon2_time_cost,
                                      memory_cost=s.argon2_memory_cost_kib,
                                      parallelism=s.argon2_parallelism, type=Type.ID)
+
+    @functools.cached_property
+    def blocklist(self) -> frozenset[str]:
+        builtin = _builtin_blocklist() if self.settings.builtin_blocklist else frozenset()
+        return builtin | self._file_blocklist
 
     # --- Argon2id
 
@@ -166,6 +171,8 @@ class PasswordPolicy:
                 reasons.append(reason)
         # zxcvbn fails on the empty string (an IndexError): nothing to estimate, score 0
         nothing: dict[str, Any] = {"score": 0, "guesses_log10": 0.0, "feedback": {}}
+        from zxcvbn import zxcvbn
+
         estimate = zxcvbn(pw[:ESTIMATE_CHARS], user_inputs=words) if pw else nothing
         score = int(estimate["score"])
         if score < s.min_score:

@@ -27,7 +27,6 @@ from security.attempts import parse_ip
 from security.blocklist import CidrSet, Entry, prefix_of
 from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
-from security.mfa import webauthn as wa
 from security.mfa.delivery import DeliveryError, Sender
 from security.mfa.otp import OneTimeCodes
 from security.mfa.sealing import Sealer, SealError
@@ -384,6 +383,8 @@ class MfaManager:
 
     async def webauthn_register_options(self, user: str,
                                         display_name: str = "") -> dict[str, Any]:
+        from security.mfa import webauthn as wa  # py_webauthn: ~12 MB, on first use
+
         user = normalize_user(user)
         now = self.clock()
         handle_text = await self.store.mfa_get(user, "wa_handle")
@@ -398,6 +399,8 @@ class MfaManager:
 
     async def webauthn_register(self, user: str, credential: dict[str, Any], name: str = "",
                                 actor: str = "api") -> dict[str, Any]:
+        from security.mfa import webauthn as wa  # py_webauthn: ~12 MB, on first use
+
         user = normalize_user(user)
         now = self.clock()
         challenge = await self._take_challenge(user, "register", now)
@@ -424,6 +427,8 @@ class MfaManager:
         return _credential_view(new.id, {**record, "sign_count": new.sign_count})
 
     async def webauthn_authenticate_options(self, user: str) -> dict[str, Any]:
+        from security.mfa import webauthn as wa  # py_webauthn: ~12 MB, on first use
+
         user = normalize_user(user)
         usable = [cid for cid, cred in (await self._credentials(user)).items()
                   if not cred["cloned"]]
@@ -435,6 +440,8 @@ class MfaManager:
 
     async def webauthn_authenticate(self, user: str, credential: dict[str, Any],
                                     context: LoginContext | None = None) -> Verification:
+        from security.mfa import webauthn as wa  # py_webauthn: ~12 MB, on first use
+
         user = normalize_user(user)
         now = self.clock()
         refused, failures = await self._guard(user, "webauthn", now)
