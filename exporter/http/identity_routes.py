@@ -199,8 +199,12 @@ def identity_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
 
     async def verify_csrf(request: Request) -> Response:
         b = await body(request, CSRF_SCHEMA)
+        if not exporter.config["security"]["enable_csrf_protection"]:
+            # the operator turned the requirement off: every request may proceed
+            return JSONResponse({"valid": True, "required": False})
         alive = await services.sessions.validate(b["session_id"], touch=False) is not None
-        return JSONResponse({"valid": services.csrf.check(b["session_id"], b["token"], alive)})
+        return JSONResponse({"valid": services.csrf.check(b["session_id"], b["token"], alive),
+                             "required": True})
 
     # --- passwords
 
@@ -329,8 +333,9 @@ def identity_paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
             body=PRIVILEGE_SCHEMA, params=("id",))},
         "/api/v1/csrf/verify": {"post": op(
             "Verify a CSRF token for a live session", "csrf",
-            {"200": _json("Verdict", {"type": "object", "required": ["valid"],
-                                      "properties": {"valid": {"type": "boolean"}}})},
+            {"200": _json("Verdict", {"type": "object", "required": ["valid", "required"],
+                                      "properties": {"valid": {"type": "boolean"},
+                                                     "required": {"type": "boolean"}}})},
             400, body=CSRF_SCHEMA)},
         "/api/v1/passwords/check": {"post": op(
             "Check a password against the policy (NIST SP 800-63B)", "passwords.check",

@@ -174,7 +174,8 @@ async def test_api_keys_and_sessions_survive_a_restart(running):
     assert r.status_code == 200 and r.json()["user"] == "alice@example.org"
     r = await again.post("/api/v1/csrf/verify", headers=ADMIN, json={
         "session_id": session["session_id"], "token": session["csrf_token"]})
-    assert r.json() == {"valid": True}  # the generated CSRF key was kept in the state dir
+    # the generated CSRF key was kept in the state dir
+    assert r.json() == {"valid": True, "required": True}
 
 
 async def test_session_lifecycle_and_csrf(running):
@@ -191,17 +192,17 @@ async def test_session_lifecycle_and_csrf(running):
     verify = "/api/v1/csrf/verify"
     ok = await client.post(verify, headers=ADMIN, json={"session_id": sid,
                                                         "token": s["csrf_token"]})
-    assert ok.json() == {"valid": True}
+    assert ok.json() == {"valid": True, "required": True}
     bad = await client.post(verify, headers=ADMIN, json={"session_id": sid,
                                                          "token": s["csrf_token"][:-2] + "xx"})
-    assert bad.json() == {"valid": False}
+    assert bad.json() == {"valid": False, "required": True}
     rotated = (await client.post(f"/api/v1/sessions/{sid}/rotate", headers=ADMIN,
                                  json={"privilege": "admin"})).json()
     assert rotated["session_id"] != sid and rotated["privilege"] == "admin"
     assert (await client.get(f"/api/v1/sessions/{sid}", headers=ADMIN)).status_code == 404
     stale = await client.post(verify, headers=ADMIN, json={"session_id": sid,
                                                            "token": s["csrf_token"]})
-    assert stale.json() == {"valid": False}
+    assert stale.json() == {"valid": False, "required": True}
     new_sid = rotated["session_id"]
     refreshed = await client.post(f"/api/v1/sessions/{new_sid}/refresh", headers=ADMIN)
     assert refreshed.status_code == 200 and refreshed.json()["csrf_token"]
@@ -217,6 +218,16 @@ async def test_session_lifecycle_and_csrf(running):
     assert "bob@example.org" not in text
     types = [r["type"] for r in exporter.audit.query(types=["session."], limit=10)[0]]
     assert types == ["session.revoke", "session.rotate", "session.create"]
+
+
+async def test_csrf_not_required_when_the_operator_turns_it_off(running):
+    _, client = await running({"security": {"enable_csrf_protection": False}})
+    s = (await client.post("/api/v1/sessions", headers=ADMIN,
+                           json={"user": "bob@example.org"})).json()
+    for token in (s["csrf_token"], "forged"):
+        r = await client.post("/api/v1/csrf/verify", headers=ADMIN,
+                              json={"session_id": s["session_id"], "token": token})
+        assert r.status_code == 200 and r.json() == {"valid": True, "required": False}
 
 
 async def test_the_session_cap_and_ending_all_sessions_of_a_user(running):
