@@ -18,8 +18,9 @@ RUNS = {
              "test_load.py"),
     "attack": ("failed logins from distinct addresses over many accounts, through the admin "
                "API", "test_attack.py"),
-    "crash_sqlite": ("SIGKILL under load, restart on the same state dir (SQLite store)",
-                     "test_crash.py"),
+    "crash_sqlite": ("SIGKILL under load, restart on the same state dir (SQLite store); "
+                     "errors at kill are the requests in flight or refused between the kill "
+                     "and the load stopping", "test_crash.py"),
     "crash_redis": ("SIGKILL of one of two replicas sharing Redis", "test_crash.py"),
     "redis_outage_fail_open_true": ("Redis SIGKILLed mid-load and restarted, fail_open: true",
                                     "test_faults.py"),

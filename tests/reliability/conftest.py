@@ -31,6 +31,7 @@ from tests.integration.conftest import (  # noqa: F401 - the real components' fi
 
 LONG = os.environ.get("RELIABILITY_MODE") == "long"
 RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
+LONG_TIMEOUT = 1800  # seconds per test in the long mode
 
 
 def scale(short: Any, long: Any) -> Any:
@@ -44,6 +45,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.path.resolve().is_relative_to(here):
             item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.integration)
+            if LONG:  # minutes of load or a million addresses: beyond the suite's 300 s
+                item.add_marker(pytest.mark.timeout(LONG_TIMEOUT))
 
 
 @pytest.fixture(scope="session")

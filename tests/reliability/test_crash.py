@@ -198,7 +198,7 @@ def test_sigkill_under_load_loses_no_lock_ban_or_audit_record(tmp_path, config_f
                              capture_output=True, text=True, timeout=60)
     assert offline.returncode == 0, offline.stdout + offline.stderr
     record["crash_sqlite"] = {
-        "load_seconds": LOAD_SECONDS, "requests": load.requests, "errors_before_kill":
+        "load_seconds": LOAD_SECONDS, "requests": load.requests, "errors_at_kill":
         load.errors, "faults": "SIGKILL under load", "locks_promised": len(promised_locks),
         "bans_promised": len(promised_bans), "locks_lost": len(promised_locks - locks),
         "bans_lost": len(promised_bans - bans), "audit_chain": "verified",
