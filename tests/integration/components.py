@@ -1460,6 +1460,9 @@ class Redis(Component):
         ]
         if self.password:
             cmd += ["--requirepass", self.password]
+        # a restart after a SIGKILL finds the dead daemon's pidfile: read it, and the new
+        # daemon would never be stopped
+        self.pidfile.unlink(missing_ok=True)
         # the launcher forks the daemon and exits at once
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
             launched = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
