@@ -50,18 +50,21 @@ def render(data: dict[str, Any]) -> str:
         f"Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, Python "
         f"{info.get('python', '?')}.",
         "",
-        "| run | what | recorded | figures |",
-        "| --- | --- | --- | --- |",
+        "| run | what | recorded | outcome | figures |",
+        "| --- | --- | --- | --- | --- |",
     ]
     runs = data.get("runs", {})
     for name, (what, where) in RUNS.items():
         if name not in runs:
-            lines.append(f"| {name} | {what} (`tests/reliability/{where}`) | not yet run | |")
+            lines.append(f"| {name} | {what} (`tests/reliability/{where}`) | not yet run | | |")
             continue
-        figures = {k: v for k, v in runs[name].items() if k != "recorded"}
+        figures = {k: v for k, v in runs[name].items() if k not in ("recorded", "passed")}
+        # tests that record before their checks say whether they passed; the others
+        # record only after them
+        outcome = "passed" if runs[name].get("passed", True) else "**failed**"
         shown = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted(figures.items()))
         lines.append(f"| {name} | {what} (`tests/reliability/{where}`) "
-                     f"| {runs[name]['recorded']} | {shown} |")
+                     f"| {runs[name]['recorded']} | {outcome} | {shown} |")
     return "\n".join(lines) + "\n"
 
 

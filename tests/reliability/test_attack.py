@@ -112,7 +112,8 @@ def test_distributed_attack_is_bounded_and_the_real_user_gets_in(tmp_path, confi
         "series_before_after": [len(baseline_series), len(after_series)],
         "audit_log_mb": round(audit_bytes / 2**20, 1), "errors": errors,
         "real_user_decision": decision["action"], "victim_decision": victim["action"]}
-    record["attack"] = figures
+    record["attack"] = figures  # recorded before the checks: a failed run shows as failed
+    figures["passed"] = False
     assert sent >= ADDRESSES and errors == 0, figures
     assert tracked <= MAX_KEYS, figures
     # bounded: what MAX_KEYS keys cost (under 2 KiB each with the LRU's overhead), however
@@ -121,3 +122,4 @@ def test_distributed_attack_is_bounded_and_the_real_user_gets_in(tmp_path, confi
     assert not grown, sorted(grown)[:10]  # no address or account ever became a series
     assert decision["action"] == "allow" and success["recorded"], figures
     assert victim["action"] == "allow", figures
+    figures["passed"] = True
