@@ -144,7 +144,9 @@ class _Merged:
         self.errors += cell[1]
         self.total += cell[2]
         buckets = self.buckets
-        for index, n in cell[3].items():
+        # a copy taken in one C call: the loop thread may add a bucket to the current
+        # slot's cell meanwhile (iterating the dict itself then raises RuntimeError)
+        for index, n in tuple(cell[3].items()):
             buckets[index] = buckets.get(index, 0) + n
 
     def merge(self, other: _Merged) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -196,3 +198,37 @@ def test_window_gauges_per_path():
     p99 = ("a3mailer_performance_latency_seconds",
            (("path", "http"), ("percentile", "99"), ("window", "15m")))
     assert samples[p99] == pytest.approx(0.01, rel=RELATIVE_ERROR)
+
+
+def test_reading_while_another_thread_records_new_buckets():
+    """A scrape reads the windows on a worker thread while the loop records: a sample in a
+    new log bucket of the current slot must not break the read (it raised RuntimeError
+    in a fuzzing run)."""
+    monitor = PerformanceMonitor()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1  # values over ten decades keep opening new buckets
+            monitor.record("http", f"op{i % 3}", 10 ** random.uniform(-7, 3))
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                list(monitor.collect())
+                monitor.snapshot()
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=record), threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert monitor.stats("1m", "http").count > 0
