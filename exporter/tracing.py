@@ -400,11 +400,14 @@ class Span:
 
     `set` adds an attribute named `prefix` + key, `set_attribute` one named key;
     `fail` marks the outcome an error without raising; `rename` changes the name.
-    The attributes given are shared (a caller's constant) until the first is set.
+    The attributes given are shared (a caller's constant) until the first is set;
+    `owned` says whether they are the span's own dict by now. A shared mapping is the
+    same object for every span of its kind, which lets the encoder keep its bytes.
     """
 
-    __slots__ = ("_own", "_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
-                 "operation", "parent_id", "path", "prefix", "span_id", "start_ns", "trace")
+    __slots__ = ("_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
+                 "operation", "owned", "parent_id", "path", "prefix", "span_id", "start_ns",
+                 "trace")
     _token: Token[Span | _Marker | None] | None
 
     def __init__(self, trace: Trace, parent_id: int, path: str | None, operation: str,
@@ -418,7 +421,7 @@ class Span:
         self.name = name or f"{path} {operation}"
         self.kind = kind
         self.attributes: Mapping[str, Any] = attributes or _NO_ATTRIBUTES
-        self._own = False
+        self.owned = False
         self.prefix = prefix
         self.error = ""
 
@@ -458,24 +461,27 @@ class Span:
                            self.trace.hex)
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if not self._own:
+        if not self.owned:
             self.attributes = dict(self.attributes)
-            self._own = True
+            self.owned = True
         self.attributes[key] = value  # type: ignore[index]
 
     def set(self, key: str, value: Any) -> None:
-        if not self._own:
+        if not self.owned:
             self.attributes = dict(self.attributes)
-            self._own = True
+            self.owned = True
         self.attributes[self.prefix + key] = value  # type: ignore[index]
 
     def update(self, attributes: Mapping[str, Any]) -> None:
-        """Sets several attributes (named as given) at once."""
-        if self._own:
+        """Sets several attributes (named as given) at once. A span without attributes
+        yet shares `attributes` rather than copying it: pass a constant."""
+        if self.owned:
             self.attributes.update(attributes)  # type: ignore[attr-defined]
+        elif not self.attributes:
+            self.attributes = attributes
         else:
             self.attributes = {**self.attributes, **attributes}
-            self._own = True
+            self.owned = True
 
     def fail(self, error_type: str) -> None:
         self.error = error_type
