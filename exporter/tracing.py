@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from operator import itemgetter
 from random import getrandbits
 from types import TracebackType
 from typing import Any, Final
@@ -88,6 +89,7 @@ MIN_QUEUE = 2048  # spans that may wait for export; at least 4 batches
 MIN_EXPORT_TIMEOUT = 1.0
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 _PROPAGATED = {b"traceparent": "traceparent", b"tracestate": "tracestate", b"baggage": "baggage"}
+_header_name = itemgetter(0)  # of an ASGI (name, value) header
 # W3C trace flags of a new trace: sampled, and (trace context level 2) a random trace id,
 # as the SDK sets them with its RandomIdGenerator
 _SAMPLED, _RANDOM = 0x01, 0x02
@@ -405,7 +407,7 @@ class Span:
     same object for every span of its kind, which lets the encoder keep its bytes.
     """
 
-    __slots__ = ("_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
+    __slots__ = ("_token", "attributes", "end_ns", "error", "kind", "name",
                  "operation", "owned", "parent_id", "path", "prefix", "span_id", "start_ns",
                  "trace")
     _token: Token[Span | _Marker | None] | None
@@ -437,13 +439,14 @@ class Span:
     def __enter__(self) -> Span:
         self._token = _current.set(self)
         self.start_ns = time.time_ns()
-        self._perf = time.perf_counter_ns()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        nanoseconds = time.perf_counter_ns() - self._perf
-        self.end_ns = self.start_ns + nanoseconds
+        # the SDK's clock: time_ns() at both ends, one call each (a step of the wall clock
+        # inside the span would make it negative: the monitor takes 0)
+        end = self.end_ns = time.time_ns()
+        nanoseconds = max(0, end - self.start_ns)
         token = self._token
         if token is not None:
             _current.reset(token)
@@ -499,7 +502,6 @@ class _Leaf(Span):
     def __enter__(self) -> Span:
         self._token = None
         self.start_ns = time.time_ns()
-        self._perf = time.perf_counter_ns()
         return self
 
 
@@ -611,16 +613,14 @@ def annotate(key: str, value: Any) -> None:
 def extract(headers: list[tuple[bytes, bytes]]) -> Context | None:
     """The caller's trace context and baggage from ASGI headers; None when it sent none
     (or tracing is off)."""
-    if _tracing is None:
-        return None
-    carrier: dict[str, str] | None = None
+    if _tracing is None or _PROPAGATED.keys().isdisjoint(map(_header_name, headers)):
+        return None  # a scan in C: most callers send none of them
+    carrier: dict[str, str] = {}
     for key, value in headers:
         name = _PROPAGATED.get(key)
         if name is not None:
-            if carrier is None:
-                carrier = {}
             carrier[name] = value.decode("latin-1")
-    return PROPAGATOR.extract(carrier) if carrier is not None else None
+    return PROPAGATOR.extract(carrier)
 
 
 def outgoing_headers() -> dict[str, str]:
