@@ -23,9 +23,9 @@ What is the SDK's and what is ours (README "Tracing" says why):
   like the SDK's RandomIdGenerator), time.time_ns() start and end, its attributes
   and status, current in a context variable while it runs. Ending it appends it
   to a bounded queue; nothing else happens on the request's thread.
-- Export is ours: one thread takes the queue in batches (tracing.batch_size, at
-  most tracing.batch_timeout after a span ends, like the SDK's BatchSpanProcessor)
-  and encodes each batch directly as OTLP protobuf (exporter/otlp.py, the same
+- Export is ours: one thread takes the queue in full batches (tracing.batch_size)
+  as they fill and what is left every tracing.batch_timeout, like the SDK's
+  BatchSpanProcessor, and encodes each batch directly as OTLP protobuf (exporter/otlp.py, the same
   message the SDK's encoder makes) and POSTs it to tracing.otlp_endpoint +
   /v1/traces. Given an SDK SpanExporter instead (the tests' in-memory one), the
   thread hands it SDK ReadableSpans built from the records.
@@ -203,16 +203,19 @@ class Tracing:
     def _run(self) -> None:
         delay = self.settings.batch_timeout
         while not self._stop.is_set():
-            self._wake.wait(delay)
+            full = self._wake.wait(delay)
             self._wake.clear()
             with self._export_lock:
-                self._drain()
+                self._drain(full)
 
-    def _drain(self) -> None:
-        """Exports, in batches, the spans queued now (the caller holds the export lock)."""
+    def _drain(self, full_only: bool = False) -> None:
+        """Exports, in batches, the spans queued now (the caller holds the export lock).
+        Woken by a full batch, it sends full batches only: the few spans that ended
+        meanwhile wait for the next one (or batch_timeout) instead of going out as a
+        request of their own, which costs the export as much as a full one."""
         queue, size = self._queue, self._batch_size
         left = len(queue)
-        while left > 0:
+        while left >= (size if full_only else 1):
             batch = [queue.popleft() for _ in range(min(left, size))]
             left -= len(batch)
             self._export(batch)
