@@ -25,10 +25,11 @@ What is the SDK's and what is ours (README "Tracing" says why):
   to a bounded queue; nothing else happens on the request's thread.
 - Export is ours: one thread takes the queue in full batches (tracing.batch_size)
   as they fill and what is left every tracing.batch_timeout, like the SDK's
-  BatchSpanProcessor, and encodes each batch directly as OTLP protobuf (exporter/otlp.py, the same
-  message the SDK's encoder makes) and POSTs it to tracing.otlp_endpoint +
-  /v1/traces. Given an SDK SpanExporter instead (the tests' in-memory one), the
-  thread hands it SDK ReadableSpans built from the records.
+  BatchSpanProcessor, and encodes each batch directly as OTLP protobuf
+  (exporter/otlp.py, the same message the SDK's encoder makes) and POSTs it to
+  tracing.otlp_endpoint + /v1/traces. Given an SDK SpanExporter instead (the
+  tests' in-memory one), the thread hands it SDK ReadableSpans built from the
+  records.
 A full queue drops the new span; an export that fails (the receiver down, or
 refusing) drops the batch; both are counted in
 a3mailer_tracing_spans_dropped_total{reason}.

@@ -217,6 +217,7 @@ def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
 
 def _server_span(method: str, scheme: str, port: int, version: str, status: int,
                  handler: str, path: str) -> tuple[str | None, dict[str, Any]]:
+    """A kind of answer's span name and attributes, built once and then shared."""
     attributes: dict[str, Any] = {"http.request.method": method, "url.scheme": scheme,
                                   "server.port": port, "network.protocol.version": version,
                                   "http.response.status_code": status}
