@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from operator import itemgetter
 from random import getrandbits
 from types import TracebackType
 from typing import Any, Final
@@ -90,7 +89,6 @@ MIN_QUEUE = 2048  # spans that may wait for export; at least 4 batches
 MIN_EXPORT_TIMEOUT = 1.0
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 _PROPAGATED = {b"traceparent": "traceparent", b"tracestate": "tracestate", b"baggage": "baggage"}
-_header_name = itemgetter(0)  # of an ASGI (name, value) header
 # W3C trace flags of a new trace: sampled, and (trace context level 2) a random trace id,
 # as the SDK sets them with its RandomIdGenerator
 _SAMPLED, _RANDOM = 0x01, 0x02
@@ -617,14 +615,16 @@ def annotate(key: str, value: Any) -> None:
 def extract(headers: list[tuple[bytes, bytes]]) -> Context | None:
     """The caller's trace context and baggage from ASGI headers; None when it sent none
     (or tracing is off)."""
-    if _tracing is None or _PROPAGATED.keys().isdisjoint(map(_header_name, headers)):
-        return None  # a scan in C: most callers send none of them
-    carrier: dict[str, str] = {}
+    if _tracing is None:
+        return None
+    carrier: dict[str, str] | None = None
     for key, value in headers:
         name = _PROPAGATED.get(key)
         if name is not None:
+            if carrier is None:
+                carrier = {}
             carrier[name] = value.decode("latin-1")
-    return PROPAGATOR.extract(carrier)
+    return PROPAGATOR.extract(carrier) if carrier is not None else None
 
 
 def outgoing_headers() -> dict[str, str]:
