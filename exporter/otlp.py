@@ -9,7 +9,9 @@ with exactly the fields the SDK's encoder (opentelemetry-exporter-otlp-proto-com
 and end, attributes, status and flags (SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE, and
 IS_REMOTE for a remote parent). Names and attributes (key and value) are encoded
 once and kept, in a bounded cache: spans of one kind differ mostly in their ids
-and times, written with int.to_bytes.
+and times, written with int.to_bytes. A mapping of attributes that spans share (a
+store call's constants, the HTTP middleware's per kind of answer) is kept encoded
+whole, by identity.
 
 Why not the SDK's OTLPSpanExporter: its export() takes ReadableSpans and builds a
 protobuf object for every span, attribute and value, 20 to 30 times the CPU of
@@ -95,6 +97,8 @@ class SpanRecord(Protocol):
     @property
     def attributes(self) -> Mapping[str, Any]: ...
     @property
+    def owned(self) -> bool: ...  # False: `attributes` is a mapping spans share, never changed
+    @property
     def error(self) -> str: ...  # "": status UNSET; else ERROR with this message
 
 
@@ -175,6 +179,10 @@ class Encoder:
         self._attributes: dict[type, dict[str, dict[Any, bytes]]] = {
             str: {}, int: {}, bool: {}, float: {}}
         self._cached = 0
+        # id of a shared attribute mapping -> the mapping (held, so the id stays its own)
+        # and its Span.attributes bytes; emptied when full, so one-off mappings (a
+        # collector run's) cannot crowd the request paths' out for good
+        self._shared: dict[int, tuple[Mapping[str, Any], bytes]] = {}
 
     def _head(self, name: str, kind: SpanKind) -> bytes:
         """Span.name and Span.kind."""
@@ -191,6 +199,16 @@ class Encoder:
             self._cached += 1
         return encoded
 
+    def _attributes_of(self, attributes: Mapping[str, Any]) -> bytes:
+        """The Span.attributes entries, each from the cache when it has been seen."""
+        cache = self._attributes
+        parts = []
+        for key, value in attributes.items():
+            by_key = cache.get(value.__class__)
+            encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
+            parts.append(encoded if encoded is not None else self._attribute(key, value))
+        return b"".join(parts)
+
     def span(self, span: SpanRecord) -> bytes:
         """One span as its ScopeSpans.spans field (tag, length, Span message)."""
         entry = self._heads.get(span.name)
@@ -199,13 +217,16 @@ class Encoder:
             span.name, kind)
         attributes = span.attributes
         if attributes:
-            cache = self._attributes
-            parts = [tail]
-            for key, value in attributes.items():
-                by_key = cache.get(value.__class__)
-                encoded = by_key.get(key, _EMPTY).get(value) if by_key is not None else None
-                parts.append(encoded if encoded is not None else self._attribute(key, value))
-            tail = b"".join(parts)
+            if span.owned:
+                tail += self._attributes_of(attributes)
+            else:
+                shared = self._shared.get(id(attributes))
+                if shared is None or shared[0] is not attributes:
+                    if len(self._shared) >= MAX_CACHED:
+                        self._shared.clear()
+                    shared = self._shared[id(attributes)] = (
+                        attributes, self._attributes_of(attributes))
+                tail += shared[1]
         trace = span.trace
         parent = span.parent_id
         remote = parent == trace.remote_parent

@@ -23,12 +23,13 @@ What is the SDK's and what is ours (README "Tracing" says why):
   like the SDK's RandomIdGenerator), time.time_ns() start and end, its attributes
   and status, current in a context variable while it runs. Ending it appends it
   to a bounded queue; nothing else happens on the request's thread.
-- Export is ours: one thread takes the queue in batches (tracing.batch_size, at
-  most tracing.batch_timeout after a span ends, like the SDK's BatchSpanProcessor)
-  and encodes each batch directly as OTLP protobuf (exporter/otlp.py, the same
-  message the SDK's encoder makes) and POSTs it to tracing.otlp_endpoint +
-  /v1/traces. Given an SDK SpanExporter instead (the tests' in-memory one), the
-  thread hands it SDK ReadableSpans built from the records.
+- Export is ours: one thread takes the queue in full batches (tracing.batch_size)
+  as they fill and what is left every tracing.batch_timeout, like the SDK's
+  BatchSpanProcessor, and encodes each batch directly as OTLP protobuf
+  (exporter/otlp.py, the same message the SDK's encoder makes) and POSTs it to
+  tracing.otlp_endpoint + /v1/traces. Given an SDK SpanExporter instead (the
+  tests' in-memory one), the thread hands it SDK ReadableSpans built from the
+  records.
 A full queue drops the new span; an export that fails (the receiver down, or
 refusing) drops the batch; both are counted in
 a3mailer_tracing_spans_dropped_total{reason}.
@@ -201,16 +202,19 @@ class Tracing:
     def _run(self) -> None:
         delay = self.settings.batch_timeout
         while not self._stop.is_set():
-            self._wake.wait(delay)
+            full = self._wake.wait(delay)
             self._wake.clear()
             with self._export_lock:
-                self._drain()
+                self._drain(full)
 
-    def _drain(self) -> None:
-        """Exports, in batches, the spans queued now (the caller holds the export lock)."""
+    def _drain(self, full_only: bool = False) -> None:
+        """Exports, in batches, the spans queued now (the caller holds the export lock).
+        Woken by a full batch, it sends full batches only: the few spans that ended
+        meanwhile wait for the next one (or batch_timeout) instead of going out as a
+        request of their own, which costs the export as much as a full one."""
         queue, size = self._queue, self._batch_size
         left = len(queue)
-        while left > 0:
+        while left >= (size if full_only else 1):
             batch = [queue.popleft() for _ in range(min(left, size))]
             left -= len(batch)
             self._export(batch)
@@ -400,11 +404,14 @@ class Span:
 
     `set` adds an attribute named `prefix` + key, `set_attribute` one named key;
     `fail` marks the outcome an error without raising; `rename` changes the name.
-    The attributes given are shared (a caller's constant) until the first is set.
+    The attributes given are shared (a caller's constant) until the first is set;
+    `owned` says whether they are the span's own dict by now. A shared mapping is the
+    same object for every span of its kind, which lets the encoder keep its bytes.
     """
 
-    __slots__ = ("_own", "_perf", "_token", "attributes", "end_ns", "error", "kind", "name",
-                 "operation", "parent_id", "path", "prefix", "span_id", "start_ns", "trace")
+    __slots__ = ("_token", "attributes", "end_ns", "error", "kind", "name",
+                 "operation", "owned", "parent_id", "path", "prefix", "span_id", "start_ns",
+                 "trace")
     _token: Token[Span | _Marker | None] | None
 
     def __init__(self, trace: Trace, parent_id: int, path: str | None, operation: str,
@@ -418,7 +425,7 @@ class Span:
         self.name = name or f"{path} {operation}"
         self.kind = kind
         self.attributes: Mapping[str, Any] = attributes or _NO_ATTRIBUTES
-        self._own = False
+        self.owned = False
         self.prefix = prefix
         self.error = ""
 
@@ -434,13 +441,14 @@ class Span:
     def __enter__(self) -> Span:
         self._token = _current.set(self)
         self.start_ns = time.time_ns()
-        self._perf = time.perf_counter_ns()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        nanoseconds = time.perf_counter_ns() - self._perf
-        self.end_ns = self.start_ns + nanoseconds
+        # the SDK's clock: time_ns() at both ends, one call each (a step of the wall clock
+        # inside the span would make it negative: the monitor takes 0)
+        end = self.end_ns = time.time_ns()
+        nanoseconds = max(0, end - self.start_ns)
         token = self._token
         if token is not None:
             _current.reset(token)
@@ -458,24 +466,27 @@ class Span:
                            self.trace.hex)
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if not self._own:
+        if not self.owned:
             self.attributes = dict(self.attributes)
-            self._own = True
+            self.owned = True
         self.attributes[key] = value  # type: ignore[index]
 
     def set(self, key: str, value: Any) -> None:
-        if not self._own:
+        if not self.owned:
             self.attributes = dict(self.attributes)
-            self._own = True
+            self.owned = True
         self.attributes[self.prefix + key] = value  # type: ignore[index]
 
     def update(self, attributes: Mapping[str, Any]) -> None:
-        """Sets several attributes (named as given) at once."""
-        if self._own:
+        """Sets several attributes (named as given) at once. A span without attributes
+        yet shares `attributes` rather than copying it: pass a constant."""
+        if self.owned:
             self.attributes.update(attributes)  # type: ignore[attr-defined]
+        elif not self.attributes:
+            self.attributes = attributes
         else:
             self.attributes = {**self.attributes, **attributes}
-            self._own = True
+            self.owned = True
 
     def fail(self, error_type: str) -> None:
         self.error = error_type
@@ -493,7 +504,6 @@ class _Leaf(Span):
     def __enter__(self) -> Span:
         self._token = None
         self.start_ns = time.time_ns()
-        self._perf = time.perf_counter_ns()
         return self
 
 

@@ -186,6 +186,14 @@ class Guard:
         await self.app(scope, limited_receive, send)
 
 
+# (method, scheme, port, HTTP version, status, route, path) -> the server span's name (None:
+# unrouted, the method stays) and attributes: one shared mapping per kind of answer, so a
+# request neither builds the dict nor copies it, and the OTLP encoder writes its bytes once.
+_ServerSpanKey = tuple[str, str, int, str, int, str, str]
+_SERVER_SPANS: dict[_ServerSpanKey, tuple[str | None, dict[str, Any]]] = {}
+MAX_SERVER_SPANS = 1024  # kinds kept; more (a mount's client-chosen paths) are built anew
+
+
 def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
                          handler: str, status: int) -> None:
     """The HTTP server span's attributes (semantic conventions), set once it answered.
@@ -193,15 +201,31 @@ def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
     template, an unrouted one (anything a client sent) not at all; the query string
     never."""
     server = scope.get("server") or ("", 0)
-    attributes = {"http.request.method": scope["method"],
-                  "url.scheme": scope.get("scheme", "http"), "server.port": server[1] or 0,
-                  "network.protocol.version": scope.get("http_version", "1.1"),
-                  "http.response.status_code": status}
-    if handler != "other":
-        operation.rename(f"{scope['method']} {handler}")
-        attributes["http.route"] = handler
-        attributes["url.path"] = handler if "{" in handler else scope["path"]
+    path = "" if handler == "other" else handler if "{" in handler else scope["path"]
+    key = (scope["method"], scope.get("scheme", "http"), server[1] or 0,
+           scope.get("http_version", "1.1"), status, handler, path)
+    entry = _SERVER_SPANS.get(key)
+    if entry is None:
+        entry = _server_span(*key)
+        if len(_SERVER_SPANS) < MAX_SERVER_SPANS:
+            _SERVER_SPANS[key] = entry
+    name, attributes = entry
+    if name is not None:
+        operation.rename(name)
     operation.update(attributes)
+
+
+def _server_span(method: str, scheme: str, port: int, version: str, status: int,
+                 handler: str, path: str) -> tuple[str | None, dict[str, Any]]:
+    """A kind of answer's span name and attributes, built once and then shared."""
+    attributes: dict[str, Any] = {"http.request.method": method, "url.scheme": scheme,
+                                  "server.port": port, "network.protocol.version": version,
+                                  "http.response.status_code": status}
+    if handler == "other":
+        return None, attributes
+    attributes["http.route"] = handler
+    attributes["url.path"] = path
+    return f"{method} {handler}", attributes
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

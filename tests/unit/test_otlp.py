@@ -121,3 +121,20 @@ def test_random_spans_encode_as_the_sdk_encodes_them(shapes):
         for attribute in decoded.attributes:
             if attribute.value.WhichOneof("value") == "double_value":
                 assert not math.isnan(attribute.value.double_value)
+
+
+def test_shared_attribute_mappings_are_kept_by_identity_and_the_cache_stays_bounded(
+        monkeypatch):
+    # the store's constant dicts and the middleware's per kind of answer are shared by
+    # every span of their kind; one-off mappings (a collector run's) fill the cache
+    monkeypatch.setattr("exporter.otlp.MAX_CACHED", 4)
+    shared = {"db.operation.name": "get_lock", "db.system.name": "sqlite"}
+    spans = [record(attributes=shared) for _ in range(3)]
+    spans += [record(attributes={"a3mailer.collector": f"c{i}"}) for i in range(9)]
+    spans += [record(attributes=shared)]
+    owned = record(attributes=shared)
+    owned.set_attribute("error.type", "timeout")  # copied: the shared one is untouched
+    spans.append(owned)
+    assert ours(spans) == sdks(spans)
+    assert shared == {"db.operation.name": "get_lock", "db.system.name": "sqlite"}
+    assert owned.owned and not spans[0].owned
