@@ -390,7 +390,8 @@ def tracing_section(r: dict[str, Any]) -> list[str]:
             run_line(r) + f" Probe: `Periodic.once()` of the HTTP probe against an asyncio "
             f"HTTP server on the same loop, {inproc['probe']['cycles_per_round']:,} cycles per "
             f"round, {inproc['probe']['rounds']} rounds (3 spans per traced cycle). Operation: "
-            f"a root with four children (the shape of a policy request), "
+            f"{inproc['spans'].get('spans_per_operation', 3)} nested spans (the shape of a "
+            f"policy request: HTTP, check, one store call), "
             f"{inproc['spans']['operations_per_round']:,} per round, "
             f"{inproc['spans']['rounds']} rounds. CPU is the process's (the batch exporter's "
             "thread included, flushed before the clock stops).", "",
