@@ -21,6 +21,7 @@ declare -A wanted=(
   [wrk]=wrk
   [hyperfine]=hyperfine
   [nsd]=nsd
+  [openssl]=openssl
 )
 
 missing=()
