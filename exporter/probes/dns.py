@@ -56,17 +56,17 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-import dns.reversename
-
 from exporter import catalogue
 from exporter.health import CheckResult, Status
 from exporter.schedule import Periodic
 
 if TYPE_CHECKING:
+    import dns.asyncresolver
+    import dns.resolver
     from prometheus_client.core import Metric
+
+# dnspython (~3.6 MB resident) is imported by the first lookup, not at start: a host
+# that configures no DNS checks, DNSBL zones or probes by name never loads it.
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ def make_resolver(nameservers: Sequence[str], port: int, timeout: float
                   ) -> dns.asyncresolver.Resolver:
     """A resolver for `nameservers` on `port` (the system's resolv.conf when empty),
     no cache, each query bounded by `timeout` seconds in total."""
+    import dns.asyncresolver
+
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = list(nameservers)
@@ -192,6 +194,9 @@ def _servers_said(exc: dns.resolver.NoNameservers) -> str:
 
 async def lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[Any]:
     """The records of `name`/`rdtype`, or DnsFailure with a reason people can act on."""
+    import dns.exception
+    import dns.resolver
+
     try:
         answer = await resolver.resolve(name, rdtype, search=False)
     except dns.resolver.NXDOMAIN:
@@ -897,6 +902,8 @@ async def check_tlsa(resolver: dns.asyncresolver.Resolver,
 
 async def confirm_ip(resolver: dns.asyncresolver.Resolver, ip: str) -> str:
     """"" when `ip`'s PTR name resolves back to it, else why not."""
+    import dns.reversename
+
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

@@ -35,16 +35,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
 from exporter import catalogue
 from exporter.health import CheckResult, Status
 from exporter.probes.dns import make_resolver
 from exporter.schedule import Periodic
 
 if TYPE_CHECKING:
+    import dns.asyncresolver
     from prometheus_client.core import Metric
 
 log = logging.getLogger(__name__)
@@ -150,6 +147,9 @@ def interpret(answers: Sequence[str]) -> Verdict:
 
 async def check_ip(resolver: dns.asyncresolver.Resolver, ip: str, zone: str) -> Verdict:
     """Looks `ip` up in `zone`; never raises."""
+    import dns.exception  # dnspython on first use, as in exporter/probes/dns.py
+    import dns.resolver
+
     try:
         name = query_name(ip, zone)
     except ValueError:

@@ -22,30 +22,40 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
-import jwt
 
 from security.engine import Auditor
 from security.identity import IdentityStats, audit_verification
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx and PyJWT (with the cryptography it loads: ~10 MB resident together) are
+# imported when OIDC is configured, not at start.
 
 MAX_TOKEN_LENGTH = 16384
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
               "EdDSA")
 _KTY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 _CURVE = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_REASONS = [  # PyJWT's exceptions, most specific first
-    (jwt.ExpiredSignatureError, "expired"),
-    (jwt.ImmatureSignatureError, "not_yet_valid"),
-    (jwt.InvalidAudienceError, "wrong_audience"),
-    (jwt.InvalidIssuerError, "wrong_issuer"),
-    (jwt.MissingRequiredClaimError, "missing_claim"),
-    (jwt.InvalidSignatureError, "bad_signature"),
-    (jwt.InvalidIssuedAtError, "bad_iat"),
-    (jwt.DecodeError, "malformed"),
-]
+
+
+def _reason(exc: Exception) -> str:
+    """The answer's reason for one of PyJWT's exceptions, most specific first."""
+    import jwt
+
+    reasons = [
+        (jwt.ExpiredSignatureError, "expired"),
+        (jwt.ImmatureSignatureError, "not_yet_valid"),
+        (jwt.InvalidAudienceError, "wrong_audience"),
+        (jwt.InvalidIssuerError, "wrong_issuer"),
+        (jwt.MissingRequiredClaimError, "missing_claim"),
+        (jwt.InvalidSignatureError, "bad_signature"),
+        (jwt.InvalidIssuedAtError, "bad_iat"),
+        (jwt.DecodeError, "malformed"),
+    ]
+    return next((r for cls, r in reasons if isinstance(exc, cls)), "invalid")
 
 
 class FederationError(Exception):
@@ -123,6 +133,8 @@ class OidcValidator:
     def __init__(self, settings: OidcSettings, stats: IdentityStats | None = None,
                  audit: Auditor | None = None, clock: Callable[[], float] = time.time,
                  client: httpx.AsyncClient | None = None):
+        import httpx
+
         self.settings = settings
         self.stats = stats or IdentityStats()
         self.audit = audit
@@ -142,6 +154,8 @@ class OidcValidator:
     # --- discovery and keys
 
     async def _get_json(self, url: str, **kwargs: Any) -> dict[str, Any]:
+        import httpx
+
         try:
             response = await self.http.request(kwargs.pop("method", "GET"), check_url(url),
                                                **kwargs)
@@ -211,6 +225,8 @@ class OidcValidator:
         return result
 
     async def _validate(self, token: str) -> TokenResult:
+        import jwt
+
         s = self.settings
         if len(token) > MAX_TOKEN_LENGTH:
             return TokenResult(False, "malformed")
@@ -240,8 +256,7 @@ class OidcValidator:
         except jwt.PyJWKError:
             return TokenResult(False, "key_mismatch")
         except jwt.InvalidTokenError as exc:
-            reason = next((r for cls, r in _REASONS if isinstance(exc, cls)), "invalid")
-            return TokenResult(False, reason)
+            return TokenResult(False, _reason(exc))
         return TokenResult(True, "ok", claims)
 
     # --- RFC 7662
