@@ -6,8 +6,9 @@
    over OTLP/HTTP to a sink (a child process that reads and drops the protobuf);
    the three run in rotation within every round. The overhead is the server's CPU
    per request (all its threads, the batch exporter's included) against the
-   tracing-off server; the spans per request come from the servers' own counters,
-   and the extra CPU at 1.0 divided by them is the cost per span.
+   tracing-off server of the same round, the median over rounds; the spans per
+   request come from the servers' own counters, and the extra CPU at 1.0 divided
+   by them is the cost per span.
 2. probe: one probe cycle in process, `Periodic.once()` of the HTTP probe against
    an asyncio HTTP server on loopback (three spans when traced: the run, its
    connect and response phases), tracing off, at 0.1 and at 1.0 (exporting to
@@ -76,7 +77,7 @@ class Mode:
     record_number: int
 
 
-FULL = Mode(http_rounds=3, http_seconds=10, http_warmup_seconds=2, probe_rounds=5,
+FULL = Mode(http_rounds=10, http_seconds=4, http_warmup_seconds=2, probe_rounds=5,
             probe_cycles=2_000, span_rounds=5, span_operations=20_000, record_rounds=15,
             record_number=300_000)
 QUICK = Mode(http_rounds=1, http_seconds=2, http_warmup_seconds=1, probe_rounds=2,
@@ -202,13 +203,24 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
     cpu = {name: c["server_cpu_us_per_request"]["median"] for name, c in cases.items()}
     rps = {name: c["requests_per_second"]["median"] for name, c in cases.items()}
     spans_at_1 = cases["1.0"]["spans_per_request"]["median"]
+    us_per_span = (cpu["1.0"] - cpu["off"]) / spans_at_1 if spans_at_1 else 0.0
+    # The overhead is judged per round, each case against the tracing-off run of its own
+    # round (minutes apart, the host's speed drifts by more than the effect sought).
+    paired = {name: summary([ratio(runs[name][i]["server_cpu_us_per_request"],
+                                   runs["off"][i]["server_cpu_us_per_request"]) - 1
+                             for i in range(mode.http_rounds)]) for name in ("0.1", "1.0")}
     return {
         "rounds": mode.http_rounds, "seconds_per_run": mode.http_seconds,
         "warmup_seconds": mode.http_warmup_seconds, "cases": cases,
-        "overhead_cpu": {name: ratio(cpu[name], cpu["off"]) - 1 for name in ("0.1", "1.0")},
+        "overhead_cpu": {name: paired[name]["median"] for name in paired},
+        "overhead_cpu_per_round": paired,
         "throughput_ratio": {name: ratio(rps[name], rps["off"]) for name in ("0.1", "1.0")},
         "spans_per_sampled_request": spans_at_1,
-        "us_per_span": (cpu["1.0"] - cpu["off"]) / spans_at_1 if spans_at_1 else 0.0,
+        "us_per_span": us_per_span,
+        # what the sampled requests' spans alone explain at 0.1: spans per request there
+        # times the cost of a span at 1.0, over tracing off's cost per request
+        "overhead_from_spans_at_01": ratio(
+            cases["0.1"]["spans_per_request"]["median"] * us_per_span, cpu["off"]),
     }
 
 

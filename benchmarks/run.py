@@ -379,13 +379,20 @@ def tracing_section(r: dict[str, Any]) -> list[str]:
                    f"| {rng(c['p99_ms'])} | {rng(c['server_cpu_us_per_request'], 1)} "
                    f"| {c['spans_per_request']['median']:.2f} "
                    f"| {c['dropped_share']['median']:.1%} | {c['non_2xx']} |")
-    overhead = http["overhead_cpu"]
+    overhead, rounds = http["overhead_cpu"], http.get("overhead_cpu_per_round")
+    spread = (f" (median of the rounds' ratios to their own tracing-off run; range "
+              f"{rounds['0.1']['min']:+.1%} to {rounds['0.1']['max']:+.1%} and "
+              f"{rounds['1.0']['min']:+.1%} to {rounds['1.0']['max']:+.1%})") if rounds else ""
+    explained = (f" At 0.1 the sampled requests' spans alone account for "
+                 f"{http['overhead_from_spans_at_01']:+.1%} (spans per request times the cost "
+                 "per span at 1.0); the rest is the unsampled path and noise."
+                 ) if "overhead_from_spans_at_01" in http else ""
     out += ["", f"Overhead in server CPU per request: {overhead['0.1']:+.1%} at 0.1, "
-            f"{overhead['1.0']:+.1%} at 1.0 (requests/s: "
+            f"{overhead['1.0']:+.1%} at 1.0{spread} (requests/s: "
             f"{http['throughput_ratio']['0.1']:.2f}x and {http['throughput_ratio']['1.0']:.2f}x "
             f"tracing off's). A sampled request makes "
             f"{http['spans_per_sampled_request']:.2f} spans; the extra CPU at 1.0 is "
-            f"**{http['us_per_span']:.1f} µs per span**, export included.", "",
+            f"**{http['us_per_span']:.1f} µs per span**, export included.{explained}", "",
             "### tracing: a probe cycle and one decision-shaped operation, in process", "",
             run_line(r) + f" Probe: `Periodic.once()` of the HTTP probe against an asyncio "
             f"HTTP server on the same loop, {inproc['probe']['cycles_per_round']:,} cycles per "

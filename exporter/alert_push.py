@@ -61,9 +61,17 @@ class PushSettings:
         return f"PushSettings(url={self.url!r}, timeout={self.timeout})"
 
 
+def _load_httpx(settings: PushSettings) -> None:
+    """httpx (~5 MB resident, a few hundred ms to import) loads when a push URL is
+    configured, at start or reload, not at the first push under load; never without one."""
+    if settings.url:
+        import httpx  # noqa: F401
+
+
 class AlertPusher:
     def __init__(self, settings: PushSettings | None = None):
         self.settings = settings or PushSettings()
+        _load_httpx(self.settings)
         self.pushes = 0
         self.failures = CounterVec("a3mailer_alert_push_failures_total")
         for reason in REASONS:
@@ -86,6 +94,7 @@ class AlertPusher:
     def configure(self, settings: PushSettings) -> None:
         if settings != self.settings:
             self.settings = settings
+            _load_httpx(settings)
             old, self._client = self._client, None
             if old is not None:
                 with contextlib.suppress(RuntimeError):  # no loop: nothing was sent with it
@@ -107,7 +116,7 @@ class AlertPusher:
 
     async def push(self, alerts: list[dict[str, Any]]) -> bool:
         """One POST of the alerts; True when Alertmanager accepted them."""
-        import httpx  # on the first push: ~5 MB resident that a host without push never loads
+        import httpx
 
         self.pushes += 1
         settings = self.settings

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from exporter import catalogue
 from exporter.health import CheckResult, Status
-from exporter.probes.dns import make_resolver
+from exporter.probes.dns import load_dnspython, make_resolver
 from exporter.schedule import Periodic
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def interpret(answers: Sequence[str]) -> Verdict:
 
 async def check_ip(resolver: dns.asyncresolver.Resolver, ip: str, zone: str) -> Verdict:
     """Looks `ip` up in `zone`; never raises."""
-    import dns.exception  # dnspython on first use, as in exporter/probes/dns.py
+    import dns.exception  # loaded by load_dnspython(); bound here
     import dns.resolver
 
     try:
@@ -224,6 +224,7 @@ class Dnsbl:
     name = "dnsbl"
 
     def __init__(self, settings: DnsblSettings):
+        load_dnspython()
         self.settings = settings
         self.periodic: Periodic[DnsblReport] = Periodic(
             "dnsbl", self.run, settings.interval, settings.interval)

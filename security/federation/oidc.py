@@ -31,8 +31,8 @@ from security.identity import IdentityStats, audit_verification
 if TYPE_CHECKING:
     import httpx
 
-# httpx and PyJWT (with the cryptography it loads: ~10 MB resident together) are
-# imported when OIDC is configured, not at start.
+# httpx and PyJWT (with the cryptography it loads: ~10 MB resident together, about half a
+# second to import) are imported when a validator is built (OIDC configured), not at start.
 
 MAX_TOKEN_LENGTH = 16384
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
@@ -134,6 +134,7 @@ class OidcValidator:
                  audit: Auditor | None = None, clock: Callable[[], float] = time.time,
                  client: httpx.AsyncClient | None = None):
         import httpx
+        import jwt  # noqa: F401  (here, not at the first token)
 
         self.settings = settings
         self.stats = stats or IdentityStats()
