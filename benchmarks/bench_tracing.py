@@ -1,14 +1,14 @@
 """Benchmark "tracing": what OpenTelemetry tracing and the performance monitor cost.
 
 1. decision: the real exporter's POST /dovecot/policy (command=allow and =report
-   alternating: bench_security.py's wrk workload and config) served by three
-   exporter processes, tracing off, at sampling 0.1 and at 1.0, each exporting
-   over OTLP/HTTP to a sink (a child process that reads and drops the protobuf);
-   the three run in rotation within every round. The overhead is the server's CPU
-   per request (all its threads, the batch exporter's included) against the
-   tracing-off server of the same round, the median over rounds; the spans per
-   request come from the servers' own counters, and the extra CPU at 1.0 divided
-   by them is the cost per span.
+   alternating: bench_security.py's wrk workload and config) served by one exporter
+   process switched between tracing off, sampling 0.1 and 1.0 by reloading its config
+   (SIGHUP), so the cases differ in nothing but tracing; it exports over OTLP/HTTP to a
+   sink (a child process that reads and drops the protobuf); the cases run in rotation
+   within every round. The overhead is the server's CPU per request (all its threads,
+   the batch exporter's included) against the tracing-off run of the same round, the
+   median over rounds; the spans per request come from the server's own counters, and
+   the extra CPU at 1.0 divided by them is the cost per span.
 2. probe: one probe cycle in process, `Periodic.once()` of the HTTP probe against
    an asyncio HTTP server on loopback (three spans when traced: the run, its
    connect and response phases), tracing off, at 0.1 and at 1.0 (exporting to
@@ -30,6 +30,7 @@ import asyncio
 import gc
 import http.server
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,22 +163,45 @@ def span_counts(port: int) -> dict[str, float]:
     return out
 
 
-def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, Any]:
+def sampling_ratio(port: int) -> float | None:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30,
+                     headers={"accept": "text/plain;version=0.0.4"}).text
+    found = re.search(r"^a3mailer_tracing_sampling_ratio (\S+)", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def switch(server: Server, rate: float | None, sink: str) -> None:
+    """Rewrites the server's config for `rate` and reloads it (SIGHUP); waits until the
+    server reports that sampling ratio."""
+    (server.state_dir / "config.yaml").write_text(server_config(rate, sink), encoding="utf-8")
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while sampling_ratio(server.port) != (rate or 0.0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.name} did not switch to sampling {rate}")
+        time.sleep(0.05)
+
+
+def bench_http(mode: Mode, server: Server, sink: str, tmp: Path) -> dict[str, Any]:
+    """One exporter process, switched between the cases by reloading its config, so the
+    cases differ in nothing but tracing (not in process layout, hash seed or state)."""
     script = tmp / "dovecot-policy.lua"
     script.write_text(LUA, encoding="utf-8")
-    for name, server in servers.items():
-        run_wrk(f"http://127.0.0.1:{server.port}", mode.http_warmup_seconds, server, script,
-                seed=1)
+    url = f"http://127.0.0.1:{server.port}"
+    for name, rate in RATES.items():
+        switch(server, rate, sink)
+        run_wrk(url, mode.http_warmup_seconds, server, script, seed=1)
         say(f"http warm-up {name} done")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-    names = list(servers)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RATES}
+    names = list(RATES)
     for rnd in range(mode.http_rounds):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
-            server = servers[name]
+            switch(server, RATES[name], sink)
+            # the previous provider exports what it held on its way out: not in the run
+            run_wrk(url, 1, server, script, seed=50 + rnd)
             before = span_counts(server.port)
-            run = run_wrk(f"http://127.0.0.1:{server.port}", mode.http_seconds, server, script,
-                          seed=100 + rnd)
+            run = run_wrk(url, mode.http_seconds, server, script, seed=100 + rnd)
             after = span_counts(server.port)
             spans = sum(after.values()) - sum(before.values())
             run["spans_per_request"] = spans / max(1, run["requests"])
@@ -410,20 +434,16 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp_name:
             tmp = Path(tmp_name)
-            servers = {name: start_server(f"tracing-{name}", server_config(rate, sink_url), tmp)
-                       for name, rate in RATES.items()}
+            server = start_server("tracing", server_config(None, sink_url), tmp)
             try:
-                for server in servers.values():
-                    wait_for_port(server.port, server.proc)
-                http = bench_http(mode, servers, tmp)
+                wait_for_port(server.port, server.proc)
+                http = bench_http(mode, server, sink_url, tmp)
             except Exception:
-                for server in servers.values():
-                    if server.log.exists():
-                        say(f"--- {server.name} log tail:\n{server.log.read_text()[-3000:]}")
+                if server.log.exists():
+                    say(f"--- {server.name} log tail:\n{server.log.read_text()[-3000:]}")
                 raise
             finally:
-                for server in servers.values():
-                    stop(server.proc)
+                stop(server.proc)
             say(f"http part done after {time.monotonic() - began:.1f} s")
         # in process with the servers gone, so nothing else competes for the cores
         with event_loop_runner() as runner:

@@ -365,11 +365,12 @@ def logs_section(r: dict[str, Any]) -> list[str]:
 def tracing_section(r: dict[str, Any]) -> list[str]:
     http, inproc, record = r["http"], r["inprocess"], r["record"]
     out = ["### tracing: POST /dovecot/policy with tracing off, at sampling 0.1 and 1.0", "",
-           run_line(r) + f" Three real exporters (bench_security.py's config and wrk "
-           f"workload: allow and report alternating), tracing off, sampling_rate 0.1 and 1.0, "
-           f"exporting OTLP/HTTP protobuf to a sink process; {http['rounds']} rounds of "
-           f"{http['seconds_per_run']} s per case after a {http['warmup_seconds']} s warm-up, "
-           "cases rotated each round. Server CPU is all the process's threads (the batch "
+           run_line(r) + f" One real exporter (bench_security.py's config and wrk "
+           f"workload: allow and report alternating) switched by a config reload between "
+           f"tracing off, sampling_rate 0.1 and 1.0, exporting OTLP/HTTP protobuf to a sink "
+           f"process; {http['rounds']} rounds of {http['seconds_per_run']} s per case (after "
+           f"a {http['warmup_seconds']} s warm-up, and 1 s after each switch), cases rotated "
+           "each round. Server CPU is all the process's threads (the batch "
            "exporter's included).", "",
            "| tracing | requests/s | p50 ms | p99 ms | server CPU µs per request "
            "| spans per request | spans dropped | non-2xx |",
