@@ -159,6 +159,80 @@ async def test_a_key_changed_by_another_instance_is_judged_by_the_new_record(sto
     assert (await b.authenticate(new_token)).reason == "revoked"
 
 
+class CountingStore:
+    """A store that counts the key-record reads a check makes; `shared` as a replica's."""
+
+    def __init__(self, store, shared: bool):
+        self._store, self.shared, self.reads = store, shared, 0
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def get_record(self, kind, key, now):
+        self.reads += kind == "apikey"
+        return await self._store.get_record(kind, key, now)
+
+
+async def test_on_a_store_only_this_process_writes_a_check_reads_the_index(store):
+    """Memory and SQLite: the key records are loaded once, then every check (good, wrong,
+    unknown) is a dict lookup; a key created, revoked or rotated afterwards counts at once,
+    also through another ApiKeys on the same store."""
+    clock = Clock()
+    counting = CountingStore(store, shared=False)
+    keys = ApiKeys(counting, clock=clock)
+    key, token = await ApiKeys(store, clock=clock).create("before", ["admin"])  # in the store
+    assert (await keys.authenticate(token)).ok  # loads the index
+    other, other_token = await keys.create("after", ["admin"])
+    unknown = "a3m_000000000000_" + token.split("_", 2)[2]
+    reasons = [(await keys.authenticate(t)).reason for t in (token, other_token, unknown)]
+    assert reasons == ["ok", "ok", "unknown"] and counting.reads == 0
+    await ApiKeys(counting, clock=clock).revoke(key.id)
+    assert (await keys.authenticate(token)).reason == "revoked"
+    clock.now += 365 * 86400 + 30 * 86400 + 1  # past expiry and keep_after_expiry
+    assert (await keys.authenticate(other_token)).reason == "unknown"  # the store dropped it
+
+
+async def test_on_a_shared_store_every_check_reads_the_store(store):
+    """Redis (another replica writes it too): a record changed behind this ApiKeys' back
+    counts at the very next check."""
+    clock = Clock()
+    shared = CountingStore(store, shared=True)
+    keys = ApiKeys(shared, clock=clock)
+    key, token = await keys.create("k", ["admin"])
+    assert (await keys.authenticate(token)).ok and (await keys.authenticate(token)).ok
+    assert shared.reads == 2
+    record = await store.get_record("apikey", key.id, clock())
+    await store.put_record(type(record)(record.kind, record.key, {**record.data,
+                                                                  "revoked": clock()},
+                                        record.expires))  # as another replica's revoke
+    assert (await keys.authenticate(token)).reason == "revoked"
+
+
+async def test_flush_keeps_uses_a_failed_write_left_and_forgets_idle_keys(store, audit):
+    clock = Clock()
+    keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=0), audit=audit, clock=clock)
+    key, token = await keys.create("ci", ["admin"], rate_limit_per_minute=60)
+    assert (await keys.authenticate(token)).ok
+    put = store.put_record
+
+    async def failing(record):
+        raise OSError("disk full")
+
+    store.put_record = failing
+    with pytest.raises(OSError):
+        await keys.flush()
+    store.put_record = put
+    clock.now += 1
+    assert (await keys.authenticate(token)).ok
+    await keys.flush()  # both uses, in one record
+    assert [r["details"]["uses"] for r in records(audit, "auth.success")] == [2]
+    assert key.id in keys._uses  # its bucket is not full again yet: the limit holds
+    assert (await keys.authenticate(token)).reason == "rate_limited"
+    clock.now += 2
+    await keys.flush()
+    assert keys._uses == {} and (await keys.get(key.id)).last_used == T0 + 1
+
+
 async def test_a_reload_applies_the_new_burst_to_known_keys(store):
     clock = Clock()
     keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=0), clock=clock)
