@@ -30,13 +30,12 @@ import hashlib
 import hmac
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from security.engine import Auditor
-from security.identity import IdentityStats, audit_verification
+from security.identity import IdentityStats, LocalTable, audit_verification, local_table
 from security.ratelimit import Limit, Result, gcra
 from security.store import Record, Store
 
@@ -130,29 +129,6 @@ def _entry(record: Record) -> _Key:
                 d["rate_limit_per_minute"], frozenset(d["scopes"]))
 
 
-class _Index:
-    """The key records of one store that this process alone writes: id -> _Key."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, _Key] = {}
-        self.loaded = False
-
-
-# One index per store object, shared by every ApiKeys on it (and gone with the store).
-_INDEXES: weakref.WeakKeyDictionary[Any, _Index] = weakref.WeakKeyDictionary()
-
-
-def _index_of(store: Store) -> _Index | None:
-    """The store's index; None for a store other processes write too (Redis), or one
-    that does not say (then every check reads the store)."""
-    if getattr(store, "shared", True):
-        return None
-    index = _INDEXES.get(store)
-    if index is None:
-        index = _INDEXES[store] = _Index()
-    return index
-
-
 class _Use:
     """This process's use of one key: its GCRA state, its last use, uses not yet written."""
 
@@ -186,7 +162,7 @@ class ApiKeys:
                  audit: Auditor | None = None, stats: IdentityStats | None = None,
                  clock: Callable[[], float] = time.time):
         self.store = store
-        self._index = _index_of(store)  # None: every check reads the store
+        self._index = local_table(store, KIND)  # None: every check reads the store
         self._limits: dict[int, Limit] = {}  # by requests per minute
         self._uses: dict[str, _Use] = {}  # by id: the keys this process checked
         self.settings = settings or ApiKeySettings()
@@ -257,7 +233,7 @@ class ApiKeys:
         record = Record(KIND, key.id, data, key.expires + self.settings.keep_after_expiry)
         await self.store.put_record(record)
         if self._index is not None:  # after the store: a failed write changes neither
-            self._index.keys[key.id] = _entry(record)
+            self._index.rows[key.id] = _entry(record)
 
     async def revoke(self, key_id: str, *, actor: str = "admin", at: float | None = None
                      ) -> ApiKey | None:
@@ -348,7 +324,7 @@ class ApiKeys:
             else:
                 if not index.loaded:
                     await self._load(index, now)
-                key = index.keys.get(key_id)
+                key = index.rows.get(key_id)
                 if key is not None and key.gone is not None and key.gone <= now:
                     key = None  # the store has dropped it by now
         else:
@@ -379,12 +355,12 @@ class ApiKeys:
         counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
         return _check(KeyCheck, (True, "ok", key_id, key.scopes, result))
 
-    async def _load(self, index: _Index, now: float) -> None:
+    async def _load(self, index: LocalTable, now: float) -> None:
         """Fills the index from the store, once; entries written meanwhile are newer."""
         records = await self.store.list_records(KIND, now)
         if not index.loaded:
             for record in records:
-                index.keys.setdefault(record.key, _entry(record))
+                index.rows.setdefault(record.key, _entry(record))
             index.loaded = True
 
     def _failed(self, reason: str, key_id: str) -> KeyCheck:

@@ -160,7 +160,7 @@ async def test_a_key_changed_by_another_instance_is_judged_by_the_new_record(sto
 
 
 class CountingStore:
-    """A store that counts the key-record reads a check makes; `shared` as a replica's."""
+    """A store that counts the key and session reads checks make; `shared` as a replica's."""
 
     def __init__(self, store, shared: bool):
         self._store, self.shared, self.reads = store, shared, 0
@@ -169,7 +169,7 @@ class CountingStore:
         return getattr(self._store, name)
 
     async def get_record(self, kind, key, now):
-        self.reads += kind == "apikey"
+        self.reads += kind in ("apikey", "session")
         return await self._store.get_record(kind, key, now)
 
 
@@ -354,6 +354,45 @@ async def test_revoke_user_ends_every_session_of_that_user(store):
     assert await sessions.revoke_user("frank") == 3
     assert not any([await sessions.validate(s) for s in mine])
     assert await sessions.validate(theirs) is not None
+
+
+async def test_on_a_store_only_this_process_writes_validation_reads_the_table(store):
+    """Memory and SQLite: sessions are loaded once, then validated from memory; what any
+    Sessions on the same store creates, rotates, evicts or revokes counts at once, and the
+    idle timer still runs out."""
+    clock = Clock()
+    counting = CountingStore(store, shared=False)
+    _, before = await Sessions(store, clock=clock).create("ivan")  # already in the store
+    a = Sessions(counting, SessionSettings(timeout=100, max_sessions_per_user=1), clock=clock)
+    b = Sessions(counting, SessionSettings(timeout=100, max_sessions_per_user=1), clock=clock)
+    assert (await a.validate(before)).user == "ivan"
+    _, sid = await b.create("ivan")  # evicts `before`
+    assert await a.validate(before) is None
+    first = await a.validate(sid)
+    assert first.user == "ivan" and await a.validate(sid) is first  # nothing changed
+    rotated = await b.rotate(sid, "admin")
+    assert await a.validate(sid) is None and (await a.validate(rotated[1])).privilege == "admin"
+    clock.now += 60
+    moved = await a.validate(rotated[1])
+    assert moved.idle_expires == T0 + 160 and moved is not first
+    await a.flush()
+    assert (await store.get_record("session", moved.key, clock())).expires == T0 + 160
+    await b.revoke(rotated[1])
+    assert await a.validate(rotated[1]) is None and counting.reads == 0
+    _, idle = await a.create("judy")
+    clock.now += 101
+    assert await a.validate(idle) is None
+    assert await a.cleanup() == 0
+
+
+async def test_on_a_shared_store_validation_reads_the_store(store):
+    clock = Clock()
+    shared = CountingStore(store, shared=True)
+    sessions = Sessions(shared, clock=clock)
+    session, sid = await sessions.create("ken")
+    assert await sessions.validate(sid) is not None and shared.reads == 1
+    await store.delete_record("session", session.key)  # as another replica's revoke
+    assert await sessions.validate(sid) is None
 
 
 async def test_sessions_survive_a_restart_on_sqlite(tmp_path):
