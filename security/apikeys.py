@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -108,25 +109,37 @@ class KeyCheck(NamedTuple):
         return self.ok and (scope in self.scopes or "admin" in self.scopes)
 
 
-_check = tuple.__new__  # KeyCheck's own constructor, without the keyword-argument layer
+_new = tuple.__new__  # a named tuple's own constructor, without the keyword-argument layer
 
 
-@dataclass(frozen=True, slots=True)
-class _Key:
+class _Key(NamedTuple):
     """What a check needs of a key's record: a new one whenever the record changes."""
 
     hash: str
+    ends: float  # the first of revoked, expires and gone: a check after it fails
     revoked: float | None
     expires: float
-    gone: float | None  # when the store drops the record: from then on the id is unknown
+    gone: float  # when the store drops the record: from then on the id is unknown
     per_minute: int
     scopes: frozenset[str]
 
 
 def _entry(record: Record) -> _Key:
     d = record.data
-    return _Key(d["hash"], d["revoked"], d["expires"], record.expires,
-                d["rate_limit_per_minute"], frozenset(d["scopes"]))
+    revoked, expires = d["revoked"], d["expires"]
+    gone = math.inf if record.expires is None else record.expires
+    ends = min(expires, gone) if revoked is None else min(revoked, expires, gone)
+    return _new(_Key, (d["hash"], ends, revoked, expires, gone, d["rate_limit_per_minute"],
+                         frozenset(d["scopes"])))
+
+
+def _reason(key: _Key, matched: bool, now: float) -> str:
+    """Why a key that was found fails, in the order a check asks."""
+    if key.gone <= now:
+        return "unknown"  # as the store answers once it has dropped the record
+    if not matched:
+        return "wrong"
+    return "revoked" if key.revoked is not None and key.revoked <= now else "expired"
 
 
 class _Use:
@@ -325,8 +338,6 @@ class ApiKeys:
                 if not index.loaded:
                     await self._load(index, now)
                 key = index.rows.get(key_id)
-                if key is not None and key.gone is not None and key.gone <= now:
-                    key = None  # the store has dropped it by now
         else:
             key_id, key = "", None
             digest = self._hash(token if len(token) <= MAX_TOKEN_LENGTH else "")
@@ -334,12 +345,9 @@ class ApiKeys:
             hmac.compare_digest(digest, _DUMMY_HASH)  # the work a known id costs
             return self._failed("unknown" if key_id else "malformed",
                                 key_id if _is_hex(key_id) else "")
-        if not hmac.compare_digest(digest, key.hash):
-            return self._failed("wrong", key_id)
-        if key.revoked is not None and key.revoked <= now:
-            return self._failed("revoked", key_id)
-        if key.expires <= now:
-            return self._failed("expired", key_id)
+        matched = hmac.compare_digest(digest, key.hash)
+        if not matched or key.ends <= now:
+            return self._failed(_reason(key, matched, now), key_id)
         use = self._uses.get(key_id)
         if use is None:
             use = self._uses[key_id] = _Use(key, self._limit(key.per_minute))
@@ -348,12 +356,12 @@ class ApiKeys:
         result, tat = gcra(use.tat, now, use.limit)
         if tat is None:
             self.stats.verified("apikey", False, "rate_limited")
-            return _check(KeyCheck, (False, "rate_limited", key_id, key.scopes, result))
+            return _new(KeyCheck, (False, "rate_limited", key_id, key.scopes, result))
         use.tat, use.last = tat, now
         use.uses += 1
         counts = self.stats.verifications
         counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
-        return _check(KeyCheck, (True, "ok", key_id, key.scopes, result))
+        return _new(KeyCheck, (True, "ok", key_id, key.scopes, result))
 
     async def _load(self, index: LocalTable, now: float) -> None:
         """Fills the index from the store, once; entries written meanwhile are newer."""
