@@ -297,7 +297,13 @@ class ApiKeys:
         return _key_from(record, await self._last_used(key_id, now))
 
     async def list(self) -> list[ApiKey]:
+        """Every key the store still holds (IdentityServices lists them every cleanup
+        interval, which also drops the index's entries of records the store dropped)."""
         now = self.clock()
+        if self._index is not None:
+            rows = self._index.rows
+            for key_id in [k for k, key in rows.items() if key.gone <= now]:
+                del rows[key_id]
         used = {r.key: r.data["t"] for r in await self.store.list_records(USED_KIND, now)}
         keys = []
         for record in await self.store.list_records(KIND, now):

@@ -190,6 +190,8 @@ async def test_on_a_store_only_this_process_writes_a_check_reads_the_index(store
     assert (await keys.authenticate(token)).reason == "revoked"
     clock.now += 365 * 86400 + 30 * 86400 + 1  # past expiry and keep_after_expiry
     assert (await keys.authenticate(other_token)).reason == "unknown"  # the store dropped it
+    assert other.id in keys._index.rows and await keys.list() == []
+    assert keys._index.rows == {}  # listing (every cleanup interval) forgets dropped keys
 
 
 async def test_on_a_shared_store_every_check_reads_the_store(store):
