@@ -13,8 +13,8 @@ SQLite) in an in-memory table of the session records, loaded from the store at t
 validation and changed right after the store by every create, rotate, eviction and
 revoke (every Sessions on one store shares it), so a validation awaits nothing; on a
 shared store (Redis) it reads the store every time, so a session revoked through another
-replica ends at its very next use. A valid session's Session is kept with its record and
-handed out again while neither its record nor its idle expiry changed.
+replica ends at its very next use. From the table, the Session of a recently validated
+session is kept with its record and handed out again while neither changed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ MAX_ID_LENGTH = 128
 SAME_SITE = ("Strict", "Lax", "None")
 _SUCCESS = ("session", "success")  # IdentityStats.verifications key of a valid session
 _sha256 = hashlib.sha256
-VALID_CACHE = 10_000  # sessions whose last answer is kept (oldest dropped first)
+VALID_CACHE = 1024  # sessions whose last answer is kept (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class Sessions:
                 idle = pending  # written behind by flush()
         counts = self.stats.verifications
         counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
+        if table is None:  # a record read anew from a shared store: nothing to reuse
+            return Session(key, data["user"], data["privilege"], data["created"], idle,
+                           absolute)
         valid = self._valid.get(key)
         if valid is not None and valid[0] is record and valid[1] == idle:
             return valid[2]
