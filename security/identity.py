@@ -1,5 +1,5 @@
 """What the identity parts (API keys, sessions, CSRF, passwords, OIDC, SAML, MFA) share:
-their counters, and one way to audit a verification.
+their counters, one way to audit a verification, and the in-process tables of records.
 
 Counters are plain dicts the exporter turns into metrics at scrape time; their keys
 are methods, results and reasons only, never a user name, address or token.
@@ -7,6 +7,7 @@ are methods, results and reasons only, never a user name, address or token.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from security.engine import Auditor
@@ -32,3 +33,31 @@ def audit_verification(audit: Auditor | None, method: str, ok: bool, subject: st
     if audit is not None:
         audit.record("auth.success" if ok else "auth.failure", method, subject,
                      {"method": method, **(details or {})})
+
+
+class LocalTable:
+    """What a check needs of one kind of record, by key, for a store that this process
+    alone writes (memory, SQLite): filled from the store once (`loaded`), then changed by
+    whoever changes the store, right after the store. Its owner says what the values are."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] = {}
+        self.loaded = False
+
+
+# One table per (store object, kind), shared by every owner on that store; gone with it.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[str, LocalTable]] = weakref.WeakKeyDictionary()
+
+
+def local_table(store: Any, kind: str) -> LocalTable | None:
+    """The store's table of `kind`; None for a store other processes write too (Redis:
+    `shared`), or one that does not say: then every check must read the store."""
+    if getattr(store, "shared", True):
+        return None
+    tables = _TABLES.get(store)
+    if tables is None:
+        tables = _TABLES[store] = {}
+    table = tables.get(kind)
+    if table is None:
+        table = tables[kind] = LocalTable()
+    return table

@@ -7,6 +7,14 @@ and an absolute one (`absolute_timeout` after creation, never extended). A chang
 privilege rotates the id (the old one stops working at once), a user holds at most
 `max_sessions_per_user` sessions (creating one more ends the oldest), and a cleanup
 task drops expired sessions every `cleanup_interval` (Redis expires them by TTL).
+
+Where a validation finds the session: on a store this process alone writes (memory,
+SQLite) in an in-memory table of the session records, loaded from the store at the first
+validation and changed right after the store by every create, rotate, eviction and
+revoke (every Sessions on one store shares it), so a validation awaits nothing; on a
+shared store (Redis) it reads the store every time, so a session revoked through another
+replica ends at its very next use. From the table, the Session of a recently validated
+session is kept with its record and handed out again while neither changed.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from security.engine import Auditor
-from security.identity import IdentityStats, audit_verification
+from security.identity import IdentityStats, LocalTable, audit_verification, local_table
 from security.store import Record, Store
 
 KIND = "session"
@@ -27,6 +35,7 @@ MAX_ID_LENGTH = 128
 SAME_SITE = ("Strict", "Lax", "None")
 _SUCCESS = ("session", "success")  # IdentityStats.verifications key of a valid session
 _sha256 = hashlib.sha256
+VALID_CACHE = 1024  # sessions whose last answer is kept (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,8 @@ class Sessions:
         self.clock = clock
         self.active = 0
         self._touches: dict[str, float] = {}  # session key -> new idle expiry, not yet written
+        self._table = local_table(store, KIND)  # None: every validation reads the store
+        self._valid: dict[str, tuple[Record, float, Session]] = {}  # key -> the last answer
 
     # --- lifecycle of one session
 
@@ -101,10 +112,20 @@ class Sessions:
     async def _put(self, key: str, user: str, privilege: str, created: float,
                    absolute: float, now: float) -> Session:
         idle = min(now + self.settings.timeout, absolute)
-        await self.store.put_record(Record(KIND, key, {
-            "user": user, "privilege": privilege, "created": created, "absolute": absolute},
-            idle, group=user))
+        record = Record(KIND, key, {"user": user, "privilege": privilege, "created": created,
+                                    "absolute": absolute}, idle, group=user)
+        await self.store.put_record(record)
+        if self._table is not None:
+            self._table.rows[key] = record
         return Session(key, user, privilege, created, idle, absolute)
+
+    async def _delete(self, key: str) -> Record | None:
+        record = await self.store.delete_record(KIND, key)
+        self._touches.pop(key, None)
+        self._valid.pop(key, None)
+        if self._table is not None:
+            self._table.rows.pop(key, None)
+        return record
 
     async def _make_room(self, user: str, now: float) -> int:
         """Ends the user's oldest sessions until one more fits; returns how many."""
@@ -112,8 +133,7 @@ class Sessions:
             KIND, now, group=user)), key=lambda s: (s.created, s.key))
         excess = len(current) - self.settings.max_sessions_per_user + 1
         for old in current[:max(0, excess)]:
-            await self.store.delete_record(KIND, old.key)
-            self._touches.pop(old.key, None)
+            await self._delete(old.key)
             self._audit("session.evict", "engine", old, {"reason": "max_sessions_per_user"})
         return max(0, excess)
 
@@ -124,7 +144,15 @@ class Sessions:
             return None
         now = self.clock()
         key = _sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()  # session_key
-        record = await self.store.get_record(KIND, key, now)
+        table = self._table
+        if table is None:
+            record = await self.store.get_record(KIND, key, now)
+        else:
+            if not table.loaded:
+                await self._load(table, now)
+            record = table.rows.get(key)
+            if record is not None and record.expires is not None and record.expires <= now:
+                record = None  # as the store answers (its cleanup drops it later)
         if record is None:
             self._failed("unknown_or_expired")
             return None
@@ -138,18 +166,38 @@ class Sessions:
             moved = now + settings.timeout
             if moved > absolute:
                 moved = absolute
-            if moved - idle > settings.touch_interval:
-                self._touches[key] = idle = moved
+            if moved - idle > settings.touch_interval:  # the store's expiry lags: move it
+                pending = self._touches.get(key)
+                if pending is None or moved - pending > settings.touch_interval:
+                    self._touches[key] = pending = moved
+                idle = pending  # written behind by flush()
         counts = self.stats.verifications
         counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
-        return Session(key, data["user"], data["privilege"], data["created"], idle, absolute)
+        if table is None:  # a record read anew from a shared store: nothing to reuse
+            return Session(key, data["user"], data["privilege"], data["created"], idle,
+                           absolute)
+        valid = self._valid.get(key)
+        if valid is not None and valid[0] is record and valid[1] == idle:
+            return valid[2]
+        session = Session(key, data["user"], data["privilege"], data["created"], idle, absolute)
+        if len(self._valid) >= VALID_CACHE:
+            del self._valid[next(iter(self._valid))]
+        self._valid[key] = (record, idle, session)
+        return session
+
+    async def _load(self, table: LocalTable, now: float) -> None:
+        """Fills the table from the store, once; records written meanwhile are newer."""
+        records = await self.store.list_records(KIND, now)
+        if not table.loaded:
+            for record in records:
+                table.rows.setdefault(record.key, record)
+            table.loaded = True
 
     async def revoke(self, session_id: str, *, actor: str = "api") -> Session | None:
         return await self.revoke_key(session_key(session_id), actor=actor)
 
     async def revoke_key(self, key: str, *, actor: str = "api") -> Session | None:
-        record = await self.store.delete_record(KIND, key)
-        self._touches.pop(key, None)
+        record = await self._delete(key)
         if record is None:
             return None
         session = _session(record)
@@ -175,8 +223,7 @@ class Sessions:
             return None
         now = self.clock()
         new_id = secrets.token_urlsafe(32)
-        await self.store.delete_record(KIND, old.key)
-        self._touches.pop(old.key, None)
+        await self._delete(old.key)
         new = await self._put(session_key(new_id), old.user, privilege or old.privilege,
                               old.created, old.absolute_expires, now)
         self._audit("session.rotate", actor, new, {"previous": old.key[:16],
@@ -225,10 +272,22 @@ class Sessions:
             for key, expires in touches.items():
                 self._touches.setdefault(key, expires)
             raise
+        if self._table is not None:  # the store's records moved: so do the table's
+            rows = self._table.rows
+            for key, expires in touches.items():
+                record = rows.get(key)
+                if record is not None:
+                    rows[key] = Record(record.kind, key, record.data, expires, record.group)
 
     async def cleanup(self) -> int:
         """Drops expired sessions and recounts the active ones; returns how many are active."""
         await self.flush()
-        sessions = await self.store.list_records(KIND, self.clock())
+        now = self.clock()
+        sessions = await self.store.list_records(KIND, now)
         self.active = len(sessions)
+        if self._table is not None and self._table.loaded:  # drop what has expired
+            rows = self._table.rows
+            for key in [k for k, r in rows.items() if r.expires is not None and r.expires <= now]:
+                del rows[key]
+        self._valid.clear()
         return self.active

@@ -159,6 +159,82 @@ async def test_a_key_changed_by_another_instance_is_judged_by_the_new_record(sto
     assert (await b.authenticate(new_token)).reason == "revoked"
 
 
+class CountingStore:
+    """A store that counts the key and session reads checks make; `shared` as a replica's."""
+
+    def __init__(self, store, shared: bool):
+        self._store, self.shared, self.reads = store, shared, 0
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def get_record(self, kind, key, now):
+        self.reads += kind in ("apikey", "session")
+        return await self._store.get_record(kind, key, now)
+
+
+async def test_on_a_store_only_this_process_writes_a_check_reads_the_index(store):
+    """Memory and SQLite: the key records are loaded once, then every check (good, wrong,
+    unknown) is a dict lookup; a key created, revoked or rotated afterwards counts at once,
+    also through another ApiKeys on the same store."""
+    clock = Clock()
+    counting = CountingStore(store, shared=False)
+    keys = ApiKeys(counting, clock=clock)
+    key, token = await ApiKeys(store, clock=clock).create("before", ["admin"])  # in the store
+    assert (await keys.authenticate(token)).ok  # loads the index
+    other, other_token = await keys.create("after", ["admin"])
+    unknown = "a3m_000000000000_" + token.split("_", 2)[2]
+    reasons = [(await keys.authenticate(t)).reason for t in (token, other_token, unknown)]
+    assert reasons == ["ok", "ok", "unknown"] and counting.reads == 0
+    await ApiKeys(counting, clock=clock).revoke(key.id)
+    assert (await keys.authenticate(token)).reason == "revoked"
+    clock.now += 365 * 86400 + 30 * 86400 + 1  # past expiry and keep_after_expiry
+    assert (await keys.authenticate(other_token)).reason == "unknown"  # the store dropped it
+    assert other.id in keys._index.rows and await keys.list() == []
+    assert keys._index.rows == {}  # listing (every cleanup interval) forgets dropped keys
+
+
+async def test_on_a_shared_store_every_check_reads_the_store(store):
+    """Redis (another replica writes it too): a record changed behind this ApiKeys' back
+    counts at the very next check."""
+    clock = Clock()
+    shared = CountingStore(store, shared=True)
+    keys = ApiKeys(shared, clock=clock)
+    key, token = await keys.create("k", ["admin"])
+    assert (await keys.authenticate(token)).ok and (await keys.authenticate(token)).ok
+    assert shared.reads == 2
+    record = await store.get_record("apikey", key.id, clock())
+    await store.put_record(type(record)(record.kind, record.key, {**record.data,
+                                                                  "revoked": clock()},
+                                        record.expires))  # as another replica's revoke
+    assert (await keys.authenticate(token)).reason == "revoked"
+
+
+async def test_flush_keeps_uses_a_failed_write_left_and_forgets_idle_keys(store, audit):
+    clock = Clock()
+    keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=0), audit=audit, clock=clock)
+    key, token = await keys.create("ci", ["admin"], rate_limit_per_minute=60)
+    assert (await keys.authenticate(token)).ok
+    put = store.put_record
+
+    async def failing(record):
+        raise OSError("disk full")
+
+    store.put_record = failing
+    with pytest.raises(OSError):
+        await keys.flush()
+    store.put_record = put
+    clock.now += 1
+    assert (await keys.authenticate(token)).ok
+    await keys.flush()  # both uses, in one record
+    assert [r["details"]["uses"] for r in records(audit, "auth.success")] == [2]
+    assert key.id in keys._uses  # its bucket is not full again yet: the limit holds
+    assert (await keys.authenticate(token)).reason == "rate_limited"
+    clock.now += 2
+    await keys.flush()
+    assert keys._uses == {} and (await keys.get(key.id)).last_used == T0 + 1
+
+
 async def test_a_reload_applies_the_new_burst_to_known_keys(store):
     clock = Clock()
     keys = ApiKeys(store, ApiKeySettings(rate_limit_burst=0), clock=clock)
@@ -280,6 +356,46 @@ async def test_revoke_user_ends_every_session_of_that_user(store):
     assert await sessions.revoke_user("frank") == 3
     assert not any([await sessions.validate(s) for s in mine])
     assert await sessions.validate(theirs) is not None
+
+
+async def test_on_a_store_only_this_process_writes_validation_reads_the_table(store):
+    """Memory and SQLite: sessions are loaded once, then validated from memory; what any
+    Sessions on the same store creates, rotates, evicts or revokes counts at once, and the
+    idle timer still runs out."""
+    clock = Clock()
+    counting = CountingStore(store, shared=False)
+    _, before = await Sessions(store, clock=clock).create("ivan")  # already in the store
+    a = Sessions(counting, SessionSettings(timeout=100, max_sessions_per_user=1), clock=clock)
+    b = Sessions(counting, SessionSettings(timeout=100, max_sessions_per_user=1), clock=clock)
+    assert (await a.validate(before)).user == "ivan"
+    _, sid = await b.create("ivan")  # evicts `before`
+    assert await a.validate(before) is None
+    first = await a.validate(sid)
+    assert first.user == "ivan" and await a.validate(sid) is first  # nothing changed
+    rotated = await b.rotate(sid, "admin")
+    assert await a.validate(sid) is None and (await a.validate(rotated[1])).privilege == "admin"
+    clock.now += 60
+    moved = await a.validate(rotated[1])
+    assert moved.idle_expires == T0 + 160 and moved is not first
+    await a.flush()
+    assert (await store.get_record("session", moved.key, clock())).expires == T0 + 160
+    await b.revoke(rotated[1])
+    assert await a.validate(rotated[1]) is None and counting.reads == 0
+    _, idle = await a.create("judy")
+    clock.now += 101
+    assert await a.validate(idle) is None
+    assert await a.cleanup() == 0
+
+
+async def test_on_a_shared_store_validation_reads_the_store(store):
+    clock = Clock()
+    shared = CountingStore(store, shared=True)
+    sessions = Sessions(shared, clock=clock)
+    session, sid = await sessions.create("ken")
+    assert await sessions.validate(sid) is not None and shared.reads == 1
+    assert sessions._valid == {}  # a record read anew every time: nothing kept
+    await store.delete_record("session", session.key)  # as another replica's revoke
+    assert await sessions.validate(sid) is None
 
 
 async def test_sessions_survive_a_restart_on_sqlite(tmp_path):
