@@ -10,9 +10,10 @@
 2. http: the real exporter (default SQLite store, audit log on) with
    POST /dovecot/policy?command=allow and ?command=report alternating, driven by
    wrk and a Lua script that varies account, address and pwhash; GET /livez on
-   the same server for the same time as the baseline; and, as a diagnostic, a
-   second exporter whose audit log skips login records. wrk and the server
-   share the machine's cores.
+   the same server for the same time as the baseline; and, as diagnostics, a
+   second exporter whose audit log skips login records and a third on the memory
+   store (no write-behind to SQLite), which show those two shares of a request.
+   wrk and the server share the machine's cores.
 3. memory: bytes per tracked key when N distinct IPv4 source keys go into a
    MemoryStore through record_failure (each measured in a fresh child process
    by RSS growth, and by tracemalloc on a smaller N), the keys one failed login
@@ -119,6 +120,10 @@ CONFIG_NO_LOGIN_AUDIT = CONFIG + """\
   audit_config:
     log_successful_auth: false
     log_failed_auth: false
+"""
+CONFIG_MEMORY_STORE = CONFIG + """\
+  store:
+    type: memory
 """
 
 
@@ -612,6 +617,10 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
         f"dovecot_policy_{FEW_CONNECTIONS}_connections": (default, policy_url, script,
                                                           FEW_CONNECTIONS),
     }
+    if "memory_store" in servers:  # the default config on the memory store
+        cases["dovecot_policy_memory_store"] = (
+            servers["memory_store"], f"http://127.0.0.1:{servers['memory_store'].port}", script,
+            WRK_CONNECTIONS)
     if "redis" in servers:  # the same server on the Redis store
         cases["dovecot_policy_redis"] = (servers["redis"],
                                          f"http://127.0.0.1:{servers['redis'].port}", script,
@@ -664,6 +673,9 @@ def bench_http(mode: Mode, servers: dict[str, Server], tmp: Path) -> dict[str, A
         "dovecot_policy/dovecot_policy_no_login_audit": ratio(
             med["dovecot_policy"], med["dovecot_policy_no_login_audit"]),
     }
+    if "dovecot_policy_memory_store" in med:
+        result["ratios"]["dovecot_policy/dovecot_policy_memory_store"] = ratio(
+            med["dovecot_policy"], med["dovecot_policy_memory_store"])
     if "dovecot_policy_redis" in med:
         result["ratios"]["dovecot_policy_redis/dovecot_policy"] = ratio(
             med["dovecot_policy_redis"], med["dovecot_policy"])
@@ -942,6 +954,10 @@ def targets_met(inproc: dict[str, Any], http: dict[str, Any],
     rps, p99 = policy["requests_per_second"]["median"], policy["p99_ms"]["median"]
     few = http["cases"][f"dovecot_policy_{FEW_CONNECTIONS}_connections"]
     few_rps, few_p99 = few["requests_per_second"]["median"], few["p99_ms"]["median"]
+    # A closed loop of N connections waits N / throughput per request on average (Little's
+    # law): at 32 connections that floor alone is over 5 ms below 6,400 requests/s, so the
+    # p99 target is judged at both counts and each shows its floor.
+    floor, few_floor = policy["queueing_mean_ms"], few["queueing_mean_ms"]
     share = http["ratios"]["dovecot_policy/livez"]
     per_key = memory["per_key"]["rss_bytes_per_tracked_key"]
     bounded, sq = memory["bounded"], memory["bounded_sqlite"]
@@ -960,10 +976,12 @@ def targets_met(inproc: dict[str, Any], http: dict[str, Any],
          "measured": f"{rps:,.0f} requests/s ({rps / 2:,.0f} allow decisions/s)",
          "met": rps >= TARGET_DECISIONS_PER_S},
         {"target": f"p99 under 5 ms on POST /dovecot/policy (wrk, {WRK_CONNECTIONS} connections)",
-         "measured": f"{p99:.2f} ms", "met": p99 < TARGET_P99_MS},
+         "measured": f"{p99:.2f} ms (queueing floor {floor:.2f} ms)",
+         "met": p99 < TARGET_P99_MS},
         {"target": f"... the same with {FEW_CONNECTIONS} connections (about the logins a busy "
                    "Dovecot has in flight), still at least 5,000 requests/s",
-         "measured": f"{few_p99:.2f} ms at {few_rps:,.0f} requests/s",
+         "measured": f"{few_p99:.2f} ms at {few_rps:,.0f} requests/s (queueing floor "
+                     f"{few_floor:.2f} ms)",
          "met": few_p99 < TARGET_P99_MS and few_rps >= TARGET_DECISIONS_PER_S},
         {"target": "/dovecot/policy serves at least half the requests/s of /livez",
          "measured": f"{share:.2f}x", "met": share >= TARGET_LIVEZ_SHARE},
@@ -992,6 +1010,7 @@ def run_parts(mode: Mode, tmp: Path, redis: Redis, began: float
     # The servers boot while the memory part (in child processes, RSS only) runs.
     servers = {"default": start_server("default", CONFIG, tmp),
                "no_login_audit": start_server("no_login_audit", CONFIG_NO_LOGIN_AUDIT, tmp),
+               "memory_store": start_server("memory_store", CONFIG_MEMORY_STORE, tmp),
                "redis": start_server("redis", CONFIG + (
                    f"  store: {{type: redis, redis_url: '{redis.url}'}}\n"), tmp)}
     servers["redis"].redis_pid = redis.pid

@@ -32,6 +32,20 @@ class Attempt:
         Raises ValueError for what parse_ip rejects."""
         return parse_address(self.remote_ip)
 
+    @classmethod
+    def known(cls, address: tuple[int, int, str], login: str, remote_ip: str,
+              protocol: str = "unknown", tls: bool = False, session_id: str = "",
+              pwhash: str = "", device_id: str = "") -> Attempt:
+        """Attempt(...) whose remote_ip the caller has parsed already (`address` is
+        parse_address(remote_ip)): the cached property starts out set. The same object
+        as the constructor makes (the generated __init__ only stores the fields), built
+        in one dict update instead of a frozen __setattr__ per field."""
+        attempt = object.__new__(cls)
+        vars(attempt).update(login=login, remote_ip=remote_ip, protocol=protocol, tls=tls,
+                             session_id=session_id, pwhash=pwhash, device_id=device_id,
+                             address=address)
+        return attempt
+
     @property
     def protocol_label(self) -> str:
         name = self.protocol.lower()

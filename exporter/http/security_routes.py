@@ -262,6 +262,15 @@ def actor(request: Request) -> str:
     return identity.actor if identity is not None else "admin"
 
 
+POLICY_PATH = "/dovecot/policy"
+
+
+def split_policy_route(routes: list[Route]) -> tuple[list[Route], list[Route]]:
+    """(the Dovecot policy route, if any; the others), each in their order."""
+    return ([r for r in routes if r.path == POLICY_PATH],
+            [r for r in routes if r.path != POLICY_PATH])
+
+
 def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     """The routes, or none when security.enabled is false."""
     engine = exporter.security
@@ -426,7 +435,7 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
                 return
 
     return [
-        Route("/dovecot/policy", DovecotPolicy(exporter, engine, frontends, api_key),
+        Route(POLICY_PATH, DovecotPolicy(exporter, engine, frontends, api_key),
               methods=["POST"]),
         Route("/api/v1/webhooks/stalwart", stalwart_webhook, methods=["POST"]),
         Route("/api/v1/security/check", admin(check), methods=["POST"]),

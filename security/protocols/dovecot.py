@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from security.attempts import Attempt, Decision, parse_address
@@ -29,7 +30,7 @@ def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[
     if command not in COMMANDS:
         raise PolicyRequestError(f"command must be one of {', '.join(COMMANDS)}")
     try:
-        fields = json.loads(body.decode("utf-8"))
+        fields = _json_object(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise PolicyRequestError("body is not UTF-8") from exc
     except ValueError as exc:
@@ -45,21 +46,36 @@ def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[
     if command == "report" and not isinstance(fields.get("success"), bool):
         raise PolicyRequestError("success: a boolean is required with command=report")
     tls = fields.get("tls", False)
-    attempt = Attempt(
-        login=login,
-        remote_ip=remote,
-        protocol=_text(fields, "protocol") or "unknown",
-        tls=tls is True or tls in ("1", "yes", "true"),
-        session_id=_text(fields, "session_id"),
-        pwhash=_text(fields, "pwhash"),
-    )
-    # Attempt.address is a cached_property: seed it, so the engine does not parse again
-    vars(attempt)["address"] = address
+    # the address parsed above seeds the cached property: the engine does not parse again
+    attempt = Attempt.known(address, login=login, remote_ip=remote,
+                            protocol=_text(fields, "protocol") or "unknown",
+                            tls=tls is True or tls in ("1", "yes", "true"),
+                            session_id=_text(fields, "session_id"),
+                            pwhash=_text(fields, "pwhash"))
     return command, attempt, fields
+
+
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _json_object(text: str) -> Any:
+    """json.loads(text), the same value and the same errors; the usual body (an object
+    with nothing around it) skips json.loads's layers and its two whitespace matches."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            pass  # json.loads raises the error, with its message
+        else:
+            if end == len(text):
+                return value
+    return json.loads(text)
 
 
 def _text(fields: dict[str, Any], name: str, required: bool = False) -> str:
     value = fields.get(name)
+    if value.__class__ is str and 0 < len(value) <= 1024:  # the usual case, checked first
+        return value
     if value is None or value == "":
         if required:
             raise PolicyRequestError(f"{name}: required")

@@ -87,6 +87,22 @@ async def test_dovecot_answers_over_http(serve):
     assert r.status_code == 400 and "success" in r.json()["message"]
 
 
+async def test_the_policy_route_is_tried_first_and_keeps_its_answers(serve):
+    exporter, client = await serve()
+    guard = create_app(exporter)
+    paths = [route.path for route in guard.app.router.routes]
+    assert paths[0] == "/dovecot/policy" and paths.count("/dovecot/policy") == 1
+    assert {"/metrics", "/livez", "/api/v1/security/check"} <= set(paths)
+    # the other methods still answer 405, and the route label stays the template
+    r = await client.get("/dovecot/policy")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    r = await client.post("/dovecot/policy", params={"command": "allow"},
+                          json=policy("al", "192.0.2.5", "a"))
+    assert r.status_code == 200
+    assert exporter.http_requests.value(("/dovecot/policy", "200")) == 1
+    assert exporter.http_requests.value(("/dovecot/policy", "405")) == 1
+
+
 @pytest.mark.parametrize("body, message", [
     ({"login": "a", "remote": "10.0.0.01", "protocol": 5}, "remote: not an IP address"),
     ({"login": "a", "remote": "::ffff:10.0.0.1 ", "protocol": 5}, "protocol: expected"),
