@@ -45,6 +45,45 @@ class Auditor(Protocol):
                details: dict[str, Any] | None = None) -> Any: ...
 
 
+class AuditFailureLog:
+    """Logs records the audit log refused, without flooding: a full disk fails every
+    login's record, so the first failure is logged with its traceback and the next at most
+    once per `interval` seconds, with how many failed since the last line."""
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self.failed = 0  # all failures since start
+        self._logged_at = -float("inf")
+        self._since = 0  # failures since the last line
+
+    def failure(self, type_: str) -> None:
+        """Called from an `except` block (the traceback is the current exception's)."""
+        self.failed += 1
+        self._since += 1
+        now = self.clock()
+        if now - self._logged_at < self.interval:
+            return
+        log.error("audit record failed; the login goes on", exc_info=True,
+                  extra={"type": type_, "failed_since_last_report": self._since,
+                         "failed_total": self.failed})
+        self._logged_at, self._since = now, 0
+
+
+AUDIT_FAILURES = AuditFailureLog()
+
+
+def record_audit(audit: Auditor | None, type_: str, actor: str, subject: str,
+                 details: dict[str, Any]) -> None:
+    """One audit record on a login path: a failing audit log (disk full) never fails the
+    login; AUDIT_FAILURES logs it."""
+    if audit is not None:
+        try:
+            audit.record(type_, actor, subject, details)
+        except Exception:
+            AUDIT_FAILURES.failure(type_)
+
+
 class SecondFactor(Protocol):
     """Answers whether a login needs a second factor (security.mfa.manager.MfaManager),
     from the user's MFA fields and the source's failures, which check() reads from the
@@ -378,11 +417,7 @@ class SecurityManager:
         return await self.store.bans(self.clock())
 
     def _audit(self, type_: str, actor: str, subject: str, details: dict[str, Any]) -> None:
-        if self.audit is not None:
-            try:
-                self.audit.record(type_, actor, subject, details)
-            except Exception:
-                log.exception("audit record failed", extra={"type": type_})
+        record_audit(self.audit, type_, actor, subject, details)
 
 
 def lock_policy(settings: Settings) -> LockPolicy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from security.engine import Auditor
+from security.engine import Auditor, record_audit
 
 
 class IdentityStats:
@@ -29,10 +29,10 @@ class IdentityStats:
 
 def audit_verification(audit: Auditor | None, method: str, ok: bool, subject: str,
                        details: dict[str, Any] | None = None) -> None:
-    """One auth.success / auth.failure record (the audit policy's flags decide)."""
-    if audit is not None:
-        audit.record("auth.success" if ok else "auth.failure", method, subject,
-                     {"method": method, **(details or {})})
+    """One auth.success / auth.failure record (the audit policy's flags decide); like the
+    engine's, a failing audit log does not fail the verification (engine.record_audit)."""
+    record_audit(audit, "auth.success" if ok else "auth.failure", method, subject,
+                 {"method": method, **(details or {})})
 
 
 class LocalTable:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from security.attempts import parse_ip
 from security.blocklist import CidrSet, Entry, prefix_of
+from security.engine import record_audit
 from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
 from security.mfa.delivery import DeliveryError, Sender
@@ -175,11 +176,7 @@ class MfaManager:
         return result
 
     def _audit(self, type_: str, actor: str, subject: str, details: dict[str, Any]) -> None:
-        if self.audit is not None:
-            try:
-                self.audit.record(type_, actor, subject, details)
-            except Exception:
-                log.exception("audit record failed", extra={"type": type_})
+        record_audit(self.audit, type_, actor, subject, details)
 
     # --- TOTP
 
