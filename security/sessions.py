@@ -143,7 +143,11 @@ class Sessions:
             self._failed("malformed")
             return None
         now = self.clock()
-        key = _sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()  # session_key
+        try:  # session_key(), without the error handler's cost on the usual (valid) id
+            raw = session_id.encode()
+        except UnicodeEncodeError:
+            raw = session_id.encode("utf-8", "surrogateescape")
+        key = _sha256(raw).hexdigest()
         table = self._table
         if table is None:
             record = await self.store.get_record(KIND, key, now)

@@ -283,6 +283,7 @@ async def test_session_create_validate_revoke(store, audit):
     assert found.user == "alice@example.org" and found.expires_at == T0 + 3600
     assert await sessions.validate("nope") is None
     assert await sessions.validate("x" * 10_000) is None
+    assert await sessions.validate("ab\udcff") is None  # a lone surrogate: unknown, no error
     assert (await sessions.revoke(sid)).user == "alice@example.org"
     assert await sessions.validate(sid) is None
     assert await sessions.revoke(sid) is None
