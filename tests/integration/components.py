@@ -33,6 +33,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -299,6 +300,13 @@ def _ok_empty(_: RecordedRequest) -> tuple[int, str, bytes | str]:
     return 200, "text/plain", b""
 
 
+class _QuietHTTPServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client gave up on a hanging answer (tests do): not an error here
+        super().handle_error(request, client_address)
+
+
 class RecordingHTTPServer:
     """HTTP server in a thread that records every request and answers via ``responder``.
 
@@ -344,7 +352,7 @@ class RecordingHTTPServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server = _QuietHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self.host = host
         self.port = int(self._server.server_address[1])
