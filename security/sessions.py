@@ -71,7 +71,11 @@ class Session:
 
 
 def session_key(session_id: str) -> str:
-    return _sha256(session_id.encode("utf-8", "surrogateescape")).hexdigest()
+    try:  # a valid id without the error handler's cost; a lone surrogate the same as ever
+        raw = session_id.encode()
+    except UnicodeEncodeError:
+        raw = session_id.encode("utf-8", "surrogateescape")
+    return _sha256(raw).hexdigest()
 
 
 def _session(record: Record) -> Session:
@@ -143,11 +147,7 @@ class Sessions:
             self._failed("malformed")
             return None
         now = self.clock()
-        try:  # session_key(), without the error handler's cost on the usual (valid) id
-            raw = session_id.encode()
-        except UnicodeEncodeError:
-            raw = session_id.encode("utf-8", "surrogateescape")
-        key = _sha256(raw).hexdigest()
+        key = session_key(session_id)
         table = self._table
         if table is None:
             record = await self.store.get_record(KIND, key, now)

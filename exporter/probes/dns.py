@@ -195,7 +195,8 @@ def _normalize(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
-def _servers_said(exc: dns.resolver.NoNameservers) -> str:
+def servers_said(exc: dns.resolver.NoNameservers) -> str:
+    """What each nameserver answered, for a NoNameservers failure."""
     errors = exc.kwargs.get("errors") or []
     said = [f"{server} answered {error}" for server, _tcp, _port, error, *_ in errors]
     return "; ".join(said) or "no server could answer"
@@ -216,7 +217,7 @@ async def lookup(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -
         raise DnsFailure("timeout", f"{name} {rdtype}: no answer within "
                          f"{resolver.lifetime:g}s (timed out)") from None
     except dns.resolver.NoNameservers as exc:
-        raise DnsFailure("failed", f"{name} {rdtype}: {_servers_said(exc)}") from None
+        raise DnsFailure("failed", f"{name} {rdtype}: {servers_said(exc)}") from None
     except dns.exception.DNSException as exc:
         raise DnsFailure("error", f"{name} {rdtype}: {exc}") from None
     return list(answer)

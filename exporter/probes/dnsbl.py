@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from exporter import catalogue
 from exporter.health import CheckResult, Status
-from exporter.probes.dns import load_dnspython, make_resolver
+from exporter.probes.dns import load_dnspython, make_resolver, servers_said
 from exporter.schedule import Periodic
 
 if TYPE_CHECKING:
@@ -161,9 +161,7 @@ async def check_ip(resolver: dns.asyncresolver.Resolver, ip: str, zone: str) -> 
     except dns.exception.Timeout:
         return Verdict(ERROR, f"{name}: no answer within {resolver.lifetime:g}s (timed out)")
     except dns.resolver.NoNameservers as exc:
-        errors = exc.kwargs.get("errors") or []
-        said = "; ".join(f"{server} answered {error}" for server, _t, _p, error, *_ in errors)
-        return Verdict(ERROR, f"{name}: {said or 'no server could answer'}")
+        return Verdict(ERROR, f"{name}: {servers_said(exc)}")
     except dns.exception.DNSException as exc:
         return Verdict(ERROR, f"{name}: {exc}")
     return interpret([r.address for r in answer])

@@ -52,10 +52,6 @@ def hkdf_sha256(material: bytes, info: bytes, length: int = 32, salt: bytes = b"
     return okm[:length]
 
 
-def _derive(material: bytes, info: bytes) -> bytes:
-    return hkdf_sha256(material, info)
-
-
 @functools.cache
 def _aes_gcm() -> tuple[type[AESGCM], type[Exception]]:
     from cryptography.exceptions import InvalidTag
@@ -70,10 +66,10 @@ class Sealer:
         if len(raw) < MIN_KEY_CHARS:
             raise ValueError(f"the MFA encryption key needs at least {MIN_KEY_CHARS} "
                              f"characters, got {len(raw)}")
-        seal_key = _derive(raw, b"a3mailer-exporter mfa seal v1")
+        seal_key = hkdf_sha256(raw, b"a3mailer-exporter mfa seal v1")
         self._seal_key = seal_key
         self._aead_cipher: AESGCM | None = None
-        self._digest_key = _derive(raw, b"a3mailer-exporter mfa digest v1")
+        self._digest_key = hkdf_sha256(raw, b"a3mailer-exporter mfa digest v1")
         self.kid = hashlib.sha256(seal_key).hexdigest()[:8]
 
     @property
