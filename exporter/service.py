@@ -253,7 +253,9 @@ class Exporter:
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
         if self.audit is not None:
-            self._tasks.append(asyncio.create_task(self._maintain_audit(), name="audit"))
+            sync_every = parse_duration(self.config["security"]["audit_config"]["fsync_interval"])
+            self._tasks.append(asyncio.create_task(self._maintain_audit(sync_every),
+                                                   name="audit"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -301,7 +303,8 @@ class Exporter:
                 await bounded(self._history_wakeup.wait(), self.history.interval)
 
     async def _maintain_audit(self, sync_every: float = 1.0, check_every: float = 3600.0) -> None:
-        """fsync the audit log every second; verify and purge it at start and hourly."""
+        """fsync the audit log every sync_every seconds (for a quiet log: a busy one syncs
+        itself at its next record); verify and purge it at start and hourly."""
         assert self.audit is not None
         audit = self.audit
         last_check = -check_every
@@ -361,7 +364,8 @@ def _build_security(config: Config, state_dir: Path
     audit_config = security["audit_config"]
     audit_path = Path(audit_config["file"]) if audit_config["file"] else state_dir / "audit.log"
     audit = AuditLog(audit_path.parent, _audit_policy(security), filename=audit_path.name,
-                     sink=sys.stdout if audit_config["stdout"] else None)
+                     sink=sys.stdout if audit_config["stdout"] else None,
+                     fsync_interval=parse_duration(audit_config["fsync_interval"]))
     store_config = security["store"]
     store = open_store(store_config["type"],
                        path=store_config["path"] or str(state_dir / "security.db"),

@@ -230,9 +230,16 @@ class SecurityManager:
     # --- decisions
 
     def _keys(self, attempt: Attempt) -> tuple[tuple[int, int, str], Keys]:
-        """The parsed address (for the lists) and the keys; the attempt parses it once."""
+        """The parsed address (for the lists) and the keys; the attempt parses it once, and
+        keeps its keys for the report that follows a check (1.6-5 µs a pair)."""
         ip = attempt.address
-        return ip, tracking_keys(attempt.login, prefix_of(ip, self.settings.ipv6_prefix_length))
+        prefix = self.settings.ipv6_prefix_length
+        kept = vars(attempt).get("_keys")
+        if kept is not None and kept[0] == prefix:
+            return ip, kept[1]
+        keys = tracking_keys(attempt.login, prefix_of(ip, prefix))
+        vars(attempt)["_keys"] = (prefix, keys)  # frozen: beside the fields, like address
+        return ip, keys
 
     async def check(self, attempt: Attempt) -> Decision:
         """Before the password check: may this login proceed? Raises ValueError on a bad IP."""

@@ -57,6 +57,7 @@ MAX_FAILURE_AGE = 7 * 86400
 FLUSH_SLICE = 1000
 JOURNAL = ".mfa-journal."  # <db name><JOURNAL><generation>
 _compact = json.JSONEncoder(separators=(",", ":")).encode  # one line of ASCII JSON
+_quote = json.encoder.encode_basestring_ascii  # a str as _compact writes it
 
 
 class SqliteStore(MemoryStore):
@@ -308,7 +309,12 @@ class SqliteStore(MemoryStore):
         """
         assert self._journal_fd >= 0, "the store is not open"
         current = self._mfa.get(user, {})
-        line = (_compact([user, [[f, current.get(f)] for f in fields]]) + "\n").encode("ascii")
+        if len(fields) == 1 and type(value := current.get(fields[0])) is str:
+            # the common change (a step, a count), as _compact writes it without its layers
+            line = f'[{_quote(user)},[[{_quote(fields[0])},{_quote(value)}]]]\n'.encode("ascii")
+        else:
+            line = (_compact([user, [[f, current.get(f)] for f in fields]]) + "\n"
+                    ).encode("ascii")
         written = 0
         try:
             while written < len(line):

@@ -604,6 +604,33 @@ def test_records_trigger_fsyncs_that_run_on_the_background_thread(tmp_path, monk
     assert threads[-1] == threading.get_ident()  # close() syncs the rest itself
 
 
+def test_by_default_records_are_fsynced_by_time_not_by_count(tmp_path, monkeypatch):
+    import os
+
+    from security import audit as audit_module
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    now = [1000.0]
+    monkeypatch.setattr(audit_module.time, "monotonic", lambda: now[0])
+    with open_log(tmp_path, fsync_interval=1.0) as log:
+        monkeypatch.setattr(os, "fsync", fsync)
+        for _ in range(1000):  # far past the old every-100-records rule
+            log.record("lockout.lock", "engine", "x", {})
+        audit_module._syncer().submit(lambda: None).result(timeout=5)
+        assert synced == [] and log._unsynced == 1000
+        now[0] += 1.0  # a second later the next record has them synced behind it
+        log.record("lockout.lock", "engine", "x", {})
+        audit_module._syncer().submit(lambda: None).result(timeout=5)
+        assert len(synced) == 1 and log._unsynced == 0
+    assert verify_file(log.path).count == 1001
+
+
 def test_record_goes_on_while_a_sync_waits_for_the_disk(tmp_path, monkeypatch):
     import os
     import threading
@@ -768,3 +795,17 @@ def test_the_index_of_a_long_log_stays_within_its_block_limit(tmp_path):
         assert seqs(log.query(limit=3, cursor="2500")[0]) == [2499, 2498, 2497]
     with open_log(tmp_path, index_blocks=64) as log:  # rebuilt on open, as bounded
         assert len(log._index) <= 64 and seqs(log.query(limit=2, cursor="3")[0]) == [2, 1]
+
+
+def test_the_exporter_opens_its_audit_log_with_the_configured_fsync_interval(tmp_path):
+    from exporter.config.loader import load_config
+    from exporter.service import _build_security
+
+    config = load_config(overrides={"security": {"audit_config": {"fsync_interval": "250ms"},
+                                                 "store": {"type": "memory"}}})
+    audit, engine = _build_security(config, tmp_path)
+    try:
+        assert audit is not None and engine is not None
+        assert audit._fsync_interval == 0.25 and audit._fsync_every > 10**9
+    finally:
+        audit.close()

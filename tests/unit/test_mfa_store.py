@@ -255,3 +255,27 @@ def test_sqlite_accepted_step_survives_sigkill(tmp_path):
     replayed, next_step, fields = asyncio.run(after())
     assert (replayed, next_step) == (False, True)
     assert fields == {"totp_step": "501", "totp": "sealed"}
+
+
+async def test_sqlite_journal_lines_are_the_json_of_the_change(sqlite_stores):
+    import json
+
+    from security.store.sqlite import _compact
+
+    first: SqliteStore = await sqlite_stores(flush_interval=3600)
+    path = first._journal_path(first._journal_gen)
+    users = ["alice", 'we"ird\\user', "jürgen\u2028@例え.jp", "tab\tnl\n\x00"]
+    for user in users:
+        await first.mfa_put(user, "totp", 'sealed "value" \u00e9')  # one field: the fast line
+        await first.mfa_put(user, "rc:1", "1")
+        assert await first.mfa_delete(user, "rc:") == 1  # a removed field: the general line
+    lines = path.read_bytes().splitlines()
+    expected = []
+    for user in users:
+        expected += [_compact([user, [["totp", 'sealed "value" \u00e9']]]),
+                     _compact([user, [["rc:1", "1"]]]), _compact([user, [["rc:1", None]]])]
+    assert [line.decode("ascii") for line in lines] == expected
+    assert json.loads(lines[0]) == [users[0], [["totp", 'sealed "value" \u00e9']]]
+    second = await sqlite_stores()
+    for user in users:
+        assert await second.mfa_fields(user) == {"totp": 'sealed "value" \u00e9'}

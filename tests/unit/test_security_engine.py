@@ -737,3 +737,20 @@ async def _run_failures(steps: list[tuple[str, str, str, float]]) -> None:
 @given(st.lists(step, max_size=40))
 def test_property_no_pair_lock_below_max_distinct_passwords_in_window(steps):
     asyncio.run(_run_failures(steps))
+
+
+async def test_an_attempt_keeps_its_keys_for_its_report_until_the_prefix_changes(
+        make_engine: MakeEngine):
+    import dataclasses
+
+    engine = await make_engine()
+    attempt = Attempt("alice", "2001:db8:1:2:3::9", pwhash="h1")
+    assert await engine.check(attempt) == ok()
+    same = Attempt("alice", "2001:db8:1:2:3::9", pwhash="h1")
+    assert attempt == same and hash(attempt) == hash(same)  # the kept keys are no field
+    await engine.report(attempt, False)
+    assert engine.store.failures_of("p:2001:db8:1:2::/64|alice") is not None
+    engine.settings = dataclasses.replace(engine.settings, ipv6_prefix_length=48)  # a reload
+    await engine.report(dataclasses.replace(attempt, pwhash="h2"), False)
+    await engine.report(attempt, False)  # the same object: its keys are made again
+    assert set(engine.store.failures_of("p:2001:db8:1::/48|alice")) == {"h1", "h2"}
