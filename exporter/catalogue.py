@@ -163,6 +163,9 @@ _SPECS = [
           (), "security"),
     _spec("a3mailer_security_audit_events_total", "counter", "",
           "Audit records written since start, by type.", ("type",), "security"),
+    _spec("a3mailer_security_audit_write_errors_total", "counter", "",
+          "Audit records the audit log could not write (a full disk) since start; the "
+          "operation they recorded went on.", (), "security"),
     _spec("a3mailer_security_rate_limited_total", "counter", "",
           "JSON API requests refused with 429, by client class (authenticated, anonymous, "
           "apikey).",

@@ -41,7 +41,7 @@ from exporter.schedule import bounded
 from exporter.tracing import ObservedStore, Tracing, TracingSettings, security_observer
 from security.attempts import Attempt
 from security.audit import AuditLog, AuditPolicy
-from security.engine import SecurityManager
+from security.engine import SecurityManager, record_audit
 from security.mfa.delivery import Sender
 from security.mfa.email import EmailSender, SmtpRelay
 from security.mfa.manager import MfaManager
@@ -223,9 +223,8 @@ class Exporter:
         return []
 
     def _audit_reload(self, actor: str, ok: bool, problems: list[str]) -> None:
-        if self.audit is not None:
-            self.audit.record("config.reload", actor, self.config.source,
-                              {"ok": ok, "problems": problems[:10]})
+        record_audit(self.audit, "config.reload", actor, self.config.source,
+                     {"ok": ok, "problems": problems[:10]})
 
     async def _config_check(self) -> CheckResult:
         if self.reload_ok:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from security.engine import Auditor
+from security.engine import Auditor, record_audit
 from security.identity import IdentityStats, LocalTable, audit_verification, local_table
 from security.ratelimit import Limit, Result, gcra
 from security.store import Record, Store
@@ -283,9 +283,8 @@ class ApiKeys:
         return new, token, revoked
 
     def _audit(self, type_: str, actor: str, key: ApiKey, details: dict[str, Any]) -> None:
-        if self.audit is not None:
-            self.audit.record(type_, actor, key.prefix, {"id": key.id, "name": key.name,
-                                                         **details})
+        record_audit(self.audit, type_, actor, key.prefix, {"id": key.id, "name": key.name,
+                                                            **details})
 
     # --- reading
 

@@ -64,7 +64,7 @@ class AuditFailureLog:
         now = self.clock()
         if now - self._logged_at < self.interval:
             return
-        log.error("audit record failed; the login goes on", exc_info=True,
+        log.error("audit record failed; the operation goes on", exc_info=True,
                   extra={"type": type_, "failed_since_last_report": self._since,
                          "failed_total": self.failed})
         self._logged_at, self._since = now, 0
@@ -75,8 +75,9 @@ AUDIT_FAILURES = AuditFailureLog()
 
 def record_audit(audit: Auditor | None, type_: str, actor: str, subject: str,
                  details: dict[str, Any]) -> None:
-    """One audit record on a login path: a failing audit log (disk full) never fails the
-    login; AUDIT_FAILURES logs it."""
+    """One audit record of an operation: a failing audit log (disk full) never fails a
+    login or a verification, nor an admin change the store already holds (its caller would
+    see an error for a change that was made); AUDIT_FAILURES logs and counts it."""
     if audit is not None:
         try:
             audit.record(type_, actor, subject, details)

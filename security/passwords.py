@@ -26,7 +26,7 @@ from typing import Any
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from security.engine import Auditor
+from security.engine import Auditor, record_audit
 from security.identity import IdentityStats
 from security.store import Record, Store
 
@@ -196,10 +196,9 @@ class PasswordPolicy:
         for reason in result.reasons:
             self.stats.password_rejections[reason] = (
                 self.stats.password_rejections.get(reason, 0.0) + 1)
-        if self.audit is not None:
-            self.audit.record("password.accepted" if result.accepted else "password.rejected",
-                              actor, user or "", {"reasons": result.reasons,
-                                                  "score": result.score})
+        record_audit(self.audit, "password.accepted" if result.accepted else
+                     "password.rejected", actor, user or "",
+                     {"reasons": result.reasons, "score": result.score})
         return result
 
     async def _reused(self, user: str, password: str) -> bool:
@@ -220,8 +219,7 @@ class PasswordPolicy:
         hashes = [*(record.data["hashes"] if record is not None else []), hashed]
         hashes = hashes[-max(1, self.settings.history_size):]
         await self.store.put_record(Record(HISTORY_KIND, user, {"hashes": hashes}))
-        if self.audit is not None:
-            self.audit.record("password.history", actor, user, {"length": len(hashes)})
+        record_audit(self.audit, "password.history", actor, user, {"length": len(hashes)})
         return len(hashes)
 
     async def forget(self, user: str, *, actor: str = "api") -> bool:
@@ -229,6 +227,6 @@ class PasswordPolicy:
         if self.store is None:
             return False
         removed = await self.store.delete_record(HISTORY_KIND, user) is not None
-        if removed and self.audit is not None:
-            self.audit.record("password.history", actor, user, {"length": 0})
+        if removed:
+            record_audit(self.audit, "password.history", actor, user, {"length": 0})
         return removed

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from security.engine import Auditor
+from security.engine import Auditor, record_audit
 from security.identity import IdentityStats, LocalTable, audit_verification, local_table
 from security.store import Record, Store
 
@@ -235,9 +235,8 @@ class Sessions:
         return new, new_id
 
     def _audit(self, type_: str, actor: str, session: Session, details: dict[str, Any]) -> None:
-        if self.audit is not None:
-            self.audit.record(type_, actor, session.user, {"session": session.key[:16],
-                                                           **details})
+        record_audit(self.audit, type_, actor, session.user, {"session": session.key[:16],
+                                                              **details})
 
     def _failed(self, reason: str) -> None:
         self.stats.verified("session", False, reason)

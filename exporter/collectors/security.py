@@ -9,7 +9,7 @@ from prometheus_client.core import Metric
 
 from exporter import catalogue
 from exporter.instruments import CounterVec
-from security.engine import LATENCY_BUCKETS, SecurityManager
+from security.engine import AUDIT_FAILURES, LATENCY_BUCKETS, SecurityManager
 from security.protocols.postfix import PostfixPolicyServer
 
 
@@ -44,6 +44,9 @@ class SecurityCollector:
         counts = getattr(self.audit, "counts_by_type", {}) if self.audit is not None else {}
         yield _counter("a3mailer_security_audit_events_total",
                        {(k,): v for k, v in dict(counts).items()})
+        if self.audit is not None:
+            yield catalogue.single("a3mailer_security_audit_write_errors_total",
+                                   AUDIT_FAILURES.failed)
         verified = getattr(self.audit, "last_verify_ok", None)
         if verified is not None:
             yield catalogue.single("a3mailer_security_audit_chain_ok", 1.0 if verified else 0.0)

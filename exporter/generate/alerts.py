@@ -302,6 +302,14 @@ ALERTS: list[Alert] = [
           f"The audit log of {_ON} no longer verifies: a record was edited, deleted, reordered "
           "or truncated. Run `a3mailer-exporter audit verify` to find the first broken record.",
           "security", expr="a3mailer_security_audit_chain_ok{<<sel>>} == 0"),
+    Alert("A3MailerAuditWriteFailing", "security", "critical", "1m",
+          f"The audit log cannot be written on {_ON}.",
+          f"{_ON} could not write {{{{ $value | printf \"%.0f\" }}}} audit records in 5 "
+          "minutes (is its disk full?). Logins, verifications and admin changes go on "
+          "unaudited; the exporter's log has the error.",
+          "security",
+          expr="sum by (<<by>>) (increase(a3mailer_security_audit_write_errors_total{<<sel>>}"
+               "[5m])) > 0"),
     Alert("A3MailerSecurityStoreErrors", "security", "critical", "5m",
           f"The security store fails on {_ON}.",
           f"Calls from {_ON} to its security store (counters, lockouts, bans) are failing: "

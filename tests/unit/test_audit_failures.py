@@ -78,3 +78,64 @@ async def test_a_closed_audit_log_does_not_fail_logins(tmp_path: Path,
 
 def test_record_audit_without_a_log_is_a_no_op():
     record_audit(None, "auth.success", "engine", "alice", {})
+
+
+async def test_password_checks_and_history_changes_go_on_without_an_audit_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from security.passwords import PasswordPolicy, PasswordSettings
+
+    failures = AuditFailureLog()
+    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
+    audit = AuditLog(tmp_path / "audit")
+    audit.close()
+    store = MemoryStore()
+    policy = PasswordPolicy(PasswordSettings(history_size=3), store, audit)
+    assert (await policy.check("correct horse battery staple 1987", "bob")).accepted
+    assert await policy.remember("bob", "correct horse battery staple 1987") == 1
+    # the change the caller was told about is the one the store holds
+    result = await policy.check("correct horse battery staple 1987", "bob")
+    assert not result.accepted and "reused" in result.reasons
+    assert await policy.forget("bob") is True
+    assert failures.failed == 4  # accepted, history, rejected, history: none raised
+
+
+def test_lost_audit_records_are_a_metric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from exporter.collectors import security as collector_module
+    from exporter.collectors.security import SecurityCollector
+    from exporter.instruments import CounterVec
+
+    failures = AuditFailureLog()
+    fail(failures, 3)
+    monkeypatch.setattr(collector_module, "AUDIT_FAILURES", failures)
+    with AuditLog(tmp_path / "audit") as audit:
+        engine = SecurityManager(Settings(**BASE), MemoryStore(), audit)
+        frontends = CounterVec("a3mailer_security_frontend_requests_total")
+        metrics = {m.name: m for m in SecurityCollector(engine, audit, frontends).collect()}
+        samples = metrics["a3mailer_security_audit_write_errors"].samples
+        assert [(s.name, s.value) for s in samples] == [
+            ("a3mailer_security_audit_write_errors_total", 3.0)]
+        without = {m.name for m in SecurityCollector(engine, None, frontends).collect()}
+        assert "a3mailer_security_audit_write_errors" not in without
+
+
+async def test_api_key_and_session_changes_go_on_without_an_audit_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from security.apikeys import ApiKeys
+    from security.sessions import Sessions
+
+    failures = AuditFailureLog()
+    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
+    audit = AuditLog(tmp_path / "audit")
+    audit.close()
+    store = MemoryStore()
+    keys = ApiKeys(store, audit=audit)
+    key, token = await keys.create("ci", ["admin"])
+    assert (await keys.authenticate(token)).ok  # created as the caller was told
+    await keys.revoke(key.id)
+    assert (await keys.authenticate(token)).reason == "revoked"
+    sessions = Sessions(store, audit=audit)
+    session, sid = await sessions.create("alice@example.org")
+    assert await sessions.validate(sid) is not None
+    await sessions.revoke(sid)
+    assert await sessions.validate(sid) is None
+    assert failures.failed >= 4  # create, revoke, session create, revoke (and the refusals)
