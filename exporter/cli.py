@@ -135,6 +135,7 @@ async def serve(config: Config) -> int:
     import uvicorn
 
     from exporter.http import create_app
+    from exporter.http.coalesce import CoalescingHttpToolsProtocol
     from exporter.service import Exporter
 
     class Server(uvicorn.Server):
@@ -147,6 +148,7 @@ async def serve(config: Config) -> int:
     tls = config["server"]["tls"]
     uv_config = uvicorn.Config(
         create_app(exporter), host=host, port=port, lifespan="off", log_config=None,
+        http=CoalescingHttpToolsProtocol,
         access_log=False, server_header=False, proxy_headers=False,
         timeout_graceful_shutdown=int(config.seconds("server", "graceful_shutdown_timeout")),
         ssl_certfile=tls["cert_file"] or None, ssl_keyfile=tls["key_file"] or None,
