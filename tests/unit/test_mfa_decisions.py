@@ -126,10 +126,11 @@ async def test_the_store_failing_during_the_question_fails_open_or_closed():
     engine, manager, clock = await engine_with()
     await confirm_totp(manager, clock, "alice")
 
-    async def broken(user: str) -> dict:
+    async def broken(*args: object) -> dict:
         raise ConnectionError("store down")
 
-    manager.store.mfa_fields = broken  # type: ignore[method-assign]
+    # the one store call of a check, which reads the user's MFA fields with the rest
+    manager.store.login_state = broken  # type: ignore[method-assign]
     assert (await engine.check(attempt())).reason == "store_unavailable"
     assert (await engine.check(attempt())).action == "allow"
     engine.configure(dataclasses.replace(engine.settings, fail_open=False))

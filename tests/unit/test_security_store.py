@@ -676,3 +676,26 @@ async def test_sqlite_flush_snapshots_in_slices_and_lets_the_loop_run(sqlite_sto
     reopened = await sqlite_stores()
     assert [await reopened.failure_count(f"k{i}", T0, WINDOW) for i in range(10)] == \
         [1, 2] * 5
+
+
+def test_a_store_that_changes_a_read_the_login_calls_compose_must_change_them_too():
+    import pytest as _pytest
+
+    from security.store.memory import MemoryStore
+
+    with _pytest.raises(TypeError, match="get_lock"):
+        class HalfStore(MemoryStore):  # noqa: F841 - defining it is the test
+            async def get_lock(self, key, now):
+                return None
+
+    class WholeStore(MemoryStore):  # both composed calls changed with it: allowed
+        async def get_lock(self, key, now):
+            return None
+
+        async def login_state(self, *args):
+            raise NotImplementedError
+
+        async def record_login_failure(self, *args):
+            raise NotImplementedError
+
+    assert WholeStore().tracked_keys() == 0

@@ -236,7 +236,7 @@ async def test_observed_store_times_and_traces_each_call(traced, tmp_path):
 
 
 class DownStore(MemoryStore):
-    async def get_lock(self, key, now):
+    def _lock(self, key, now):  # what get_lock and login_state read locks through
         raise StoreUnavailable("down")
 
 
