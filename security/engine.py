@@ -140,8 +140,24 @@ class Stats:
         self.fail_open = 0.0
         self.latency_counts = [0.0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
-        self.active_locks: dict[str, int] = {"source_account": 0, "account": 0}
-        self.active_bans: dict[str, int] = {"manual": 0, "automatic": 0, "feed": 0}
+        # kept in step with every lock and ban; counted when read (a scrape), so a flood of
+        # locks costs one dict write each, not a recount of all of them
+        self.lock_scopes: dict[str, str] = {}  # lock key -> scope
+        self.ban_kinds: dict[str, str] = {}  # network -> manual | automatic | feed | config
+
+    @property
+    def active_locks(self) -> dict[str, int]:
+        locks = {"source_account": 0, "account": 0}
+        for scope in self.lock_scopes.values():
+            locks[scope] = locks.get(scope, 0) + 1
+        return locks
+
+    @property
+    def active_bans(self) -> dict[str, int]:
+        bans = {"manual": 0, "automatic": 0, "feed": 0}
+        for kind in self.ban_kinds.values():
+            bans[kind] = bans.get(kind, 0) + 1
+        return bans
 
     def count(self, table: dict[Any, float], key: Any) -> None:
         table[key] = table.get(key, 0.0) + 1
@@ -160,8 +176,6 @@ class SecurityManager:
         self.observe: Observer = observer or _unobserved
         self.stats = Stats()
         self.lists = Lists()
-        self._lock_scopes: dict[str, str] = {}  # lock key -> scope
-        self._ban_kinds: dict[str, str] = {}  # network -> manual | automatic | feed | config
         self._maintenance: asyncio.Task[None] | None = None
         self.second_factor: SecondFactor | None = None  # set when MFA is enabled
         self.mfa_message = "Second factor required"
@@ -213,20 +227,9 @@ class SecurityManager:
         for entry in self.lists.block.expire(now):
             await self.store.delete_ban(entry.network)
             self._audit("blocklist.expire", "engine", entry.network, {"reason": entry.reason})
-        self._lock_scopes = {lock.key: lock.scope for lock in await self.store.locks(now)}
-        self._ban_kinds = {ban.network: ban.source.split(":")[0]
-                           for ban in await self.store.bans(now)}
-        self._recount()
-
-    def _recount(self) -> None:
-        """The active gauges, from the maps kept in step with every change."""
-        locks = {"source_account": 0, "account": 0}
-        for scope in self._lock_scopes.values():
-            locks[scope] = locks.get(scope, 0) + 1
-        bans = {"manual": 0, "automatic": 0, "feed": 0}
-        for kind in self._ban_kinds.values():
-            bans[kind] = bans.get(kind, 0) + 1
-        self.stats.active_locks, self.stats.active_bans = locks, bans
+        self.stats.lock_scopes = {lock.key: lock.scope for lock in await self.store.locks(now)}
+        self.stats.ban_kinds = {ban.network: ban.source.split(":")[0]
+                                for ban in await self.store.bans(now)}
 
     # --- decisions
 
@@ -349,8 +352,7 @@ class SecurityManager:
                                                        self.lock_policy)
         actions = []
         for lock in counts.locks:
-            self._lock_scopes[lock.key] = lock.scope
-            self._recount()
+            self.stats.lock_scopes[lock.key] = lock.scope
             self._audit("lockout.lock", "engine",
                         lock.account if not lock.source else f"{lock.account}@{lock.source}",
                         {"scope": lock.scope, "until": lock.until, "level": lock.level,
@@ -388,7 +390,7 @@ class SecurityManager:
                 continue
             await self.store.delete_lock(lock.key)
             await self.store.clear_failures(lock.key)
-            self._lock_scopes.pop(lock.key, None)
+            self.stats.lock_scopes.pop(lock.key, None)
             removed.append(lock)
             self._audit("lockout.unlock", actor,
                         account if not lock.source else f"{account}@{lock.source}",
@@ -404,8 +406,7 @@ class SecurityManager:
         ban = Entry(cidr, reason, source, now, None if duration is None else now + duration)
         await self.store.put_ban(ban)
         self.lists.block.add(ban)
-        self._ban_kinds[cidr] = source.split(":")[0]
-        self._recount()
+        self.stats.ban_kinds[cidr] = source.split(":")[0]
         self._audit("blocklist.ban", actor, cidr, {"reason": reason, "source": source,
                                                     "expires": ban.expires})
         return ban
@@ -414,8 +415,7 @@ class SecurityManager:
         cidr = str(parse_network(network))
         ban = await self.store.delete_ban(cidr)
         self.lists.block.remove(cidr)
-        self._ban_kinds.pop(cidr, None)
-        self._recount()
+        self.stats.ban_kinds.pop(cidr, None)
         if ban is not None:
             self._audit("blocklist.unban", actor, cidr, {"reason": ban.reason})
             await self.refresh()
