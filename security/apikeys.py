@@ -182,6 +182,7 @@ class _Use:
 
 _HEX = frozenset("0123456789abcdef")
 _sha256 = hashlib.sha256
+_compare = hmac.compare_digest  # constant time
 
 
 def _key_id(token: str) -> str:
@@ -392,9 +393,9 @@ class ApiKeys:
             key_id, key = "", None
             digest = self._digest(token if len(token) <= MAX_TOKEN_LENGTH else "")
         if key is None:
-            hmac.compare_digest(digest, _DUMMY_HASH)  # the work a known id costs
+            _compare(digest, _DUMMY_HASH)  # the work a known id costs
             return self._refused(token, "unknown")
-        matched = hmac.compare_digest(digest, key.hash)
+        matched = _compare(digest, key.hash)
         if not matched or key.ends <= now:
             return self._refused(token, _reason(key, matched, now))
         use = key.use
