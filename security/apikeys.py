@@ -376,7 +376,8 @@ class ApiKeys:
     def check(self, token: str) -> KeyCheck:
         """authenticate() without awaiting anything, for when `held` (the HTTP layer's
         path): the same decision, counting, rate limit and last-used bookkeeping."""
-        now = self.clock()
+        clock = self.clock  # an attribute, not a method: read, then called
+        now = clock()
         # a3m_<12 hex>_<43 base64url>. A token of that length is hashed and the id in it
         # looked up; the rest of its shape is checked if it fails (_refused): a token that
         # matches a key's digest is that key, so its shape is right.

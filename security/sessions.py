@@ -166,7 +166,8 @@ class Sessions:
         if len(session_id) > MAX_ID_LENGTH:
             self._failed("malformed")
             return None
-        now = self.clock()
+        clock = self.clock  # an attribute, not a method: read, then called
+        now = clock()
         key = session_key(session_id)
         record = self._rows.get(key)
         if record is None or (record.expires is not None and record.expires <= now):
