@@ -210,8 +210,8 @@ class ApiKeys:
                  clock: Callable[[], float] = time.time):
         self.store = store
         self._index = local_table(store, KIND)  # None: every check reads the store
-        # what a check finds a key's record in: the index, or on a shared store the records
-        # as last read (authenticate() reads the key's before every check)
+        # what a check finds a key's record in: the index, or on a shared store the record
+        # authenticate() has just read
         self._rows: dict[str, _Key] = {} if self._index is None else self._index.rows
         self.held = False
         """True once this ApiKeys has found every key's record held in memory (a store
@@ -443,14 +443,17 @@ class ApiKeys:
                 await self._load(index, self.clock())
             self.held = True
             return self.check(token)
+        # a shared store: the record, read now, is what check() finds (for this check only)
         key_id = _key_id(token)
-        if key_id:
-            record = await self.store.get_record(KIND, key_id, self.clock())
-            if record is None:
-                self._rows.pop(key_id, None)
-            else:
-                self._rows[key_id] = _Key(record)
-        return self.check(token)
+        record = await self.store.get_record(KIND, key_id, self.clock()) if key_id else None
+        if record is None:
+            return self.check(token)
+        rows = self._rows
+        rows[key_id] = _Key(record)
+        try:
+            return self.check(token)
+        finally:
+            del rows[key_id]
 
     async def _load(self, index: LocalTable, now: float) -> None:
         """Fills the index from the store, once; entries written meanwhile are newer."""

@@ -215,7 +215,8 @@ class Sessions:
             return self.check(session_id, touch)
         if len(session_id) > MAX_ID_LENGTH:
             return self.check(session_id, touch)  # malformed
-        # a shared store: the record, read now, is what check() finds (for this check only)
+        # a shared store: the record, read now, is what check() finds (for this check only;
+        # check() hashes the id once more, a microsecond beside the store's round trip)
         key = session_key(session_id)
         record = await self.store.get_record(KIND, key, self.clock())
         if record is None:

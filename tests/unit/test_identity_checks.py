@@ -67,6 +67,7 @@ async def test_a_check_answers_as_the_awaited_path_and_a_shared_store_do(store, 
             now, awaited, read = keys.check(t), await keys.authenticate(t), \
                 await shared.authenticate(t)
             assert answer(now) == answer(awaited) == answer(read), name
+    assert shared._rows == {}  # what a shared store's check read is not kept
     reasons = {name: keys.check(t).reason for name, t in tokens.items()}
     assert reasons == {"good": "ok", "short key": "expired", "revoked": "revoked",
                        "wrong": "wrong", "stub": "malformed",
