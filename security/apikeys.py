@@ -172,12 +172,15 @@ class _Use:
         self.tat = self.before = -math.inf  # no state: a full bucket, as gcra()'s None
         self.at = 0.0
         self.uses = 0
-        self.renew(key_id, key, limit)
-
-    def renew(self, key_id: str, key: _Key, limit: Limit) -> None:
-        """For a new record of the key (or new settings); the GCRA state stays."""
         self.key, self.limit = key, limit
         self.passed = KeyCheck(True, "ok", key_id, key.scopes, self)
+
+    def renew(self, key: _Key, limit: Limit) -> None:
+        """For a new record of the key (or new settings); the GCRA state stays."""
+        self.key, self.limit = key, limit
+        passed = self.passed
+        if passed.scopes != key.scopes:  # (a shared store's record is new at every read)
+            self.passed = KeyCheck(True, "ok", passed.key_id, key.scopes, self)
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -243,8 +246,8 @@ class ApiKeys:
         self._settings = settings
         self._pepper = settings.pepper
         self._limits.clear()
-        for key_id, use in self._uses.items():
-            use.renew(key_id, use.key, self._limit(use.key.per_minute))
+        for use in self._uses.values():
+            use.renew(use.key, self._limit(use.key.per_minute))
 
     def _limit(self, per_minute: int) -> Limit:
         limit = self._limits.get(per_minute)
@@ -426,7 +429,7 @@ class ApiKeys:
         if use is None:
             use = self._uses[key_id] = _Use(self, key_id, key, self._limit(key.per_minute))
         elif use.key is not key:  # the record changed (or was read anew from a shared store)
-            use.renew(key_id, key, self._limit(key.per_minute))
+            use.renew(key, self._limit(key.per_minute))
         key.use = use
         return use
 

@@ -216,3 +216,19 @@ async def test_a_session_check_sees_revoke_rotation_and_the_idle_timeout(store):
     _, idle = await other.create("dave")
     clock.now += 100
     assert sessions.check(idle) is None
+
+
+async def test_a_record_changed_behind_a_shared_stores_back_counts_at_the_next_check(store):
+    """As another replica's write: new scopes, then a revoke, each seen at the next check."""
+    clock = Clock()
+    keys = ApiKeys(CountingStore(store, shared=True), clock=clock)
+    key, token = await keys.create("k", ["security:read"])
+    assert (await keys.authenticate(token)).scopes == frozenset({"security:read"})
+    record = await store.get_record("apikey", key.id, clock())
+    for change in ({"scopes": ["admin"]}, {"revoked": clock()}):
+        record = type(record)(record.kind, record.key, {**record.data, **change},
+                              record.expires)
+        await store.put_record(record)
+        check = await keys.authenticate(token)
+        assert (check.reason, check.scopes) == (("ok", frozenset({"admin"})) if "scopes" in change
+                                                else ("revoked", frozenset()))
