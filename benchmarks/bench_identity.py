@@ -2,13 +2,19 @@
 the bare library calls they are built on.
 
 Candidates (each on a memory store, no audit log: the check as the HTTP layer calls it):
-- apikey ok / wrong / unknown / revoked: `await ApiKeys.authenticate(token)` (the
-  failure cases show that wrong, unknown and revoked keys cost the same);
+- apikey ok / wrong / unknown / revoked: `keys.check(token) if keys.held else ...`, the
+  synchronous check exporter/http/auth.py makes while the key records are held in memory
+  (memory and SQLite stores; the failure cases show that wrong, unknown and revoked keys
+  cost the same);
 - apikey ok, SQLite store: the same on the embedded default store;
-- apikey ok, shared store: the same on a memory store that says it is shared (as Redis
-  does), so every check reads the key's record from the store: what a Redis check costs
-  in process, without the round trip;
-- session validate: `await Sessions.validate(session_id)` (with the idle-timer touch);
+- apikey ok, shared store: `await ApiKeys.authenticate(token)` on a memory store that says
+  it is shared (as Redis does), so every check reads the key's record from the store: what
+  a Redis check costs in process, without the round trip;
+- apikey ok, awaited: `await ApiKeys.authenticate(token)` on the memory store (the same
+  check behind the async entry, which the HTTP layer uses only for shared stores);
+- session validate: `sessions.check(session_id) if sessions.held else ...` (with the
+  idle-timer touch), what exporter/http/identity_routes.py does on memory and SQLite;
+  session validate, awaited: `await Sessions.validate(session_id)`;
 - csrf verify: `CsrfTokens.verify(session_id, token)`.
 
 Baselines, in the same rounds:
@@ -153,24 +159,32 @@ async def measure(rounds: int, calls: int, clock: Callable[[], float]) -> dict[s
     sync_cases: dict[str, Callable[[], Any]] = {
         BARE: bare, BARE_HMAC: bare_hmac, BARE_PADS: bare_pads,
         "csrf verify": lambda: csrf.verify(sid, csrf_token),
+        # what the HTTP layer calls while the records are held in memory (else it awaits)
+        "apikey ok": lambda: keys.check(token) if keys.held else None,
+        "apikey wrong secret": lambda: keys.check(wrong) if keys.held else None,
+        "apikey unknown id": lambda: keys.check(unknown) if keys.held else None,
+        "apikey revoked": lambda: keys.check(revoked_token) if keys.held else None,
+        "apikey ok, SQLite store": lambda: (sqlite_keys.check(sqlite_token)
+                                            if sqlite_keys.held else None),
+        "session validate": lambda: sessions.check(sid) if sessions.held else None,
     }
     async_cases: dict[str, Callable[[], Awaitable[Any]]] = {
         BARE_AWAITED: bare_awaited, BARE_KEY_PARTS: bare_key_parts,
         BARE_SESSION_PARTS: bare_session_parts,
-        "apikey ok": lambda: keys.authenticate(token),
-        "apikey wrong secret": lambda: keys.authenticate(wrong),
-        "apikey unknown id": lambda: keys.authenticate(unknown),
-        "apikey revoked": lambda: keys.authenticate(revoked_token),
-        "apikey ok, SQLite store": lambda: sqlite_keys.authenticate(sqlite_token),
+        "apikey ok, awaited": lambda: keys.authenticate(token),
         "apikey ok, shared store": lambda: shared_keys.authenticate(shared_token),
-        "session validate": lambda: sessions.validate(sid),
+        "session validate, awaited": lambda: sessions.validate(sid),
     }
     assert (await keys.authenticate(token)).ok and not (await keys.authenticate(wrong)).ok
     assert (await keys.authenticate(revoked_token)).reason == "revoked"
     assert await sessions.validate(sid) is not None and csrf.verify(sid, csrf_token) == "ok"
     assert bare() and bare_hmac() and bare_pads() and await bare_key_parts()
     assert await bare_session_parts() and await memory.get_record("session", session, 0.0)
-    assert (await shared_keys.authenticate(shared_token)).ok
+    assert (await shared_keys.authenticate(shared_token)).ok and not shared_keys.held
+    assert (await sqlite_keys.authenticate(sqlite_token)).ok
+    assert keys.held and sqlite_keys.held and sessions.held  # loaded by the checks above
+    assert keys.check(token).ok and keys.check(revoked_token).reason == "revoked"
+    assert sqlite_keys.check(sqlite_token).ok and sessions.check(sid) is not None
     names = [*sync_cases, *async_cases]
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):

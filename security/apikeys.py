@@ -11,17 +11,20 @@ wrong keys take the same path and give the caller the same answer.
 Where the record is found: on a store this process alone writes (memory, SQLite) every
 key's record is held in an in-memory index, loaded from the store at the first check and
 changed together with the store by create, revoke and rotate, so a check is a dict
-lookup, a hash and a compare, with nothing awaited. Every ApiKeys on one store shares
-that store's index, so a change through one is seen by the others at the next check. On
-a shared store (Redis: several replicas write it) every check reads the record from the
-store, so a key revoked through another replica is refused at its very next check; no
-staleness on either.
+lookup, a hash and a compare: once the index is loaded (`held`) the HTTP layer calls the
+synchronous check(), which awaits nothing. Every ApiKeys on one store shares that
+store's index, so a change through one is seen by the others at the next check. On a
+shared store (Redis: several replicas write it) every check is authenticate(), which
+reads the record from the store, so a key revoked through another replica is refused at
+its very next check; no staleness on either.
 
 Last-used times are kept in memory and written behind every
 `last_used_write_interval`, together with one `auth.success` audit record per key
 and interval (with the number of uses), so a busy key costs no disk write per
 request. Each key has its own GCRA rate limit (1000 requests/min by default),
-counted in this process: its state is one float beside the key's use count.
+counted in this process: its state is one float beside the key's use count, and a check
+makes the decision with gcra()'s arithmetic written out (the Result for the RateLimit
+headers is worked out by gcra() itself when asked: KeyCheck.limit).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, NamedTuple
 
 from security.engine import Auditor, record_audit
 from security.identity import IdentityStats, LocalTable, audit_verification, local_table
-from security.ratelimit import Limit, Result, gcra
+from security.ratelimit import SLACK, Limit, Result, gcra
 from security.store import Record, Store
 
 KIND = "apikey"
@@ -47,8 +50,7 @@ SCOPES = ("admin", "security:read", "security:write", "metrics:write")
 """`admin` implies every other scope."""
 MAX_TOKEN_LENGTH = 128
 TOKEN_LENGTH = len(TOKEN_PREFIX) + 12 + 1 + 43
-_DUMMY_HASH = "0" * 64
-_SUCCESS = ("apikey", "success")  # IdentityStats.verifications key of a good check
+_DUMMY_HASH = bytes(32)  # what an unknown id's digest is compared against
 
 
 @dataclass(frozen=True)
@@ -97,40 +99,48 @@ class KeyCheck(NamedTuple):
     """The outcome of one check. `reason`: ok, malformed, unknown, wrong, revoked,
     expired or rate_limited; callers answer every failure but rate_limited alike.
 
-    An immutable record (a named tuple: one is built per request, it must be cheap)."""
+    An immutable record. A passing check is made once per key record and handed out
+    again: its `usage` is the key's use in this process, which keeps the inputs of its
+    latest allowed request, and `limit` (for the RateLimit headers) works that decision's
+    Result out of them with gcra() when asked. So a passing check's `limit` is its own
+    decision until the key passes again: read it before the next check of the key (the
+    HTTP layer reads it at once). A refusal keeps its own inputs (a _Decision)."""
 
     ok: bool
     reason: str
     key_id: str = ""
     scopes: frozenset[str] = frozenset()
-    limit: Result | None = None
+    usage: _Use | _Decision | None = None
 
     def allows(self, scope: str) -> bool:
         return self.ok and (scope in self.scopes or "admin" in self.scopes)
 
-
-_new = tuple.__new__  # a named tuple's own constructor, without the keyword-argument layer
-
-
-class _Key(NamedTuple):
-    """What a check needs of a key's record: a new one whenever the record changes."""
-
-    hash: str
-    ends: float  # the first of revoked, expires and gone: a check after it fails
-    revoked: float | None
-    expires: float
-    gone: float  # when the store drops the record: from then on the id is unknown
-    per_minute: int
-    scopes: frozenset[str]
+    @property
+    def limit(self) -> Result | None:
+        """The key's latest rate-limit decision (None: the check did not reach it)."""
+        use = self.usage
+        return None if use is None else gcra(use.before, use.at, use.limit)[0]
 
 
-def _entry(record: Record) -> _Key:
-    d = record.data
-    revoked, expires = d["revoked"], d["expires"]
-    gone = math.inf if record.expires is None else record.expires
-    ends = min(expires, gone) if revoked is None else min(revoked, expires, gone)
-    return _new(_Key, (d["hash"], ends, revoked, expires, gone, d["rate_limit_per_minute"],
-                         frozenset(d["scopes"])))
+class _Key:
+    """What a check needs of a key's record: a new one whenever the record changes (slots,
+    not a named tuple: a check reads them, and slot reads are the interpreter's fastest)."""
+
+    __slots__ = ("hash", "ends", "revoked", "expires", "gone", "per_minute", "scopes", "use")
+
+    def __init__(self, record: Record) -> None:
+        d = record.data
+        self.hash: bytes = bytes.fromhex(d["hash"])  # the stored hex digest, as bytes
+        self.revoked: float | None = d["revoked"]
+        self.expires: float = d["expires"]
+        # when the store drops the record: from then on the id is unknown
+        self.gone = math.inf if record.expires is None else record.expires
+        # the first of revoked, expires and gone: a check after it fails
+        self.ends = min(self.expires, self.gone, math.inf if self.revoked is None
+                        else self.revoked)
+        self.per_minute: int = d["rate_limit_per_minute"]
+        self.scopes = frozenset(d["scopes"])
+        self.use: _Use | None = None  # the last check's use of it (ApiKeys._use)
 
 
 def _reason(key: _Key, matched: bool, now: float) -> str:
@@ -142,20 +152,47 @@ def _reason(key: _Key, matched: bool, now: float) -> str:
     return "revoked" if key.revoked is not None and key.revoked <= now else "expired"
 
 
+class _Decision(NamedTuple):
+    """What a rate-limit decision is made from: gcra(before, at, limit)."""
+
+    before: float
+    at: float
+    limit: Limit
+
+
 class _Use:
-    """This process's use of one key: its GCRA state, its last use, uses not yet written."""
+    """One ApiKeys' use of one key: its GCRA state (`tat`), the inputs of its latest
+    allowed request (`before`, the TAT then, and `at`, its time: the key's last use), the
+    uses not yet written, and the answer a passing check of it gives (`passed`)."""
 
-    __slots__ = ("key", "limit", "tat", "last", "uses")
+    __slots__ = ("owner", "key", "limit", "tat", "before", "at", "uses", "passed")
 
-    def __init__(self, key: _Key, limit: Limit) -> None:
-        self.key, self.limit = key, limit
-        self.tat: float | None = None
-        self.last = 0.0
+    def __init__(self, owner: object, key_id: str, key: _Key, limit: Limit) -> None:
+        self.owner = owner  # the ApiKeys counting it
+        self.tat = self.before = -math.inf  # no state: a full bucket, as gcra()'s None
+        self.at = 0.0
         self.uses = 0
+        self.key, self.limit = key, limit
+        self.passed = KeyCheck(True, "ok", key_id, key.scopes, self)
+
+    def renew(self, key: _Key, limit: Limit) -> None:
+        """For a new record of the key (or new settings); the GCRA state stays."""
+        self.key, self.limit = key, limit
+        passed = self.passed
+        if passed.scopes != key.scopes:  # (a shared store's record is new at every read)
+            self.passed = KeyCheck(True, "ok", passed.key_id, key.scopes, self)
 
 
 _HEX = frozenset("0123456789abcdef")
 _sha256 = hashlib.sha256
+_compare = hmac.compare_digest  # constant time
+
+
+def _key_id(token: str) -> str:
+    """The id of a key-shaped token (a3m_<12>_<43>), else ""."""
+    if len(token) == TOKEN_LENGTH and token[16] == "_" and token.startswith(TOKEN_PREFIX):
+        return token[4:16]
+    return ""
 
 
 def _is_hex(text: str) -> bool:
@@ -176,6 +213,12 @@ class ApiKeys:
                  clock: Callable[[], float] = time.time):
         self.store = store
         self._index = local_table(store, KIND)  # None: every check reads the store
+        # what a check finds a key's record in: the index, or on a shared store the record
+        # authenticate() has just read
+        self._rows: dict[str, _Key] = {} if self._index is None else self._index.rows
+        self.held = False
+        """True once this ApiKeys has found every key's record held in memory (a store
+        only this process writes, its index loaded): from then on check() decides."""
         self._limits: dict[int, Limit] = {}  # by requests per minute
         self._uses: dict[str, _Use] = {}  # by id: the keys this process checked
         self.settings = settings or ApiKeySettings()
@@ -183,6 +226,14 @@ class ApiKeys:
         self.stats = stats or IdentityStats()
         self.clock = clock
         self.active = 0
+
+    @property
+    def stats(self) -> IdentityStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: IdentityStats) -> None:
+        self._stats, self._passes = stats, stats.successes("apikey")
 
     @property
     def settings(self) -> ApiKeySettings:
@@ -196,7 +247,7 @@ class ApiKeys:
         self._pepper = settings.pepper
         self._limits.clear()
         for use in self._uses.values():
-            use.limit = self._limit(use.key.per_minute)
+            use.renew(use.key, self._limit(use.key.per_minute))
 
     def _limit(self, per_minute: int) -> Limit:
         limit = self._limits.get(per_minute)
@@ -206,11 +257,15 @@ class ApiKeys:
         return limit
 
     def _hash(self, token: str) -> str:
-        raw = token.encode("utf-8", "surrogateescape")
+        return self._digest(token).hex()
+
+    def _digest(self, token: str) -> bytes:
+        try:  # a valid token without the error handler's cost; a lone surrogate as ever
+            raw = token.encode()
+        except UnicodeEncodeError:
+            raw = token.encode("utf-8", "surrogateescape")
         pepper = self._pepper
-        if pepper:
-            return hmac.digest(pepper, raw, "sha256").hex()
-        return hashlib.sha256(raw).hexdigest()
+        return hmac.digest(pepper, raw, "sha256") if pepper else _sha256(raw).digest()
 
     # --- changes
 
@@ -246,7 +301,7 @@ class ApiKeys:
         record = Record(KIND, key.id, data, key.expires + self.settings.keep_after_expiry)
         await self.store.put_record(record)
         if self._index is not None:  # after the store: a failed write changes neither
-            self._index.rows[key.id] = _entry(record)
+            self._index.rows[key.id] = _Key(record)
 
     async def revoke(self, key_id: str, *, actor: str = "admin", at: float | None = None
                      ) -> ApiKey | None:
@@ -307,7 +362,7 @@ class ApiKeys:
         keys = []
         for record in await self.store.list_records(KIND, now):
             use = self._uses.get(record.key)
-            last = max(used.get(record.key, 0.0), use.last if use else 0.0) or None
+            last = max(used.get(record.key, 0.0), use.at if use else 0.0) or None
             keys.append(_key_from(record, last))
         self.active = sum(1 for k in keys if k.state(now) == "active")
         return sorted(keys, key=lambda k: (k.created, k.id))
@@ -315,66 +370,108 @@ class ApiKeys:
     async def _last_used(self, key_id: str, now: float) -> float | None:
         use = self._uses.get(key_id)
         stored = await self.store.get_record(USED_KIND, key_id, now)
-        last = max(stored.data["t"] if stored else 0.0, use.last if use else 0.0)
+        last = max(stored.data["t"] if stored else 0.0, use.at if use else 0.0)
         return last or None
 
     # --- the check
 
+    def check(self, token: str) -> KeyCheck:
+        """authenticate() without awaiting anything, for when `held` (the HTTP layer's
+        path): the same decision, counting, rate limit and last-used bookkeeping."""
+        clock = self.clock  # an attribute, not a method: read, then called
+        now = clock()
+        # a3m_<12 hex>_<43 base64url>. A token of that length is hashed and the id in it
+        # looked up; the rest of its shape is checked if it fails (_refused): a token that
+        # matches a key's digest is that key, so its shape is right.
+        if len(token) == TOKEN_LENGTH:
+            key_id = token[4:16]
+            try:  # self._digest(token), written out
+                raw = token.encode()
+            except UnicodeEncodeError:
+                raw = token.encode("utf-8", "surrogateescape")
+            pepper = self._pepper
+            digest = hmac.digest(pepper, raw, "sha256") if pepper else _sha256(raw).digest()
+            key = self._rows.get(key_id)
+        else:
+            key_id, key = "", None
+            digest = self._digest(token if len(token) <= MAX_TOKEN_LENGTH else "")
+        if key is None:
+            _compare(digest, _DUMMY_HASH)  # the work a known id costs
+            return self._refused(token, "unknown")
+        matched = _compare(digest, key.hash)
+        if not matched or key.ends <= now:
+            return self._refused(token, _reason(key, matched, now))
+        use = key.use
+        if use is None or use.owner is not self:
+            use = self._use(key_id, key)
+        # gcra(use.tat, now, use.limit) at cost 1, written out; KeyCheck.limit gives its
+        # Result from the same inputs
+        limit = use.limit
+        tat = use.tat
+        base = now if now > tat else tat
+        new_tat = base + limit._interval
+        if now < new_tat - limit._span - SLACK:
+            self._stats.verified("apikey", False, "rate_limited")
+            return KeyCheck(False, "rate_limited", key_id, key.scopes,
+                            _Decision(tat, now, limit))
+        full = now + limit._span
+        use.tat = full if full < new_tat else new_tat
+        use.before, use.at = tat, now
+        use.uses += 1
+        self._passes.n += 1
+        return use.passed
+
+    def _use(self, key_id: str, key: _Key) -> _Use:
+        """This ApiKeys' use of a key, for the key's record `key` (which keeps it at hand
+        for the next check)."""
+        use = self._uses.get(key_id)
+        if use is None:
+            use = self._uses[key_id] = _Use(self, key_id, key, self._limit(key.per_minute))
+        elif use.key is not key:  # the record changed (or was read anew from a shared store)
+            use.renew(key, self._limit(key.per_minute))
+        key.use = use
+        return use
+
     async def authenticate(self, token: str) -> KeyCheck:
         """Checks a presented key; counts, rate-limits and (written behind) audits it.
 
-        The record comes from the index on a store only this process writes, else from
-        the store itself (see the module's docstring): either way a revoke or rotation
-        counts at the very next check.
+        The record comes from the index on a store only this process writes (loaded at
+        the first check), else from the store itself (see the module's docstring): either
+        way a revoke or rotation counts at the very next check.
         """
-        now = self.clock()
-        # a3m_<12 hex>_<43 base64url>: any other shape cannot be a key (and needs no lookup)
-        if len(token) == TOKEN_LENGTH and token[16] == "_" and token.startswith(TOKEN_PREFIX):
-            key_id = token[4:16]
-            raw = token.encode("utf-8", "surrogateescape")
-            pepper = self._pepper
-            digest = (hmac.digest(pepper, raw, "sha256").hex() if pepper
-                      else _sha256(raw).hexdigest())  # self._hash(token)
-            index = self._index
-            if index is None:
-                record = await self.store.get_record(KIND, key_id, now)
-                key = None if record is None else _entry(record)
-            else:
-                if not index.loaded:
-                    await self._load(index, now)
-                key = index.rows.get(key_id)
-        else:
-            key_id, key = "", None
-            digest = self._hash(token if len(token) <= MAX_TOKEN_LENGTH else "")
-        if key is None:
-            hmac.compare_digest(digest, _DUMMY_HASH)  # the work a known id costs
-            return self._failed("unknown" if key_id else "malformed",
-                                key_id if _is_hex(key_id) else "")
-        matched = hmac.compare_digest(digest, key.hash)
-        if not matched or key.ends <= now:
-            return self._failed(_reason(key, matched, now), key_id)
-        use = self._uses.get(key_id)
-        if use is None:
-            use = self._uses[key_id] = _Use(key, self._limit(key.per_minute))
-        elif use.key is not key:  # the record changed (or was read anew from a shared store)
-            use.key, use.limit = key, self._limit(key.per_minute)
-        result, tat = gcra(use.tat, now, use.limit)
-        if tat is None:
-            self.stats.verified("apikey", False, "rate_limited")
-            return _new(KeyCheck, (False, "rate_limited", key_id, key.scopes, result))
-        use.tat, use.last = tat, now
-        use.uses += 1
-        counts = self.stats.verifications
-        counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
-        return _new(KeyCheck, (True, "ok", key_id, key.scopes, result))
+        index = self._index
+        if index is not None:
+            if not index.loaded:
+                await self._load(index, self.clock())
+            self.held = True
+            return self.check(token)
+        # a shared store: the record, read now, is what check() finds (for this check only)
+        key_id = _key_id(token)
+        record = await self.store.get_record(KIND, key_id, self.clock()) if key_id else None
+        if record is None:
+            return self.check(token)
+        rows = self._rows
+        rows[key_id] = _Key(record)
+        try:
+            return self.check(token)
+        finally:
+            del rows[key_id]
 
     async def _load(self, index: LocalTable, now: float) -> None:
         """Fills the index from the store, once; entries written meanwhile are newer."""
         records = await self.store.list_records(KIND, now)
         if not index.loaded:
             for record in records:
-                index.rows.setdefault(record.key, _entry(record))
+                index.rows.setdefault(record.key, _Key(record))
             index.loaded = True
+
+    def _refused(self, token: str, reason: str) -> KeyCheck:
+        """A failed check of `token`: malformed whatever else failed when it is not shaped
+        like a key."""
+        key_id = _key_id(token)
+        if not key_id:
+            return self._failed("malformed", "")
+        return self._failed(reason, key_id if _is_hex(key_id) else "")
 
     def _failed(self, reason: str, key_id: str) -> KeyCheck:
         self.stats.verified("apikey", False, reason)
@@ -390,7 +487,7 @@ class ApiKeys:
         keys with nothing pending whose rate-limit bucket is full again."""
         now = self.clock()
         for key_id, use in list(self._uses.items()):
-            uses, last = use.uses, use.last
+            uses, last = use.uses, use.at
             if uses:  # a failed write leaves this key's uses and the later ones pending
                 await self.store.put_record(Record(
                     USED_KIND, key_id, {"t": last},
@@ -398,5 +495,7 @@ class ApiKeys:
                 use.uses -= uses  # checks made while the write was awaited stay pending
                 audit_verification(self.audit, "apikey", True, f"{TOKEN_PREFIX}{key_id}",
                                    {"uses": uses, "last_used": last})
-            elif use.tat is None or use.tat <= now:
+            elif use.tat <= now:
                 del self._uses[key_id]
+                if use.key.use is use:
+                    use.key.use = None

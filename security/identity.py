@@ -13,16 +13,43 @@ from typing import Any
 from security.engine import Auditor, record_audit
 
 
+class Tally:
+    """One count a hot path adds to (`tally.n += 1`: an attribute, no dict key to hash)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class IdentityStats:
     def __init__(self) -> None:
-        self.verifications: dict[tuple[str, str], float] = {}  # (method, success|failure)
+        self._verifications: dict[tuple[str, str], float] = {}  # (method, success|failure)
+        self._successes: dict[str, Tally] = {}  # method -> its successes, counted apart
         self.failures: dict[tuple[str, str], float] = {}  # (method, reason)
         self.csrf_failures: dict[str, float] = {}  # reason
         self.password_rejections: dict[str, float] = {}  # reason
 
+    @property
+    def verifications(self) -> dict[tuple[str, str], float]:
+        """Verifications by (method, success|failure), the tallied successes included."""
+        counts = dict(self._verifications)
+        for method, tally in tuple(self._successes.items()):
+            if tally.n:
+                key = (method, "success")
+                counts[key] = counts.get(key, 0.0) + tally.n
+        return counts
+
+    def successes(self, method: str) -> Tally:
+        """The tally of `method`'s successes, for a hot path to count on."""
+        tally = self._successes.get(method)
+        if tally is None:
+            tally = self._successes[method] = Tally()
+        return tally
+
     def verified(self, method: str, ok: bool, reason: str = "") -> None:
         key = (method, "success" if ok else "failure")
-        self.verifications[key] = self.verifications.get(key, 0.0) + 1
+        self._verifications[key] = self._verifications.get(key, 0.0) + 1
         if not ok:
             self.failures[(method, reason)] = self.failures.get((method, reason), 0.0) + 1
 

@@ -11,10 +11,12 @@ task drops expired sessions every `cleanup_interval` (Redis expires them by TTL)
 Where a validation finds the session: on a store this process alone writes (memory,
 SQLite) in an in-memory table of the session records, loaded from the store at the first
 validation and changed right after the store by every create, rotate, eviction and
-revoke (every Sessions on one store shares it), so a validation awaits nothing; on a
-shared store (Redis) it reads the store every time, so a session revoked through another
-replica ends at its very next use. From the table, the Session of a recently validated
-session is kept with its record and handed out again while neither changed.
+revoke (every Sessions on one store shares it), so a validation awaits nothing: once the
+table is loaded (`held`) the HTTP layer calls the synchronous check(). On a shared store
+(Redis) every validation is validate(), which reads the store every time, so a session
+revoked through another replica ends at its very next use. From the table, the Session
+of a recently validated session is kept with its record and handed out again while
+neither changed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from security.store import Record, Store
 KIND = "session"
 MAX_ID_LENGTH = 128
 SAME_SITE = ("Strict", "Lax", "None")
-_SUCCESS = ("session", "success")  # IdentityStats.verifications key of a valid session
 _sha256 = hashlib.sha256
 VALID_CACHE = 1024  # sessions whose last answer is kept (oldest dropped first)
 
@@ -94,9 +95,26 @@ class Sessions:
         self.stats = stats or IdentityStats()
         self.clock = clock
         self.active = 0
+        self.held = False
+        """True once this Sessions has found every session's record held in memory (a
+        store only this process writes, its table loaded): from then on check() decides."""
         self._touches: dict[str, float] = {}  # session key -> new idle expiry, not yet written
         self._table = local_table(store, KIND)  # None: every validation reads the store
-        self._valid: dict[str, tuple[Record, float, Session]] = {}  # key -> the last answer
+        # what check() finds a session's record in: the table, or on a shared store the
+        # record validate() has just read
+        self._rows: dict[str, Record] = {} if self._table is None else self._table.rows
+        # key -> the last answer, for records from the table (a shared store's are new
+        # every read: nothing to keep)
+        self._valid: dict[str, tuple[Record, float, Session]] | None = (
+            None if self._table is None else {})
+
+    @property
+    def stats(self) -> IdentityStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: IdentityStats) -> None:
+        self._stats, self._passes = stats, stats.successes("session")
 
     # --- lifecycle of one session
 
@@ -126,7 +144,8 @@ class Sessions:
     async def _delete(self, key: str) -> Record | None:
         record = await self.store.delete_record(KIND, key)
         self._touches.pop(key, None)
-        self._valid.pop(key, None)
+        if self._valid is not None:
+            self._valid.pop(key, None)
         if self._table is not None:
             self._table.rows.pop(key, None)
         return record
@@ -141,24 +160,18 @@ class Sessions:
             self._audit("session.evict", "engine", old, {"reason": "max_sessions_per_user"})
         return max(0, excess)
 
-    async def validate(self, session_id: str, touch: bool = True) -> Session | None:
-        """The live session of this id, or None; `touch` restarts its idle timer."""
+    def check(self, session_id: str, touch: bool = True) -> Session | None:
+        """validate() without awaiting anything, for when `held` (the HTTP layer's path):
+        the same answer, idle-timer touch and counting."""
         if len(session_id) > MAX_ID_LENGTH:
             self._failed("malformed")
             return None
-        now = self.clock()
+        clock = self.clock  # an attribute, not a method: read, then called
+        now = clock()
         key = session_key(session_id)
-        table = self._table
-        if table is None:
-            record = await self.store.get_record(KIND, key, now)
-        else:
-            if not table.loaded:
-                await self._load(table, now)
-            record = table.rows.get(key)
-            if record is not None and record.expires is not None and record.expires <= now:
-                record = None  # as the store answers (its cleanup drops it later)
-        if record is None:
-            self._failed("unknown_or_expired")
+        record = self._rows.get(key)
+        if record is None or (record.expires is not None and record.expires <= now):
+            self._failed("unknown_or_expired")  # an expired table record: as the store says
             return None
         data = record.data
         absolute = data["absolute"]
@@ -175,19 +188,45 @@ class Sessions:
                 if pending is None or moved - pending > settings.touch_interval:
                     self._touches[key] = pending = moved
                 idle = pending  # written behind by flush()
-        counts = self.stats.verifications
-        counts[_SUCCESS] = counts.get(_SUCCESS, 0.0) + 1
-        if table is None:  # a record read anew from a shared store: nothing to reuse
+        self._passes.n += 1
+        kept = self._valid
+        if kept is None:  # a record read anew from a shared store: nothing to reuse
             return Session(key, data["user"], data["privilege"], data["created"], idle,
                            absolute)
-        valid = self._valid.get(key)
+        valid = kept.get(key)
         if valid is not None and valid[0] is record and valid[1] == idle:
             return valid[2]
         session = Session(key, data["user"], data["privilege"], data["created"], idle, absolute)
-        if len(self._valid) >= VALID_CACHE:
-            del self._valid[next(iter(self._valid))]
-        self._valid[key] = (record, idle, session)
+        if len(kept) >= VALID_CACHE:
+            del kept[next(iter(kept))]
+        kept[key] = (record, idle, session)
         return session
+
+    async def validate(self, session_id: str, touch: bool = True) -> Session | None:
+        """The live session of this id, or None; `touch` restarts its idle timer.
+
+        From the table on a store only this process writes (loaded at the first
+        validation), else read from the store (see the module's docstring)."""
+        table = self._table
+        if table is not None:
+            if not table.loaded:
+                await self._load(table, self.clock())
+            self.held = True
+            return self.check(session_id, touch)
+        if len(session_id) > MAX_ID_LENGTH:
+            return self.check(session_id, touch)  # malformed
+        # a shared store: the record, read now, is what check() finds (for this check only;
+        # check() hashes the id once more, a microsecond beside the store's round trip)
+        key = session_key(session_id)
+        record = await self.store.get_record(KIND, key, self.clock())
+        if record is None:
+            return self.check(session_id, touch)
+        rows = self._rows
+        rows[key] = record
+        try:
+            return self.check(session_id, touch)
+        finally:
+            del rows[key]
 
     async def _load(self, table: LocalTable, now: float) -> None:
         """Fills the table from the store, once; records written meanwhile are newer."""
@@ -292,5 +331,6 @@ class Sessions:
             rows = self._table.rows
             for key in [k for k, r in rows.items() if r.expires is not None and r.expires <= now]:
                 del rows[key]
-        self._valid.clear()
+        if self._valid is not None:
+            self._valid.clear()
         return self.active

@@ -147,5 +147,7 @@ async def identify(auth: ListenerAuth, apikeys: ApiKeys | None,
     if auth.admin is not None and hmac.compare_digest(_digest(token), auth.admin):
         return ADMIN
     if apikeys is not None and token.startswith(TOKEN_PREFIX):
-        return Identity("apikey", await apikeys.authenticate(token))
+        # the key records held in memory (memory, SQLite): decided at once; else read
+        return Identity("apikey", apikeys.check(token) if apikeys.held
+                        else await apikeys.authenticate(token))
     return NOBODY

@@ -162,7 +162,9 @@ def identity_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         return JSONResponse(session_answer(session, session_id), status_code=201)
 
     async def get_session(request: Request) -> Response:
-        session = await services.sessions.validate(request.path_params["id"])
+        sessions, session_id = services.sessions, request.path_params["id"]
+        session = (sessions.check(session_id) if sessions.held  # records held in memory
+                   else await sessions.validate(session_id))
         if session is None:
             return _error(404, "not_found", "no such session (unknown, ended or expired)")
         return JSONResponse(session.as_dict())
@@ -182,8 +184,9 @@ def identity_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         return JSONResponse({"revoked": count})
 
     async def refresh_session(request: Request) -> Response:
-        session_id = request.path_params["id"]
-        session = await services.sessions.validate(session_id)
+        sessions, session_id = services.sessions, request.path_params["id"]
+        session = (sessions.check(session_id) if sessions.held  # records held in memory
+                   else await sessions.validate(session_id))
         if session is None:
             return _error(404, "not_found", "no such session (unknown, ended or expired)")
         return JSONResponse(session_answer(session, session_id))
@@ -202,8 +205,10 @@ def identity_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         if not exporter.config["security"]["enable_csrf_protection"]:
             # the operator turned the requirement off: every request may proceed
             return JSONResponse({"valid": True, "required": False})
-        alive = await services.sessions.validate(b["session_id"], touch=False) is not None
-        return JSONResponse({"valid": services.csrf.check(b["session_id"], b["token"], alive),
+        sessions, session_id = services.sessions, b["session_id"]
+        alive = (sessions.check(session_id, touch=False) if sessions.held
+                 else await sessions.validate(session_id, touch=False)) is not None
+        return JSONResponse({"valid": services.csrf.check(session_id, b["token"], alive),
                              "required": True})
 
     # --- passwords

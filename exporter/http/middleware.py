@@ -133,10 +133,11 @@ class Guard:
                 path in SELF_AUTHENTICATED):
             return {}, True
         check = identity.check if identity is not None else None
-        if check is not None and check.limit is not None:
-            if not check.limit.allowed:
+        decision = check.limit if check is not None else None  # worked out at each reading
+        if decision is not None:
+            if not decision.allowed:
                 self.exporter.rate_limited.inc(("apikey",))
-            return headers(check.limit), check.limit.allowed
+            return headers(decision), decision.allowed
         if identity is not None and identity.kind == "admin":
             klass, key = "authenticated", "admin"
         else:
