@@ -2,16 +2,19 @@
 and the sender.
 
 The encoder writes an ExportTraceServiceRequest (opentelemetry-proto's
-collector/trace/v1) directly from the records, in batches, on the export thread:
+collector/trace/v1) directly from the records: each span's bytes as it ends (on the
+thread that ends it), the request around a batch of them on the export thread;
 one ResourceSpans with the resource and one ScopeSpans, the scope and the spans,
 with exactly the fields the SDK's encoder (opentelemetry-exporter-otlp-proto-common
 `encode_spans`) sets for the same span: ids, trace state, parent, name, kind, start
 and end, attributes, status and flags (SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE, and
-IS_REMOTE for a remote parent). Names and attributes (key and value) are encoded
-once and kept, in a bounded cache: spans of one kind differ mostly in their ids
-and times, written with int.to_bytes. A mapping of attributes that spans share (a
-store call's constants, the HTTP middleware's per kind of answer) is kept encoded
-whole, by identity.
+IS_REMOTE for a remote parent). Name, kind, status and flags (per name, error and
+remote parent) and attributes (key and value) are encoded once and kept, in bounded
+caches: spans of one kind differ mostly in their ids and times, written with one
+struct.pack each. A mapping of attributes that spans share (a store call's
+constants, the HTTP middleware's per kind of answer) is kept encoded whole, by
+identity. The caches are plain dicts read and filled under the GIL by whichever
+thread ends a span; a race at worst encodes a piece twice.
 
 Why not the SDK's OTLPSpanExporter: its export() takes ReadableSpans and builds a
 protobuf object for every span, attribute and value, 20 to 30 times the CPU of
@@ -57,11 +60,16 @@ _REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", 0x300)
 _UNSET_STATUS = b"\x7a\x00"  # Span.status, an empty Status (code UNSET), as the SDK sends it
 _ERROR_CODE = b"\x18\x02"  # Status.code = STATUS_CODE_ERROR
 
-_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"  # fields 1, 2, 4
-_START, _END = b"\x39", b"\x41"  # fixed64 fields 7 and 8
-_FIXED = 2 + 16 + 2 + 8 + 1 + 8 + 1 + 8  # the bytes of the ids and times
-_FIXED_WITH_PARENT = _FIXED + 2 + 8
-_UNSET_LOCAL, _UNSET_REMOTE = _UNSET_STATUS + _LOCAL_FLAGS, _UNSET_STATUS + _REMOTE_FLAGS
+# trace_id, span_id (fields 1, 2: tag, length, big-endian bytes as the SDK writes ids) and
+# parent_span_id (4); the trace id as its high and low 64 bits
+_IDS = struct.Struct(">2sQQ2sQ")
+_IDS_WITH_PARENT = struct.Struct(">2sQQ2sQ2sQ")
+_TIMES = struct.Struct("<cQcQ")  # start and end time (fixed64 fields 7 and 8)
+_LOW = (1 << 64) - 1
+_TRACE_ID, _SPAN_ID, _PARENT_ID = b"\x0a\x10", b"\x12\x08", b"\x22\x08"
+_START, _END = b"\x39", b"\x41"
+_FIXED = _IDS.size + _TIMES.size  # the bytes of the ids and times
+_FIXED_WITH_PARENT = _IDS_WITH_PARENT.size + _TIMES.size
 _DOUBLE = struct.Struct("<d")
 _EMPTY: dict[Any, bytes] = {}
 
@@ -173,7 +181,8 @@ class Encoder:
         self._resource = _field(b"\x0a", attributes)  # ResourceSpans.resource
         scope = _field(b"\x0a", scope_name.encode()) + _field(b"\x12", scope_version.encode())
         self._scope = _field(b"\x0a", scope)  # ScopeSpans.scope
-        self._heads: dict[str, tuple[SpanKind, bytes]] = {}  # name -> kind, name and kind
+        # (name, error message, remote parent) -> kind, and Span.name, kind, status and flags
+        self._heads: dict[tuple[str, str, bool], tuple[SpanKind, bytes]] = {}
         # encoded Span.attributes entries: value type -> key -> value -> bytes (by type,
         # as True == 1 == 1.0 but they encode differently)
         self._attributes: dict[type, dict[str, dict[Any, bytes]]] = {
@@ -184,11 +193,17 @@ class Encoder:
         # collector run's) cannot crowd the request paths' out for good
         self._shared: dict[int, tuple[Mapping[str, Any], bytes]] = {}
 
-    def _head(self, name: str, kind: SpanKind) -> bytes:
-        """Span.name and Span.kind."""
+    def _head(self, key: tuple[str, str, bool], kind: SpanKind) -> bytes:
+        """Span.name, kind, status and flags for (name, error message, remote) and kind."""
+        name, error, remote = key
         head = (_field(b"\x2a", name.encode()) if name else b"") + SPAN_KINDS[kind.value]
+        if error:
+            head += _field(b"\x7a", _field(b"\x12", error.encode()) + _ERROR_CODE)
+        else:
+            head += _UNSET_STATUS
+        head += _REMOTE_FLAGS if remote else _LOCAL_FLAGS
         if len(self._heads) < MAX_CACHED:
-            self._heads[name] = (kind, head)
+            self._heads[key] = (kind, head)
         return head
 
     def _attribute(self, key: str, value: Any) -> bytes:
@@ -211,46 +226,40 @@ class Encoder:
 
     def span(self, span: SpanRecord) -> bytes:
         """One span as its ScopeSpans.spans field (tag, length, Span message)."""
-        entry = self._heads.get(span.name)
-        kind = span.kind
-        tail = entry[1] if entry is not None and entry[0] is kind else self._head(
-            span.name, kind)
-        attributes = span.attributes
-        if attributes:
-            if span.owned:
-                tail += self._attributes_of(attributes)
-            else:
-                shared = self._shared.get(id(attributes))
-                if shared is None or shared[0] is not attributes:
-                    if len(self._shared) >= MAX_CACHED:
-                        self._shared.clear()
-                    shared = self._shared[id(attributes)] = (
-                        attributes, self._attributes_of(attributes))
-                tail += shared[1]
         trace = span.trace
         parent = span.parent_id
-        remote = parent == trace.remote_parent
-        if span.error:
-            tail += _field(b"\x7a", _field(b"\x12", span.error.encode()) + _ERROR_CODE) + (
-                _REMOTE_FLAGS if remote else _LOCAL_FLAGS)
+        # keyed without the kind: an enum's hash is a Python call; kinds rarely differ
+        key = (span.name, span.error, parent == trace.remote_parent)
+        entry = self._heads.get(key)
+        kind = span.kind
+        head = entry[1] if entry is not None and entry[0] is kind else self._head(key, kind)
+        attributes = span.attributes
+        if not attributes:
+            body = b""
+        elif span.owned:
+            body = self._attributes_of(attributes)
         else:
-            tail += _UNSET_REMOTE if remote else _UNSET_LOCAL
+            shared = self._shared.get(id(attributes))
+            if shared is None or shared[0] is not attributes:
+                if len(self._shared) >= MAX_CACHED:
+                    self._shared.clear()
+                shared = self._shared[id(attributes)] = (
+                    attributes, self._attributes_of(attributes))
+            body = shared[1]
         if trace.state:
-            tail += _field(b"\x1a", ",".join(
+            body += _field(b"\x1a", ",".join(
                 f"{k}={v}" for k, v in trace.state.items()).encode())
-        to_bytes = int.to_bytes
-        # trace_id, span_id, parent_span_id, the rest, start and end time
+        trace_id = trace.trace_id
         if parent:
-            return b"".join((b"\x12", _length(_FIXED_WITH_PARENT + len(tail)),
-                             _TRACE_ID, to_bytes(trace.trace_id, 16),
-                             _SPAN_ID, to_bytes(span.span_id, 8), _PARENT_ID, to_bytes(parent, 8),
-                             tail, _START, to_bytes(span.start_ns, 8, "little"),
-                             _END, to_bytes(span.end_ns, 8, "little")))
-        return b"".join((b"\x12", _length(_FIXED + len(tail)),
-                         _TRACE_ID, to_bytes(trace.trace_id, 16),
-                         _SPAN_ID, to_bytes(span.span_id, 8),
-                         tail, _START, to_bytes(span.start_ns, 8, "little"),
-                         _END, to_bytes(span.end_ns, 8, "little")))
+            return b"".join((
+                b"\x12", _length(_FIXED_WITH_PARENT + len(head) + len(body)),
+                _IDS_WITH_PARENT.pack(_TRACE_ID, trace_id >> 64, trace_id & _LOW, _SPAN_ID,
+                                      span.span_id, _PARENT_ID, parent),
+                head, body, _TIMES.pack(_START, span.start_ns, _END, span.end_ns)))
+        return b"".join((
+            b"\x12", _length(_FIXED + len(head) + len(body)),
+            _IDS.pack(_TRACE_ID, trace_id >> 64, trace_id & _LOW, _SPAN_ID, span.span_id),
+            head, body, _TIMES.pack(_START, span.start_ns, _END, span.end_ns)))
 
     def request(self, spans: Iterable[bytes]) -> bytes:
         """The ExportTraceServiceRequest of spans encoded by span()."""

@@ -21,15 +21,16 @@ What is the SDK's and what is ours (README "Tracing" says why):
   context for the request, so its baggage is there.
 - A sampled span is ours: a slots object (`Span`) with the ids (random.getrandbits,
   like the SDK's RandomIdGenerator), time.time_ns() start and end, its attributes
-  and status, current in a context variable while it runs. Ending it appends it
-  to a bounded queue; nothing else happens on the request's thread.
+  and status, current in a context variable while it runs. Ending it encodes it
+  as its OTLP protobuf bytes (exporter/otlp.py, the same message the SDK's encoder
+  makes, mostly from cached pieces) and appends those to a bounded queue: a waiting
+  span is one bytes object, nothing for the garbage collector to walk.
 - Export is ours: one thread takes the queue in full batches (tracing.batch_size)
   as they fill and what is left every tracing.batch_timeout, like the SDK's
-  BatchSpanProcessor, and encodes each batch directly as OTLP protobuf
-  (exporter/otlp.py, the same message the SDK's encoder makes) and POSTs it to
-  tracing.otlp_endpoint + /v1/traces. Given an SDK SpanExporter instead (the
-  tests' in-memory one), the thread hands it SDK ReadableSpans built from the
-  records.
+  BatchSpanProcessor, joins each batch into an ExportTraceServiceRequest and POSTs
+  it to tracing.otlp_endpoint + /v1/traces. Given an SDK SpanExporter instead (the
+  tests' in-memory one), the queue holds the records and the thread hands it SDK
+  ReadableSpans built from them.
 A full queue drops the new span; an export that fails (the receiver down, or
 refusing) drops the batch; both are counted in
 a3mailer_tracing_spans_dropped_total{reason}.
@@ -145,7 +146,10 @@ class Tracing:
         self.scope = InstrumentationScope(SCOPE, __version__)
         self.exported = 0.0
         self.dropped = {"queue_full": 0.0, "export_failed": 0.0}
-        self._queue: deque[Span] = deque()
+        # what finished spans became: OTLP protobuf bytes (the encoder's Span field), or
+        # the Span records themselves for an SDK SpanExporter
+        self._queue: deque[Any] = deque()
+        self._record: Callable[[Span], Any] = _itself
         self._capacity = settings.queue_size
         self._batch_size = min(settings.batch_size, settings.queue_size)
         self._wake = threading.Event()
@@ -153,7 +157,7 @@ class Tracing:
         self._export_lock = threading.Lock()  # one batch at a time: the thread or a flush
         self._count_lock = threading.Lock()
         self._failing = False
-        self._send: Callable[[list[Span]], bool] = _refuse
+        self._send: Callable[[list[Any]], bool] = _refuse
         self._close: Callable[[], None] = _nothing
         self._thread: threading.Thread | None = None
         if settings.enabled:
@@ -172,7 +176,8 @@ class Tracing:
             encoder = Encoder(self.resource.attributes, SCOPE, __version__)
             sender = Sender(s.endpoint, s.headers, max(MIN_EXPORT_TIMEOUT, s.batch_timeout),
                             self._stop)
-            self._send = lambda spans: sender.send(encoder.encode(spans))
+            self._record = encoder.span
+            self._send = lambda spans: sender.send(encoder.request(spans))
             self._close = sender.close
         else:
             sdk_exporter = exporter
@@ -189,15 +194,25 @@ class Tracing:
         return len(self._queue)
 
     def finish(self, span: Span) -> None:
-        """A sampled span ended: into the queue if there is room, else counted dropped."""
+        """A sampled span ended: into the queue, encoded, if there is room, else counted
+        dropped. Encoded now, it waits as bytes: no object for the garbage collector to
+        walk while a batch fills, and the export thread holds the GIL only to join them."""
         queue = self._queue
         if len(queue) >= self._capacity:
-            with self._count_lock:
-                self.dropped["queue_full"] += 1
+            self._count("queue_full")
             return
-        queue.append(span)
+        try:
+            queue.append(self._record(span))
+        except Exception:  # a bug in the encoder must not fail the request
+            log.debug("span encoding raised", exc_info=True)
+            self._count("export_failed")
+            return
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()
+
+    def _count(self, reason: str, spans: int = 1) -> None:
+        with self._count_lock:
+            self.dropped[reason] += spans
 
     def _run(self) -> None:
         delay = self.settings.batch_timeout
@@ -219,7 +234,7 @@ class Tracing:
             left -= len(batch)
             self._export(batch)
 
-    def _export(self, batch: list[Span]) -> None:
+    def _export(self, batch: list[Any]) -> None:
         try:
             ok = self._send(batch)
         except Exception:
@@ -290,8 +305,12 @@ def resource(service_name: str) -> Resource:
     return Resource.create({"service.name": service_name, "service.version": __version__})
 
 
-def _refuse(spans: list[Span]) -> bool:
+def _refuse(spans: list[Any]) -> bool:
     return False
+
+
+def _itself(span: Span) -> Span:
+    return span
 
 
 def _nothing() -> None:
@@ -391,7 +410,7 @@ class Trace:
     def __init__(self, trace_id: int, flags: int, state: TraceState | None,
                  remote_parent: int):
         self.trace_id = trace_id
-        self.hex = format(trace_id, "032x")
+        self.hex = trace_id.to_bytes(16, "big").hex()
         self.flags = flags
         self.state = state
         self.remote_parent = remote_parent
