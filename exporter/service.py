@@ -252,9 +252,8 @@ class Exporter:
         self._tasks = [asyncio.create_task(self.health.run_forever(), name="health"),
                        asyncio.create_task(self._record_history(), name="history")]
         if self.audit is not None:
-            sync_every = parse_duration(self.config["security"]["audit_config"]["fsync_interval"])
-            self._tasks.append(asyncio.create_task(self._maintain_audit(sync_every),
-                                                   name="audit"))
+            self._tasks.append(asyncio.create_task(
+                self._maintain_audit(self.audit.fsync_interval), name="audit"))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -482,7 +482,7 @@ class AuditLog:
         # 0: by time only (every fsync_interval, like Redis's appendfsync everysec); a
         # count as well bounds what a power cut loses at high rates, at ~0.5 ms CPU a sync
         self._fsync_every = fsync_every if fsync_every > 0 else sys.maxsize
-        self._fsync_interval = fsync_interval
+        self.fsync_interval = fsync_interval
         self._clock = clock
         self._index_blocks = index_blocks
         self._lock = threading.Lock()
@@ -618,7 +618,7 @@ class AuditLog:
         self.counts_by_type[type] = self.counts_by_type.get(type, 0) + 1
         self._unsynced += 1
         if (self._unsynced >= self._fsync_every
-                or time.monotonic() - self._last_sync >= self._fsync_interval):
+                or time.monotonic() - self._last_sync >= self.fsync_interval):
             self._sync_soon()
         if self._sink is not None:
             self._emit(line[:-1].decode("ascii"))

@@ -806,6 +806,6 @@ def test_the_exporter_opens_its_audit_log_with_the_configured_fsync_interval(tmp
     audit, engine = _build_security(config, tmp_path)
     try:
         assert audit is not None and engine is not None
-        assert audit._fsync_interval == 0.25 and audit._fsync_every > 10**9
+        assert audit.fsync_interval == 0.25 and audit._fsync_every > 10**9
     finally:
         audit.close()

@@ -26,6 +26,17 @@ class Clock:
         return self.now
 
 
+@pytest.fixture
+def closed_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[AuditLog, AuditFailureLog]:
+    """An audit log whose every record() raises, and the failure log counting them."""
+    failures = AuditFailureLog()
+    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
+    audit = AuditLog(tmp_path / "audit")
+    audit.close()
+    return audit, failures
+
+
 def fail(failures: AuditFailureLog, n: int) -> None:
     for _ in range(n):
         try:
@@ -54,13 +65,9 @@ def test_failures_are_logged_once_per_interval_with_the_count(caplog: pytest.Log
     assert failures.failed == 1002
 
 
-async def test_a_closed_audit_log_does_not_fail_logins(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture):
-    failures = AuditFailureLog()
-    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
-    audit = AuditLog(tmp_path / "audit")
-    audit.close()  # every record() now raises
+async def test_a_closed_audit_log_does_not_fail_logins(
+        closed_log: tuple[AuditLog, AuditFailureLog], caplog: pytest.LogCaptureFixture):
+    audit, failures = closed_log
     engine = SecurityManager(Settings(**BASE), MemoryStore(), audit)
     attempt = Attempt("alice@example.org", "192.0.2.1", "imap", True, "s1", "ab12")
     assert await engine.check(attempt) == Decision("allow", "ok")
@@ -81,13 +88,10 @@ def test_record_audit_without_a_log_is_a_no_op():
 
 
 async def test_password_checks_and_history_changes_go_on_without_an_audit_log(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        closed_log: tuple[AuditLog, AuditFailureLog]):
     from security.passwords import PasswordPolicy, PasswordSettings
 
-    failures = AuditFailureLog()
-    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
-    audit = AuditLog(tmp_path / "audit")
-    audit.close()
+    audit, failures = closed_log
     store = MemoryStore()
     policy = PasswordPolicy(PasswordSettings(history_size=3), store, audit)
     assert (await policy.check("correct horse battery staple 1987", "bob")).accepted
@@ -119,14 +123,11 @@ def test_lost_audit_records_are_a_metric(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 async def test_api_key_and_session_changes_go_on_without_an_audit_log(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        closed_log: tuple[AuditLog, AuditFailureLog]):
     from security.apikeys import ApiKeys
     from security.sessions import Sessions
 
-    failures = AuditFailureLog()
-    monkeypatch.setattr(engine_module, "AUDIT_FAILURES", failures)
-    audit = AuditLog(tmp_path / "audit")
-    audit.close()
+    audit, failures = closed_log
     store = MemoryStore()
     keys = ApiKeys(store, audit=audit)
     key, token = await keys.create("ci", ["admin"])
