@@ -215,18 +215,46 @@ def _normalised(details: dict[str, Any] | None) -> dict[str, Any]:
     return dict(details)
 
 
+# The canonical JSON of flat details of plain values, by their items and the items'
+# types (True == 1 as keys): the engine's and the MFA manager's details come in a handful
+# of shapes ({"protocol": "imap"}, a verification's method, reason and drift), so their
+# text is looked up (about a tenth of encoding it). No floats: -0.0 == 0.0 would share
+# a text. Cleared when full, so varying details (lock times) cost a miss, never memory.
+_DETAILS_TEXT: dict[tuple[tuple[Any, ...], tuple[type, ...]], str] = {}
+_DETAILS_TEXT_MAX = 4096
+_TEXT_CACHED_TYPES = frozenset({str, int, bool, type(None)})
+
+
+def _details_json(details: dict[str, Any] | None) -> str:
+    """_canonical(_normalised(details)), from the cache when the details are flat."""
+    if not details:
+        return "{}"
+    try:
+        key = (tuple(details.items()), tuple(map(type, details.values())))
+        text = _DETAILS_TEXT.get(key)
+    except TypeError:  # an unhashable value (a list, a dict): encoded every time
+        return _canonical(_normalised(details))
+    if text is None:
+        text = _canonical(_normalised(details))
+        if _TEXT_CACHED_TYPES.issuperset(key[1]) and all(type(k) is str for k in details):
+            if len(_DETAILS_TEXT) >= _DETAILS_TEXT_MAX:
+                _DETAILS_TEXT.clear()
+            _DETAILS_TEXT[key] = text
+    return text
+
+
 def _record_text(seq: int, when: float, type_json: str, actor: str, subject: str,
-                 details_json: str, prev: str) -> tuple[str, bytes]:
+                 details_json: str, prev_json: str) -> tuple[str, bytes]:
     """(hash, line with its newline) of a record: the canonical JSON built once.
 
     The same text _canonical(record) gives, field by field in sorted key order (actor,
     details, hash, prev, seq, subject, time, type); the hash covers it without `hash`.
-    `type_json` is the type already quoted as JSON.
+    `type_json` and `prev_json` are the type and the previous hash already quoted as JSON.
     """
     if not math.isfinite(when):
         raise ValueError("Out of range float values are not JSON compliant")
     head = f'{{"actor":{_quote(actor)},"details":{details_json}'.encode("ascii")
-    tail = (f',"prev":{_quote(prev)},"seq":{int.__repr__(seq)},"subject":{_quote(subject)}'
+    tail = (f',"prev":{prev_json},"seq":{int.__repr__(seq)},"subject":{_quote(subject)}'
             f',"time":{float.__repr__(when)},"type":{type_json}}}').encode("ascii")
     hashed = _sha256(head)
     hashed.update(tail)
@@ -551,6 +579,7 @@ class AuditLog:
                 self._index.add(offset, rec["seq"], _time_of(rec))
                 self._last_seq, self._last_hash = rec["seq"], rec["hash"]
         self._size = size
+        self._prev_json = _quote(self._last_hash)  # a file's hash may be anything
 
     @property
     def last_seq(self) -> int:
@@ -568,6 +597,23 @@ class AuditLog:
         returned record equals what a reader gets back. OSError (disk full) propagates
         after the partial line, if any, is cut off again.
         """
+        written = self._write(type, actor, subject, details)
+        if written is None:
+            return None
+        seq, when, prev, digest = written
+        return {"seq": seq, "time": when, "type": type, "actor": str(actor),
+                "subject": str(subject), "details": _normalised(details), "prev": prev,
+                "hash": digest}
+
+    def append(self, type: str, actor: str, subject: str,
+               details: dict[str, Any] | None = None) -> bool:
+        """record() without building the record it returns, for callers that only need
+        it written (the engine's, one per login); False when the policy skips the type."""
+        return self._write(type, actor, subject, details) is not None
+
+    def _write(self, type: str, actor: str, subject: str, details: dict[str, Any] | None
+               ) -> tuple[int, float, str, str] | None:
+        """Appends a record: (seq, time, prev, hash), or None when the policy skips it."""
         type_json = _GOOD_TYPES.get(type)
         if type_json is None:
             if not _TYPE_RE.fullmatch(type) or type == ANCHOR_TYPE:
@@ -580,18 +626,15 @@ class AuditLog:
             wanted = self._wanted[type] = self._policy.wants(type)
         if not wanted:
             return None
-        body = _normalised(details)
-        details_json = _canonical(body) if body else "{}"
-        actor, subject = str(actor), str(subject)
+        details_json = _details_json(details)
         with self._lock:
             if self._closed:
                 raise ValueError("audit log is closed")
             seq, when, prev = self._last_seq + 1, float(self._clock()), self._last_hash
-            digest, line = _record_text(seq, when, type_json, actor, subject, details_json,
-                                        prev)
+            digest, line = _record_text(seq, when, type_json, str(actor), str(subject),
+                                        details_json, self._prev_json)
             self._append(seq, when, type, digest, line)
-        return {"seq": seq, "time": when, "type": type, "actor": actor, "subject": subject,
-                "details": body, "prev": prev, "hash": digest}
+        return seq, when, prev, digest
 
     @property
     def policy(self) -> AuditPolicy:
@@ -614,7 +657,7 @@ class AuditLog:
             raise
         self._size += len(line)
         self._index.add(offset, seq, when)
-        self._last_seq, self._last_hash = seq, digest
+        self._last_seq, self._last_hash, self._prev_json = seq, digest, f'"{digest}"'
         self.counts_by_type[type] = self.counts_by_type.get(type, 0) + 1
         self._unsynced += 1
         if (self._unsynced >= self._fsync_every

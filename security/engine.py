@@ -41,7 +41,9 @@ LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0
 
 
 class Auditor(Protocol):
-    def record(self, type: str, actor: str, subject: str,
+    """What the engine writes audit records to (security.audit.AuditLog)."""
+
+    def append(self, type: str, actor: str, subject: str,
                details: dict[str, Any] | None = None) -> Any: ...
 
 
@@ -80,7 +82,7 @@ def record_audit(audit: Auditor | None, type_: str, actor: str, subject: str,
     see an error for a change that was made); AUDIT_FAILURES logs and counts it."""
     if audit is not None:
         try:
-            audit.record(type_, actor, subject, details)
+            audit.append(type_, actor, subject, details)
         except Exception:
             AUDIT_FAILURES.failure(type_)
 

@@ -21,11 +21,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from security.attempts import parse_ip
 from security.blocklist import CidrSet, Entry, prefix_of
-from security.engine import record_audit
+from security.engine import Auditor, record_audit
 from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
 from security.mfa.delivery import DeliveryError, Sender
@@ -38,12 +38,10 @@ from security.store import Store
 log = logging.getLogger(__name__)
 
 METHODS = ("totp", "recovery", "email", "sms", "webauthn")
+# A verification's details that go into its audit record (no codes, no secrets).
+_AUDITED_DETAILS = frozenset({"drift_steps", "confirmed", "remaining", "credential_id",
+                              "sign_count"})
 UNSEALED_CACHE = 10_000  # TOTP records kept parsed and unsealed (oldest dropped first)
-
-
-class Auditor(Protocol):
-    def record(self, type: str, actor: str, subject: str,
-               details: dict[str, Any] | None = None) -> Any: ...
 
 
 class MfaError(Exception):
@@ -158,7 +156,8 @@ class MfaManager:
                          details: dict[str, Any] | None = None) -> Verification:
         if failures:
             await self.store.clear_failures(f"m:{user}")
-        await self._remember(user, context, now)
+        if context is not None and (context.remote_ip or context.device_id):
+            await self._remember(user, context, now)
         return self._finish(Verification(True, method, "ok", details or {}), user, context)
 
     def _finish(self, result: Verification, user: str,
@@ -166,9 +165,7 @@ class MfaManager:
         self.stats.count(self.stats.verifications,
                          (result.method, "success" if result.valid else result.reason))
         details = {"method": result.method, "reason": result.reason,
-                   **{k: v for k, v in result.details.items() if k in (
-                       "drift_steps", "confirmed", "remaining", "credential_id",
-                       "sign_count")}}
+                   **{k: v for k, v in result.details.items() if k in _AUDITED_DETAILS}}
         if context is not None and context.remote_ip:
             details["remote_ip"] = context.remote_ip
         self._audit("mfa.verify.success" if result.valid else "mfa.verify.failure", "api",
@@ -537,9 +534,8 @@ class MfaManager:
     def _network(self, ip: str) -> str:
         return prefix_of(parse_ip(ip), self.ipv6_prefix_length)
 
-    async def _remember(self, user: str, context: LoginContext | None, now: float) -> None:
-        if context is None or not (context.remote_ip or context.device_id):
-            return
+    async def _remember(self, user: str, context: LoginContext, now: float) -> None:
+        """Remembers the context's device and network (a context with either)."""
         until = str(now + self.settings.policy.remember_for)
         if context.device_id:
             await self.store.mfa_put(user, "dev:" + self.sealer.digest(

@@ -246,6 +246,9 @@ class MemoryStore:
         return value
 
     async def mfa_advance(self, user: str, field: str, value: int) -> bool:
+        return self._mfa_advance(user, field, value)
+
+    def _mfa_advance(self, user: str, field: str, value: int) -> bool:
         fields = self._mfa.setdefault(user, {})
         current = fields.get(field)
         if current is not None and int(current) >= value:

@@ -384,7 +384,7 @@ class SqliteStore(MemoryStore):
         return value
 
     async def mfa_advance(self, user: str, field: str, value: int) -> bool:
-        advanced = await super().mfa_advance(user, field, value)
+        advanced = self._mfa_advance(user, field, value)  # no second coroutine: a TOTP hot path
         if advanced:
             self._journal(user, [field])
         return advanced

@@ -539,6 +539,59 @@ def test_the_written_line_is_the_canonical_json_of_the_returned_record(actor, su
     assert rec["details"] == json.loads(json.dumps(details, default=str))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.sampled_from(
+    [True, False, 1, 0, 1.0, 0.0, -0.0, "1", None, 2**70]), max_size=3), min_size=1,
+    max_size=12))
+def test_details_that_compare_equal_keep_their_own_text(details_list):
+    """The details' text is looked up by value, and True == 1 == 1.0 and 0.0 == -0.0: each
+    record must still carry the JSON of its own details, whatever came before."""
+    from security.audit import _canonical, _details_json
+
+    for details in details_list:
+        assert _details_json(details) == _canonical(details) == json.dumps(
+            details, sort_keys=True, separators=(",", ":"))
+
+
+def test_the_details_text_cache_is_bounded(monkeypatch):
+    import security.audit as audit
+
+    monkeypatch.setattr(audit, "_DETAILS_TEXT", {})
+    monkeypatch.setattr(audit, "_DETAILS_TEXT_MAX", 8)
+    for i in range(100):
+        assert audit._details_json({"i": i}) == f'{{"i":{i}}}'
+        assert len(audit._DETAILS_TEXT) <= 8
+    assert audit._details_json({"l": [1]}) == '{"l":[1]}'  # unhashable: encoded, not kept
+    assert audit._details_json({1: "x"}) == '{"1":"x"}'  # not str keys: not kept
+    assert all(key[0][0][0] == "i" for key in audit._DETAILS_TEXT)
+
+
+def test_append_writes_what_record_writes_without_building_the_record(tmp_path):
+    with open_log(tmp_path / "a", Clock()) as a, open_log(tmp_path / "b", Clock()) as b:
+        for i in range(3):
+            assert a.append("mfa.verify.success", "api", f"u{i}", {"drift_steps": i}) is True
+            assert b.record("mfa.verify.success", "api", f"u{i}", {"drift_steps": i})
+        a.policy = b.policy = AuditPolicy(log_successful_auth=False)
+        assert a.append("auth.success", "engine", "u", {}) is False
+        assert b.record("auth.success", "engine", "u", {}) is None
+    assert lines(a.path) == lines(b.path) and len(lines(a.path)) == 3
+    assert verify_file(a.path).ok
+
+
+def test_a_chain_continues_from_a_loaded_hash_that_needs_quoting(tmp_path):
+    """The previous hash is written unquoted when it is our own hex digest; a head read
+    back from the file may be anything, so it is quoted as JSON."""
+    with open_log(tmp_path, Clock()) as log:
+        log.record("lockout.lock", "engine", "x", {})
+    rec = json.loads(lines(log.path)[0])
+    rec["hash"] = 'not "hex"\\'
+    log.path.write_bytes(json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+                         + b"\n")
+    with open_log(tmp_path, Clock()) as log:
+        log.record("lockout.unlock", "api", "x", {})
+    assert json.loads(lines(log.path)[1])["prev"] == 'not "hex"\\'
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False,
                                                                        allow_infinity=False),
