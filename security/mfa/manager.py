@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,14 @@ class Verification:
     #              rate_limited | locked | not_enrolled | no_challenge | cloned
     details: dict[str, Any] = field(default_factory=dict)
     retry_after: float = 0.0
+
+    def __init__(self, valid: bool, method: str, reason: str,
+                 details: dict[str, Any] | None = None, retry_after: float = 0.0) -> None:
+        """The fields in one dict update: the generated __init__ of a frozen dataclass
+        sets each through object.__setattr__, most of what building one costs (one per
+        verification). The instance stays frozen."""
+        vars(self).update(valid=valid, method=method, reason=reason,
+                          details={} if details is None else details, retry_after=retry_after)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"valid": self.valid, "method": self.method, "reason": self.reason,
@@ -164,12 +172,15 @@ class MfaManager:
                 context: LoginContext | None = None) -> Verification:
         self.stats.count(self.stats.verifications,
                          (result.method, "success" if result.valid else result.reason))
-        details = {"method": result.method, "reason": result.reason,
-                   **{k: v for k, v in result.details.items() if k in _AUDITED_DETAILS}}
-        if context is not None and context.remote_ip:
-            details["remote_ip"] = context.remote_ip
-        self._audit("mfa.verify.success" if result.valid else "mfa.verify.failure", "api",
-                    user, details)
+        if self.audit is not None:
+            details = {"method": result.method, "reason": result.reason}
+            for key, value in result.details.items():  # a loop: a comprehension is a call
+                if key in _AUDITED_DETAILS:
+                    details[key] = value
+            if context is not None and context.remote_ip:
+                details["remote_ip"] = context.remote_ip
+            self._audit("mfa.verify.success" if result.valid else "mfa.verify.failure", "api",
+                        user, details)
         return result
 
     def _audit(self, type_: str, actor: str, subject: str, details: dict[str, Any]) -> None:
@@ -224,7 +235,7 @@ class MfaManager:
                                       now)
         confirmed_now = not record["c"]
         if confirmed_now or record["d"] != offset:
-            record["c"], record["d"] = True, offset
+            record = {**record, "c": True, "d": offset}
             await self.store.mfa_put(user, "totp", json.dumps(record))
             if confirmed_now:
                 self.stats.count(self.stats.enrollments, ("totp", "confirm"))
@@ -237,11 +248,12 @@ class MfaManager:
         return self.sealer.digest(code[:64], f"totp|{user}")
 
     def _totp_record(self, user: str, raw: str, params: totp.TotpParams
-                     ) -> tuple[dict[str, Any], KeyedHmac]:
+                     ) -> tuple[Mapping[str, Any], KeyedHmac]:
         """The stored record, parsed, and its secret, unsealed and keyed for HMAC. Both are
         cached by the sealed text (a process holding the key can unseal anyway), so a
         verification costs no JSON parse, AES-GCM decryption or HMAC key setup; a changed
-        record has a new text, a changed algorithm (a reload) keys the secret again."""
+        record has a new text, a changed algorithm (a reload) keys the secret again. The
+        record is the cached one: a change goes into a copy."""
         cached = self._unsealed.get(raw)
         if cached is not None and cached[1].name != totp.keyed_name(params):
             cached = None
@@ -257,7 +269,7 @@ class MfaManager:
             cached = self._unsealed[raw] = (record, totp.keyed(key, params))
             if len(self._unsealed) > UNSEALED_CACHE:
                 del self._unsealed[next(iter(self._unsealed))]
-        return dict(cached[0]), cached[1]
+        return cached[0], cached[1]
 
     async def remove_totp(self, user: str, actor: str = "admin") -> bool:
         user = normalize_user(user)

@@ -4,6 +4,7 @@ stores, a fake clock), checked against pyotp and the RFC 6238 test vectors."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import stat
@@ -16,7 +17,7 @@ import pytest
 from security.audit import AuditLog, AuditPolicy
 from security.keyed_hmac import KeyedHmac
 from security.mfa import recovery, totp
-from security.mfa.manager import LoginContext, MfaError, MfaManager
+from security.mfa.manager import LoginContext, MfaError, MfaManager, Verification
 from security.mfa.sealing import Sealer, SealError, load_or_create_key
 from security.mfa.settings import MfaSettings
 from security.mfa.totp import TotpParams
@@ -343,3 +344,16 @@ async def test_remove_and_reset(make_manager, clock):
     assert await manager.reset("ivy") > 0
     assert await manager.store.mfa_fields("ivy") == {}
     assert await manager.users() == []
+
+
+def test_a_verification_is_a_frozen_dataclass_with_its_own_details():
+    """Its __init__ is written by hand (one dict update, not a frozen __setattr__ per
+    field): it must still build what the generated one built."""
+    a, b = Verification(False, "totp", "invalid"), Verification(False, "totp", "invalid")
+    assert a == b and a.details == {} and a.details is not b.details and a.retry_after == 0.0
+    assert dataclasses.asdict(Verification(True, "totp", "ok", {"drift_steps": 1}, 2.5)) == {
+        "valid": True, "method": "totp", "reason": "ok", "details": {"drift_steps": 1},
+        "retry_after": 2.5}
+    assert dataclasses.replace(a, reason="replayed").reason == "replayed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.valid = True  # type: ignore[misc]
