@@ -20,7 +20,8 @@ Candidates, run in the same rounds with their order rotated:
 
 Parts, in the same rounds, to show where a verification's time goes:
 
-- audit_record: one `AuditLog.record` with a verification's details, alone;
+- audit_record: one `AuditLog.append` with a verification's details, alone (what the
+  manager writes per verification);
 - sqlite_journal_line: what the SQLite store adds to an accepted step now (the journal
   line for the advanced field);
 - sqlite_worker_hop: `await` of a no-op on the store's worker thread (what every
@@ -172,7 +173,7 @@ async def run(quick: bool, clock: Callable[[], float]) -> dict[str, Any]:
         "manager_sqlite": through("manager_sqlite"),
         "manager_sqlite_audit": through("manager_sqlite_audit"),
         "manager_wrong_code": through("manager_wrong_code", wrong=True),
-        "audit_record": timed(lambda: log.record("mfa.verify.success", "api", USER, DETAILS)),
+        "audit_record": timed(lambda: log.append("mfa.verify.success", "api", USER, DETAILS)),
         "sqlite_journal_line": timed(journal_line),
         "sqlite_worker_hop": timed_async(lambda: parts_store._run(int)),
         "sqlite_commit_on_worker": timed_async(commit_on_worker),

@@ -312,9 +312,9 @@ async def bench_components(mode: Mode, settings: Settings, tmp: Path) -> dict[st
         "tracking_keys": ("tracking_keys(a4.login, '198.18.3.4/32')", tracking_keys),
         "CidrSet.match, empty list (check asks three, report two)": (
             "engine.lists.allow.match(a4.address, now)", type(engine.lists.allow).match),
-        "AuditLog.record auth.failure (every report, when audited)": (
-            "audit.record('auth.failure', 'engine', 'user1@example.org@198.18.3.4', "
-            "{'protocol': 'imap'})", AuditLog.record),
+        "AuditLog.append auth.failure (every report, when audited)": (
+            "audit.append('auth.failure', 'engine', 'user1@example.org@198.18.3.4', "
+            "{'protocol': 'imap'})", AuditLog.append),
         "dovecot.parse_request, report body (parses the address)": (
             "dovecot.parse_request('report', body)", dovecot.parse_request),
         "dovecot.answer_body, allow": ("dovecot.answer_body(allow)", dovecot.answer_body),
