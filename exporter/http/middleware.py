@@ -65,9 +65,10 @@ class DirectRoute:
 
     The Dovecot policy route takes two requests per login; Starlette's two middleware
     (each wrapping send, one building a Request) and its route matching cost about a
-    tenth of such a request. For a request the router would hand to this route (the
-    route comes first in the table), this sets the scope entries the router sets and
-    answers an exception as those middleware do: an exception class the app has a
+    twelfth of such a request (36,000 of an allow request's 415,000 instructions in
+    process, through uvicorn's protocol, callgrind). For a request the router would hand
+    to this route (the route comes first in the table), this sets the scope entries the
+    router sets and answers an exception as those middleware do: an exception class the app has a
     handler for gets that handler's answer, anything else the app's 500 handler's
     answer and is raised on to the server. tests/unit/test_http.py compares it with the
     way through the app.
