@@ -28,7 +28,7 @@ from exporter.http.auth import NOBODY, Identity, ListenerAuth, identify
 from exporter.http.federation_routes import federation_routes
 from exporter.http.identity_routes import identity_routes
 from exporter.http.mfa_routes import mfa_routes
-from exporter.http.middleware import BodyTooLarge, Guard, api_limits
+from exporter.http.middleware import BodyTooLarge, DirectRoute, Guard, api_limits
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import security_routes, split_policy_route
 from exporter.service import Exporter
@@ -207,7 +207,9 @@ def create_app(exporter: Exporter) -> ASGIApp:
     routes += mfa_routes(exporter, authorize)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
-    guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]))
+    # the policy route (first in the table) is called straight from the Guard
+    direct = DirectRoute(app, hot[0]) if hot else None
+    guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]), direct)
 
     def rebuild_auth(new: Config) -> None:
         guard.auth = ListenerAuth(new["server"], new["security"])

@@ -108,6 +108,7 @@ class SecretCache:
     def __init__(self, name: str, recheck: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        self._keys = (f"{name}_file", f"{name}_env")  # looked up on every request
         self.recheck = recheck
         self.clock = clock
         self.clear()
@@ -120,7 +121,8 @@ class SecretCache:
 
     def get(self, section: Mapping[str, Any]) -> str | None:
         """The secret, or None if neither is configured; OSError if the file is unreadable."""
-        source = (section.get(f"{self.name}_file") or "", section.get(f"{self.name}_env") or "")
+        file_key, env_key = self._keys
+        source = (section.get(file_key) or "", section.get(env_key) or "")
         now = self.clock()
         if source == self._source and now < self._next_check:
             return self._value

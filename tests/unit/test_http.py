@@ -315,3 +315,108 @@ async def test_bad_unlock_source_and_audit_cursor_are_400_not_500(serve, tmp_pat
     r = await client.get("/api/v1/security/audit", params={"cursor": "$'\x07"}, headers=ADMIN)
     assert r.status_code == 400 and "cursor" in r.json()["message"]
     assert (await client.get("/livez")).status_code == 200
+
+
+# --- the policy route called straight from the Guard, against the way through Starlette
+
+POLICY_CASES = [
+    # (name, method, path, query, body chunks, client host, extra headers)
+    ("allow", "POST", "/dovecot/policy", b"command=allow",
+     [b'{"login":"al","remote":"192.0.2.5","pwhash":"a","protocol":"imap"}'], "127.0.0.1", []),
+    *[(f"report {n}", "POST", "/dovecot/policy", b"command=report",
+       [b'{"login":"al","remote":"192.0.2.5","pwhash":"h%d","success":false}' % n],
+       "127.0.0.1", []) for n in range(4)],
+    ("allow, locked", "POST", "/dovecot/policy", b"command=allow",
+     [b'{"login":"al","remote":"192.0.2.5","pwhash":"a"}'], "127.0.0.1", []),
+    ("other query", "POST", "/dovecot/policy", b"x=1&command=allow",
+     [b'{"login":"bo","remote":"192.0.2.6"}'], "127.0.0.1", []),
+    ("no command", "POST", "/dovecot/policy", b"", [b"{}"], "127.0.0.1", []),
+    ("not JSON", "POST", "/dovecot/policy", b"command=allow", [b"{nope"], "127.0.0.1", []),
+    ("in chunks", "POST", "/dovecot/policy", b"command=allow",
+     [b'{"login":"cy",', b'"remote":"192.0.2.7"}'], "127.0.0.1", []),
+    ("over the limit", "POST", "/dovecot/policy", b"command=allow", [b" " * 600] * 3,
+     "127.0.0.1", []),
+    ("declared over the limit", "POST", "/dovecot/policy", b"command=allow", [b"{}"],
+     "127.0.0.1", [(b"content-length", b"5000")]),
+    ("not loopback", "POST", "/dovecot/policy", b"command=allow", [b"{}"], "192.0.2.1", []),
+    ("client gone", "POST", "/dovecot/policy", b"command=allow", None, "127.0.0.1", []),
+    ("engine fails", "POST", "/dovecot/policy", b"command=allow",
+     [b'{"login":"boom","remote":"192.0.2.8"}'], "127.0.0.1", []),
+    ("GET", "GET", "/dovecot/policy", b"command=allow", [b""], "127.0.0.1", []),
+    ("HEAD", "HEAD", "/dovecot/policy", b"command=allow", [b""], "127.0.0.1", []),
+    ("slash", "POST", "/dovecot/policy/", b"command=allow", [b"{}"], "127.0.0.1", []),
+]
+
+
+async def _call(app, case) -> tuple[list, str, dict]:
+    """One request through an ASGI app: (messages sent, exception raised, scope after)."""
+    _, method, path, query, chunks, host, headers = case
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "server": ("127.0.0.1", 9100), "client": (host, 40000),
+             "scheme": "http", "root_path": "", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": query,
+             "headers": [(b"host", b"exporter"), (b"content-type", b"application/json"),
+                         *headers], "state": {}}
+    messages = [{"type": "http.disconnect"}] if chunks is None else [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)]
+    sent: list = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:
+        return sent, f"{type(exc).__name__}: {exc}", scope
+    return sent, "", scope
+
+
+async def test_policy_route_called_directly_answers_as_through_starlette(make_exporter,
+                                                                          tmp_path):
+    def config(state: str) -> dict:
+        return {"server": {"max_request_body_bytes": 1024, "state_dir": str(tmp_path / state)},
+                "security": {"store": {"type": "memory"}, "trusted_networks": [],
+                             "max_login_attempts": 3,
+                             "tarpit": {"delay_per_failure": "1s", "max_delay": "3s"}}}
+
+    direct_exporter, general_exporter = make_exporter(config("a")), make_exporter(config("b"))
+    direct, general = create_app(direct_exporter), create_app(general_exporter)
+    assert direct.direct is not None
+    general.direct = None  # every request through Starlette's middleware and router
+    for exporter in (direct_exporter, general_exporter):
+        check = exporter.security.check
+
+        async def failing(attempt, check=check):
+            if attempt.login == "boom":
+                raise RuntimeError("store down")
+            return await check(attempt)
+
+        exporter.security.check = failing
+    statuses = {}
+    try:
+        for case in POLICY_CASES:
+            got, want = await _call(direct, case), await _call(general, case)
+            statuses[case[0]] = got[0][0]["status"]
+            assert got[:2] == want[:2], case[0]
+            # the same scope entries, but for ExceptionMiddleware's own, which only the
+            # way through Starlette sets
+            direct_keys = set(got[2])
+            assert direct_keys == set(want[2]) or (
+                direct_keys == set(want[2]) - {"starlette.exception_handlers"}
+                and case[2] == "/dovecot/policy" and case[1] == "POST"), case[0]
+            assert got[2].get("route") is None or (
+                got[2]["route"].path == want[2]["route"].path), case[0]
+            assert got[2].get("path_params") == want[2].get("path_params"), case[0]
+        assert direct_exporter.http_requests._values == general_exporter.http_requests._values
+        assert (direct_exporter.security_frontends._values
+                == general_exporter.security_frontends._values)
+        assert (statuses["allow, locked"], statuses["not JSON"], statuses["over the limit"],
+                statuses["not loopback"], statuses["engine fails"]) == (200, 400, 413, 401, 500)
+    finally:
+        for exporter in (direct_exporter, general_exporter):
+            if exporter.audit is not None:
+                exporter.audit.close()
