@@ -175,7 +175,10 @@ class CidrSet:
 
     def match(self, ip: IPLike, now: float) -> Entry | None:
         """The most specific unexpired entry whose network contains `ip`."""
-        version, value = _address(ip)
+        if type(ip) is tuple and ip[0] == 4:  # parsed IPv4, what logins mostly bring
+            version, value = 4, ip[1]  # what _address would return, without the call
+        else:
+            version, value = _address(ip)
         for _plen, mask, table in self._probes[version]:
             entry = table.get(value & mask)
             if entry is not None and not (entry.expires is not None and now >= entry.expires):

@@ -249,6 +249,8 @@ class SecurityManager:
 
     async def check(self, attempt: Attempt) -> Decision:
         """Before the password check: may this login proceed? Raises ValueError on a bad IP."""
+        if self.observe is _unobserved:  # its context and attributes would do nothing
+            return await self._check(attempt)
         with self.observe("check") as observation:
             decision = await self._check(attempt)
             observation.set("protocol", attempt.protocol_label)
@@ -316,6 +318,8 @@ class SecurityManager:
 
     async def report(self, attempt: Attempt, success: bool) -> list[str]:
         """After the password check; returns the actions taken (lock, ban)."""
+        if self.observe is _unobserved:  # as in check
+            return await self._report(attempt, success)
         with self.observe("report") as observation:
             failures = self.stats.store_errors.get("report", 0.0)
             actions = await self._report(attempt, success)

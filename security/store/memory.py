@@ -24,6 +24,10 @@ from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, LoginS
 # One failure (pwhash, time), or several {pwhash: time}.
 Failures: TypeAlias = tuple[str, float] | dict[str, float]
 
+# Most logins' state: no lock, no failure, no MFA asked. Frozen, so one object serves them
+# all instead of a new one (four frozen-field writes) per check.
+_UNLOCKED_UNCOUNTED = LoginState(None, 0, None, 0)
+
 
 class MemoryStore:
     shared = False  # this process is the only one writing: the ban index needs no reload
@@ -175,7 +179,7 @@ class MemoryStore:
             return LoginState(lock, 0, None, 0)
         count = self._failure_count(keys.pair, now, window) if failures else 0
         if mfa_user is None:
-            return LoginState(None, count, None, 0)
+            return LoginState(None, count, None, 0) if count else _UNLOCKED_UNCOUNTED
         fields = dict(self._mfa.get(mfa_user, {}))  # mfa_fields
         source = self._failure_count(keys.source, now, window) if fields else 0
         return LoginState(None, count, fields, source)

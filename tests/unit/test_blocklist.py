@@ -317,3 +317,6 @@ def test_match_agrees_with_a_brute_force_scan(listed, probes, offset):
         )
         assert cidrs.match(address, now) == expected
         assert cidrs.match(str(address), now) == expected
+        parsed = parse_address(str(address))  # as a login brings it (Attempt.address)
+        assert cidrs.match(parsed, now) == expected
+        assert cidrs.match(parsed[:2], now) == expected

@@ -8,6 +8,7 @@ documentation addresses (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -755,3 +756,45 @@ async def test_an_attempt_keeps_its_keys_for_its_report_until_the_prefix_changes
     await engine.report(dataclasses.replace(attempt, pwhash="h2"), False)
     await engine.report(attempt, False)  # the same object: its keys are made again
     assert set(engine.store.failures_of("p:2001:db8:1::/48|alice")) == {"h1", "h2"}
+
+
+# --- without an observer, check and report skip the observation: the same results
+
+
+class _Observation:
+    def set(self, key: str, value: str | bool | int | float) -> None:
+        return None
+
+    def fail(self, error_type: str) -> None:
+        return None
+
+
+def _do_nothing_observer(operation: str) -> contextlib.nullcontext[_Observation]:
+    return contextlib.nullcontext(_Observation())
+
+
+async def _run_observed_and_not(steps: list[tuple[tuple[str, str, str, float], bool]]
+                                ) -> None:
+    now = [T0]
+    plain = SecurityManager(PROPERTY_SETTINGS, MemoryStore(), None, clock=lambda: now[0])
+    observed = SecurityManager(PROPERTY_SETTINGS, MemoryStore(), None, clock=lambda: now[0],
+                               observer=_do_nothing_observer)
+    for (ip, login, pwhash, dt), success in steps:
+        now[0] += dt
+        results = []
+        for engine in (plain, observed):
+            login_attempt = attempt(login, ip, pwhash)
+            decision = await engine.check(login_attempt)
+            results.append((decision, await engine.report(login_attempt, success)))
+        assert results[0] == results[1]
+    for table in ("attempts", "decisions", "store_errors", "lock_scopes", "ban_kinds"):
+        assert getattr(plain.stats, table) == getattr(observed.stats, table)
+    assert sum(plain.stats.latency_counts) == sum(observed.stats.latency_counts)
+    assert await plain.lockouts() == await observed.lockouts()
+    assert await plain.banned() == await observed.banned()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(step, st.booleans()), max_size=40))
+def test_property_the_unobserved_path_decides_as_the_observed_one(steps):
+    asyncio.run(_run_observed_and_not(steps))
