@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:10587
 STATE_DIR ?= .state
 
-.PHONY: all install system-deps run test test-unit test-integration reliability bench generate lint clean
+.PHONY: all install system-deps run test test-unit test-integration reliability bench bench-instructions generate lint clean
 
 all: test
 
@@ -46,6 +46,9 @@ reliability: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/run.py
+
+bench-instructions: $(STAMP) system-deps
+	$(PY) benchmarks/bench_instructions.py
 
 generate: $(STAMP)
 	$(VENV)/bin/a3mailer-exporter generate

@@ -20,6 +20,7 @@ declare -A wanted=(
   [xmlsec1]=xmlsec1
   [wrk]=wrk
   [hyperfine]=hyperfine
+  [valgrind]=valgrind
   [nsd]=nsd
   [openssl]=openssl
 )
