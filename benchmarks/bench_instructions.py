@@ -3,11 +3,12 @@
 This 2-core VM's speed swings 2-3x between rounds (BENCHMARKS.md notes), so a timed
 difference of a few per cent drowns; an instruction count does not move with the host.
 Each case runs in a child process under `valgrind --tool=callgrind` twice, with 0 and
-with N operations after the same set-up and warm-up; (I(N) - I(0)) / N is what one
-operation costs, the exporter's threads included. Caveats: callgrind counts user-space
-instructions only (no kernel: a write() counts as its libc wrapper), and OpenSSL's
-SHA-1/SHA-256 run without SHA-NI under valgrind, about 10x their native count, so the
-hashing cases (TOTP, the audit chain) look costlier than they are.
+with N operations after the same set-up, inputs (made for N in both runs) and warm-up;
+(I(N) - I(0)) / N is what one operation costs, the exporter's threads included.
+Caveats: callgrind counts user-space instructions only (no kernel: a write() counts as
+its libc wrapper), and OpenSSL's SHA-1/SHA-256 run without SHA-NI under valgrind, about
+10x their native count, so the hashing cases (TOTP, the audit chain) look costlier than
+they are.
 
 Cases:
 - pyotp_verify: pyotp.TOTP.verify(code, for_time, valid_window=1) on a ready object
@@ -59,7 +60,7 @@ USER = "bench@example.org"
 # --- the children: set up, warm up, then N operations ---------------------------------
 
 
-async def child_totp(n: int, state: Path) -> None:
+async def child_totp(n: int, total: int, state: Path) -> None:
     from security.audit import AuditLog, AuditPolicy
     from security.mfa import totp
     from security.mfa.manager import MfaManager
@@ -77,8 +78,8 @@ async def child_totp(n: int, state: Path) -> None:
     key, params = pyotp.TOTP(secret).byte_secret(), totp.TotpParams()
     first = now[0] = now[0] + 30
     codes = [totp.code_at(key, totp.step(first + i * 30, params), params)
-             for i in range(WARM + n)]
-    for i, code in enumerate(codes):
+             for i in range(WARM + total)]
+    for i, code in enumerate(codes[:WARM + n]):
         now[0] = first + i * 30
         assert (await manager.verify_totp(USER, code)).valid
 
@@ -92,7 +93,7 @@ def child_pyotp(n: int) -> None:
         otp.verify(code, for_time=T0, valid_window=1)
 
 
-async def child_check_report(n: int, state: Path) -> None:
+async def child_check_report(n: int, total: int, state: Path) -> None:
     from bench_security import CONFIG, Workload, drive, settings_from
 
     from security.engine import SecurityManager
@@ -103,8 +104,9 @@ async def child_check_report(n: int, state: Path) -> None:
         "memory", max_keys=security["store"]["max_tracked_keys"]))
     await engine.store.open()
     workload = Workload(seed=2026)
-    await drive(engine, workload.batch(2_000))
-    await drive(engine, workload.batch(n))
+    warm, items = workload.batch(2_000), workload.batch(total)
+    await drive(engine, warm)
+    await drive(engine, items[:n])
 
 
 class FakeTransport:
@@ -159,7 +161,7 @@ def policy_requests(count: int) -> list[bytes]:
     return out[:count]
 
 
-async def child_http(case: str, n: int, state: Path, otlp_port: int) -> None:
+async def child_http(case: str, n: int, total: int, state: Path, otlp_port: int) -> None:
     import uvicorn
     from uvicorn.server import ServerState
 
@@ -190,8 +192,8 @@ async def child_http(case: str, n: int, state: Path, otlp_port: int) -> None:
     transport = FakeTransport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     livez = b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:9100\r\n\r\n"
-    requests = [livez] * (WARM + n) if case == "livez" else policy_requests(WARM + n)
-    for raw in requests:
+    requests = [livez] * (WARM + total) if case == "livez" else policy_requests(WARM + total)
+    for raw in requests[:WARM + n]:
         transport.waiter = loop.create_future()
         protocol.data_received(raw)
         await transport.waiter
@@ -201,16 +203,16 @@ async def child_http(case: str, n: int, state: Path, otlp_port: int) -> None:
     assert transport.not_ok == 0, f"{transport.not_ok} answers were not 200 OK"
 
 
-def child(case: str, n: int, state: Path, otlp_port: int) -> None:
+def child(case: str, n: int, total: int, state: Path, otlp_port: int) -> None:
     if case == "pyotp_verify":
         child_pyotp(n)
     elif case == "totp_verify":
-        asyncio.run(child_totp(n, state))
+        asyncio.run(child_totp(n, total, state))
     elif case == "check_report":
-        asyncio.run(child_check_report(n, state))
+        asyncio.run(child_check_report(n, total, state))
     else:
         import uvloop  # the exporter's loop
-        uvloop.run(child_http(case, n, state, otlp_port))
+        uvloop.run(child_http(case, n, total, state, otlp_port))
 
 
 # --- the parent ------------------------------------------------------------------------
@@ -231,14 +233,15 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None: ...
 
 
-def instructions(case: str, n: int, tmp: Path, otlp_port: int) -> int:
-    """Instructions counted by callgrind for one child run."""
+def instructions(case: str, n: int, total: int, tmp: Path, otlp_port: int) -> int:
+    """Instructions counted by callgrind for one child run: n of total operations."""
     state = tmp / f"{case}-{n}"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         str(Path(__file__)), "--child", case, str(n), str(state), str(otlp_port)],
+         str(Path(__file__)), "--child", case, str(n), str(total), str(state),
+         str(otlp_port)],
         cwd=ROOT, capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH_DIR}"})
     found = re.search(r"Collected : (\d+)", run.stderr)
@@ -251,12 +254,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=4, metavar=("CASE", "N", "STATE", "OTLP_PORT"),
+    parser.add_argument("--child", nargs=5, metavar=("CASE", "N", "TOTAL", "STATE", "PORT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        case, n, state, port = args.child
-        child(case, int(n), Path(state), int(port))
+        case, n, total, state, port = args.child
+        child(case, int(n), int(total), Path(state), int(port))
         return 0
     if shutil.which("valgrind") is None:
         print("bench_instructions: valgrind is missing (make system-deps installs it)",
@@ -272,7 +275,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-instructions-"))
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:  # one valgrind per core
-            futures = {(case, n): pool.submit(instructions, case, n, tmp, otlp_port)
+            futures = {(case, n): pool.submit(instructions, case, n, counts[case], tmp,
+                                              otlp_port)
                        for case in CASES for n in (0, counts[case])}
             totals = {key: future.result() for key, future in futures.items()}
     finally:
