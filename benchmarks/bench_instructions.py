@@ -22,7 +22,7 @@ Cases:
   protocol on an in-memory transport (no sockets: the same bytes a client sends), the
   embedded default config with the SQLite store and audit log; tracing off, on but
   never sampled, at 0.1 and at 1.0, exporting to an OTLP/HTTP receiver in another
-  process (its work is not counted, the exporter's POSTs are);
+  process (bench_tracing's sink: its work is not counted, the exporter's POSTs are);
 - livez: GET /livez the same way.
 
 Run: .venv/bin/python benchmarks/bench_instructions.py [--quick] [--out FILE]
@@ -33,19 +33,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import free_port, say, write_result
+from bench_tracing import start_sink
+from common import say, stop, write_result
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -161,8 +160,9 @@ def policy_requests(count: int) -> list[bytes]:
     return out[:count]
 
 
-async def child_http(case: str, n: int, total: int, state: Path, otlp_port: int) -> None:
+async def child_http(case: str, n: int, total: int, state: Path, sink: str) -> None:
     import uvicorn
+    from bench_tracing import server_config
     from uvicorn.server import ServerState
 
     from exporter.config import load_config
@@ -170,13 +170,8 @@ async def child_http(case: str, n: int, total: int, state: Path, otlp_port: int)
     from exporter.http.coalesce import CoalescingHttpToolsProtocol
     from exporter.service import Exporter
 
-    rate = HTTP_CASES[case]
-    text = "security:\n  trusted_networks: []\n  max_login_attempts: 100\n" \
-           "  lockout:\n    account_lock_threshold: 100\n  auto_ban:\n    threshold: 200\n"
-    if rate is not None:
-        text += (f"tracing:\n  enabled: true\n  sampling_rate: {rate}\n"
-                 f"  otlp_endpoint: http://127.0.0.1:{otlp_port}\n")
-    (state / "config.yaml").write_text(text, encoding="utf-8")
+    (state / "config.yaml").write_text(server_config(HTTP_CASES[case], sink),
+                                       encoding="utf-8")
     config = load_config(str(state / "config.yaml"), {"server": {
         "state_dir": str(state), "listen_address": "127.0.0.1:9100"}})
     exporter = Exporter(config)
@@ -203,7 +198,7 @@ async def child_http(case: str, n: int, total: int, state: Path, otlp_port: int)
     assert transport.not_ok == 0, f"{transport.not_ok} answers were not 200 OK"
 
 
-def child(case: str, n: int, total: int, state: Path, otlp_port: int) -> None:
+def child(case: str, n: int, total: int, state: Path, sink: str) -> None:
     if case == "pyotp_verify":
         child_pyotp(n)
     elif case == "totp_verify":
@@ -212,28 +207,13 @@ def child(case: str, n: int, total: int, state: Path, otlp_port: int) -> None:
         asyncio.run(child_check_report(n, total, state))
     else:
         import uvloop  # the exporter's loop
-        uvloop.run(child_http(case, n, total, state, otlp_port))
+        uvloop.run(child_http(case, n, total, state, sink))
 
 
 # --- the parent ------------------------------------------------------------------------
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    """An OTLP/HTTP receiver that takes the spans and answers 200."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:  # noqa: N802 - the handler's name
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None: ...
-
-
-def instructions(case: str, n: int, total: int, tmp: Path, otlp_port: int) -> int:
+def instructions(case: str, n: int, total: int, tmp: Path, sink: str) -> int:
     """Instructions counted by callgrind for one child run: n of total operations."""
     state = tmp / f"{case}-{n}"
     shutil.rmtree(state, ignore_errors=True)
@@ -241,7 +221,7 @@ def instructions(case: str, n: int, total: int, tmp: Path, otlp_port: int) -> in
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
          str(Path(__file__)), "--child", case, str(n), str(total), str(state),
-         str(otlp_port)],
+         sink],
         cwd=ROOT, capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH_DIR}"})
     found = re.search(r"Collected : (\d+)", run.stderr)
@@ -254,12 +234,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=5, metavar=("CASE", "N", "TOTAL", "STATE", "PORT"),
+    parser.add_argument("--child", nargs=5, metavar=("CASE", "N", "TOTAL", "STATE", "SINK"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        case, n, total, state, port = args.child
-        child(case, int(n), int(total), Path(state), int(port))
+        case, n, total, state, sink = args.child
+        child(case, int(n), int(total), Path(state), sink)
         return 0
     if shutil.which("valgrind") is None:
         print("bench_instructions: valgrind is missing (make system-deps installs it)",
@@ -269,18 +249,15 @@ def main() -> int:
               **dict.fromkeys(HTTP_CASES, 3_000)}
     if args.quick:
         counts = {case: n // 10 for case, n in counts.items()}
-    otlp_port = free_port()
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", otlp_port), _Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    sink_proc, sink = start_sink()  # bench_tracing's OTLP sink, in its own process
     tmp = Path(tempfile.mkdtemp(prefix="bench-instructions-"))
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:  # one valgrind per core
-            futures = {(case, n): pool.submit(instructions, case, n, counts[case], tmp,
-                                              otlp_port)
+            futures = {(case, n): pool.submit(instructions, case, n, counts[case], tmp, sink)
                        for case in CASES for n in (0, counts[case])}
             totals = {key: future.result() for key, future in futures.items()}
     finally:
-        receiver.shutdown()
+        stop(sink_proc)
         shutil.rmtree(tmp, ignore_errors=True)
     per_op = {case: (totals[case, counts[case]] - totals[case, 0]) / counts[case]
               for case in CASES}
