@@ -493,6 +493,30 @@ async def test_sqlite_evicted_keys_leave_the_file_too(sqlite_stores):
         15, 16, 17, 18, 19]
 
 
+
+@pytest.mark.parametrize("batch_rows", [1, 4, 300])
+async def test_sqlite_flush_in_batches_keeps_every_row_exactly(sqlite_stores, monkeypatch,
+                                                               batch_rows):
+    """Full batches, a short last one and single rows: each key's rows as they were, times
+    to the bit, cleared and evicted keys gone from the file."""
+    import security.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "BATCH_ROWS", batch_rows)
+    first = await sqlite_stores(flush_interval=3600, max_keys=700)
+    for i in range(750):  # 50 evicted
+        for j in range(i % 3 + 1):
+            await first.record_failure(f"k{i}", f"p{j}", T0 + i / 7 + j / 3, 3600)
+    for i in range(100, 110):
+        await first.clear_failures(f"k{i}")
+    await first.flush()
+    kept = {f"k{i}": first.failures_of(f"k{i}") for i in range(750)}
+    await first.close()
+    second = await sqlite_stores(max_keys=700)
+    assert {k: second.failures_of(k) for k in kept} == kept
+    assert sum(v is not None for v in kept.values()) == 690
+    assert kept["k0"] is None and kept["k105"] is None and kept["k748"] == {
+        "p0": T0 + 748 / 7, "p1": T0 + 748 / 7 + 1 / 3}
+
 async def test_sqlite_anonymous_failures_still_add_up_after_a_restart(sqlite_stores):
     first = await sqlite_stores()
     for expected in (1, 2, 3):
