@@ -494,6 +494,29 @@ async def test_sqlite_evicted_keys_leave_the_file_too(sqlite_stores):
 
 
 
+def test_sqlite_batches_come_in_a_few_statement_sizes(tmp_path):
+    """Whatever the row count, each statement has one of 9 sizes (so the connection's
+    statement cache stays small) and every row goes in once."""
+    import sqlite3
+
+    from security.store.sqlite import SCHEMA, _in_batches
+
+    db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    db.executescript(SCHEMA)
+    texts: set[str] = set()
+    db.set_trace_callback(texts.add)
+    total = 0
+    for rows in [*range(1, 40), 255, 256, 257, 511, 700, 1000]:
+        params = [v for i in range(rows) for v in (f"k{total + i}", "h", 1.5)]
+        _in_batches(db, "INSERT INTO failures (key, pwhash, ts) VALUES {}", params, 3)
+        total += rows
+    assert db.execute("SELECT count(*), count(DISTINCT key) FROM failures").fetchone() == (
+        total, total)
+    # the traced text has the values bound in: one "(" per row, and the column list's
+    sizes = {text.count("(") - 1 for text in texts}
+    assert sizes == {256, 128, 64, 32, 16, 8, 4, 2, 1}
+
+
 @pytest.mark.parametrize("batch_rows", [1, 4, 300])
 async def test_sqlite_flush_in_batches_keeps_every_row_exactly(sqlite_stores, monkeypatch,
                                                                batch_rows):
