@@ -4,7 +4,8 @@ This 2-core VM's speed swings 2-3x between rounds (BENCHMARKS.md notes), so a ti
 difference of a few per cent drowns; an instruction count does not move with the host.
 Each case runs in a child process under `valgrind --tool=callgrind` twice, with 0 and
 with N operations after the same set-up, inputs (made for N in both runs) and warm-up;
-(I(N) - I(0)) / N is what one operation costs, the exporter's threads included.
+(I(N) - I(0)) / N is what one operation costs, the exporter's threads included; every
+child runs with PYTHONHASHSEED=0, so a rerun counts the same dict collisions.
 Caveats: callgrind counts user-space instructions only (no kernel: a write() counts as
 its libc wrapper), and OpenSSL's SHA-1/SHA-256 run without SHA-NI under valgrind, about
 10x their native count, so the hashing cases (TOTP, the audit chain) look costlier than
@@ -223,7 +224,9 @@ def instructions(case: str, n: int, total: int, tmp: Path, sink: str) -> int:
          str(Path(__file__)), "--child", case, str(n), str(total), str(state),
          sink],
         cwd=ROOT, capture_output=True, text=True, check=False,
-        env={**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH_DIR}"})
+        # one hash seed: str and bytes hashes decide dict collisions, which moved a policy
+        # request's count by 1.3k (0.4 %) between two seeds
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH_DIR}", "PYTHONHASHSEED": "0"})
     found = re.search(r"Collected : (\d+)", run.stderr)
     if run.returncode != 0 or found is None:
         raise RuntimeError(f"{case} with {n}: exit {run.returncode}\n{run.stderr[-3000:]}")
