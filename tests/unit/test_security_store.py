@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from security.attempts import tracking_keys
 from security.blocklist import Entry
 from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, Store, open_store
-from security.store.sqlite import SqliteStore
+from security.store.sqlite import SCHEMA, SqliteStore, _in_batches
 
 T0 = 4_000_000_000.0  # 2096: see the module docstring
 WINDOW = 60.0
@@ -493,14 +494,9 @@ async def test_sqlite_evicted_keys_leave_the_file_too(sqlite_stores):
         15, 16, 17, 18, 19]
 
 
-
 def test_sqlite_batches_come_in_a_few_statement_sizes(tmp_path):
     """Whatever the row count, each statement has one of 9 sizes (so the connection's
     statement cache stays small) and every row goes in once."""
-    import sqlite3
-
-    from security.store.sqlite import SCHEMA, _in_batches
-
     db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     db.executescript(SCHEMA)
     texts: set[str] = set()
@@ -539,6 +535,7 @@ async def test_sqlite_flush_in_batches_keeps_every_row_exactly(sqlite_stores, mo
     assert sum(v is not None for v in kept.values()) == 690
     assert kept["k0"] is None and kept["k105"] is None and kept["k748"] == {
         "p0": T0 + 748 / 7, "p1": T0 + 748 / 7 + 1 / 3}
+
 
 async def test_sqlite_anonymous_failures_still_add_up_after_a_restart(sqlite_stores):
     first = await sqlite_stores()
