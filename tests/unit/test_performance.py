@@ -6,6 +6,7 @@ import math
 import random
 import threading
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -108,6 +109,36 @@ def test_one_hour_of_traffic_keeps_at_most_ninety_slots():
     assert len(monitor._sealed) <= 90
     assert monitor.stats("15m", "schedule").count == pytest.approx(900, abs=10)
 
+
+def test_memory_grows_while_the_ring_fills_then_stays_flat():
+    """The ring's memory is what the load test's RSS rose by: it grows for the 15m
+    window's first 900 s of traffic and stays flat once 90 slots are kept."""
+    clock = Clock()
+    monitor = PerformanceMonitor(clock=clock)
+    durations = [0.0002 * performance.GAMMA ** i for i in range(60)]  # 60 buckets a slot
+    operations = [f"op-{i}" for i in range(20)]
+
+    def traffic(seconds: int) -> None:
+        for _ in range(seconds // performance.SLOT_SECONDS):
+            for operation in operations:
+                for seconds_taken in durations:
+                    monitor.record("store", operation, seconds_taken)
+            clock.now += performance.SLOT_SECONDS
+
+    tracemalloc.start()
+    try:
+        traffic(450)
+        half = tracemalloc.get_traced_memory()[0]
+        traffic(450)
+        full = tracemalloc.get_traced_memory()[0]
+        traffic(900)
+        later = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(monitor._sealed) == 90
+    per_slot = (full - half) / 45
+    assert per_slot > 20 * 60 * 16  # each slot holds its 20 x 60 buckets
+    assert abs(later - full) < 2 * per_slot  # 90 more slots in, 90 dropped
 
 def test_stats_select_an_operation_a_path_or_everything():
     monitor = PerformanceMonitor(clock=Clock())
