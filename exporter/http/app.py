@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +31,7 @@ from exporter.http.middleware import BodyTooLarge, DirectRoute, Guard, api_limit
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import security_routes, split_policy_route
 from exporter.service import Exporter
+from security import strict_json
 
 _update_validator = jsonschema.Draft7Validator(UPDATE_SCHEMA)
 GZIP_MIN_BYTES = 1024
@@ -126,8 +126,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
         if denied:
             return denied
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
+            body = strict_json.loads((await request.body()).decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
             return error(400, "bad_request", "body must be JSON")
         problems = sorted(_update_validator.iter_errors(body), key=lambda e: list(e.path))
         if problems:

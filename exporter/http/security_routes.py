@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import ipaddress
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,7 @@ from exporter.config import read_secret
 from exporter.http.middleware import header
 from exporter.instruments import CounterVec
 from exporter.service import Exporter
+from security import strict_json
 from security.attempts import Attempt
 from security.blocklist import export_text, import_text
 from security.engine import SecurityManager
@@ -143,13 +145,37 @@ def _file_stamp(path: str) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character \\u-escaped, for text stored before it was
+    checked."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _time_param(query: QueryParams, name: str) -> float | None:
+    """A Unix time query parameter (seconds, a fraction allowed), or None when absent."""
+    if name not in query:
+        return None
+    try:
+        value = float(query[name])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise BadRequest(f"{name}: expected a Unix time in seconds, got {query[name]!r}")
+    return value
+
+
 async def _json_body(request: Request, validator: jsonschema.Draft7Validator) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = strict_json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is one
         raise BadRequest(f"body must be UTF-8 JSON: {exc}") from None
-    errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+    except RecursionError:
+        raise BadRequest("body must be UTF-8 JSON: nested too deeply") from None
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path) or "(body)"
         raise BadRequest(f"{where}: {errors[0].message}")
@@ -370,20 +396,20 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         if exporter.audit is None:
             return _error(404, "not_found", "the audit log is disabled")
         q = request.query_params
-        try:
-            start = float(q["start"]) if "start" in q else None
-            end = float(q["end"]) if "end" in q else None
-            limit = int(q.get("limit", "100"))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        start, end = _time_param(q, "start"), _time_param(q, "end")
+        limit = q.get("limit", "100")
+        if not limit.isdecimal() or int(limit) < 1:
+            raise BadRequest(f"limit: expected a whole number from 1, got {limit!r}")
         types = q.getlist("type") or None
         try:  # it reads the file: off the event loop, which keeps deciding logins
             records, cursor = await asyncio.to_thread(
                 exporter.audit.query, start=start, end=end, types=types, actor=q.get("actor"),
-                subject=q.get("subject"), limit=limit, cursor=q.get("cursor"))
+                subject=q.get("subject"), limit=int(limit), cursor=q.get("cursor"))
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return JSONResponse({"records": records, "next_cursor": cursor})
+        # \u-escaped: a record written before strict_json refused lone surrogates may
+        # hold one, which UTF-8 cannot encode (the log itself is ASCII)
+        return AsciiJSONResponse({"records": records, "next_cursor": cursor})
 
     async def audit_verify(request: Request) -> Response:
         if exporter.audit is None:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from security import strict_json
 from security.attempts import Attempt, Decision, parse_address
 
 COMMANDS = ("allow", "report")
@@ -59,17 +60,20 @@ _scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # t
 
 
 def _json_object(text: str) -> Any:
-    """json.loads(text), the same value and the same errors; the usual body (an object
-    with nothing around it) skips json.loads's layers and its two whitespace matches."""
+    """strict_json.loads(text), the same value and the same errors; the usual body (an
+    object with nothing around it) skips json.loads's layers and its two whitespace
+    matches."""
     if text[:1] == "{" and text[-1:] == "}":
         try:
             value, end = _scan(text, 0)
-        except (StopIteration, ValueError):
-            pass  # json.loads raises the error, with its message
+        except (StopIteration, ValueError, RecursionError):
+            pass  # strict_json.loads raises the error, with its message
         else:
             if end == len(text):
+                if "\\u" in text:
+                    strict_json.check_text(value)
                 return value
-    return json.loads(text)
+    return strict_json.loads(text)
 
 
 def _text(fields: dict[str, Any], name: str, required: bool = False) -> str:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from security import strict_json
 from security.attempts import Attempt, parse_ip
 
 
@@ -71,7 +71,7 @@ def _first(data: dict[str, Any], *names: str) -> str:
 
 def parse_batch(body: bytes) -> list[Event]:
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = strict_json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise WebhookError(f"body must be UTF-8 JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):

@@ -179,7 +179,13 @@ class SqliteStore(MemoryStore):
                     extend((key, pwhash, ts))
                 if i % FLUSH_SLICE == 0:
                     await asyncio.sleep(0)
-            await self._run(self._write_failures, list(keys), values)
+            try:
+                await self._run(self._write_failures, list(keys), values)
+            except UnicodeEncodeError:  # one key would otherwise fail every flush from now on
+                stored, values, dropped = _storable(keys, values)
+                log.error("failure counters of %d keys are not UTF-8 text (a lone surrogate) "
+                          "and stay in memory only", dropped)
+                await self._run(self._write_failures, stored, values)
         except BaseException:  # cancelled too: the keys stay dirty for the final flush
             self.dirty |= keys
             raise
@@ -428,6 +434,24 @@ class SqliteStore(MemoryStore):
 
 
 BATCH_ROWS = 256  # rows per statement: 768 parameters, under SQLite's oldest limit (999)
+
+
+def _storable(keys: set[str], values: list[str | float]
+              ) -> tuple[list[str], list[str | float], int]:
+    """The keys and flat (key, pwhash, ts) rows without those holding a string SQLite
+    cannot encode (strict_json keeps them out of the network front ends; a library caller
+    could still pass one), and how many keys were left out."""
+    def text(value: str | float) -> bool:
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    bad = {key for key in keys if not text(key)}
+    bad.update(str(values[i]) for i in range(0, len(values), 3) if not text(values[i + 1]))
+    rows = [values[i:i + 3] for i in range(0, len(values), 3) if values[i] not in bad]
+    return [key for key in keys if key not in bad], [v for row in rows for v in row], len(bad)
 
 
 def _in_batches(db: sqlite3.Connection, sql: str, params: list[Any], width: int) -> None:

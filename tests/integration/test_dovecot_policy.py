@@ -130,6 +130,9 @@ def test_api_key_is_required_off_loopback_and_checked(exporter_process, dovecot_
     ({"command": "allow"}, b'{"login": 5, "remote": "192.0.2.1"}', 400),
     ({"command": "allow"}, b'["login"]', 400),
     ({"command": "allow"}, b'{"login": "\xff\xfe", "remote": "192.0.2.1"}', 400),
+    ({"command": "report"}, b'{"login": "a\\ud800b", "remote": "192.0.2.1", "success": false}',
+     400),  # a lone surrogate: valid JSON, but SQLite's flush could never write it
+    ({"command": "allow"}, b'{"login": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
     ({"command": "report"}, b'{"login": "a", "remote": "192.0.2.1"}', 400),
     ({"command": "drop"}, b'{"login": "a", "remote": "192.0.2.1"}', 400),
     ({"command": "allow"}, b'{"login": "' + b"x" * 2_000_000 + b'"}', 413),

@@ -289,6 +289,7 @@ async def test_password_check_and_history(running):
     ("/api/v1/passwords/check", {"password": "p" * 5000}),
     ("/api/v1/passwords/check", {"password": 12345}),
     ("/api/v1/passwords/check", "not json"),
+    ("/api/v1/sessions", '{"user": "pat\\ud800"}'),
 ])
 async def test_bad_input_gets_400_and_the_api_keeps_serving(running, path, payload):
     _, client = await running()

@@ -102,6 +102,9 @@ async def test_scopes_are_named_for_every_route(api):
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": "1", "extra": 1}', "extra"),
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": "1", "remote_ip": "x"}', "remote_ip"),
     ("/api/v1/mfa/totp/enroll", b'{"user": "' + b"u" * 300 + b'"}', "user"),
+    ("/api/v1/mfa/totp/enroll", b'{"user": "pat\\ud800"}', "lone surrogate"),
+    ("/api/v1/mfa/totp/verify", b'{"user": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "nested too deeply"),
     ("/api/v1/mfa/webauthn/register/verify", b'{"user": "a", "credential": "x"}',
      "credential"),
 ])

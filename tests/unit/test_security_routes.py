@@ -197,3 +197,30 @@ async def test_audit_api_pages_and_filters(serve):
     assert r.status_code == 400 and r.json()["error"] == "bad_request"
     r = await client.get("/api/v1/security/audit/verify", headers=ADMIN)
     assert r.status_code == 200 and r.json()["ok"] and r.json()["count"] == 25
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"limit": "-1"}, "limit: expected a whole number from 1"),
+    ({"limit": "0"}, "limit: expected a whole number from 1"),
+    ({"limit": "ten"}, "limit: expected a whole number from 1"),
+    ({"start": "garbage"}, "start: expected a Unix time in seconds, got 'garbage'"),
+    ({"end": "nan"}, "end: expected a Unix time in seconds"),
+])
+async def test_audit_api_bad_parameters_get_a_clear_400(serve, params, expected):
+    _, client = await serve()
+    r = await client.get("/api/v1/security/audit", params=params, headers=ADMIN)
+    assert r.status_code == 400 and r.json() == {"error": "bad_request", "message": r.json()[
+        "message"]} and r.json()["message"].startswith(expected)
+
+
+async def test_audit_api_answers_a_record_holding_a_lone_surrogate(serve):
+    """One written before the front ends refused them: the log holds it \\u-escaped, the
+    answer escapes it too instead of failing to encode it (500)."""
+    exporter, client = await serve()
+    assert exporter.audit is not None
+    exporter.audit.record("lockout.lock", "engine", "a:bad\ud800", {})
+    exporter.audit.record("lockout.lock", "engine", "a:caf\u00e9", {})
+    r = await client.get("/api/v1/security/audit", headers=ADMIN)
+    assert r.status_code == 200
+    assert [rec["subject"] for rec in r.json()["records"]] == ["a:caf\u00e9", "a:bad\ud800"]
+    assert b"caf\\u00e9" in r.content

@@ -537,6 +537,27 @@ async def test_sqlite_flush_in_batches_keeps_every_row_exactly(sqlite_stores, mo
         "p0": T0 + 748 / 7, "p1": T0 + 748 / 7 + 1 / 3}
 
 
+async def test_sqlite_a_key_sqlite_cannot_encode_does_not_stop_the_others(sqlite_stores,
+                                                                         caplog):
+    """A lone surrogate (from a library caller: the front ends refuse it) in a key or a
+    pwhash used to fail every flush from then on; now those keys stay in memory only and
+    the rest is written."""
+    first = await sqlite_stores(flush_interval=3600)
+    await first.record_failure("a:good", "p1", T0, 3600)
+    await first.record_failure("a:bad\ud800", "p1", T0, 3600)
+    await first.record_failure("a:also-good", "p\udfff", T0 + 1, 3600)
+    await first.record_failure("a:also-good", "p2", T0 + 2, 3600)
+    await first.flush()
+    assert "2 keys are not UTF-8 text" in caplog.text
+    await first.record_failure("a:later", "p1", T0 + 3, 3600)
+    await first.flush()
+    await first.close()
+    second = await sqlite_stores()
+    assert second.failures_of("a:good") == {"p1": T0}
+    assert second.failures_of("a:later") == {"p1": T0 + 3}
+    assert second.failures_of("a:bad\ud800") is None
+    assert second.failures_of("a:also-good") is None
+
 async def test_sqlite_anonymous_failures_still_add_up_after_a_restart(sqlite_stores):
     first = await sqlite_stores()
     for expected in (1, 2, 3):

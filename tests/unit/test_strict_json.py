@@ -1,0 +1,44 @@
+"""strict_json: the JSON json.loads accepts but the stores, the audit log and the answers
+cannot hold, refused as ValueError by every front end that parses network JSON."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from security import strict_json
+from security.protocols import dovecot, stalwart
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"login": "a\\ud800b"}', "lone surrogate ('\\ud800')"),
+    ('{"login": "\\udfff"}', "lone surrogate ('\\udfff')"),
+    ('{"a\\udc00": 1}', "lone surrogate ('\\udc00')"),  # a key too
+    ('[["x", {"y": ["\\ud83d"]}]]', "lone surrogate ('\\ud83d')"),  # a pair's first half
+    (DEEP, "nested too deeply"),
+])
+def test_what_json_loads_lets_through_is_refused(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        strict_json.loads(text)
+
+
+def test_real_text_passes_as_json_loads_gives_it():
+    text = '{"login": "caf\\u00e9 \\ud83d\\ude00 \u00fc", "n": [1, 2.5, null, true]}'
+    assert strict_json.loads(text) == {"login": "café 😀 ü", "n": [1, 2.5, None, True]}
+
+
+@pytest.mark.parametrize("body", [b'{"login": "a\\ud800", "remote": "192.0.2.1"}',
+                                  b'{"login": "a", "remote": "192.0.2.1", "x": "\\udc00"}',
+                                  ('{"login": ' + DEEP + "}").encode()])
+def test_the_dovecot_parser_refuses_them_on_its_fast_path_too(body):
+    with pytest.raises(dovecot.PolicyRequestError, match="body is not JSON"):
+        dovecot.parse_request("allow", body)
+
+
+def test_the_stalwart_webhook_refuses_them():
+    with pytest.raises(stalwart.WebhookError, match="lone surrogate"):
+        stalwart.parse_batch(b'{"events": [{"id": "1", "type": "auth.failed", '
+                             b'"data": {"login": "a\\ud800"}}]}')
