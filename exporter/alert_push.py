@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
-from exporter import catalogue
+from exporter import catalogue, tracing
 from exporter.config import parse_duration, read_secret
 from exporter.instruments import CounterVec
 
@@ -106,8 +106,7 @@ class AlertPusher:
             return
         self._pending.update(alerts)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain(),
-                                                                name="alertmanager-push")
+            self._task = tracing.detached_task(self._drain(), "alertmanager-push")
 
     async def _drain(self) -> None:
         while self._pending:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter import tracing
 from exporter.config import Config, parse_duration, read_secret
 from security.apikeys import ApiKeys, ApiKeySettings
 from security.audit import AuditLog
@@ -152,7 +153,7 @@ class IdentityServices:
     async def start(self) -> None:
         """After the store is open: counts what is active, then starts the writer task."""
         await self._cleanup()
-        self._task = asyncio.create_task(self._run(), name="identity")
+        self._task = tracing.detached_task(self._run(), "identity")
 
     async def stop(self) -> None:
         """Before the store closes: stops the task and writes what is pending."""

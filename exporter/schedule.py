@@ -94,7 +94,7 @@ class Periodic(Generic[T]):
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._forever(), name=f"periodic-{self.name}")
+            self._task = tracing.detached_task(self._forever(), f"periodic-{self.name}")
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -43,18 +43,20 @@ with a parameter (an account name) is reported as its route template.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import enum
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from random import getrandbits
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -83,6 +85,7 @@ from exporter.config import parse_duration, parse_headers, read_secret
 from exporter.performance import PerformanceMonitor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRACES_PATH = "/v1/traces"
 SCOPE = "a3mailer-exporter"  # the instrumentation scope of every span
@@ -552,6 +555,16 @@ class _InContext:
             self.operation.__exit__(exc_type, exc, tb)
         finally:
             otel_context.detach(self.token)
+
+
+def detached_task(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+    """A background task that outlives whatever starts it, in a context of its own.
+
+    A task copies the context it is created in: one started while a request is handled
+    (a probe added by POST /-/reload) would run every later run inside that request's
+    trace, or, when the request was not sampled, never be traced at all.
+    """
+    return asyncio.create_task(coro, name=name, context=contextvars.Context())
 
 
 def observe(path: str | None, operation: str, name: str | None = None,

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, cast
 
 from prometheus_client.core import Metric
 
-from exporter import catalogue
+from exporter import catalogue, tracing
 from exporter.config import parse_duration
 from exporter.schedule import bounded
 
@@ -948,7 +948,7 @@ class LogIngestion:
     async def start(self) -> None:
         if self._task is None:
             self._stopping = asyncio.Event()
-            self._task = asyncio.create_task(self._run(), name="log-ingestion")
+            self._task = tracing.detached_task(self._run(), "log-ingestion")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Lets the batch in progress finish (its reports included), then closes files."""

@@ -287,6 +287,32 @@ async def test_periodic_runs_are_root_spans_and_failed_probes_count_as_errors(tr
     assert monitor.stats("1m", "schedule", "probe-a").errors == 1
 
 
+@pytest.mark.parametrize("flags", ["01", "00"])
+async def test_a_periodic_started_inside_a_request_still_runs_as_its_own_roots(traced, flags):
+    """A probe added by POST /-/reload is started while that request is handled: its runs
+    must neither join the request's trace (sampled) nor stay untraced with it (not)."""
+    t, _, spans = traced(rate=1.0)
+    runs = []
+
+    async def probe() -> ProbeResult:
+        runs.append(1)
+        return ProbeResult(success=True)
+
+    request = f"00-{'ab' * 16}-{'cd' * 8}-{flags}"
+    periodic = Periodic("probe-added", probe, 0.01, 5)
+    with observe("http", "/-/reload", "POST /-/reload", SpanKind.SERVER,
+                 parent=tracing.extract([(b"traceparent", request.encode())])):
+        periodic.start()
+    while len(runs) < 3:
+        await asyncio.sleep(0.01)
+    await periodic.stop()
+    done = [s for s in finished(t, spans) if s.name == "probe-added"]
+    assert len(done) >= 3
+    assert all(s.parent is None for s in done)
+    assert len({s.context.trace_id for s in done}) == len(done)
+    assert f"{done[0].context.trace_id:032x}" != "ab" * 16
+
+
 def test_settings_from_config_read_secret_headers(config_file, tmp_path, monkeypatch):
     secret = tmp_path / "headers"
     secret.write_text("# comment\nAuthorization=Bearer%20abc, X-Extra=1\n")
