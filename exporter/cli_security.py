@@ -27,6 +27,7 @@ def add_parsers(sub: Any) -> None:
     sec.add_argument("--token-file", help="file holding the admin token "
                                           "(default: $A3MAILER_ADMIN_TOKEN)")
     actions = sec.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list lockouts in force and banned networks")
     actions.add_parser("lockouts", help="list lockouts in force")
     unlock = actions.add_parser("unlock", help="lift an account's lockouts")
     unlock.add_argument("account")
@@ -57,7 +58,12 @@ def run_security(args: argparse.Namespace) -> int:
         return 2
     base = args.url.rstrip("/") + "/api/v1/security"
     action = args.action
-    if action == "lockouts":
+    if action == "list":
+        locks_status, locks = _call("GET", f"{base}/lockouts", token)
+        bans_status, bans = _call("GET", f"{base}/blocklist", token)
+        status = max(locks_status, bans_status)
+        body = {**locks, **bans} if status < 400 else locks if locks_status >= 400 else bans
+    elif action == "lockouts":
         status, body = _call("GET", f"{base}/lockouts", token)
     elif action == "unlock":
         query = f"?source={urllib.parse.quote(args.source)}" if args.source else ""

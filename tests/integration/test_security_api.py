@@ -63,6 +63,12 @@ def test_check_report_tarpit_lock_and_ban(exporter):
     assert banned.json()["reason"] == "banned"
     assert httpx.post(url + "/check", json=attempt("dave", "192.0.2.11", ""),
                       headers=ADMIN).json()["action"] == "allow"
+    listed = cli(exporter, "security", "list")
+    assert listed.returncode == 0, listed.stderr
+    both = json.loads(listed.stdout)
+    assert [(lock["account"], lock["source"]) for lock in both["lockouts"]] == [
+        ("bob", "192.0.2.10/32")]
+    assert [ban["network"] for ban in both["bans"]] == ["192.0.2.10/32"]
 
 
 @pytest.mark.parametrize("body", [
