@@ -182,7 +182,7 @@ class Exporter:
         settings = TracingSettings.from_config(config["tracing"])
         if settings == self.tracing.settings:
             return
-        old, self.tracing = self.tracing, Tracing(settings)
+        old, self.tracing = self.tracing, Tracing(settings, counts=self.tracing.counts)
         tracing.install(self.performance, self.tracing)
         threading.Thread(target=old.shutdown, name="tracing-shutdown", daemon=True).start()
         log.info("tracing reconfigured", extra={"enabled": settings.enabled,

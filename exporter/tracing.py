@@ -140,15 +140,17 @@ class Tracing:
     exports them, built from TracingSettings, and the counts of what became of the
     sampled spans. `exporter`, an SDK SpanExporter, replaces the OTLP/HTTP export."""
 
-    def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None):
+    def __init__(self, settings: TracingSettings, exporter: SpanExporter | None = None,
+                 counts: SpanCounts | None = None):
         self.settings = settings
         self.active = False
         self.bound = 0
         self.sampler: ParentBased | None = None
         self.resource: Resource | None = None
         self.scope = InstrumentationScope(SCOPE, __version__)
-        self.exported = 0.0
-        self.dropped = {"queue_full": 0.0, "export_failed": 0.0}
+        # a reload's new Tracing takes the old one's: the counters go on, and what the old
+        # one still exports while it shuts down counts in them too
+        self.counts = counts if counts is not None else SpanCounts()
         # what finished spans became: OTLP protobuf bytes (the encoder's Span field), or
         # the Span records themselves for an SDK SpanExporter
         self._queue: deque[Any] = deque()
@@ -158,7 +160,6 @@ class Tracing:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._export_lock = threading.Lock()  # one batch at a time: the thread or a flush
-        self._count_lock = threading.Lock()
         self._failing = False
         self._send: Callable[[list[Any]], bool] = _refuse
         self._close: Callable[[], None] = _nothing
@@ -213,9 +214,18 @@ class Tracing:
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()
 
+    @property
+    def exported(self) -> float:
+        return self.counts.exported
+
+    @property
+    def dropped(self) -> dict[str, float]:
+        return self.counts.dropped
+
     def _count(self, reason: str, spans: int = 1) -> None:
-        with self._count_lock:
-            self.dropped[reason] += spans
+        counts = self.counts
+        with counts.lock:
+            counts.dropped[reason] += spans
 
     def _run(self) -> None:
         delay = self.settings.batch_timeout
@@ -243,11 +253,12 @@ class Tracing:
         except Exception:
             log.debug("span export raised", exc_info=True)
             ok = False
-        with self._count_lock:
+        counts = self.counts
+        with counts.lock:
             if ok:
-                self.exported += len(batch)
+                counts.exported += len(batch)
             else:
-                self.dropped["export_failed"] += len(batch)
+                counts.dropped["export_failed"] += len(batch)
         if ok and self._failing:
             log.info("span export recovered", extra={"endpoint": self.settings.endpoint})
         elif not ok and not self._failing:
@@ -300,6 +311,15 @@ class Tracing:
             dropped.add_metric([reason], count)
         yield dropped
         yield catalogue.single("a3mailer_tracing_queue_spans", float(self.pending))
+
+
+class SpanCounts:
+    """What became of the sampled spans, for a3mailer_tracing_spans_*_total."""
+
+    def __init__(self) -> None:
+        self.exported = 0.0
+        self.dropped = {"queue_full": 0.0, "export_failed": 0.0}
+        self.lock = threading.Lock()
 
 
 def resource(service_name: str) -> Resource:

@@ -403,6 +403,35 @@ def test_a_reload_swaps_the_tracer_and_keeps_the_monitor(config_file, tmp_path):
         exporter.tracing.shutdown()
 
 
+def test_the_span_counters_go_on_across_a_reload(config_file):
+    """A reload that changes tracing builds a new Tracing: its counters start where the
+    old one's were, and what the old one still drops as it shuts down counts too."""
+    previous = tracing.installed()
+    section = {"enabled": True, "sampling_rate": 1.0, "otlp_endpoint": "http://127.0.0.1:9",
+               "batch_timeout": "1s"}
+    exporter = Exporter(load_config(config_file({"security": {"enabled": False},
+                                                 "tracing": section})))
+    try:
+        old = exporter.tracing
+        old._count("queue_full", 7)
+        old.counts.exported = 5.0
+        config_file({"security": {"enabled": False},
+                     "tracing": {**section, "sampling_rate": 0.5}})
+        assert exporter.reload() == []
+        assert exporter.tracing is not old
+        old._count("export_failed", 2)  # the old one's last batch, failing
+        exporter.tracing._count("queue_full", 1)
+        samples = {(s.name, s.labels.get("reason")): s.value
+                   for f in exporter.scrape.collect() for s in f.samples
+                   if s.name.startswith("a3mailer_tracing_spans_")}
+        assert samples[("a3mailer_tracing_spans_exported_total", None)] == 5.0
+        assert samples[("a3mailer_tracing_spans_dropped_total", "queue_full")] == 8.0
+        assert samples[("a3mailer_tracing_spans_dropped_total", "export_failed")] == 2.0
+    finally:
+        tracing.install(*previous)
+        exporter.tracing.shutdown()
+
+
 def test_an_endpoint_with_credentials_in_it_is_refused(config_file):
     with pytest.raises(ConfigError, match="tracing.otlp_endpoint: no user:password@") as error:
         load_config(config_file({"tracing": {"otlp_endpoint": "http://u:pw@collector:4318"}}))
