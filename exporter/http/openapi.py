@@ -103,7 +103,7 @@ def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: 
     out: dict[str, Any] = {
         "summary": summary, "security": security,
         "description": (description + " " if description else "")
-        + f"Scope: {scope} (or the admin token).",
+        + f"Scope: {scope} (or the admin token).", "x-required-scope": scope,
         "responses": {**responses, **_errors(401, 403, *codes)}}
     if body is not None:
         out["requestBody"] = {"required": bool(body.get("required")),
@@ -115,6 +115,21 @@ def scoped_operation(security: list[dict[str, list[str]]], summary: str, scope: 
 
 
 def _security_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The security front ends and admin API; the admin routes say the scope an API key
+    needs there, as `scoped` asks it (security:read to read, security:write to change)."""
+    paths = _security_operations(admin)
+    for path, operations in paths.items():
+        if path.startswith("/api/v1/security/"):
+            for method, operation in operations.items():
+                scope = "security:read" if method == "get" else "security:write"
+                operation["description"] = (operation.get("description", "") + " " if
+                                            operation.get("description") else "") + (
+                    f"Scope: {scope} (or the admin token).")
+                operation["x-required-scope"] = scope
+    return paths
+
+
+def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
     from exporter.http.security_routes import ATTEMPT_SCHEMA, BAN_SCHEMA
 
     def body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +311,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                       "responses": {"200": _json("OpenAPI document")}}},
             "/-/reload": {"post": {
                 "summary": "Reload the config file (as SIGHUP does)",
-                "security": admin,
+                "description": "Scope: admin (or the admin token).",
+                "security": admin, "x-required-scope": "admin",
                 "responses": {"200": _json("Reloaded"), **_errors(400, 401, 403)}}},
             "/api/v1/monitoring/history": {"get": {
                 "summary": "System snapshots and health statuses kept for retention_period",
@@ -331,7 +347,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json("Alerts", _ALERTS), **_errors(400, 404)}}},
             "/api/v1/metrics/custom/{name}": {"post": {
                 "summary": "Set or add to a metric declared in monitoring.custom_metrics",
-                "security": admin,
+                "description": "Scope: metrics:write (or the admin token).",
+                "security": admin, "x-required-scope": "metrics:write",
                 "parameters": [{"name": "name", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "requestBody": {"required": True, "content": {"application/json": {
