@@ -3,21 +3,41 @@ later stores, hashes or answers with the values.
 
 json.loads accepts a lone surrogate escape ("\\ud800"): the string it gives holds a code
 point no UTF-8 encoder takes, so SQLite's flush, the audit log's query answer or a JSON
-answer would each fail on it later, long after the request was answered. And a deeply
-nested document raises RecursionError, which is not a ValueError. Both are refused here
-as ValueError, the error every caller already turns into its protocol's "bad request".
+answer would each fail on it later, long after the request was answered. It accepts NaN
+and Infinity, which no JSON answer or audit record may hold (and a NaN duration compares
+false with everything). And a deeply nested document raises RecursionError, which is not
+a ValueError. All are refused here as ValueError, the error every caller already turns
+into its protocol's "bad request".
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Infinity by another name
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+# json.loads's own decoder but for the constants and overflowing numbers; its scan_once
+# serves a caller's fast path
+DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_number)
+
+
 def loads(text: str) -> Any:
-    """json.loads(text), refusing lone surrogates and nesting too deep to parse."""
+    """json.loads(text), refusing lone surrogates, NaN and Infinity, and nesting too deep
+    to parse."""
     try:
-        value = json.loads(text)
+        value = DECODER.decode(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     if "\\u" in text:

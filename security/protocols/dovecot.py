@@ -56,7 +56,7 @@ def parse_request(command: str | None, body: bytes) -> tuple[str, Attempt, dict[
     return command, attempt, fields
 
 
-_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan: Callable[[str, int], tuple[Any, int]] = strict_json.DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def _json_object(text: str) -> Any:

@@ -19,6 +19,9 @@ DEEP = "[" * 5000 + "]" * 5000
     ('{"a\\udc00": 1}', "lone surrogate ('\\udc00')"),  # a key too
     ('[["x", {"y": ["\\ud83d"]}]]', "lone surrogate ('\\ud83d')"),  # a pair's first half
     (DEEP, "nested too deeply"),
+    ('{"duration_seconds": NaN}', "NaN is not a JSON number"),
+    ('[-Infinity]', "-Infinity is not a JSON number"),
+    ('{"x": 1e400}', "1e400 is out of range for a JSON number"),
 ])
 def test_what_json_loads_lets_through_is_refused(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -26,12 +29,14 @@ def test_what_json_loads_lets_through_is_refused(text, message):
 
 
 def test_real_text_passes_as_json_loads_gives_it():
-    text = '{"login": "caf\\u00e9 \\ud83d\\ude00 \u00fc", "n": [1, 2.5, null, true]}'
-    assert strict_json.loads(text) == {"login": "café 😀 ü", "n": [1, 2.5, None, True]}
+    text = '{"login": "caf\\u00e9 \\ud83d\\ude00 \u00fc", "n": [1, 2.5, -1e-300, null, true]}'
+    assert strict_json.loads(text) == {"login": "café 😀 ü",
+                                       "n": [1, 2.5, -1e-300, None, True]}
 
 
 @pytest.mark.parametrize("body", [b'{"login": "a\\ud800", "remote": "192.0.2.1"}',
                                   b'{"login": "a", "remote": "192.0.2.1", "x": "\\udc00"}',
+                                  b'{"login": "a", "remote": "192.0.2.1", "x": NaN}',
                                   ('{"login": ' + DEEP + "}").encode()])
 def test_the_dovecot_parser_refuses_them_on_its_fast_path_too(body):
     with pytest.raises(dovecot.PolicyRequestError, match="body is not JSON"):
