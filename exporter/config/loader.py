@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import errno
 import functools
 import json
 import os
@@ -97,7 +98,11 @@ def read_secret(section: Mapping[str, Any], name: str) -> str | None:
     """
     path = section.get(f"{name}_file") or ""
     if path:
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        raw = Path(path).read_bytes()
+        try:
+            return raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:  # one failure for every caller: the secret cannot be read
+            raise OSError(errno.EINVAL, "the file is not UTF-8 text", path) from None
     env = section.get(f"{name}_env") or ""
     return os.environ.get(env) or None if env else None
 
@@ -166,9 +171,15 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError([Problem(source, 0, "", f"cannot read: {exc.strerror}")]) from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError([Problem(source, line, "", f"not UTF-8: byte 0x{raw[exc.start]:02x}"
+                                       " cannot be decoded")]) from exc
         user, positions = _load_text(text, source)
         data = merge(data, user)
     if overrides:
@@ -213,16 +224,17 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
         try:
             node = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark else 0
-            raise ConfigError([Problem(name, line, "", f"invalid YAML: {exc.problem}")]) from exc
+            raise ConfigError([_yaml_problem(name, exc)]) from exc
         except yaml.YAMLError as exc:
             raise ConfigError([Problem(name, 0, "", f"invalid YAML: {exc}")]) from exc
         if node is None:
             return {}, {}
         positions: dict[Path_, tuple[int, int]] = {}
         problems = _index_node(node, (), positions, name)
-        data = loader.construct_document(node)
+        try:
+            data = loader.construct_document(node)
+        except yaml.MarkedYAMLError as exc:  # a tag SafeLoader refuses (!!python/object)
+            raise ConfigError([_yaml_problem(name, exc)]) from exc
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -232,6 +244,16 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
         problems.sort(key=lambda p: (p.line, p.path))
         raise ConfigError(problems)
     return data, positions
+
+
+def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
+    """YAML's error at the line it names, with where the construct it was reading began
+    (an unclosed quote is found at the end of the file, but opened on its own line)."""
+    mark = exc.problem_mark or exc.context_mark
+    message = f"invalid YAML: {exc.problem}"
+    if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+        message += f" ({exc.context} started on line {exc.context_mark.line + 1})"
+    return Problem(name, mark.line + 1 if mark else 0, "", message)
 
 
 def _index_node(

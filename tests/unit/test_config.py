@@ -142,6 +142,35 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert problem.startswith(f"{path}:3: (top level): invalid YAML")
 
 
+def test_an_unclosed_quote_names_where_it_opened(tmp_path):
+    path = write(tmp_path, 'monitoring:\n  collection_interval: "30s\n')
+    assert problems(path) == [f"{path}:3: (top level): invalid YAML: found unexpected end "
+                              "of stream (while scanning a quoted scalar started on line 2)"]
+
+
+def test_a_tag_safe_yaml_refuses_is_a_config_error(tmp_path):
+    path = write(tmp_path, 'monitoring: !!python/object/apply:os.system ["true"]\n')
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:1: (top level): invalid YAML: could not determine a "
+                              "constructor for the tag")
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"monitoring:\n  # caf\xe9\n  collection_interval: 30s\n")
+    assert problems(path) == [f"{path}:2: (top level): not UTF-8: byte 0xe9 cannot be decoded"]
+    assert main(["check-config", str(path)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_secret_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_bytes(b"\xff\xfe\xfa")
+    path = write(tmp_path, f"security:\n  admin_token_file: {secret}\n")
+    assert problems(path) == [f"{path}:2: security.admin_token_file: cannot read secret: the "
+                              "file is not UTF-8 text"]
+
+
 def test_duplicate_keys_are_errors(tmp_path):
     path = write(tmp_path, "monitoring:\n  enabled: true\n  enabled: false\n")
     assert problems(path) == [f"{path}:3: monitoring.enabled: duplicate key"]
