@@ -12,9 +12,11 @@ from exporter.collectors.system import CpuUsage, SystemSampler
 from exporter.health import Check, CheckResult, Status
 
 
-def system_check(sampler: SystemSampler, thresholds: dict[str, Any]) -> Check:
-    """Degraded while CPU, memory or any filesystem is above its alert threshold."""
-    cpu = CpuUsage()
+def system_check(sampler: SystemSampler, thresholds: dict[str, Any],
+                 cpu: CpuUsage | None = None) -> Check:
+    """Degraded while CPU, memory or any filesystem is above its alert threshold; the CPU
+    share is the one since `cpu`'s last reading (a new CpuUsage: since now)."""
+    cpu = cpu if cpu is not None else CpuUsage()
 
     def measure() -> CheckResult:
         snap = sampler.snapshot(cpu)

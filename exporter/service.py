@@ -109,6 +109,9 @@ class Exporter:
         self.alerts = AlertEngine(self.state_dir)
         self.health.register("state_dir", state_dir_check(self.state_dir), critical=True)
         self.health.register("config", self._config_check)
+        # CPU busy shares between two readings: kept across reloads, whose first reading
+        # would otherwise cover the microseconds since the reload
+        self._health_cpu, self._history_cpu = CpuUsage(), CpuUsage()
         self._apply(config)
 
     # --- building from config
@@ -125,9 +128,9 @@ class Exporter:
         self.custom.configure(mon["custom_metrics"])
         self._configure_tracing(config)
         self.sampler = SystemSampler(mon)
-        self._history_cpu = CpuUsage()
         if mon["enabled"]:
-            self.health.register("system", system_check(self.sampler, mon["alert_thresholds"]))
+            self.health.register("system", system_check(self.sampler, mon["alert_thresholds"],
+                                                        self._health_cpu))
         else:
             self.health.unregister("system")
         if self.security is not None:

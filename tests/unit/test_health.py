@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from exporter.health import CheckResult, HealthEngine, Status
 
@@ -123,3 +124,24 @@ async def test_stop_right_after_a_wake_is_not_lost():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 2.0)
         assert task.cancelled() or task.done()
+
+
+async def test_a_reload_keeps_the_system_checks_cpu_reading_going(config_file):
+    """The CPU share read after a reload covers the time since the reading before it, not
+    the moment since the reload (a new reader's first share, about 0 %: lowering
+    cpu_usage_threshold once turned the component healthy, then degraded)."""
+    from exporter.config import load_config
+    from exporter.service import Exporter
+
+    config = {"security": {"enabled": False}}
+    exporter = Exporter(load_config(config_file(config)))
+    await exporter.health.check_one(exporter.health.components["system"])  # a share starts
+    busy_until = time.process_time() + 0.4
+    while time.process_time() < busy_until:  # one of the two cores busy
+        pass
+    config["monitoring"] = {"alert_thresholds": {"cpu_usage_threshold": 95}}
+    config_file(config)
+    assert exporter.reload() == []
+    system = exporter.health.components["system"]
+    await exporter.health.check_one(system)
+    assert system.details["cpu_usage_percent"] > 20, system.details
