@@ -10,7 +10,7 @@ import jsonschema
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -185,6 +185,11 @@ def create_app(exporter: Exporter) -> ASGIApp:
     async def server_error(request: Request, exc: Exception) -> Response:
         return error(500, "internal_error", "internal error; see the exporter log")
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # the client closed the connection before its body came: no one reads an answer,
+        # and it is no server error (counted as nginx's 499, Client Closed Request)
+        return Response(status_code=499)
+
     # Starlette tries routes in order: the Dovecot policy endpoint (two requests per login,
     # the busiest route by far) goes first, so it is not matched against ten others first
     hot, security = split_policy_route(security_routes(exporter, authorize))
@@ -206,7 +211,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
     routes += federation_routes(exporter, authorize)
     routes += mfa_routes(exporter, authorize)
     app = Starlette(routes=routes, exception_handlers={
-        HTTPException: not_found, BodyTooLarge: too_large, 500: server_error})
+        HTTPException: not_found, BodyTooLarge: too_large, ClientDisconnect: client_gone,
+        500: server_error})
     # the policy route (first in the table) is called straight from the Guard
     direct = DirectRoute(app, hot[0]) if hot else None
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]), direct)

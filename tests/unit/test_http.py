@@ -420,3 +420,38 @@ async def test_policy_route_called_directly_answers_as_through_starlette(make_ex
         for exporter in (direct_exporter, general_exporter):
             if exporter.audit is not None:
                 exporter.audit.close()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/webhooks/stalwart", "/dovecot/policy",
+                                  "/api/v1/passwords/check"])
+async def test_a_client_gone_before_its_body_is_no_server_error(serve, tmp_path, path, caplog):
+    """A client that closes mid-body (Content-Length promised more) raised ClientDisconnect
+    through the app: a 500 in the metrics and an error with its traceback in the log."""
+    (tmp_path / "webhook.secret").write_text("webhook-secret\n")
+    exporter, _ = await serve(admin_config(tmp_path, {"security": {
+        "admin_token_file": str(tmp_path / "admin.token"),
+        "stalwart_webhook": {"enabled": True,
+                             "secret_file": str(tmp_path / "webhook.secret")}}}))
+    app = create_app(exporter)
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": b"{}", "more_body": True},
+                {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+             "query_string": b"command=allow", "root_path": "", "scheme": "http",
+             "http_version": "1.1", "client": ("127.0.0.1", 40000),
+             "server": ("127.0.0.1", 9100),
+             "headers": [(b"content-length", b"100"), (b"content-type", b"application/json"),
+                         (b"authorization", b"Bearer admin-secret")]}
+    await app(scope, receive, send)  # raises nothing
+    assert sent[0]["status"] == 499
+    route = "/dovecot/policy" if path == "/dovecot/policy" else path
+    assert exporter.http_requests.value((route, "499")) == 1
+    assert exporter.http_requests.value((route, "500")) == 0
+    assert "Traceback" not in caplog.text and "ClientDisconnect" not in caplog.text
