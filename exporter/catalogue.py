@@ -183,7 +183,7 @@ _SPECS = [
           "hourly), 0 when it is broken; absent before the first check.", (), "security"),
     _spec("a3mailer_security_frontend_requests_total", "counter", "",
           "Requests to the security front ends, by front end and outcome (ok, bad_request, "
-          "unauthorized).", ("frontend", "outcome"), "security"),
+          "unauthorized, store_unavailable).", ("frontend", "outcome"), "security"),
     # --- MFA (security/mfa/)
     _spec("a3mailer_mfa_verifications_total", "counter", "",
           "Second-factor verifications by method (totp, recovery, email, sms, webauthn) and "

@@ -34,6 +34,7 @@ from security.attempts import Attempt
 from security.blocklist import export_text, import_text
 from security.engine import SecurityManager
 from security.protocols import dovecot, stalwart
+from security.store import Record, StoreUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 Authorize = Callable[[Request, str], Awaitable[Response | None]]
@@ -442,7 +443,20 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         replay.window = exporter.config.seconds("security", "stalwart_webhook", "replay_window")
         accepted = 0
         for event in events:
-            if not replay.fresh(event, engine.clock()):
+            now = engine.clock()
+            if not replay.fresh(event, now):
+                continue
+            # the store remembers the id too, until the replay window closes on it: a
+            # restart (or another replica) does not take a captured batch again
+            try:
+                first = await engine.store.add_record(Record(
+                    stalwart.EVENT_KIND, event.id, {"at": now},
+                    event.created + replay.window), now)
+            except StoreUnavailable:
+                frontends.inc(("stalwart", "store_unavailable"))
+                return _error(503, "store_unavailable", "the security store is unavailable; "
+                              "send the batch again later")
+            if not first:
                 continue
             accepted += 1
             await _apply_stalwart_event(event)

@@ -94,8 +94,12 @@ def parse_batch(body: bytes) -> list[Event]:
     return events
 
 
+EVENT_KIND = "stalwart_event"  # the store's record of an event id taken, until its window ends
+
+
 class ReplayGuard:
-    """Remembers recent event ids (bounded) and the replay window."""
+    """Remembers recent event ids (bounded) and the replay window, in this process: the
+    store's records (EVENT_KIND) hold them across restarts and replicas."""
 
     def __init__(self, window: float, max_ids: int = 100_000):
         self.window = window

@@ -201,3 +201,10 @@ def test_stalwart_webhook_feeds_the_engine(exporter_process, config_file, tmp_pa
     metrics = httpx.get(exporter.url + "/metrics").text
     assert ('a3mailer_security_frontend_requests_total{frontend="stalwart",'
             'outcome="unauthorized"} 1.0') in metrics
+    # after a restart on the same state dir the ids are still known: a batch captured
+    # within its replay window is not taken again (it was, when only memory held them)
+    assert exporter.stop() == 0
+    exporter.start()
+    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 0,
+                                                                     "skipped": 3}
+    assert httpx.post(url, content=ban_body, headers=ban_headers).json()["skipped"] == 1
