@@ -28,7 +28,7 @@ class BodyTooLarge(Exception):
 
 async def send_json(send: Send, status: int, body: dict[str, Any],
                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = json.dumps(body).encode()
+    payload = json.dumps(body, separators=(",", ":")).encode()  # as JSONResponse writes it
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(payload)).encode()),
