@@ -11,6 +11,7 @@ import copy
 import difflib
 import errno
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -372,6 +373,7 @@ def _semantic_problems(
         seen.add(metric["name"])
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
+    _network_problems(data["security"], problem)
     for section, name in secret_paths():
         values: Any = data
         for key in section:
@@ -400,6 +402,26 @@ def _semantic_problems(
         problem(("server", "tls"), "cert_file and key_file go together")
     _alert_engine_problems(data["alerting"]["engine"]["alertmanager"], problem)
     return problems
+
+
+# the lists of networks the security engine matches addresses against
+NETWORK_LISTS: tuple[Path_, ...] = (("trusted_networks",), ("allowlist",),
+                                    ("mfa", "policy", "risky_networks"))
+
+
+def _network_problems(security: dict[str, Any], problem: Any) -> None:
+    """Each entry an address or a CIDR (host bits allowed, as the blocklist takes them):
+    one that is neither stopped the engine at start and half-applied a reload."""
+    for path in NETWORK_LISTS:
+        values: Any = security
+        for key in path:
+            values = values[key]
+        for index, value in enumerate(values):
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                problem(("security", *path, index),
+                        f"not an IP address or CIDR: {value!r}")
 
 
 def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:

@@ -302,3 +302,43 @@ def test_every_schema_secret_is_checked_at_load(tmp_path):
     path.write_text(yaml.safe_dump(data))
     found = problems(path)
     assert len([p for p in found if "cannot read secret" in p]) == len(paths), found
+
+
+def test_networks_that_are_not_addresses_or_cidrs_are_config_errors(tmp_path):
+    path = write(tmp_path, """
+        security:
+          trusted_networks: [127.0.0.0/8, 300.1.2.0/24]
+          allowlist: ["192.0.2.7", "2001:db8::/32", nope]
+          mfa:
+            policy:
+              risky_networks: [198.51.100.0/33]
+    """)
+    assert problems(path) == [
+        f"{path}:2: security.trusted_networks[1]: not an IP address or CIDR: '300.1.2.0/24'",
+        f"{path}:3: security.allowlist[2]: not an IP address or CIDR: 'nope'",
+        f"{path}:6: security.mfa.policy.risky_networks[0]: not an IP address or CIDR: "
+        "'198.51.100.0/33'"]
+
+
+def test_a_reload_with_a_bad_network_changes_nothing(tmp_path):
+    """It used to apply the settings read before the engine met the network (a new
+    reject_message served), answer 500 and keep last_reload_successful at 1."""
+    from exporter.service import Exporter
+
+    path = write(tmp_path, f"server:\n  state_dir: {tmp_path}/state\n")
+    exporter = Exporter(load_config(path))
+    try:
+        write(tmp_path, f"""
+            server:
+              state_dir: {tmp_path}/state
+            security:
+              reject_message: HALF APPLIED
+              trusted_networks: [300.1.2.0/24]
+        """)
+        found = exporter.reload()
+        assert found and "not an IP address or CIDR: '300.1.2.0/24'" in found[0]
+        assert exporter.security.settings.reject_message == "Authentication temporarily refused"
+        assert not exporter.reload_ok
+    finally:
+        if exporter.audit is not None:
+            exporter.audit.close()
