@@ -26,23 +26,30 @@ def add_parsers(sub: Any) -> None:
                      help=f"exporter base URL (default {DEFAULT_URL}, or $A3MAILER_URL)")
     sec.add_argument("--token-file", help="file holding the admin token "
                                           "(default: $A3MAILER_ADMIN_TOKEN)")
+    # the same two options after the action too (`security unlock bob --url ...`); not
+    # given there, they keep what came before it or the defaults
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--url", default=argparse.SUPPRESS, help="as before the action")
+    after.add_argument("--token-file", default=argparse.SUPPRESS, help="as before the action")
     actions = sec.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="list lockouts in force and banned networks")
-    actions.add_parser("lockouts", help="list lockouts in force")
-    unlock = actions.add_parser("unlock", help="lift an account's lockouts")
+    actions.add_parser("list", parents=[after],
+                       help="list lockouts in force and banned networks")
+    actions.add_parser("lockouts", parents=[after], help="list lockouts in force")
+    unlock = actions.add_parser("unlock", parents=[after], help="lift an account's lockouts")
     unlock.add_argument("account")
     unlock.add_argument("--source", help="only the lockout for this network (e.g. 192.0.2.7/32)")
-    actions.add_parser("bans", help="list banned networks")
-    ban = actions.add_parser("ban", help="ban an IP address or CIDR")
+    actions.add_parser("bans", parents=[after], help="list banned networks")
+    ban = actions.add_parser("ban", parents=[after], help="ban an IP address or CIDR")
     ban.add_argument("network")
     ban.add_argument("--reason", default="")
     ban.add_argument("--duration", help="e.g. 1h, 7d (default: until unbanned)")
-    unban = actions.add_parser("unban", help="lift a ban")
+    unban = actions.add_parser("unban", parents=[after], help="lift a ban")
     unban.add_argument("network")
-    imp = actions.add_parser("import", help="ban the networks listed in a text file")
+    imp = actions.add_parser("import", parents=[after],
+                             help="ban the networks listed in a text file")
     imp.add_argument("file")
     imp.add_argument("--feed", default="", help="mark the entries as feed:NAME")
-    actions.add_parser("export", help="print the bans as plain text")
+    actions.add_parser("export", parents=[after], help="print the bans as plain text")
 
     audit = sub.add_parser("audit", help="the audit log")
     audit_actions = audit.add_subparsers(dest="action", required=True)
@@ -52,7 +59,12 @@ def add_parsers(sub: Any) -> None:
 
 
 def run_security(args: argparse.Namespace) -> int:
-    token = _token(args.token_file)
+    try:
+        token = _token(args.token_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        print(f"{args.token_file}: cannot read the admin token: {reason}", file=sys.stderr)
+        return 2
     if token is None:
         print("no admin token: use --token-file or set A3MAILER_ADMIN_TOKEN", file=sys.stderr)
         return 2

@@ -137,6 +137,12 @@ def test_cli_without_token_or_server(exporter, tmp_path):
     token.write_text("nope")
     r = cli(exporter, "security", "--token-file", str(token), "bans")
     assert r.returncode == 1 and json.loads(r.stdout)["error"] == "unauthorized"
+    # the options after the action work the same
+    r = cli(exporter, "security", "bans", "--token-file", str(token))
+    assert r.returncode == 1 and json.loads(r.stdout)["error"] == "unauthorized"
+    r = cli(exporter, "security", "unlock", "nobody", "--token-file", str(tmp_path / "gone"))
+    assert r.returncode == 2 and "cannot read the admin token: No such file" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def signed(secret: bytes, events: list[dict]) -> tuple[bytes, dict]:
