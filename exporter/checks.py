@@ -75,15 +75,20 @@ def state_dir_check(path: Path) -> Check:
 
 def security_store_check(engine: Any) -> Check:
     """Unhealthy when the security store does not answer (the engine then fails open or
-    closed, as security.store.fail_open says)."""
+    closed, as security.store.fail_open says); degraded while changes wait for a disk
+    that refused them."""
 
     async def check() -> CheckResult:
         start = time.monotonic()
         await engine.store.failure_count("health-check", engine.clock(), 1.0)
-        return CheckResult(Status.HEALTHY, "store answers",
-                           # the backend's name, not that of the timing wrapper around it
-                           {"store": type(getattr(engine.store, "inner", engine.store)).__name__,
-                            "tracked_keys": engine.store.tracked_keys(),
-                            "round_trip_ms": round((time.monotonic() - start) * 1000, 3)})
+        backend = getattr(engine.store, "inner", engine.store)  # not the timing wrapper
+        details = {"store": type(backend).__name__, "tracked_keys": engine.store.tracked_keys(),
+                   "round_trip_ms": round((time.monotonic() - start) * 1000, 3)}
+        waiting = len(getattr(backend, "unwritten", ()))  # SqliteStore: the disk refused them
+        if waiting:
+            return CheckResult(Status.DEGRADED, f"{waiting} changes to locks and bans wait "
+                               "for the disk (enforced from memory meanwhile)",
+                               {**details, "unwritten_changes": waiting})
+        return CheckResult(Status.HEALTHY, "store answers", details)
 
     return check

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from security.blocklist import Entry
-from security.store import Lock, Record
+from security.store import Lock, Record, StoreUnavailable
 from security.store.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class SqliteStore(MemoryStore):
         self._moved: set[tuple[str, str]] = set()  # records whose expiry moved since a flush
         self._mfa_dirty: set[tuple[str, str]] = set()  # (user, field) journaled, not in SQLite
         self._journal_fd = -1
+        # write-through changes a refusing disk did not take, oldest first (_write_through)
+        self.unwritten: list[tuple[str, tuple[Any, ...]]] = []
+        self._flush_failing = False
         self._journal_gen = 0
         self._journal_size = 0
         self._mfa_flush = asyncio.Lock()  # one journal rotation and commit at a time
@@ -145,7 +148,14 @@ class SqliteStore(MemoryStore):
             try:
                 await self.flush()
             except Exception:
-                log.exception("flushing failure counters to SQLite failed; will retry")
+                if not self._flush_failing:  # once an outage, not every second
+                    log.exception("flushing to SQLite failed; retrying every %gs",
+                                  self.flush_interval)
+                self._flush_failing = True
+            else:
+                if self._flush_failing:
+                    log.info("flushing to SQLite works again")
+                self._flush_failing = False
 
     async def flush(self) -> None:
         """Writes the MFA changes, failure keys and record expiries since the last flush.
@@ -154,6 +164,12 @@ class SqliteStore(MemoryStore):
         slices of FLUSH_SLICE keys with a yield between them, so a large flush never stops
         the loop for long; a key changed after its slice is dirty again for the next flush.
         """
+        if self.unwritten:
+            waiting = list(self.unwritten)
+            await self._run(self._write_changes, waiting)  # raises: they wait on, in order
+            del self.unwritten[:len(waiting)]
+            log.info("%d changes to locks and bans the disk had refused are written now",
+                     len(waiting))
         if self._mfa_dirty:
             await self._flush_mfa()
         if self._moved:
@@ -207,22 +223,55 @@ class SqliteStore(MemoryStore):
         assert self._db is not None
         self._db.execute(sql, args)
 
+    def _write_changes(self, changes: list[tuple[str, tuple[Any, ...]]]) -> None:
+        assert self._db is not None
+        with self._db:
+            for sql, args in changes:
+                self._execute(sql, args)
+
+    async def _write_through(self, sql: str, args: tuple[Any, ...]) -> None:
+        """Writes one change of the locks, offences or bans, which the memory part holds
+        already. A disk that refuses it (read-only, full, failing) must not undo what the
+        engine decided: a lock that could not be saved was never made, so a brute force
+        went on while the disk was refusing. The change waits instead, after any others,
+        for the next flush; `unwritten` holds them (the store's health check reports
+        them). Waiting changes also put later ones behind them, so the file sees every
+        change in its order."""
+        if not self.unwritten:
+            try:
+                await self._run(self._execute, sql, args)
+                return
+            except sqlite3.Error as exc:  # OperationalError: disk I/O error, read-only, full
+                log.error("SQLite refused a change to the locks or bans (%s); it is kept "
+                          "in memory and written by the next flush that succeeds", exc)
+        if len(self.unwritten) >= MAX_UNWRITTEN:
+            raise StoreUnavailable(f"{len(self.unwritten)} changes already wait for the disk")
+        self.unwritten.append((sql, args))
+
+    async def _delete_expired(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Expired rows, deleted behind: one the disk refuses now goes at the next try (a
+        reload skips expired ones anyway)."""
+        try:
+            await self._run(self._execute_many, sql, rows)
+        except sqlite3.Error as exc:
+            log.warning("SQLite refused to delete expired rows: %s", exc)
+
     async def put_lock(self, lock: Lock) -> None:
         await super().put_lock(lock)
-        await self._run(self._execute, "INSERT OR REPLACE INTO locks (key, data) VALUES (?, ?)",
-                        (lock.key, json.dumps(lock.as_dict())))
+        await self._write_through("INSERT OR REPLACE INTO locks (key, data) VALUES (?, ?)",
+                                  (lock.key, json.dumps(lock.as_dict())))
 
     async def delete_lock(self, key: str) -> Lock | None:
         lock = await super().delete_lock(key)
-        await self._run(self._execute, "DELETE FROM locks WHERE key = ?", (key,))
+        await self._write_through("DELETE FROM locks WHERE key = ?", (key,))
         return lock
 
     async def locks(self, now: float) -> list[Lock]:
         expired = [key for key, lock in self._locks.items() if lock.until <= now]
         current = await super().locks(now)
         if expired:
-            await self._run(self._execute_many, "DELETE FROM locks WHERE key = ?",
-                            [(key,) for key in expired])
+            await self._delete_expired("DELETE FROM locks WHERE key = ?",
+                                       [(key,) for key in expired])
         return current
 
     async def bans(self, now: float) -> list[Entry]:
@@ -230,16 +279,16 @@ class SqliteStore(MemoryStore):
                    if ban.expires is not None and ban.expires <= now]
         current = await super().bans(now)
         if expired:
-            await self._run(self._execute_many, "DELETE FROM bans WHERE network = ?",
-                            [(net,) for net in expired])
+            await self._delete_expired("DELETE FROM bans WHERE network = ?",
+                                       [(net,) for net in expired])
         return current
 
     async def refresh(self) -> None:
         await super().refresh()
         now = time.time()
-        await self._run(self._execute, "DELETE FROM offences WHERE expires <= ?", (now,))
-        await self._run(self._execute, "DELETE FROM records WHERE expires IS NOT NULL AND "
-                                       "expires <= ?", (now,))
+        await self._delete_expired("DELETE FROM offences WHERE expires <= ?", [(now,)])
+        await self._delete_expired("DELETE FROM records WHERE expires IS NOT NULL AND "
+                                   "expires <= ?", [(now,)])
 
     def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         assert self._db is not None
@@ -247,19 +296,19 @@ class SqliteStore(MemoryStore):
 
     async def bump_offences(self, key: str, now: float, window: float) -> int:
         count = await super().bump_offences(key, now, window)
-        await self._run(self._execute,
-                        "INSERT OR REPLACE INTO offences (key, count, expires) VALUES (?, ?, ?)",
-                        (key, count, now + window))
+        await self._write_through(
+            "INSERT OR REPLACE INTO offences (key, count, expires) VALUES (?, ?, ?)",
+            (key, count, now + window))
         return count
 
     async def put_ban(self, ban: Entry) -> None:
         await super().put_ban(ban)
-        await self._run(self._execute, "INSERT OR REPLACE INTO bans (network, data) VALUES (?, ?)",
-                        (ban.network, json.dumps(dataclasses.asdict(ban))))
+        await self._write_through("INSERT OR REPLACE INTO bans (network, data) VALUES (?, ?)",
+                                  (ban.network, json.dumps(dataclasses.asdict(ban))))
 
     async def delete_ban(self, network: str) -> Entry | None:
         ban = await super().delete_ban(network)
-        await self._run(self._execute, "DELETE FROM bans WHERE network = ?", (network,))
+        await self._write_through("DELETE FROM bans WHERE network = ?", (network,))
         return ban
 
     # --- MFA state: the memory store's answer, journaled before returning
@@ -434,6 +483,7 @@ class SqliteStore(MemoryStore):
 
 
 BATCH_ROWS = 256  # rows per statement: 768 parameters, under SQLite's oldest limit (999)
+MAX_UNWRITTEN = 100_000  # changes that may wait for a refusing disk; then StoreUnavailable
 
 
 def _storable(keys: set[str], values: list[str | float]

@@ -13,11 +13,14 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exporter.checks import security_store_check
+from exporter.health import Status
 from security.attempts import tracking_keys
 from security.blocklist import Entry
 from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, Store, open_store
@@ -535,6 +538,44 @@ async def test_sqlite_flush_in_batches_keeps_every_row_exactly(sqlite_stores, mo
     assert sum(v is not None for v in kept.values()) == 690
     assert kept["k0"] is None and kept["k105"] is None and kept["k748"] == {
         "p0": T0 + 748 / 7, "p1": T0 + 748 / 7 + 1 / 3}
+
+
+async def test_sqlite_a_refusing_disk_still_locks_and_writes_the_locks_later(
+        sqlite_stores, monkeypatch):
+    """A disk that refuses writes (read-only, full, failing) used to make the lock's
+    write-through raise before the lock existed: a brute force went on unlocked. Now the
+    lock holds from memory, the changes wait in order and the next flush writes them."""
+    first = await sqlite_stores(flush_interval=3600)
+    real = first._execute
+
+    def refuse(sql: str, args: tuple) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(first, "_execute", refuse)
+    for n, h in enumerate(("h1", "h2", "h3")):
+        counts = await first.record_login_failure(KEYS, h, T0 + n, POLICY)
+    assert [lock.key for lock in counts.locks] == [KEYS.pair]
+    assert (await first.login_state(KEYS, T0 + 3, WINDOW, True, None)).lock == counts.locks[0]
+    ban = Entry("198.51.100.0/24", "test", "manual", T0, T0 + 3600)
+    await first.put_ban(ban)
+    await first.delete_ban("198.51.100.0/24")
+    await first.put_ban(dataclasses.replace(ban, reason="again"))
+    assert [sql.split()[0] for sql, _ in first.unwritten] == [
+        "INSERT", "INSERT", "INSERT", "DELETE", "INSERT"]  # offences, lock, ban, unban, ban
+    with pytest.raises(sqlite3.OperationalError):
+        await first.flush()  # still refusing: they wait on
+    assert len(first.unwritten) == 5
+    health = await security_store_check(SimpleNamespace(store=first, clock=lambda: T0))()
+    assert health.status is Status.DEGRADED and health.details["unwritten_changes"] == 5
+    monkeypatch.setattr(first, "_execute", real)
+    await first.flush()
+    assert first.unwritten == []
+    health = await security_store_check(SimpleNamespace(store=first, clock=lambda: T0))()
+    assert health.status is Status.HEALTHY
+    await first.close()
+    second = await sqlite_stores()
+    assert await second.get_lock(KEYS.pair, T0 + 4) == counts.locks[0]
+    assert [b.reason for b in await second.bans(T0)] == ["again"]
 
 
 async def test_sqlite_a_key_sqlite_cannot_encode_does_not_stop_the_others(sqlite_stores,
