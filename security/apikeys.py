@@ -310,12 +310,12 @@ class ApiKeys:
         record = await self.store.get_record(KIND, key_id, now)
         if record is None:
             return None
-        key = _key_from(record)
+        key = _key_from(record, await self._last_used(key_id, now))
         if key.state(now) != "active":
             return key
         when = now if at is None else max(now, at)
-        revoked = ApiKey(key.id, key.name, key.scopes, key.created, key.expires, when, None,
-                         key.rate_limit_per_minute, key.created_by)
+        revoked = ApiKey(key.id, key.name, key.scopes, key.created, key.expires, when,
+                         key.last_used, key.rate_limit_per_minute, key.created_by)
         await self._save(revoked, record.data["hash"])
         if when <= now:
             self.active = max(0, self.active - 1)

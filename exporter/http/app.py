@@ -29,7 +29,11 @@ from exporter.http.identity_routes import identity_routes
 from exporter.http.mfa_routes import mfa_routes
 from exporter.http.middleware import BodyTooLarge, DirectRoute, Guard, api_limits
 from exporter.http.openapi import openapi_document
-from exporter.http.security_routes import security_routes, split_policy_route
+from exporter.http.security_routes import (
+    schema_problem,
+    security_routes,
+    split_policy_route,
+)
 from exporter.service import Exporter
 from security import strict_json
 
@@ -131,8 +135,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
             return error(400, "bad_request", "body must be JSON")
         problems = sorted(_update_validator.iter_errors(body), key=lambda e: list(e.path))
         if problems:
-            where = ".".join(str(p) for p in problems[0].absolute_path) or "(body)"
-            return error(400, "bad_request", f"{where}: {problems[0].message}")
+            return error(400, "bad_request", schema_problem(problems[0]))
         name = request.path_params["name"]
         try:
             value = exporter.custom.update(name, body)

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 from starlette.datastructures import QueryParams
@@ -167,6 +167,37 @@ def _time_param(query: QueryParams, name: str) -> float | None:
     return value
 
 
+_JSON_TYPES = {"string": "a string", "integer": "an integer", "number": "a number",
+               "boolean": "true or false",
+               "object": "an object", "array": "an array", "null": "null"}
+
+
+def schema_problem(error: jsonschema.ValidationError) -> str:
+    """`field: what is wrong`, from the schema alone: jsonschema's own message quotes the
+    value, which may be a password or a token (and as long as the body allows)."""
+    where = ".".join(str(p) for p in error.absolute_path) or "(body)"
+    rule, limit = str(error.validator), cast(Any, error.validator_value)
+    if rule == "type":
+        kinds = [limit] if isinstance(limit, str) else list(limit)
+        return f"{where}: expected {' or '.join(_JSON_TYPES.get(k, k) for k in kinds)}"
+    messages = {
+        "maxLength": f"longer than {limit} characters", "minLength":
+            f"shorter than {limit} characters" if limit != 1 else "must not be empty",
+        "pattern": "not in the expected form", "maxItems": f"more than {limit} items",
+        "minItems": f"fewer than {limit} items", "uniqueItems": "items must be unique",
+        "minimum": f"must be >= {limit}", "maximum": f"must be <= {limit}",
+        "exclusiveMinimum": f"must be > {limit}", "exclusiveMaximum": f"must be < {limit}",
+        "format": f"not a valid {limit}", "const": f"must be {limit!r}",
+        "enum": "must be one of " + ", ".join(repr(v) for v in limit)
+        if isinstance(limit, list) else "not an allowed value",
+    }
+    if rule in messages:
+        return f"{where}: {messages[rule]}"
+    if rule in ("required", "additionalProperties", "dependencies", "dependentRequired"):
+        return f"{where}: {error.message}"  # names properties the client sent or must send
+    return f"{where}: not valid ({rule})"
+
+
 async def _json_body(request: Request, validator: jsonschema.Draft7Validator) -> dict[str, Any]:
     raw = await request.body()
     try:
@@ -178,8 +209,7 @@ async def _json_body(request: Request, validator: jsonschema.Draft7Validator) ->
     except RecursionError:
         raise BadRequest("body must be UTF-8 JSON: nested too deeply") from None
     if errors:
-        where = ".".join(str(p) for p in errors[0].absolute_path) or "(body)"
-        raise BadRequest(f"{where}: {errors[0].message}")
+        raise BadRequest(schema_problem(errors[0]))
     result: dict[str, Any] = body
     return result
 

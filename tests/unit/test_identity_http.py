@@ -359,3 +359,30 @@ async def test_the_seed_spelling_of_cookie_same_site(running):
     _, client = await running({"security": {"session_config": {"cookie_same_site": "lax"}}})
     r = await client.post("/api/v1/sessions", headers=ADMIN, json={"user": "u"})
     assert r.json()["cookie"].endswith("SameSite=Lax")
+
+
+async def test_a_bad_field_is_named_never_quoted(running):
+    """jsonschema's messages quote the value: a too-long password came back whole in the
+    400 (and a front end logging API errors would have kept it)."""
+    _, client = await running()
+    secret = "e0cgnZt-" * 1000
+    for payload, expected in (({"password": secret}, "password: longer than 4096 characters"),
+                              ({"password": 12345678}, "password: expected a string")):
+        r = await client.post("/api/v1/passwords/check", headers=ADMIN, json=payload)
+        assert r.status_code == 400 and r.json()["message"] == expected
+        assert "e0cgnZt" not in r.text and "12345678" not in r.text
+    r = await client.post("/api/v1/mfa/totp/verify", headers=ADMIN,
+                          json={"user": "a", "code": "9" * 65})
+    assert r.status_code == 400 and "9" * 10 not in r.text
+
+
+async def test_revoking_a_key_answers_its_last_use(running):
+    _, client = await running()
+    key = await new_key(client, ["security:read"])
+    assert (await client.get("/api/v1/security/lockouts",
+                             headers=bearer(key["key"]))).status_code == 200
+    listed = (await client.get(f"/api/v1/apikeys/{key['id']}", headers=ADMIN)).json()
+    revoked = (await client.delete(f"/api/v1/apikeys/{key['id']}", headers=ADMIN)).json()
+    assert listed["last_used"] is not None
+    assert revoked["revoked"]["last_used"] == listed["last_used"]
+    assert revoked["revoked"]["state"] == "revoked"
