@@ -361,8 +361,10 @@ def test_otlp_receiver_and_alertmanager_gone_and_back(tmp_path, config_file, rec
             time.sleep(OUTAGE_SECONDS)
             outage_rate = (load.answered() - answered_at_start) / (
                 time.monotonic() - outage_start)
-            dropped = metric(proc.url, "a3mailer_tracing_spans_dropped_total",
-                             reason="export_failed")
+            # every reason (a full queue as well as a failed export) in both readings
+            dropped = metric(proc.url, "a3mailer_tracing_spans_dropped_total")
+            export_failed = metric(proc.url, "a3mailer_tracing_spans_dropped_total",
+                                   reason="export_failed")
             push_failures = metric(proc.url, "a3mailer_alert_push_failures_total",
                                    reason="unreachable")
             assert httpx.get(proc.url + "/livez", timeout=5).status_code == 200
@@ -375,6 +377,7 @@ def test_otlp_receiver_and_alertmanager_gone_and_back(tmp_path, config_file, rec
             wait_until(lockout_alert_in_alertmanager, 30, "the alert pushed again")
             recovered_in = time.monotonic() - recovery_start
         assert dropped > dropped_at_start, (dropped_at_start, dropped)
+        assert export_failed > 0, export_failed
         assert push_failures > failed_at_start, (failed_at_start, push_failures)
         assert outage_rate >= 0.5 * before_rate, (before_rate, outage_rate)
         assert load.statuses.get(500, 0) == 0 and load.transport_errors == 0, load.statuses
