@@ -93,7 +93,7 @@ class Exporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._history_wakeup = asyncio.Event()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.security_frontends = CounterVec("a3mailer_security_frontend_requests_total")
         self.rate_limited = CounterVec("a3mailer_security_rate_limited_total")
         self.audit, self.security = _build_security(config, self.state_dir)
@@ -239,7 +239,7 @@ class Exporter:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.security is not None:
             await self.security.start()
         if self.identity is not None:

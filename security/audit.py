@@ -73,6 +73,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from security.private_files import make_private, private_opener
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
@@ -518,13 +520,15 @@ class AuditLog:
         self._purge_lock = threading.Lock()
         self._sync_pending = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lockfile = open(f"{self.path}.lock", "a")  # noqa: SIM115 - held until close()
+        self._lockfile = open(f"{self.path}.lock", "a",  # noqa: SIM115 - held until close()
+                              opener=private_opener)
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             self._lockfile.close()
             raise AuditLogLocked(f"{self.path} is in use by another writer") from exc
         created = not self.path.exists()
+        make_private(self.path)  # it names accounts and addresses
         self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held until close()
         if created:
             _fsync_dir(self.path.parent)
@@ -548,7 +552,7 @@ class AuditLog:
         if keep == size:
             return
         torn = Path(f"{self.path}.torn")
-        with torn.open("ab") as out:
+        with open(torn, "ab", opener=private_opener) as out:
             out.write(tail[keep - end:] + b"\n")
             out.flush()
             os.fsync(out.fileno())
@@ -828,7 +832,7 @@ class AuditLog:
                                 "last_purged_hash": last["hash"]},
                     "prev": last["hash"]})
                 tmp = Path(f"{self.path}.tmp")
-                with tmp.open("wb") as out:
+                with open(tmp, "wb", opener=private_opener) as out:
                     out.write(line)
                     fh.seek(keep_from)
                     _copy(fh, out, size - keep_from)

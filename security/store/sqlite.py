@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from security.blocklist import Entry
+from security.private_files import make_private
 from security.store import Lock, Record, StoreUnavailable
 from security.store.memory import MemoryStore
 
@@ -92,6 +93,10 @@ class SqliteStore(MemoryStore):
 
     def _open_db(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # SQLite gives its -wal and -shm files the database's mode
+        for path in (self.path, *(Path(f"{self.path}{end}") for end in ("-wal", "-shm"))):
+            if path == self.path or path.exists():
+                make_private(path)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
