@@ -215,9 +215,21 @@ class Exporter:
             if new_section[key] != old_section[key]:
                 log.warning("changing %s needs a restart; keeping the old value", ".".join(path))
                 new_section[key] = old_section[key]
-        self._apply(new)
-        for callback in self.on_reload:
-            callback(new)
+        old = self.config
+        try:
+            self._apply(new)
+            for callback in self.on_reload:
+                callback(new)
+        except Exception as exc:  # a check the loader lacks: the old config, whole, again
+            log.exception("config reload failed while applying; previous config restored")
+            self._apply(old)
+            for callback in self.on_reload:
+                callback(old)
+            self.reload_ok = False
+            self.reload_problems = [f"{new.source}: applying the config failed: "
+                                    f"{type(exc).__name__}: {exc}"]
+            self._audit_reload(actor, False, self.reload_problems)
+            return self.reload_problems
         self.reload_ok, self.reload_time, self.reload_problems = True, time.time(), []
         log.info("config reloaded", extra={"source": new.source})
         self._audit_reload(actor, True, [])

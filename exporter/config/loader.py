@@ -130,6 +130,26 @@ def parse_headers(text: str) -> dict[str, str]:
     return headers
 
 
+# URLs whose credentials have keys of their own (secret files, kept out of ConfigMaps, logs
+# and /health): a password in the URL is refused, with where it belongs.
+URLS_WITHOUT_CREDENTIALS: dict[tuple[str, ...], str] = {
+    ("tracing", "otlp_endpoint"): "tracing.otlp_headers_file or tracing.otlp_headers_env",
+    ("monitoring", "stalwart", "url"): "monitoring.stalwart.token_file, or username and "
+                                       "password_file",
+    ("security", "mfa", "sms", "url"): "security.mfa.sms.auth_header and auth_value_file",
+    ("security", "store", "redis_url"): "security.store.redis_password_file or "
+                                        "redis_password_env",
+}
+
+# Secrets the exporter itself keys with, or that guard its admin routes: shorter ones are
+# refused at load (and so on a reload, before anything is applied), not at first use.
+SECRET_MIN_LENGTH: dict[tuple[str, ...], int] = {
+    ("security", "admin_token"): 16,
+    ("security", "csrf_key"): 16,  # security/csrf.py's HMAC key
+    ("security", "mfa", "encryption_key"): 32,  # security/mfa/sealing.py's MIN_KEY_CHARS
+}
+
+
 @functools.cache
 def secret_paths() -> tuple[tuple[tuple[str, ...], str], ...]:
     """(section path, name) of every secret: each `<name>_file` key the schema types as a
@@ -331,6 +351,14 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
             (path, f"bad duration {value!r}: expected a positive number followed by "
              "ms, s, m, h, d or w (e.g. 30s, 5m, 24h)", False)
         ]
+    # a string's rules are said without the string: it may be a secret in the wrong place
+    # (a plain password where a bcrypt hash belongs), and the line is named anyway
+    if error.validator == "pattern":
+        return [(path, f"does not match the pattern {error.validator_value!r}", False)]
+    if error.validator in ("minLength", "maxLength", "format"):
+        rule = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+                "format": "a valid {}"}[str(error.validator)].format(error.validator_value)
+        return [(path, f"must be {rule}", False)]
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         bound = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
                  "exclusiveMaximum": "<"}[str(error.validator)]
@@ -379,14 +407,28 @@ def _semantic_problems(
         for key in section:
             values = values[key]
         try:
-            read_secret(values, name)
+            secret = read_secret(values, name)
         except OSError as exc:
             problem((*section, f"{name}_file"), f"cannot read secret: {exc.strerror}")
+            continue
+        shortest = SECRET_MIN_LENGTH.get((*section, name), 0)
+        if secret is not None and len(secret) < shortest:
+            # said without the value; the file, or the variable it came from
+            key = f"{name}_file" if values.get(f"{name}_file") else f"{name}_env"
+            origin = "" if key.endswith("_file") else f" (${values[key]})"
+            problem((*section, key), f"the secret{origin} has {len(secret)} characters; "
+                    f"at least {shortest} are needed")
+    for path, where in URLS_WITHOUT_CREDENTIALS.items():
+        url: Any = data
+        for key in path:
+            url = url[key]
+        netloc = urllib.parse.urlsplit(url).netloc
+        userinfo = netloc.rpartition("@")[0]
+        # Redis's ACL user may stand in its URL (redis://user@host), the password may not
+        if userinfo and (path[-1] != "redis_url" or ":" in userinfo):
+            # said without the value: it holds a password
+            problem(path, f"no user:password@ in the URL: put credentials in {where}")
     tracing = data["tracing"]
-    if "@" in urllib.parse.urlsplit(tracing["otlp_endpoint"]).netloc:
-        # said without the value: it holds a password
-        problem(("tracing", "otlp_endpoint"), "no user:password@ in the URL: put credentials "
-                "in tracing.otlp_headers_file or tracing.otlp_headers_env")
     for name in tracing["otlp_headers"]:
         if SECRET_HEADER.search(name):
             problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "

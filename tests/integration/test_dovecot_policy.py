@@ -69,7 +69,7 @@ def test_allowlisted_source_is_never_locked(stack):
 
 def test_lock_survives_an_exporter_restart_and_admin_unlock(stack, tmp_path):
     token = tmp_path / "admin.token"
-    token.write_text("adm1n")
+    token.write_text("adm1n-token-0123456")
     exporter, dovecot = stack(admin_token_file=str(token))
     source = next_loopback_ip()
     for n in range(3):
@@ -80,7 +80,7 @@ def test_lock_survives_an_exporter_restart_and_admin_unlock(stack, tmp_path):
     exporter.start()
     assert REJECT in login(dovecot, ALICE, dovecot.users[ALICE], source)
 
-    admin = {"authorization": "Bearer adm1n"}
+    admin = {"authorization": "Bearer adm1n-token-0123456"}
     locks = httpx.get(exporter.url + "/api/v1/security/lockouts", headers=admin).json()
     assert [(lock["account"], lock["source"]) for lock in locks["lockouts"]] == [
         (ALICE, f"{source}/32")]

@@ -41,11 +41,11 @@ def wait_for(predicate, timeout: float = 10, what: str = "condition"):
 
 def test_sighup_reload_applies_valid_and_rejects_invalid(exporter_process, config_file, tmp_path):
     token = tmp_path / "admin"
-    token.write_text("t0ken")
+    token.write_text("t0ken-0123456789ab")
     base = {"security": {"admin_token_file": str(token)}}
     path = config_file(base)
     proc = exporter_process(path)
-    admin = {"authorization": "Bearer t0ken"}
+    admin = {"authorization": "Bearer t0ken-0123456789ab"}
     url = proc.url + "/api/v1/metrics/custom/jobs"
     assert httpx.post(url, json={"value": 1}, headers=admin).status_code == 404
 
@@ -75,14 +75,15 @@ def test_sighup_reload_applies_valid_and_rejects_invalid(exporter_process, confi
 def test_sigterm_finishes_in_flight_request_and_exits_zero(exporter_process, config_file,
                                                            tmp_path):
     token = tmp_path / "admin"
-    token.write_text("t0ken")
+    token.write_text("t0ken-0123456789ab")
     proc = exporter_process(config_file({
         "security": {"admin_token_file": str(token)},
         "monitoring": {"custom_metrics": [{"name": "jobs", "type": "gauge", "help": "J"}]}}))
     body = b'{"value": 12.5}'
     with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as conn:
         conn.sendall(b"POST /api/v1/metrics/custom/jobs HTTP/1.1\r\nHost: x\r\n"
-                     b"Authorization: Bearer t0ken\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer t0ken-0123456789ab\r\n"
+                     b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:5])
         time.sleep(0.3)
         proc.signal(signal.SIGTERM)

@@ -176,14 +176,14 @@ def test_the_exporter_process_serves_postfix_from_its_config(exporter_process, c
     from tests.exporter_process import free_port
 
     token = tmp_path / "admin.token"
-    token.write_text("pf-admin")
+    token.write_text("pf-admin-token-0123")
     port = free_port()
     exporter = exporter_process(config_file({"security": {
         "admin_token_file": str(token), "trusted_networks": [], "reject_message": REJECT_TEXT,
         "postfix_policy": {"enabled": True, "listen": f"127.0.0.1:{port}"}}}))
     banned, clean = next_loopback_ip(), next_loopback_ip()
     r = httpx.post(exporter.url + "/api/v1/security/blocklist", json={"network": banned},
-                   headers={"authorization": "Bearer pf-admin"})
+                   headers={"authorization": "Bearer pf-admin-token-0123"})
     assert r.status_code == 201
     mail = MailStack.start(tmp_path / "mail", postfix_main={
         "smtpd_recipient_restrictions": f"check_policy_service inet:127.0.0.1:{port}"})

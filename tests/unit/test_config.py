@@ -209,6 +209,116 @@ def test_missing_secret_file_is_a_config_error(tmp_path):
     assert problem.startswith(f"{path}:2: security.admin_token_file: cannot read secret")
 
 
+def test_too_short_keys_and_tokens_are_config_errors_without_their_value(tmp_path,
+                                                                          monkeypatch):
+    """A 5-byte CSRF or MFA key passed check-config, then `run` died with a traceback and a
+    reload half-applied; a 1-character admin token was accepted."""
+    for name, text in (("admin", "tok1"), ("csrf", "short"), ("mfa", "x" * 31)):
+        (tmp_path / name).write_text(text + "\n")
+    path = write(tmp_path, f"""
+        security:
+          admin_token_file: {tmp_path}/admin
+          csrf_key_file: {tmp_path}/csrf
+          mfa:
+            encryption_key_file: {tmp_path}/mfa
+    """)
+    assert sorted(problems(path)) == [
+        f"{path}:2: security.admin_token_file: the secret has 4 characters; at least 16 are "
+        "needed",
+        f"{path}:3: security.csrf_key_file: the secret has 5 characters; at least 16 are needed",
+        f"{path}:5: security.mfa.encryption_key_file: the secret has 31 characters; at least "
+        "32 are needed"]
+    monkeypatch.setenv("A3MAILER_ADMIN_TOKEN", "short-env")
+    [problem] = problems(write(tmp_path, "security:\n  enabled: true\n"))
+    assert problem.endswith("security.admin_token_env: the secret ($A3MAILER_ADMIN_TOKEN) has "
+                            "9 characters; at least 16 are needed")
+    assert "short-env" not in problem
+    monkeypatch.setenv("A3MAILER_ADMIN_TOKEN", "x" * 16)
+    load_config(write(tmp_path, "security:\n  enabled: true\n"))
+
+
+def test_a_reload_that_fails_while_applying_restores_the_old_config(tmp_path, monkeypatch):
+    """A check the loader lacks used to leave the config half-applied (the new
+    reject_message served), answer 500 and keep last_reload_successful at 1."""
+    from exporter.service import Exporter
+
+    path = write(tmp_path, f"server:\n  state_dir: {tmp_path}/state\n")
+    exporter = Exporter(load_config(path))
+    assert exporter.identity is not None
+    real_configure = exporter.identity.configure
+
+    def configure(config):
+        if config["security"]["reject_message"] == "HALF APPLIED":
+            raise ValueError("a key the loader let through")
+        real_configure(config)
+
+    monkeypatch.setattr(exporter.identity, "configure", configure)
+    try:
+        write(tmp_path, f"""
+            server:
+              state_dir: {tmp_path}/state
+            security:
+              reject_message: HALF APPLIED
+        """)
+        [problem] = exporter.reload()
+        assert problem == (f"{path}: applying the config failed: ValueError: a key the loader "
+                           "let through")
+        assert exporter.security.settings.reject_message == "Authentication temporarily refused"
+        assert exporter.config["security"]["reject_message"] != "HALF APPLIED"
+        assert not exporter.reload_ok
+        [record] = exporter.audit.query(types=["config.reload"])[0]
+        assert record["details"]["ok"] is False
+    finally:
+        if exporter.audit is not None:
+            exporter.audit.close()
+
+
+def test_urls_with_a_password_are_config_errors_that_do_not_quote_it(tmp_path):
+    """http://admin:SECRET@host in monitoring.stalwart.url passed, and the password then
+    showed in the unauthenticated /health and in the log."""
+    path = write(tmp_path, """
+        monitoring:
+          stalwart:
+            url: http://admin:SECRETSTAL@127.0.0.1:8080
+        security:
+          store:
+            redis_url: redis://:SECRETREDIS@127.0.0.1:6379/0
+          mfa:
+            sms:
+              url: https://user:SECRETSMS@sms.example/send
+    """)
+    found = problems(path)
+    assert found == [
+        f"{path}:3: monitoring.stalwart.url: no user:password@ in the URL: put credentials in "
+        "monitoring.stalwart.token_file, or username and password_file",
+        f"{path}:9: security.mfa.sms.url: no user:password@ in the URL: put credentials in "
+        "security.mfa.sms.auth_header and auth_value_file",
+        f"{path}:6: security.store.redis_url: no user:password@ in the URL: put credentials "
+        "in security.store.redis_password_file or redis_password_env"]
+    assert "SECRET" not in "".join(found)
+    # a Redis ACL user name alone is no secret
+    load_config(write(tmp_path, """
+        security:
+          store:
+            redis_url: redis://exporter@127.0.0.1:6379/0
+    """))
+
+
+def test_a_string_that_breaks_a_pattern_is_not_quoted_back(tmp_path):
+    """A plain password where a bcrypt hash belongs was quoted whole into stderr, the
+    reload answer, the log and the audit log."""
+    path = write(tmp_path, """
+        server:
+          auth:
+            basic_auth_users:
+              prom: MyPlainPassw0rd
+    """)
+    [problem] = problems(path)
+    assert problem.startswith(f"{path}:4: server.auth.basic_auth_users.prom: does not match "
+                              "the pattern '^")
+    assert "MyPlainPassw0rd" not in problem
+
+
 def test_secrets_from_file_and_env(tmp_path, monkeypatch):
     from exporter.config import read_secret
 

@@ -143,11 +143,11 @@ async def test_openapi_lists_every_route(serve):
 
 def admin_config(tmp_path, extra=None):
     token = tmp_path / "admin.token"
-    token.write_text("admin-secret\n")
+    token.write_text("admin-secret-0123456\n")
     return {"security": {"admin_token_file": str(token)}, **(extra or {})}
 
 
-ADMIN = {"authorization": "Bearer admin-secret"}
+ADMIN = {"authorization": "Bearer admin-secret-0123456"}
 
 
 async def test_admin_endpoints_need_the_admin_token(serve, tmp_path):
@@ -448,7 +448,7 @@ async def test_a_client_gone_before_its_body_is_no_server_error(serve, tmp_path,
              "http_version": "1.1", "client": ("127.0.0.1", 40000),
              "server": ("127.0.0.1", 9100),
              "headers": [(b"content-length", b"100"), (b"content-type", b"application/json"),
-                         (b"authorization", b"Bearer admin-secret")]}
+                         (b"authorization", b"Bearer admin-secret-0123456")]}
     await app(scope, receive, send)  # raises nothing
     assert sent[0]["status"] == 499
     route = "/dovecot/policy" if path == "/dovecot/policy" else path

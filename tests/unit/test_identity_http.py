@@ -24,7 +24,7 @@ async def running(config_file, tmp_path):
     """start(extra config) -> (exporter, client): engines started, app in process."""
     stack = contextlib.AsyncExitStack()
     token = tmp_path / "admin.token"
-    token.write_text("admin-secret\n")
+    token.write_text("admin-secret-0123456\n")
 
     async def start(extra: dict | None = None, state: str = "state"):
         data = {"server": {"state_dir": str(tmp_path / state)},

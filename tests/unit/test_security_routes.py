@@ -15,7 +15,7 @@ from exporter.service import Exporter
 from security.attempts import Decision
 from security.protocols import dovecot
 
-TOKEN = "adm1n"
+TOKEN = "adm1n-token-0123456"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 MSG = "Authentication temporarily refused"
 
