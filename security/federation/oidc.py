@@ -4,14 +4,19 @@ RFC 7662 introspection.
 Signing keys come from the issuer's discovery document (`jwks_uri`) and are cached for
 `jwks_cache_ttl`; a token whose `kid` is not in the cache fetches the keys again (key
 rotation), at most once per `jwks_min_refresh_interval`, so a flood of made-up key ids
-cannot hammer the issuer. When a fetch fails, the keys already cached keep serving.
+cannot hammer the issuer. When a fetch fails, the keys already cached keep serving; with
+none ever fetched, tokens get `jwks_unavailable` until a fetch succeeds. A cached key
+answers without waiting for a fetch another token started. Keys whose `use` is not `sig`
+are left out; a kid listed twice keeps its first key (logged).
 
 What is refused, before any signature check: an algorithm outside the allowlist (which
 only ever holds asymmetric algorithms, so `alg: none` and HS256 with the public key as
 the HMAC secret never get that far), and a key whose type or curve does not fit the
 token's algorithm. Then the signature, `iss`, `aud` (one of the configured audiences),
 `exp`, `nbf` and `iat` (with `leeway`) and the required claims are checked by PyJWT.
-Discovery, JWKS and introspection URLs must be https, except on loopback.
+Discovery, JWKS and introspection URLs must be https, except on loopback. An active
+introspection answer is held to the same rules for the claims it has (`exp`, `nbf`,
+`iss`, `aud`); a non-numeric time makes it inactive.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +39,8 @@ if TYPE_CHECKING:
 
 # httpx and PyJWT (with the cryptography it loads: ~10 MB resident together, about half a
 # second to import) are imported when a validator is built (OIDC configured), not at start.
+
+log = logging.getLogger(__name__)
 
 MAX_TOKEN_LENGTH = 16384
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
@@ -164,6 +172,8 @@ class OidcValidator:
             value = response.json()
         except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FederationError(f"{urlsplit(url).netloc}: {exc}") from None
+        except ValueError as exc:  # check_url: a URL the discovery document named
+            raise FederationError(str(exc)) from None
         if not isinstance(value, dict):
             raise FederationError(f"{urlsplit(url).netloc}: expected a JSON object")
         return value
@@ -187,15 +197,32 @@ class OidcValidator:
             raise FederationError("the discovery document has no jwks_uri")
         jwks = await self._get_json(uri)
         self.jwks_fetches += 1
-        keys = {}
-        for jwk in jwks.get("keys", []):
-            if isinstance(jwk, dict) and jwk.get("kty") in ("RSA", "EC", "OKP"):
-                keys[str(jwk.get("kid", ""))] = jwk
+        listed = jwks.get("keys", [])
+        if not isinstance(listed, list):
+            raise FederationError(f"{urlsplit(uri).netloc}: the JWKS has no list of keys")
+        keys: dict[str, dict[str, Any]] = {}
+        for jwk in listed:
+            if not (isinstance(jwk, dict) and jwk.get("kty") in ("RSA", "EC", "OKP")):
+                continue
+            if jwk.get("use", "sig") != "sig":  # an encryption key is never a signer
+                continue
+            kid = str(jwk.get("kid", ""))
+            if kid in keys:  # which one signs is ambiguous: the first stays, and it is said
+                log.warning("the JWKS lists kid %r twice; the first key is used", kid)
+                continue
+            keys[kid] = jwk
         self._keys, self._keys_at = keys, time.monotonic()
 
     async def _key(self, kid: str, alg: str) -> dict[str, Any] | None:
-        """The JWK for `kid`, fetching the set when stale or when the kid is new."""
+        """The JWK for `kid`, fetching the set when stale or when the kid is new.
+
+        A cached key answers without the lock: a token naming a made-up kid must not hold
+        up the others while the JWKS endpoint is slow. With no key ever fetched, the
+        answer is the outage (FederationError), also between two attempts."""
         s = self.settings
+        found = self._find(kid, alg)
+        if found is not None and time.monotonic() - self._keys_at < s.jwks_cache_ttl:
+            return found
         async with self._lock:
             now = time.monotonic()
             stale = now - self._keys_at >= s.jwks_cache_ttl
@@ -206,6 +233,8 @@ class OidcValidator:
                 except FederationError:
                     if not self._keys:
                         raise
+            elif not self._keys and self._keys_at == -float("inf"):
+                raise FederationError("no JWKS fetched yet; the last attempt failed")
         return self._find(kid, alg)
 
     def _find(self, kid: str, alg: str) -> dict[str, Any] | None:
@@ -233,7 +262,7 @@ class OidcValidator:
             return TokenResult(False, "malformed")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:  # DecodeError, and a kid or crit PyJWT refuses
             return TokenResult(False, "malformed")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in s.algorithms:
@@ -254,13 +283,35 @@ class OidcValidator:
             claims = jwt.decode(token, key, algorithms=[alg], audience=list(s.audience),
                                 issuer=s.issuer, leeway=s.leeway,
                                 options={"require": list(s.required_claims)})
-        except jwt.PyJWKError:
+        except (jwt.PyJWKError, jwt.InvalidKeyError):  # a JWK the provider got wrong
             return TokenResult(False, "key_mismatch")
         except jwt.InvalidTokenError as exc:
             return TokenResult(False, _reason(exc))
         return TokenResult(True, "ok", claims)
 
     # --- RFC 7662
+
+    def _unusable(self, answer: dict[str, Any]) -> str:
+        """Why an active introspection answer is no good here ('' when it is): the same
+        time, issuer and audience rules as a JWT's, for each claim the answer has."""
+        s, now = self.settings, self.clock()
+        times = {name: answer.get(name) for name in ("exp", "nbf")}
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int | float))
+               for v in times.values()):
+            return "malformed"
+        if times["exp"] is not None and times["exp"] + s.leeway < now:
+            return "expired"
+        if times["nbf"] is not None and times["nbf"] - s.leeway > now:
+            return "not_yet_valid"
+        iss = answer.get("iss")
+        if iss is not None and iss != s.issuer:
+            return "wrong_issuer"
+        aud = answer.get("aud")
+        if aud is not None and s.audience:
+            listed = aud if isinstance(aud, list) else [aud]
+            if not set(map(str, listed)) & set(s.audience):
+                return "wrong_audience"
+        return ""
 
     async def introspect(self, token: str) -> dict[str, Any]:
         """The introspection answer ({"active": false} for any inactive or unusable token).
@@ -281,12 +332,9 @@ class OidcValidator:
             raise
         active = answer.get("active") is True
         reason = "" if active else "inactive"
-        exp = answer.get("exp")
-        if active and isinstance(exp, int | float) and exp + s.leeway < self.clock():
-            active, reason = False, "expired"
-        iss = answer.get("iss")
-        if active and iss is not None and iss != s.issuer:
-            active, reason = False, "wrong_issuer"
+        if active:
+            reason = self._unusable(answer)
+            active = not reason
         self.stats.verified("introspection", active, reason)
         subject = str(answer.get("sub", "")) if active else "unknown"
         audit_verification(self.audit, "introspection", active, subject,

@@ -2,9 +2,13 @@
 the signed Responses the IdP posts to the web front end, which hands them to acs().
 
 pysaml2 does the protocol work and Debian's xmlsec1 checks the XML signatures; pysaml2
-checks the audience (our entity id), the recipient and destination (our ACS URL),
-NotBefore / NotOnOrAfter (with `accepted_time_diff`) and InResponseTo against the
+checks the audience (our entity id) when the assertion has one, the destination (our ACS
+URL), NotBefore / NotOnOrAfter (with `accepted_time_diff`) and InResponseTo against the
 requests we sent. Around it:
+- the assertion must have an AudienceRestriction naming our entity id and a bearer
+  SubjectConfirmation whose Recipient is our ACS URL (pysaml2 passes an assertion with
+  no restriction, and any Recipient unless given the request's conversation info);
+- a document with entity declarations or external references is `malformed` (defusedxml);
 - before pysaml2 sees a document, it must hold exactly one Assertion, and the
   signature over it (or over the Response) must reference that element's ID: the
   usual XML signature wrapping tricks (a second, unsigned assertion beside or inside a
@@ -36,6 +40,7 @@ from saml2.response import (
     UnsolicitedResponse,
     VerificationError,
 )
+from saml2.saml import SCM_BEARER
 from saml2.sigver import SignatureError, SigverError
 from saml2.validate import ResponseLifetimeExceed, ToEarly
 
@@ -219,6 +224,9 @@ class SamlServiceProvider:
         except WrappedAssertion as exc:
             log.info("SAML response refused: %s", exc)
             return SamlResult(False, "wrapped_or_unsigned")
+        except ValueError as exc:  # defusedxml: entity declarations, external references
+            log.info("SAML response refused: %s", type(exc).__name__)
+            return SamlResult(False, "malformed")
         now = self.clock()
         outstanding = {}
         if in_response_to:
@@ -233,13 +241,18 @@ class SamlServiceProvider:
             reason = _reason(exc)
             log.info("SAML response refused (%s): %s: %s", reason, type(exc).__name__, exc)
             return SamlResult(False, reason)
-        # pysaml2 drops (without raising) an assertion whose Destination or Recipient is not
-        # our ACS URL
+        # pysaml2 drops (without raising) a Response whose Destination is not our ACS URL
         assertion = response.assertion if response is not None else None
         if assertion is None:
             return SamlResult(False, "wrong_recipient")
         if assertion.id != assertion_id:
             return SamlResult(False, "wrapped_or_unsigned")
+        # what pysaml2 checks only when present (an audience) or when given a conv_info it
+        # cannot be given here (the recipient): the Web Browser SSO profile requires both
+        if not self._for_our_acs(assertion):
+            return SamlResult(False, "wrong_recipient")
+        if not self._restricted_to_us(assertion):
+            return SamlResult(False, "wrong_audience")
         expires = self._not_on_or_after(assertion) or now + self.settings.request_lifetime
         if not await self.store.add_record(
                 Record(ASSERTION_KIND, assertion.id, {"at": now},
@@ -255,6 +268,24 @@ class SamlServiceProvider:
             attributes={k: [str(v) for v in vs] for k, vs in (info.get("ava") or {}).items()},
             session_index=str(info.get("session_index") or ""),
             in_response_to=in_response_to)
+
+    def _for_our_acs(self, assertion: Any) -> bool:
+        """A bearer SubjectConfirmation whose Recipient is our ACS URL."""
+        subject = getattr(assertion, "subject", None)
+        for confirmation in getattr(subject, "subject_confirmation", None) or []:
+            data = confirmation.subject_confirmation_data
+            if (confirmation.method == SCM_BEARER and data is not None
+                    and data.recipient == self.settings.acs_url):
+                return True
+        return False
+
+    def _restricted_to_us(self, assertion: Any) -> bool:
+        """An AudienceRestriction naming our entity id (pysaml2 refuses one that does not)."""
+        conditions = getattr(assertion, "conditions", None)
+        for restriction in getattr(conditions, "audience_restriction", None) or []:
+            if any(a.text == self.settings.entity_id for a in restriction.audience or []):
+                return True
+        return False
 
     @staticmethod
     def _not_on_or_after(assertion: Any) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,16 @@ class SamlPair:
     def respond_xml(self, in_response_to: str | None, user: str = "alice@example.org", *,
                     lifetime_minutes: int = 15, destination: str = ACS_URL,
                     audience: str = SP_ENTITY, sign_response: bool = False,
-                    sign_assertion: bool = True) -> str:
+                    sign_assertion: bool = True, recipient: str | None = None) -> str:
+        """`recipient`: the assertion's SubjectConfirmationData Recipient, when it is not
+        to be `destination` (what an IdP answering another SP would write)."""
         server = Server(config=self._idp_config(lifetime_minutes))
+        extra: dict[str, Any] = {}
+        if recipient is not None:
+            extra["farg"] = {"assertion": {"subject": {"subject_confirmation": {
+                "method": "urn:oasis:names:tc:SAML:2.0:cm:bearer",
+                "subject_confirmation_data": {"in_response_to": in_response_to,
+                                              "recipient": recipient}}}}}
         xml = server.create_authn_response(
             identity={"mail": [user], "givenName": ["Alice"]}, in_response_to=in_response_to,
             destination=destination, sp_entity_id=audience,
@@ -107,8 +116,18 @@ class SamlPair:
                    "authn_auth": IDP_ENTITY},
             sign_response=sign_response, sign_assertion=sign_assertion,
             sign_alg="http://www.w3.org/2001/04/xmldsig-more#rsa-sha256",
-            digest_alg="http://www.w3.org/2001/04/xmlenc#sha256")
+            digest_alg="http://www.w3.org/2001/04/xmlenc#sha256", **extra)
         return str(xml)
+
+    def resign_assertion(self, xml: str) -> str:
+        """The assertion signed again with the IdP's key after the caller edited it (what
+        a compromised or careless IdP could send: the signature is genuine)."""
+        server = Server(config=self._idp_config(15))
+        found = re.search(r'<(?:\w+:)?Assertion [^>]*ID="([^"]+)"', xml)
+        assert found, "no assertion"
+        return str(server.sec.sign_statement(
+            xml, "urn:oasis:names:tc:SAML:2.0:assertion:Assertion",
+            key_file=str(self.idp_key), node_id=found[1]))
 
     def respond(self, in_response_to: str | None, **kwargs: Any) -> str:
         return base64.b64encode(self.respond_xml(in_response_to, **kwargs).encode()).decode()

@@ -5,10 +5,12 @@ keys made here), including key rotation, alg none and HMAC-with-the-public-key."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
 
 import pytest
@@ -180,6 +182,115 @@ async def test_introspection(provider, validator):
     finally:
         await wrong.close()
     assert provider.hits["/introspect"] >= 4
+
+
+async def test_headers_pyjwt_refuses_are_malformed_not_500(provider, validator):
+    """A non-string kid or a crit header raised past the validator (HTTP 500, uncounted)."""
+    for header in ({"alg": "RS256", "kid": 5}, {"alg": "RS256", "kid": []},
+                   {"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]},
+                   {"alg": "RS256", "kid": "rsa-1", "crit": "x"}):
+        token = forged(header, provider.claims(), b"x" * 256)
+        assert (await validator.validate(token)).reason == "malformed", header
+    assert validator.stats.failures[("oidc", "malformed")] >= 4
+
+
+async def test_bad_provider_data_is_an_outage_or_a_mismatch_never_a_crash():
+    with OidcProvider() as p:
+        p.add_key("rsa-1", "RS256")
+        token = p.sign("rsa-1")
+        p.jwks = lambda: {"keys": 5}  # type: ignore[method-assign]
+        v = OidcValidator(settings(p))
+        try:
+            assert (await v.validate(token)).reason == "jwks_unavailable"
+            p.jwks = lambda: {"keys": [{"kty": "RSA", "kid": "rsa-1", "e": "AQAB"}]}  # no n
+            assert (await v.validate(token)).reason == "key_mismatch"
+        finally:
+            await v.close()
+        # URLs a discovery document may name: refused as an outage (the route's 502)
+        remote = OidcValidator(settings(p, jwks_uri="http://198.51.100.7/jwks",
+                                        introspection_endpoint="file:///etc/passwd"))
+        try:
+            assert (await remote.validate(token)).reason == "jwks_unavailable"
+            with pytest.raises(FederationError, match="https"):
+                await remote.introspect("anything")
+        finally:
+            await remote.close()
+
+
+async def test_a_kid_listed_twice_keeps_its_first_key_and_encryption_keys_are_left_out():
+    with OidcProvider() as p:
+        p.add_key("dup", "RS256")
+        p.add_key("second", "RS256")
+        first_token, second_token = p.sign("dup"), p.sign("second")
+        real = p.jwks()["keys"]
+        p.jwks = lambda: {"keys": [  # type: ignore[method-assign]
+            real[0], {**real[1], "kid": "dup"}, {**real[1], "use": "enc"}]}
+        v = OidcValidator(settings(p))
+        try:
+            assert (await v.validate(first_token)).valid  # the last one used to win
+            assert (await v.validate(second_token)).reason == "unknown_key"
+        finally:
+            await v.close()
+
+
+async def test_no_keys_ever_fetched_is_said_as_the_outage_between_attempts():
+    """Within jwks_min_refresh_interval after a failed first fetch every token got
+    unknown_key, which points at the token instead of the provider."""
+    with OidcProvider() as p:
+        p.add_key("rsa-1", "RS256")
+        token, real = p.sign("rsa-1"), p.jwks
+
+        def down() -> dict:
+            raise RuntimeError("JWKS down")  # the handler fails: the client sees an error
+
+        p.jwks = down  # type: ignore[method-assign]
+        v = OidcValidator(settings(p, jwks_min_refresh_interval=3600.0))
+        try:
+            assert (await v.validate(token)).reason == "jwks_unavailable"
+            p.jwks = real  # type: ignore[method-assign]
+            assert (await v.validate(token)).reason == "jwks_unavailable"
+            assert v.jwks_fetches == 0
+        finally:
+            await v.close()
+
+
+async def test_a_made_up_kid_does_not_hold_up_cached_keys_while_the_jwks_is_slow():
+    with OidcProvider() as p:
+        p.add_key("rsa-1", "RS256")
+        token, real = p.sign("rsa-1"), p.jwks
+        v = OidcValidator(settings(p, http_timeout=10.0))
+        try:
+            assert (await v.validate(token)).valid
+            fetched = threading.Event()
+
+            def slow() -> dict:
+                fetched.wait(10)  # until the test has its answer for the cached key
+                return real()
+
+            p.jwks = slow  # type: ignore[method-assign]
+            made_up = asyncio.create_task(v.validate(
+                forged({"alg": "RS256", "kid": "made-up"}, p.claims(), b"x" * 256)))
+            while p.hits["/jwks"] < 2:  # the refetch is on its way
+                await asyncio.sleep(0.01)
+            assert (await v.validate(token)).valid  # it used to wait for the lock
+            assert not made_up.done()
+            fetched.set()
+            assert (await made_up).reason == "unknown_key"
+        finally:
+            await v.close()
+
+
+async def test_an_active_introspection_answer_meets_the_jwt_rules(provider, validator):
+    now = int(time.time())
+    base = {"active": True, "sub": "user-7", "iss": provider.issuer, "exp": now + 60}
+    cases = {"other-aud": ({"aud": "some-other-client"}, False),
+             "list-aud": ({"aud": ["x", "mail-web"]}, True),
+             "future-nbf": ({"nbf": now + 3600}, False),
+             "string-exp": ({"exp": str(now - 3600)}, False),
+             "bool-nbf": ({"nbf": True}, False)}
+    for token, (extra, active) in cases.items():
+        provider.active[token] = {**base, **extra}
+        assert (await validator.introspect(token))["active"] is active, token
 
 
 def test_urls_must_be_https_except_on_loopback():

@@ -94,6 +94,32 @@ async def test_wrong_audience_and_recipient(pair, sp):
     assert (await sp.acs(pair.respond(request["request_id"]))).valid  # still outstanding
 
 
+async def test_a_signed_assertion_for_another_recipient_or_no_audience_is_refused(pair, sp):
+    """Both passed: pysaml2 checks the Recipient only with conversation info and the
+    audience only when there is an AudienceRestriction. The signatures here are genuine
+    (the IdP's key), so only those checks can refuse them."""
+    request = await sp.authn_request()
+    elsewhere = pair.respond(request["request_id"], recipient="https://evil.example/acs")
+    assert (await sp.acs(elsewhere)).reason == "wrong_recipient"
+    xml = pair.respond_xml(request["request_id"])
+    unrestricted = re.sub(r"<(\w+:)?AudienceRestriction>.*?</(\w+:)?AudienceRestriction>", "",
+                          xml, flags=re.S)
+    assert unrestricted != xml
+    assert (await sp.acs(b64(pair.resign_assertion(unrestricted)))).reason == "wrong_audience"
+    assert (await sp.acs(b64(pair.resign_assertion(xml)))).valid  # re-signing keeps it good
+
+
+async def test_entity_declarations_are_malformed_not_500(pair, sp):
+    request = await sp.authn_request()
+    body = pair.respond_xml(request["request_id"]).split("?>", 1)[-1]
+    for doctype in ('<!DOCTYPE r [<!ENTITY x "y">]>',
+                    '<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>',
+                    '<!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;&a;">]>'):
+        result = await sp.acs(b64(doctype + body))
+        assert (result.valid, result.reason) == (False, "malformed"), doctype
+    assert sp.stats.failures[("saml", "malformed")] == 3
+
+
 async def test_a_tampered_assertion_fails_its_signature(pair, sp):
     request = await sp.authn_request()
     xml = pair.respond_xml(request["request_id"])
