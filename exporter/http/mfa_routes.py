@@ -16,7 +16,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exporter.http.security_routes import Authorize, BadRequest, _error, _json_body, scoped
+from exporter.http.security_routes import (
+    Authorize,
+    BadRequest,
+    _error,
+    _json_body,
+    actor,
+    scoped,
+)
 from exporter.service import Exporter
 from security.mfa.delivery import DeliveryError
 from security.mfa.manager import LoginContext, MfaError, MfaManager, Verification
@@ -95,14 +102,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 _validators = {name: jsonschema.Draft7Validator(schema) for name, schema in SCHEMAS.items()}
 
 
-def _context(body: dict[str, Any]) -> LoginContext:
+def _context(body: dict[str, Any], request: Request) -> LoginContext:
     ip = body.get("remote_ip", "")
     if ip:
         try:
             ipaddress.ip_address(ip)
         except ValueError:
             raise BadRequest(f"remote_ip: not an IP address: {ip!r}") from None
-    return LoginContext(ip, body.get("device_id", ""))
+    return LoginContext(ip, body.get("device_id", ""), actor(request))
 
 
 def _verification(result: Verification) -> Response:
@@ -132,32 +139,35 @@ def mfa_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
 
     async def totp_enroll(request: Request) -> Response:
         b = await body(request, "user")
-        return JSONResponse(await manager.enroll_totp(b["user"]))
+        return JSONResponse(await manager.enroll_totp(b["user"], actor=actor(request)))
 
     async def totp_verify(request: Request) -> Response:
         b = await body(request, "code")
-        return _verification(await manager.verify_totp(b["user"], b["code"], _context(b)))
+        return _verification(await manager.verify_totp(b["user"], b["code"], _context(b, request)))
 
     async def recovery_verify(request: Request) -> Response:
         b = await body(request, "code")
-        return _verification(await manager.verify_recovery(b["user"], b["code"], _context(b)))
+        return _verification(await manager.verify_recovery(b["user"], b["code"],
+                                                           _context(b, request)))
 
     async def recovery_regenerate(request: Request) -> Response:
         b = await body(request, "user")
         return JSONResponse({"user": b["user"],
-                             "recovery_codes": await manager.new_recovery_codes(b["user"])})
+                             "recovery_codes": await manager.new_recovery_codes(
+                                 b["user"], actor=actor(request))})
 
     def code_routes(channel: str, field: str) -> tuple[Callable[[Request], Awaitable[Response]],
                                                        Callable[[Request], Awaitable[Response]]]:
         async def send(request: Request) -> Response:
             b = await body(request, channel)
-            answer = await manager.send_code(b["user"], channel, b[field])
+            answer = await manager.send_code(b["user"], channel, b[field],
+                                             actor=actor(request))
             return JSONResponse(answer, status_code=202)
 
         async def verify(request: Request) -> Response:
             b = await body(request, "code")
             return _verification(await manager.verify_code(b["user"], channel, b["code"],
-                                                           _context(b)))
+                                                           _context(b, request)))
         return send, verify
 
     email_send, email_verify = code_routes("email", "address")
@@ -171,7 +181,7 @@ def mfa_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     async def register_verify(request: Request) -> Response:
         b = await body(request, "register")
         credential = await manager.webauthn_register(b["user"], b["credential"],
-                                                     b.get("name", ""))
+                                                     b.get("name", ""), actor=actor(request))
         return JSONResponse(credential, status_code=201)
 
     async def authenticate_options(request: Request) -> Response:
@@ -182,7 +192,7 @@ def mfa_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
     async def authenticate_verify(request: Request) -> Response:
         b = await body(request, "authenticate")
         return _verification(await manager.webauthn_authenticate(b["user"], b["credential"],
-                                                                 _context(b)))
+                                                                 _context(b, request)))
 
     async def users(request: Request) -> Response:
         return JSONResponse({"users": await manager.users()})
@@ -191,20 +201,20 @@ def mfa_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         name = request.path_params["user"]
         if request.method == "GET":
             return JSONResponse(await manager.status(name))
-        removed = await manager.reset(name)
+        removed = await manager.reset(name, actor=actor(request))
         if not removed:
             return _error(404, "not_found", f"no MFA state for {name!r}")
         return JSONResponse({"reset": True, "fields_removed": removed})
 
     async def user_totp(request: Request) -> Response:
         name = request.path_params["user"]
-        if not await manager.remove_totp(name):
+        if not await manager.remove_totp(name, actor=actor(request)):
             return _error(404, "not_found", f"{name!r} has no TOTP")
         return JSONResponse({"removed": "totp"})
 
     async def user_credential(request: Request) -> Response:
         name, cid = request.path_params["user"], request.path_params["credential_id"]
-        if not await manager.webauthn_remove(name, cid):
+        if not await manager.webauthn_remove(name, cid, actor=actor(request)):
             return _error(404, "not_found", f"{name!r} has no credential {cid!r}")
         return JSONResponse({"removed": cid})
 

@@ -60,6 +60,7 @@ class LoginContext:
 
     remote_ip: str = ""
     device_id: str = ""
+    actor: str = "api"  # who asks, as the audit log names it (apikey:<id>, admin)
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,11 @@ class MfaManager:
         return None, failures
 
     async def _failed(self, user: str, method: str, reason: str, attempt: str, now: float,
-                      details: dict[str, Any] | None = None) -> Verification:
+                      details: dict[str, Any] | None = None,
+                      context: LoginContext | None = None) -> Verification:
         """Counts a wrong code (attempt: its keyed hash, so a retyped one counts once)."""
         await self.store.record_failure(f"m:{user}", attempt, now, self.settings.failure_window)
-        return self._finish(Verification(False, method, reason, details or {}), user)
+        return self._finish(Verification(False, method, reason, details or {}), user, context)
 
     async def _succeeded(self, user: str, method: str, failures: int, now: float,
                          context: LoginContext | None,
@@ -179,8 +181,8 @@ class MfaManager:
                     details[key] = value
             if context is not None and context.remote_ip:
                 details["remote_ip"] = context.remote_ip
-            self._audit("mfa.verify.success" if result.valid else "mfa.verify.failure", "api",
-                        user, details)
+            self._audit("mfa.verify.success" if result.valid else "mfa.verify.failure",
+                        context.actor if context is not None else "api", user, details)
         return result
 
     def _audit(self, type_: str, actor: str, subject: str, details: dict[str, Any]) -> None:
@@ -224,22 +226,25 @@ class MfaManager:
         params = self.settings.totp
         code = totp.normalize(code)
         if not totp.well_formed(code, params.digits):
-            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now)
+            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now,
+                                      context=context)
         record, key = self._totp_record(user, raw, params)
         counter = totp.step(now, params)
         offset = totp.match(key, code, counter, params, self.settings.skew_steps, record["d"])
         if offset is None:
-            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now)
+            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now,
+                                      context=context)
         if not await self.store.mfa_advance(user, "totp_step", counter + offset):
             return await self._failed(user, "totp", "replayed", self._attempt(user, code),
-                                      now)
+                                      now, context=context)
         confirmed_now = not record["c"]
         if confirmed_now or record["d"] != offset:
             record = {**record, "c": True, "d": offset}
             await self.store.mfa_put(user, "totp", json.dumps(record))
             if confirmed_now:
                 self.stats.count(self.stats.enrollments, ("totp", "confirm"))
-                self._audit("mfa.totp.confirm", "api", user, {})
+                self._audit("mfa.totp.confirm", context.actor if context is not None else "api",
+                            user, {})
         return await self._succeeded(user, "totp", failures, now, context,
                                      {"drift_steps": offset, "confirmed": True})
 
@@ -310,7 +315,7 @@ class MfaManager:
         canonical = recovery.normalize(code)
         digest = self.sealer.digest(canonical or code[:64], f"recovery|{user}")
         if canonical is None or await self.store.mfa_pop(user, f"rc:{digest}") is None:
-            return await self._failed(user, "recovery", "invalid", digest, now)
+            return await self._failed(user, "recovery", "invalid", digest, now, context=context)
         left = len([f for f in await self.store.mfa_fields(user) if f.startswith("rc:")])
         return await self._succeeded(user, "recovery", failures, now, context,
                                      {"remaining": left})
@@ -360,7 +365,7 @@ class MfaManager:
         check = await self.codes.check(user, channel, code, now)
         if check.result != "ok":
             return await self._failed(user, channel, check.result, attempt, now,
-                                      {"attempts_left": check.attempts_left})
+                                      {"attempts_left": check.attempts_left}, context=context)
         return await self._succeeded(user, channel, failures, now, context)
 
     # --- WebAuthn
@@ -457,22 +462,23 @@ class MfaManager:
         try:
             cid = wa.assertion_credential_id(credential)
         except wa.WebAuthnError:
-            return await self._failed(user, "webauthn", "invalid", "malformed", now)
+            return await self._failed(user, "webauthn", "invalid", "malformed", now,
+                                      context=context)
         if challenge is None:
-            return await self._failed(user, "webauthn", "no_challenge", cid, now)
+            return await self._failed(user, "webauthn", "no_challenge", cid, now, context=context)
         raw = await self.store.mfa_get(user, f"wa:{cid}")
         if raw is None:
-            return await self._failed(user, "webauthn", "invalid", cid, now)
+            return await self._failed(user, "webauthn", "invalid", cid, now, context=context)
         record = json.loads(raw)
         if record["cloned"]:
             return await self._failed(user, "webauthn", "cloned", cid, now,
-                                      {"credential_id": cid})
+                                      {"credential_id": cid}, context=context)
         stored = int(await self.store.mfa_get(user, f"wacount:{cid}") or "0")
         try:
             new_count, regressed = wa.verify_assertion(self.settings.webauthn, credential,
                                                        challenge, _unb64(record["pk"]), stored)
         except wa.WebAuthnError:
-            return await self._failed(user, "webauthn", "invalid", cid, now)
+            return await self._failed(user, "webauthn", "invalid", cid, now, context=context)
         advanced = new_count == 0 or await self.store.mfa_advance(
             user, f"wacount:{cid}", new_count)
         if regressed or not advanced:
@@ -481,7 +487,8 @@ class MfaManager:
             self._audit("mfa.webauthn.clone", "engine", user, {
                 "credential_id": cid, "stored_sign_count": stored, "sign_count": new_count})
             return await self._failed(user, "webauthn", "cloned", cid, now,
-                                      {"credential_id": cid, "sign_count": new_count})
+                                      {"credential_id": cid, "sign_count": new_count},
+                                      context=context)
         record["last_used"] = now
         await self.store.mfa_put(user, f"wa:{cid}", json.dumps(record))
         return await self._succeeded(user, "webauthn", failures, now, context,

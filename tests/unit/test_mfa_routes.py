@@ -254,3 +254,30 @@ async def test_reload_applies_the_policy_and_audit_flags_decide_the_records(serv
     types = [record["type"] for record in records["records"]]
     assert "mfa.verify.success" in types and "mfa.totp.enroll" in types
     assert "mfa.verify.failure" not in types  # log_failed_auth: false
+
+
+async def test_the_audit_log_names_the_api_key_that_made_each_mfa_change(api):
+    """Enrol, recovery codes, removal and reset said actor=admin, verifications api,
+    whoever called; a key's changes must be traceable to the key."""
+    _, client = api
+    created = (await client.post("/api/v1/apikeys", json={
+        "name": "web", "scopes": ["security:write", "security:read"]}, headers=ADMIN)).json()
+    key = {"authorization": f"Bearer {created['key']}"}
+    user = "gus@example.org"
+    secret = (await client.post("/api/v1/mfa/totp/enroll", json={"user": user},
+                                headers=key)).json()["secret"]
+    for code in (pyotp.TOTP(secret).now(), "000000"):  # a success (it confirms), a failure
+        await client.post("/api/v1/mfa/totp/verify", json={"user": user, "code": code},
+                          headers=key)
+    await client.post("/api/v1/mfa/recovery/regenerate", json={"user": user}, headers=key)
+    assert (await client.delete(f"/api/v1/mfa/users/{user}", headers=key)).status_code == 200
+    await client.post("/api/v1/mfa/totp/enroll", json={"user": user}, headers=key)
+    removed = await client.delete(f"/api/v1/mfa/users/{user}/totp", headers=key)
+    assert removed.status_code == 200
+    records = (await client.get("/api/v1/security/audit?limit=1000&type=mfa.",
+                                headers=ADMIN)).json()["records"]
+    actors = {r["type"]: r["actor"] for r in records if r["subject"] == user}
+    assert set(actors) == {"mfa.totp.enroll", "mfa.verify.success", "mfa.verify.failure",
+                           "mfa.totp.confirm", "mfa.recovery.generate", "mfa.totp.remove",
+                           "mfa.reset"}, actors
+    assert set(actors.values()) == {f"apikey:{created['id']}"}, actors
