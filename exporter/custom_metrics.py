@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from exporter.catalogue import MetricSpec
 from exporter.instruments import CounterVec
 
 MAX_LABEL_VALUE_LENGTH = 128
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
+_EMAIL = re.compile(r"[^@\s<>\"'(),;\[\]]+@[^@\s<>\"'(),;\[\]]+")
 
 # The request body of POST /api/v1/metrics/custom/{name}: served in /openapi.json too.
 UPDATE_SCHEMA: dict[str, Any] = {
@@ -134,18 +135,33 @@ def _check_label_value(name: str, value: str) -> None:
     if len(value) > MAX_LABEL_VALUE_LENGTH:
         raise UpdateError(400, f"label {name!r} is longer than {MAX_LABEL_VALUE_LENGTH} "
                                "characters", "bad_labels")
-    if _EMAIL.fullmatch(value) or _is_ip(value):
+    if _holds_an_address(value):
         raise UpdateError(400, f"label {name!r} looks like an e-mail or IP address; those "
                                "never go into metric labels", "personal_data")
 
 
+def _holds_an_address(value: str) -> bool:
+    """Whether an e-mail or IP address stands anywhere in the value, also inside a longer
+    text (`Alice <alice@example.org>`, `198.51.100.7:25`, `[2001:db8::7]`, `client=...`)
+    and percent-encoded (`alice%40example.org`)."""
+    text = urllib.parse.unquote(value)
+    if _EMAIL.search(text):
+        return True
+    # a digit in it: `std::vector` and `Foo::Bar` hold "d::", which parses as IPv6
+    return any(_is_ip(token) for token in _ADDRESS_TOKEN.findall(text)
+               if any(c.isdigit() for c in token))
+
+
+# candidate addresses: runs of what an IPv4 or IPv6 address (or a CIDR) is written with
+_ADDRESS_TOKEN = re.compile(r"[0-9A-Fa-f.:]*[.:][0-9A-Fa-f.:]*(?:/\d{1,3})?")
+
+
 def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
+    candidates = [value, value.strip(":."), value.rstrip(":.").rsplit(":", 1)[0]]
+    for candidate in candidates:
         try:
-            ipaddress.ip_network(value, strict=False)
+            ipaddress.ip_network(candidate, strict=False)
         except ValueError:
-            return False
-        return "/" in value
-    return True
+            continue
+        return True
+    return False

@@ -46,12 +46,25 @@ def test_labels_must_match_declaration():
     assert err.status == 400 and "missing labels ['queue']" in err.reason
 
 
-@pytest.mark.parametrize("value", ["alice@example.test", "192.0.2.7", "2001:db8::1",
-                                   "10.0.0.0/8"])
+@pytest.mark.parametrize("value", [
+    "alice@example.test", "192.0.2.7", "2001:db8::1", "10.0.0.0/8",
+    # inside a longer text (these were accepted and exported)
+    "Alice <alice@example.org>", "alice@example.org ", " 198.51.100.7", "198.51.100.7:25",
+    "[2001:db8::7]", "[2001:db8::1]:25", "client=198.51.100.7", "client 10.0.0.1",
+    "alice%40example.org", "from ::ffff:192.0.2.1"])
 def test_personal_data_is_refused_in_labels(value):
     custom = CustomMetrics(DECLS)
     err = refused(custom, "queue_depth", {"value": 1, "labels": {"queue": value}})
     assert err.code == "personal_data"
+    assert not custom.metrics["queue_depth"].values
+
+
+@pytest.mark.parametrize("value", ["imap", "std::vector", "v1.2.3", "12:30", "eu-west-1",
+                                   "2026-12-02", "/api/v1/jobs", "node01", "1.5"])
+def test_label_values_that_only_resemble_addresses_are_taken(value):
+    custom = CustomMetrics(DECLS)
+    custom.update("queue_depth", {"value": 1, "labels": {"queue": value}})
+    assert custom.metrics["queue_depth"].values == {(value,): 1.0}
 
 
 def test_series_budget():
