@@ -24,7 +24,7 @@ from security.federation.oidc import OidcSettings, OidcValidator
 from security.identity import IdentityStats
 from security.passwords import PasswordPolicy, PasswordSettings
 from security.sessions import Sessions, SessionSettings
-from security.store import Store
+from security.store import Store, is_outage
 
 if TYPE_CHECKING:  # pysaml2 and xmlschema (about 17 MB resident) only when SAML is on
     from security.federation.saml import SamlServiceProvider, SamlSettings
@@ -151,8 +151,15 @@ class IdentityServices:
         self._federation(security)
 
     async def start(self) -> None:
-        """After the store is open: counts what is active, then starts the writer task."""
-        await self._cleanup()
+        """After the store is open: counts what is active, then starts the writer task
+        (a shared store that is away at start is counted by the task's next cleanup)."""
+        try:
+            await self._cleanup()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("identity cleanup at start: the store is unavailable",
+                        extra={"error": str(exc)})
         self._task = tracing.detached_task(self._run(), "identity")
 
     async def stop(self) -> None:
@@ -185,5 +192,9 @@ class IdentityServices:
                 if now - last_cleanup >= self.sessions.settings.cleanup_interval:
                     last_cleanup = now
                     await self._cleanup()
-            except Exception:
-                log.exception("identity maintenance failed; will retry")
+            except Exception as exc:
+                if is_outage(exc):  # one line per round, not a traceback, while it lasts
+                    log.warning("identity maintenance: the store is unavailable; will retry",
+                                extra={"error": str(exc)})
+                else:
+                    log.exception("identity maintenance failed; will retry")

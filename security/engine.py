@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
 from security.blocklist import CidrSet, Entry, Lists, parse_network, prefix_of
 from security.settings import Settings
-from security.store import Lock, LockPolicy, Store
+from security.store import Lock, LockPolicy, Store, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,20 @@ class SecurityManager:
     # --- lifecycle
 
     async def start(self, maintenance_interval: float = 5.0) -> None:
-        await self.store.open()
-        for ban in await self.store.bans(self.clock()):
-            self.lists.block.add(ban)
-        await self.refresh()
+        """Opens the store and loads its bans. A shared store (Redis) that cannot be
+        reached is no reason not to start: decisions fail open or closed as configured and
+        the maintenance loop loads the bans once it answers (a replica rescheduled during
+        a Redis outage would otherwise crash-loop). A local store that cannot be opened
+        (SQLite's file) stays fatal: there is nothing to reconnect to."""
+        try:
+            await self.store.open()
+            for ban in await self.store.bans(self.clock()):
+                self.lists.block.add(ban)
+            await self.refresh()
+        except Exception as exc:
+            if not (getattr(self.store, "shared", False) and is_outage(exc)):
+                raise
+            self._store_failed("start", exc)
         self._maintenance = asyncio.create_task(self._maintain(maintenance_interval),
                                                 name="security-maintenance")
 
@@ -216,17 +226,23 @@ class SecurityManager:
             await asyncio.sleep(interval)
             try:
                 await self.refresh()
-            except Exception:
-                log.exception("security maintenance failed")
+            except Exception as exc:
+                if is_outage(exc):  # counted and said in one line while it lasts
+                    self._store_failed("maintenance", exc)
+                else:
+                    log.exception("security maintenance failed")
 
     async def refresh(self) -> None:
         """Expires bans from the index (auditing them) and recounts the active gauges;
         with a shared store, also reloads the bans other replicas made."""
         now = self.clock()
         await self.store.refresh()
+        # expired first: a shared store drops expired bans as it lists them, so the list
+        # read from it would hold none to audit
+        expired = self.lists.block.expire(now)
         if getattr(self.store, "shared", False):
             self.lists.block = CidrSet(await self.store.bans(now))
-        for entry in self.lists.block.expire(now):
+        for entry in expired:
             await self.store.delete_ban(entry.network)
             self._audit("blocklist.expire", "engine", entry.network, {"reason": entry.reason})
         self.stats.lock_scopes = {lock.key: lock.scope for lock in await self.store.locks(now)}

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from exporter.config import load_schema
-from exporter.config.loader import merge, secret_paths
+from exporter.config.loader import SECRET_MIN_LENGTH, merge, secret_paths
 from exporter.generate.config_reference import _resolve, _walk, _wrap, commented_yaml
 
 CHART_DIR = "helm/a3mailer-exporter"
@@ -291,8 +291,12 @@ def _secrets_section() -> dict[str, Any]:
         for depth, part in enumerate(parents):
             section = _section(f"Secrets of config.{'.'.join(parents[:depth + 1])}.", {})
             node = node.setdefault(part, section)["properties"]
+        shortest = SECRET_MIN_LENGTH.get(tuple(key.split(".")))
+        rule = {"anyOf": [{"maxLength": 0}, {"minLength": shortest}]} if shortest else {}
         node[leaf] = _key("string", "", f"Stored in the chart's Secret as key `{key}`, mounted "
-                          f"as {SECRETS_DIR}/{key}; config.{key}_file points at it.")
+                          f"as {SECRETS_DIR}/{key}; config.{key}_file points at it."
+                          + (f" Empty, or at least {shortest} characters (the exporter "
+                             "refuses a shorter one)." if shortest else ""), **rule)
     return _section(
         "Secret values, stored in a Secret the chart creates and mounted as files; each set "
         "one points its config *_file key at its file. Secrets never go into the ConfigMap.", {

@@ -27,7 +27,16 @@ from exporter.http.auth import NOBODY, Identity, ListenerAuth, identify
 from exporter.http.federation_routes import federation_routes
 from exporter.http.identity_routes import identity_routes
 from exporter.http.mfa_routes import mfa_routes
-from exporter.http.middleware import BodyTooLarge, DirectRoute, Guard, api_limits
+from exporter.http.middleware import (
+    STORE_RETRY_AFTER,
+    STORE_UNAVAILABLE,
+    BodyTooLarge,
+    DirectRoute,
+    Guard,
+    api_limits,
+    count_store_outage,
+    outage_classes,
+)
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import (
     schema_problem,
@@ -188,6 +197,11 @@ def create_app(exporter: Exporter) -> ASGIApp:
     async def server_error(request: Request, exc: Exception) -> Response:
         return error(500, "internal_error", "internal error; see the exporter log")
 
+    async def store_outage(request: Request, exc: Exception) -> Response:
+        count_store_outage(exporter, type(exc).__name__)
+        return JSONResponse(STORE_UNAVAILABLE, status_code=503,
+                            headers={"retry-after": STORE_RETRY_AFTER[0][1].decode()})
+
     async def client_gone(request: Request, exc: Exception) -> Response:
         # the client closed the connection before its body came: no one reads an answer,
         # and it is no server error (counted as nginx's 499, Client Closed Request)
@@ -215,7 +229,7 @@ def create_app(exporter: Exporter) -> ASGIApp:
     routes += mfa_routes(exporter, authorize)
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: not_found, BodyTooLarge: too_large, ClientDisconnect: client_gone,
-        500: server_error})
+        **dict.fromkeys(outage_classes(config), store_outage), 500: server_error})
     # the policy route (first in the table) is called straight from the Guard
     direct = DirectRoute(app, hot[0]) if hot else None
     guard = Guard(app, exporter, ListenerAuth(config["server"], config["security"]), direct)

@@ -4,6 +4,7 @@ latency (the performance monitor) and tracing (a SERVER span per request)."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -16,10 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exporter import tracing
 from exporter.http.auth import SELF_AUTHENTICATED, Identity, identify
 from security.ratelimit import Limit, RateLimiter, headers
+from security.store import StoreUnavailable, is_outage
 
 if TYPE_CHECKING:
+    from exporter.config import Config
     from exporter.http.auth import ListenerAuth
     from exporter.service import Exporter
+
+log = logging.getLogger(__name__)
 
 
 class BodyTooLarge(Exception):
@@ -34,6 +39,33 @@ async def send_json(send: Send, status: int, body: dict[str, Any],
                             (b"content-length", str(len(payload)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
+
+
+# The answer to any request the security store could not serve (Redis or the disk away):
+# 503, for the caller to try again, instead of a 500 and a traceback per request.
+STORE_UNAVAILABLE = {"error": "store_unavailable",
+                     "message": "the security store is unavailable; try again later"}
+STORE_RETRY_AFTER = [(b"retry-after", b"5")]
+
+
+def outage_classes(config: Config) -> tuple[type[Exception], ...]:
+    """The exceptions that mean the store is away: StoreUnavailable, and redis-py's
+    connection and timeout errors when the Redis store is configured (redis is imported
+    with that store, not otherwise)."""
+    security = config["security"]
+    if not (security["enabled"] and security["store"]["type"] == "redis"):
+        return (StoreUnavailable,)
+    from redis import exceptions
+
+    return StoreUnavailable, exceptions.ConnectionError, exceptions.TimeoutError
+
+
+def count_store_outage(exporter: Exporter, cause: str) -> None:
+    """Counted with the engine's own store errors (operation "api"), logged in one line."""
+    if exporter.security is not None:
+        stats = exporter.security.stats
+        stats.count(stats.store_errors, "api")
+    log.warning("security store failed", extra={"operation": "api", "error": cause})
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -234,7 +266,14 @@ class Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         auth = self.auth
-        identity = await self._identify(scope)
+        try:
+            identity = await self._identify(scope)  # an API key is looked up in the store
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            count_store_outage(self.exporter, type(exc).__name__)
+            await send_json(send, 503, STORE_UNAVAILABLE, STORE_RETRY_AFTER)
+            return
         limit_headers, allowed = self._rate_limit(scope, identity)
         if limit_headers:
             encoded = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]

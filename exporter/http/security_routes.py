@@ -34,7 +34,7 @@ from security.attempts import Attempt
 from security.blocklist import export_text, import_text
 from security.engine import SecurityManager
 from security.protocols import dovecot, stalwart
-from security.store import Record, StoreUnavailable
+from security.store import Record, is_outage
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 Authorize = Callable[[Request, str], Awaitable[Response | None]]
@@ -482,7 +482,10 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
                 first = await engine.store.add_record(Record(
                     stalwart.EVENT_KIND, event.id, {"at": now},
                     event.created + replay.window), now)
-            except StoreUnavailable:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                replay.forget(event.id)  # not taken: the batch sent again must take it
                 frontends.inc(("stalwart", "store_unavailable"))
                 return _error(503, "store_unavailable", "the security store is unavailable; "
                               "send the batch again later")

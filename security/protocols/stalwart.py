@@ -116,3 +116,7 @@ class ReplayGuard:
         while len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
         return True
+
+    def forget(self, event_id: str) -> None:
+        """An event fresh() let through was not taken after all (the store was away)."""
+        self._seen.pop(event_id, None)

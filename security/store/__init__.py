@@ -8,6 +8,7 @@ a disk write) and `redis` (state shared by several replicas).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -91,6 +92,16 @@ class FailureCounts:
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached; the engine fails open or closed as configured."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the store cannot be reached rather than that the code is wrong:
+    StoreUnavailable, or redis-py's connection and timeout errors (the Redis store lets
+    them through, as every caller of a store call must expect the store to be away)."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    redis = sys.modules.get("redis.exceptions")  # imported only with the Redis store
+    return redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 class Store(Protocol):

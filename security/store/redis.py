@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import secrets
 import time
@@ -31,6 +32,9 @@ from redis import asyncio as aioredis
 from security.attempts import Keys
 from security.blocklist import Entry
 from security.store import MAX_DISTINCT, FailureCounts, Lock, LockPolicy, LoginState, Record
+
+log = logging.getLogger(__name__)
+PRUNE_SAMPLE = 16  # index members checked for a removed record at each record write
 
 # Lua functions the scripts below share. Times arrive as Python's repr (exact) and are
 # written back as received or with %.17g (exact): Lua's own number-to-string has only 14
@@ -50,10 +54,16 @@ local function record(key, now, cutoff, window, member, cap)
   return n
 end
 
--- a lock's JSON while its `until` is after now, else false
+-- a lock's JSON while its `until` is after now, else false (also for a value that is not
+-- a lock's JSON: a hand edit must not fail every login of the account)
 local function live_lock(key, now)
   local raw = redis.call('GET', key)
-  if raw and cjson.decode(raw)['until'] > now then return raw end
+  if not raw then return false end
+  local ok, lock = pcall(cjson.decode, raw)
+  if ok and type(lock) == 'table' and type(lock['until']) == 'number'
+      and lock['until'] > now then
+    return raw
+  end
   return false
 end
 
@@ -187,8 +197,41 @@ def _ttl_ms(expires: float | None, now: float) -> int | None:
     return None if expires is None else max(1, math.ceil((expires - now) * 1000))
 
 
-def _decode_lock(raw: str) -> Lock:
-    return Lock(**json.loads(raw))
+def _decode_lock(raw: str) -> Lock | None:
+    """A stored lock; None (logged) for a value that is not one, such as an operator's
+    hand edit: one bad key must stop neither the others nor every unlock."""
+    try:
+        lock = Lock(**json.loads(raw))
+        if not all(isinstance(getattr(lock, name), int | float) and not isinstance(
+                getattr(lock, name), bool) for name in ("created", "until", "level")):
+            raise TypeError("created, until and level must be numbers")
+    except (ValueError, TypeError) as exc:
+        _malformed("lock", raw, exc)
+        return None
+    return lock
+
+
+def _decode_ban(raw: str) -> Entry | None:
+    """A stored ban; None (logged) for a value that is not one (as _decode_lock)."""
+    try:
+        ban = Entry(**json.loads(raw))
+        if not isinstance(ban.created, int | float) or not (
+                ban.expires is None or isinstance(ban.expires, int | float)):
+            raise TypeError("created and expires must be numbers")
+    except (ValueError, TypeError) as exc:
+        _malformed("ban", raw, exc)
+        return None
+    return ban
+
+
+_reported: set[str] = set()  # the malformed values logged already (once each)
+
+
+def _malformed(kind: str, raw: str, exc: Exception) -> None:
+    if raw in _reported or len(_reported) > 1000:
+        return
+    _reported.add(raw)
+    log.warning("skipping a malformed %s in Redis: %s", kind, type(exc).__name__)
 
 
 def _encode_record(record: Record) -> str:
@@ -262,10 +305,8 @@ class RedisStore:
 
     async def get_lock(self, key: str, now: float) -> Lock | None:
         raw = await self._redis.get(self._k("lock", key))
-        if raw is None:
-            return None
-        lock = _decode_lock(raw)
-        return lock if lock.until > now else None
+        lock = None if raw is None else _decode_lock(raw)
+        return lock if lock is not None and lock.until > now else None
 
     async def put_lock(self, lock: Lock) -> None:
         ttl = max(1, math.ceil((lock.until - lock.created) * 1000))
@@ -310,7 +351,7 @@ class RedisStore:
             keys=[k("lock", keys.pair), k("lock", keys.account), k("f", keys.pair),
                   k("mfa", mfa_user or ""), k("f", keys.source)],
             args=[float(now), float(now - window), int(failures), int(mfa_user is not None)])
-        if answer[0]:
+        if answer[0]:  # well-formed JSON with a numeric until, and fields Lock may refuse
             return LoginState(_decode_lock(answer[1]), 0, None, 0)
         _, _, count, flat, source = answer
         fields = None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
@@ -329,8 +370,9 @@ class RedisStore:
                   keys.account.removeprefix("a:"), keys.source.removeprefix("s:"),
                   policy.pair_reason, policy.account_reason, *policy.durations])
         pair, account, source, *made = answer
+        locks = (_decode_lock(raw) for raw in made if raw is not None)
         return FailureCounts(int(pair), int(account), int(source),
-                             tuple(_decode_lock(raw) for raw in made if raw is not None))
+                             tuple(lock for lock in locks if lock is not None))
 
     # --- bans
 
@@ -343,12 +385,14 @@ class RedisStore:
             pipe.hget(self._k("bans"), network)
             pipe.hdel(self._k("bans"), network)
             raw, _ = await pipe.execute()
-        return Entry(**json.loads(raw)) if raw else None
+        return _decode_ban(raw) if raw else None
 
     async def bans(self, now: float) -> list[Entry]:
         out, gone = [], []
         for network, raw in (await self._redis.hgetall(self._k("bans"))).items():
-            ban = Entry(**json.loads(raw))
+            ban = _decode_ban(raw)
+            if ban is None:
+                continue  # left for the operator: logged once, never enforced
             if ban.expires is not None and ban.expires <= now:
                 gone.append(network)
             else:
@@ -417,6 +461,25 @@ class RedisStore:
                 if previous and previous != record.group:
                     pipe.srem(self._k(f"rg:{record.kind}", previous), record.key)
             await pipe.execute()
+        await self._prune(record.kind)
+
+    async def _prune(self, kind: str) -> None:
+        """Drops from the kind's index a sample of members whose record its TTL removed.
+
+        Kinds nobody lists (replay ids: a webhook event, a SAML assertion) were tidied
+        only by list_records, so their index grew by every id ever seen. With PRUNE_SAMPLE
+        members checked per write, at most about 1/PRUNE_SAMPLE of the index is dead."""
+        index = self._k("ri", kind)
+        sample = await self._redis.srandmember(index, PRUNE_SAMPLE)
+        if not sample:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in sample:
+                pipe.exists(self._k(f"r:{kind}", key))
+            alive = await pipe.execute()
+        gone = [key for key, exists in zip(sample, alive, strict=True) if not exists]
+        if gone:
+            await self._redis.srem(index, *gone)
 
     async def get_record(self, kind: str, key: str, now: float) -> Record | None:
         raw = await self._redis.get(self._k(f"r:{kind}", key))

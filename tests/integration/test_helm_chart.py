@@ -236,6 +236,10 @@ def test_values_schema_rejects_wrong_type_and_unknown_key(chart: Any) -> None:
         chart.validate_schema({"replicass": 2})
     with pytest.raises(helm.HelmValuesError, match="existingSecretKeys"):
         chart.validate_schema({"secrets": {"existingSecretKeys": ["security.no_such"]}})
+    # a secret the exporter would refuse at start (pods in a crash loop) fails the install
+    with pytest.raises(helm.HelmValuesError, match="admin_token"):
+        chart.validate_schema({"secrets": {"security": {"admin_token": "short"}}})
+    chart.validate_schema({"secrets": {"security": {"admin_token": "x" * 16}}})
     lint = helm.lint(CHART, {"config": {"server": {"listen_address": 10587}}}, strict=True)
     assert any("listen_address" in e for e in lint["errors"]), lint
 
@@ -409,7 +413,7 @@ def test_rendered_config_passes_check_config(chart: Any, values_file: Path | Non
 
 
 def test_secrets_are_files_never_config(chart: Any, tmp_path: Path) -> None:
-    values = {"secrets": {"security": {"admin_token": "t0ken-admin",
+    values = {"secrets": {"security": {"admin_token": "t0ken-admin-0123456",
                                        "dovecot_policy": {"api_key": "dovecot-k3y"}}}}
     objects = render(chart, values)
     secret = only(objects, "Secret")
@@ -420,10 +424,10 @@ def test_secrets_are_files_never_config(chart: Any, tmp_path: Path) -> None:
     assert config["security"]["dovecot_policy"]["api_key_file"] == (
         "/etc/a3mailer-exporter/secrets/security.dovecot_policy.api_key")
     configmap = yaml.safe_dump(exporter_configmap(objects))
-    assert "t0ken-admin" not in configmap and "dovecot-k3y" not in configmap
+    assert "t0ken-admin-0123456" not in configmap and "dovecot-k3y" not in configmap
     mapping = _lay_out_pod(objects, tmp_path)
     path = Path(_remap(config["security"]["admin_token_file"], mapping))
-    assert path.read_text() == "t0ken-admin"
+    assert path.read_text() == "t0ken-admin-0123456"
     assert "No admin token is set" not in notes(chart, values)
     assert "No admin token is set" in notes(chart)
 
@@ -557,7 +561,8 @@ def test_notes_tell_where_things_are(chart: Any) -> None:
 def test_values_copy_is_untouched(chart: Any) -> None:
     """Rendering never changes the chart's defaults (the config helper deep-copies)."""
     before = copy.deepcopy(chart.values)
-    render(chart, {"secrets": {"security": {"admin_token": "x"}}, "redis": {"url": "redis://r"}})
+    render(chart, {"secrets": {"security": {"admin_token": "x" * 16}},
+                   "redis": {"url": "redis://r"}})
     assert chart.values == before
 
 

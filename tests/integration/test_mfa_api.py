@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "mfa-admin-token"
+TOKEN = "mfa-admin-token-0123"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 
 

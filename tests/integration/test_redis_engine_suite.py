@@ -8,10 +8,10 @@ the same fake clock (locks and failure windows are judged by the caller's `now`,
 memory store). Left out: the tests that bring their own store (SQLite restarts, a broken
 store); test_repeat_lockouts_double_up_to_the_maximum, whose last step waits out the
 escalation window on the fake clock (Redis counts offences in its own time, by TTL; the
-levels themselves are in the store suite); and test_manual_ban_unban_and_expiry: with a shared
-store, refresh() reloads the bans through Store.bans(), which drops an expired ban before
-the engine can audit its expiry (as before this suite existed: bans are not on the
-decision path's scripts).
+levels themselves are in the store suite). test_manual_ban_unban_and_expiry runs here too:
+with a shared store, refresh() reloads the bans through Store.bans(), which drops an
+expired ban as it lists it, so the engine now takes the expired ones from the list it
+holds first (before 2026-12-02 a ban's expiry was never audited on Redis).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from tests.unit.test_security_engine import (  # noqa: F401 - collected here wit
     test_failures_outside_the_window_do_not_lock,
     test_ipv6_pair_lock_covers_the_whole_64,
     test_ipv6_sources_are_tracked_and_banned_by_their_64,
+    test_manual_ban_unban_and_expiry,
     test_refresh_recounts_lock_gauges_after_expiry,
     test_relocking_after_expiry_does_not_count_the_lock_twice,
     test_stats_count_by_protocol_and_decision_without_logins_or_ips,

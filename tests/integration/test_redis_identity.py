@@ -93,3 +93,16 @@ async def test_the_replay_guard_holds_across_replicas(replicas):
         replicas[i % 2].add_record(Record("saml_assertion", "id-1", {}, now + 60), now)
         for i in range(10)])
     assert sorted(results) == [False] * 9 + [True]
+
+
+async def test_the_index_of_a_kind_nobody_lists_stays_near_its_live_records(store):
+    """Every webhook event id stayed in the a3m:ri:stalwart_event set forever (201 members
+    for 1 live record in a review, no TTL): only list_records tidied an index."""
+    now = time.time()
+    for i in range(400):  # ids whose replay window has closed
+        await store.add_record(Record("event", f"old-{i}", {}, now + 0.05), now)
+    await asyncio.sleep(0.2)  # Redis's TTL removes their records
+    for i in range(400):
+        await store.add_record(Record("event", f"new-{i}", {}, time.time() + 60), time.time())
+    members = await store._redis.scard(store._k("ri", "event"))
+    assert 400 <= members <= 440, members  # 800 before

@@ -14,7 +14,7 @@ from tests.exporter_process import ROOT
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "s3cret-admin"
+TOKEN = "s3cret-admin-token-0123"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 
 
