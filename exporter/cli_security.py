@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from security import no_redirect
+
 DEFAULT_URL = "http://127.0.0.1:10587"
 
 
@@ -74,7 +76,7 @@ def run_security(args: argparse.Namespace) -> int:
         locks_status, locks = _call("GET", f"{base}/lockouts", token)
         bans_status, bans = _call("GET", f"{base}/blocklist", token)
         status = max(locks_status, bans_status)
-        body = {**locks, **bans} if status < 400 else locks if locks_status >= 400 else bans
+        body = {**locks, **bans} if status < 300 else locks if locks_status >= 300 else bans
     elif action == "lockouts":
         status, body = _call("GET", f"{base}/lockouts", token)
     elif action == "unlock":
@@ -99,7 +101,7 @@ def run_security(args: argparse.Namespace) -> int:
     else:  # export
         status, body = _call("GET", f"{base}/blocklist.txt", token)
     print(body if isinstance(body, str) else json.dumps(body, indent=2))
-    return 0 if status < 400 else 1
+    return 0 if status < 300 else 1
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -121,6 +123,9 @@ def _token(path: str | None) -> str | None:
     return os.environ.get("A3MAILER_ADMIN_TOKEN") or None
 
 
+_OPENER = no_redirect.opener()
+
+
 def _call(method: str, url: str, token: str, data: bytes | None = None,
           content_type: str = "application/json") -> tuple[int, Any]:
     if not url.startswith(("http://", "https://")):
@@ -128,11 +133,16 @@ def _call(method: str, url: str, token: str, data: bytes | None = None,
     request = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310
         "Authorization": f"Bearer {token}", "Content-Type": content_type})
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        # never redirected: the token would go along to whatever the Location names
+        with _OPENER.open(request, timeout=30) as response:
             status, raw, kind = response.status, response.read(), response.headers.get(
                 "content-type", "")
     except urllib.error.HTTPError as exc:
         status, raw, kind = exc.code, exc.read(), exc.headers.get("content-type", "")
+        if 300 <= status < 400:
+            return status, {"error": "redirected", "message": (
+                f"the server answered {status} to {exc.headers.get('location', '?')}; not "
+                "followed, as the admin token would go along: point --url at the exporter")}
     except urllib.error.URLError as exc:
         return 599, {"error": "unreachable", "message": str(exc.reason)}
     text = raw.decode("utf-8", errors="replace")

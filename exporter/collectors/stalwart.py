@@ -66,6 +66,7 @@ from exporter.catalogue import MetricSpec
 from exporter.config import parse_duration, read_secret
 from exporter.health import Check, CheckResult, Status
 from exporter.schedule import Periodic
+from security import no_redirect
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +112,9 @@ class Response:
     body: bytes
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: following it could send the credentials elsewhere."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        return None
-
-
-# Direct connections only (no HTTP(S)_PROXY: Stalwart sits next to the exporter).
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+# Direct connections only (no HTTP(S)_PROXY: Stalwart sits next to the exporter), and a
+# redirect is an error: following it could send the credentials elsewhere.
+_OPENER = no_redirect.opener(proxies_from_environment=False)
 
 
 @dataclass

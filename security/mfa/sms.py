@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from security import no_redirect
 from security.mfa.delivery import DeliveryError, check_template, fill
 
 _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")  # E.164
@@ -80,12 +81,7 @@ class CircuitBreaker:
             self.opened_at, self._trial = self.clock(), False
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
+_opener = no_redirect.opener()
 
 
 class SmsSender:

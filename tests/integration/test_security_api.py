@@ -145,6 +145,52 @@ def test_cli_without_token_or_server(exporter, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_the_cli_never_follows_a_redirect_with_the_token(tmp_path):
+    """urllib's default opener followed a 307 to another origin with the Authorization
+    header (a review saw the token arrive there)."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("authorization"))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"bans": []}')
+
+        def log_message(self, *args) -> None:
+            return None
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://localhost:{elsewhere.server_address[1]}"
+
+    class Redirect(Elsewhere):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(307)
+            self.send_header("location", target + self.path)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+    redirect = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (elsewhere, redirect):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = cli(SimpleNamespace(url=f"http://127.0.0.1:{redirect.server_address[1]}"),
+                "security", "bans")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert json.loads(r.stdout)["error"] == "redirected"
+        assert seen == []  # the token never left for the other origin
+        assert TOKEN not in r.stdout + r.stderr
+    finally:
+        for server in (elsewhere, redirect):
+            server.shutdown()
+            server.server_close()
+
+
 def signed(secret: bytes, events: list[dict]) -> tuple[bytes, dict]:
     from security.protocols.stalwart import signature
 
