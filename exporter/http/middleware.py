@@ -174,8 +174,13 @@ class Guard:
     """Authenticates the listener, rate-limits the JSON API, caps request bodies, counts,
     times and traces every request. `direct`, if given, is a route it calls itself."""
 
-    RATE_LIMITED_PREFIX = "/api/"
+    # the admin routes (/-/reload takes the admin token too: guessing it there was not
+    # throttled) and the JSON API
+    RATE_LIMITED_PREFIX = ("/api/", "/-/")
     IDENTIFIED_PREFIXES = ("/api/", "/-/")
+    # on every answer of those: answers carry secrets (a new API key, a TOTP secret, a
+    # session id) that no cache may keep, and JSON is never to be sniffed as HTML
+    PRIVATE_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
 
     def __init__(self, app: ASGIApp, exporter: Exporter, auth: ListenerAuth,
                  direct: DirectRoute | None = None):
@@ -256,6 +261,8 @@ class Guard:
                 self.exporter.rate_limited.inc(("apikey",))
             return headers(decision), decision.allowed
         if identity is not None and identity.kind == "admin":
+            if not path.startswith("/api/"):  # /-/reload: only the guessing is throttled
+                return {}, True
             klass, key = "authenticated", "admin"
         else:
             klass, key = "anonymous", (scope.get("client") or ("?", 0))[0]
@@ -275,8 +282,10 @@ class Guard:
             await send_json(send, 503, STORE_UNAVAILABLE, STORE_RETRY_AFTER)
             return
         limit_headers, allowed = self._rate_limit(scope, identity)
-        if limit_headers:
+        if scope["path"].startswith(self.IDENTIFIED_PREFIXES) and (
+                scope["path"] not in SELF_AUTHENTICATED):
             encoded = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]
+            encoded += self.PRIVATE_HEADERS
             if not allowed:
                 await send_json(send, 429, {"error": "rate_limited",
                                             "message": "too many requests; see Retry-After"},

@@ -298,6 +298,31 @@ async def test_api_rate_limits_send_ratelimit_headers_and_429(serve, tmp_path):
                         ) == 1
 
 
+async def test_guessing_the_admin_token_on_reload_is_throttled_and_the_admin_is_not(
+        serve, tmp_path):
+    """/-/reload takes the admin token too, and wrong tokens there were never limited
+    (40 answers of 401 in a row in a review, against 11 and then 429 under /api/)."""
+    _, client = await serve(admin_config(tmp_path, {"security": {
+        "admin_token_file": str(tmp_path / "admin.token"),
+        "rate_limits": {"anonymous_requests_per_minute": 60, "burst_allowance": 2}}}))
+    wrong = {"authorization": "Bearer not-the-admin-token-0123"}
+    answers = [(await client.post("/-/reload", headers=wrong)).status_code for _ in range(5)]
+    assert answers == [401, 401, 401, 429, 429]
+    for _ in range(5):  # the admin's own reloads stay unlimited
+        assert (await client.post("/-/reload", headers=ADMIN)).status_code == 200
+
+
+async def test_api_answers_are_never_cached_or_sniffed(serve, tmp_path):
+    _, client = await serve(admin_config(tmp_path))
+    for method, path in (("POST", "/api/v1/metrics/custom/nope"),
+                         ("GET", "/api/v1/monitoring/history"), ("GET", "/api/v1/nope"),
+                         ("POST", "/-/reload")):
+        r = await client.request(method, path, headers=ADMIN, json={"value": 1})
+        assert r.headers["cache-control"] == "no-store", (path, r.status_code)
+        assert r.headers["x-content-type-options"] == "nosniff", path
+    assert "cache-control" not in (await client.get("/livez")).headers
+
+
 async def test_rate_limiting_can_be_switched_off(serve):
     _, client = await serve({"security": {"enable_rate_limiting": False}})
     for _ in range(20):
