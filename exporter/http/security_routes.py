@@ -31,6 +31,7 @@ from exporter.instruments import CounterVec
 from exporter.service import Exporter
 from security import strict_json
 from security.attempts import Attempt
+from security.audit import MAX_QUERY_LIMIT
 from security.blocklist import export_text, import_text
 from security.engine import SecurityManager
 from security.protocols import dovecot, stalwart
@@ -429,8 +430,9 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         q = request.query_params
         start, end = _time_param(q, "start"), _time_param(q, "end")
         limit = q.get("limit", "100")
-        if not limit.isdecimal() or int(limit) < 1:
-            raise BadRequest(f"limit: expected a whole number from 1, got {limit!r}")
+        if not limit.isdecimal() or len(limit) > 6 or not 1 <= int(limit) <= MAX_QUERY_LIMIT:
+            raise BadRequest(f"limit: expected a whole number from 1 to {MAX_QUERY_LIMIT}, "
+                             f"got {limit[:20]!r}")
         types = q.getlist("type") or None
         try:  # it reads the file: off the event loop, which keeps deciding logins
             records, cursor = await asyncio.to_thread(

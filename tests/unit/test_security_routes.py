@@ -203,6 +203,8 @@ async def test_audit_api_pages_and_filters(serve):
     ({"limit": "-1"}, "limit: expected a whole number from 1"),
     ({"limit": "0"}, "limit: expected a whole number from 1"),
     ({"limit": "ten"}, "limit: expected a whole number from 1"),
+    ({"limit": "1001"}, "limit: expected a whole number from 1 to 1000, got '1001'"),
+    ({"limit": "9" * 5000}, "limit: expected a whole number from 1 to 1000"),
     ({"start": "garbage"}, "start: expected a Unix time in seconds, got 'garbage'"),
     ({"end": "nan"}, "end: expected a Unix time in seconds"),
 ])
