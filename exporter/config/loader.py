@@ -493,10 +493,23 @@ def _bundle_problems(data: dict[str, Any], problem: Any) -> None:
                 problem((*section, name), f"unknown {what}{hint}")
 
 
+def _credentials_problems(section: dict[str, Any], path: Path_, keys: tuple[str, ...],
+                          read: Any, problem: Any) -> None:
+    """A credentials file that cannot be read, or holds no `user:password` line, is an
+    error now (as an unreadable secret is), not at the probe's first run."""
+    for key in keys:
+        if section.get(key):
+            try:
+                read(section[key])
+            except ValueError as exc:
+                problem((*path, key), str(exc).removeprefix(f"{key} "))
+
+
 def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
     """Probe targets and the round trip, checked by the same code that builds them."""
     from exporter.mail import COMPONENTS
     from exporter.probes import DeliverySettings, Target
+    from exporter.probes.target import read_credentials
 
     names: set[str] = set()
     for index, item in enumerate(mon["probes"]):
@@ -505,7 +518,9 @@ def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
             target = Target.from_config(item)
         except ValueError as exc:
             problem(path, str(exc))
+            names.add(str(item.get("name", "")))  # a later copy of its name is still one
             continue
+        _credentials_problems(item, path, ("credentials_file",), read_credentials, problem)
         if target.name in names:
             problem((*path, "name"), f"probe name {target.name!r} used twice")
         elif target.name in COMPONENTS or target.name in RESERVED_COMPONENTS:
@@ -517,6 +532,10 @@ def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
             DeliverySettings.from_config(mon["delivery"])
         except ValueError as exc:
             problem(("monitoring", "delivery"), str(exc).removeprefix("monitoring.delivery."))
+        else:
+            _credentials_problems(mon["delivery"], ("monitoring", "delivery"),
+                                  ("credentials_file", "imap_credentials_file"),
+                                  read_credentials, problem)
     seen: set[str] = set()
     for index, item in enumerate(mon["logs"]["files"]):
         if item["name"] in seen:

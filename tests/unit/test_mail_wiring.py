@@ -59,6 +59,36 @@ def test_probe_semantics_are_checked_by_the_code_that_builds_them(tmp_path):
         "component; choose another"]
 
 
+def test_probe_credentials_are_read_at_load_and_every_copy_of_a_name_is_counted(tmp_path):
+    """A missing credentials_file passed check-config and failed at the first run; a name
+    used by a probe with an error of its own was not counted, so a third copy showed only
+    once the first was fixed."""
+    (tmp_path / "bad.creds").write_text("no colon here\n")
+    (tmp_path / "good.creds").write_text("probe:s3cret\n")
+    path = write(tmp_path, f"""
+        monitoring:
+          probes:
+            - {{name: h, protocol: http, host: 127.0.0.1, tls: starttls}}
+            - {{name: h, protocol: smtp, host: mx.example.test}}
+            - {{name: a, protocol: imap, host: mx.example.test,
+                credentials_file: {tmp_path}/missing}}
+            - {{name: b, protocol: imap, host: mx.example.test,
+                credentials_file: {tmp_path}/bad.creds}}
+            - {{name: c, protocol: imap, host: mx.example.test,
+                credentials_file: {tmp_path}/good.creds}}
+    """)
+    found = problems(path)
+    assert found == [
+        f"{path}:3: monitoring.probes[0]: probe h: http has no STARTTLS; use tls: implicit "
+        "for https",
+        f"{path}:4: monitoring.probes[1].name: probe name 'h' used twice",
+        f"{path}:6: monitoring.probes[2].credentials_file: cannot read credentials_file "
+        f"{tmp_path}/missing: No such file or directory",
+        f"{path}:8: monitoring.probes[3].credentials_file: {tmp_path}/bad.creds must hold one "
+        "line user:password"]
+    assert "s3cret" not in "".join(found)
+
+
 def test_mail_section_schema_errors(tmp_path):
     path = write(tmp_path, """
         monitoring:
