@@ -39,10 +39,17 @@ _PSUTIL_TCP_STATES = {
 
 
 class CpuUsage:
-    """Busy share of CPU time between two calls; each consumer keeps its own."""
+    """Busy share of CPU time between two calls; each consumer keeps its own.
+
+    A span shorter than MIN_SPAN holds a few 10 ms ticks (0, 50 or 100 %: a health check
+    right after start read 100 % and turned the system component degraded), so it answers
+    the last share instead, at first the one since boot, and the span goes on growing."""
+
+    MIN_SPAN = 0.5  # CPU seconds, all cores together
 
     def __init__(self) -> None:
         self._last = self._totals()
+        self._share: float | None = None
 
     @staticmethod
     def _totals() -> tuple[float, float]:
@@ -55,11 +62,14 @@ class CpuUsage:
     def ratio(self) -> float:
         total, busy = self._totals()
         last_total, last_busy = self._last
-        self._last = (total, busy)
         elapsed = total - last_total
-        if elapsed <= 0:
-            return 0.0
-        return min(1.0, max(0.0, (busy - last_busy) / elapsed))
+        if elapsed < self.MIN_SPAN:
+            if self._share is not None:
+                return self._share
+            return min(1.0, max(0.0, busy / total)) if total > 0 else 0.0
+        self._last = (total, busy)
+        self._share = min(1.0, max(0.0, (busy - last_busy) / elapsed))
+        return self._share
 
 
 def tcp_states() -> dict[str, int]:
