@@ -350,8 +350,15 @@ def recorded(env: Env) -> set[str]:
 # --------------------------------------------------------------------------- tests
 
 
-def test_full_example_enables_every_feature(env):
-    example = load_config(EXAMPLE)
+def test_full_example_enables_every_feature(env, tmp_path):
+    # the example as shipped, but for its credentials file, which the loader reads (it
+    # names /etc/a3mailer-exporter/probe.credentials)
+    credentials = tmp_path / "probe.credentials"
+    credentials.write_text("probe:s3cret\n")
+    copy = tmp_path / "full.yaml"
+    copy.write_text(EXAMPLE.read_text().replace("/etc/a3mailer-exporter/probe.credentials",
+                                                str(credentials)))
+    example = load_config(copy)
     mon, sec = example["monitoring"], example["security"]
     assert all(mon["collectors"].values())
     assert {p["protocol"] for p in mon["probes"]} == {"smtp", "imap", "pop3", "http"}
