@@ -230,7 +230,7 @@ def open_store(kind: str, *, path: str = "", max_keys: int = 250_000,
     if kind == "redis":
         from security.store.redis import RedisStore
 
-        return RedisStore(url, password=password, prefix=prefix)
+        return RedisStore(url, password=password, prefix=prefix, max_keys=max_keys)
     if kind == "memory":
         return MemoryStore(max_keys=max_keys)
     if kind == "sqlite":

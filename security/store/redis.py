@@ -54,6 +54,23 @@ local function record(key, now, cutoff, window, member, cap)
   return n
 end
 
+-- the failure-key index (a zset of keys by the time their window ends): the key just
+-- written is put in, keys whose window has ended are taken out, and beyond `cap` keys the
+-- ones whose window ends first are deleted (an LRU, as the memory store's max_keys: a flood
+-- of distinct addresses cannot fill Redis). The evicted keys are named from `prefix`, not
+-- passed in KEYS: this holds on one Redis (or a primary with replicas), not on a Cluster.
+local function track(index, prefix, key, now, window, cap)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  redis.call('ZADD', index, now + tonumber(window), key)
+  local over = redis.call('ZCARD', index) - cap
+  if over > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', index, 0, over - 1)) do
+      redis.call('DEL', prefix .. old)
+    end
+    redis.call('ZREMRANGEBYRANK', index, 0, over - 1)
+  end
+end
+
 -- a lock's JSON while its `until` is after now, else false (also for a value that is not
 -- a lock's JSON: a hand edit must not fail every login of the account)
 local function live_lock(key, now)
@@ -85,7 +102,9 @@ end
 # KEYS[1] failure zset; ARGV: now, cutoff (now - window), window, member, max distinct
 # -> distinct count
 _RECORD_FAILURE = _FUNCTIONS + """
-return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+local n = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+track(KEYS[2], ARGV[6], ARGV[7], tonumber(ARGV[1]), ARGV[3], tonumber(ARGV[8]))
+return n
 """
 # KEYS[1] offence counter; ARGV: window seconds -> count within the window
 _BUMP_OFFENCES = _FUNCTIONS + """
@@ -114,15 +133,16 @@ return {0, false, failures, fields, source}
 
 # Everything a wrong password writes, atomically (MemoryStore.record_login_failure is the
 # same in Python). KEYS: pair, account and source failures, pair lock, account lock, pair
-# offences, account offences, the lock index; ARGV: now, cutoff, window, member, max
-# distinct, pair threshold, account threshold, escalation window, pair key, account key,
-# login, network, pair reason, account reason, then the lock duration of each level
+# offences, account offences, the lock index, the failure-key index; ARGV: now, cutoff,
+# window, member, max distinct, pair threshold, account threshold, escalation window, pair
+# key, account key, login, network, pair reason, account reason, max tracked keys, the
+# failure keys' prefix, source key, then the lock duration of each level
 # -> {pair count, account count, source count, pair lock JSON or false, account lock...}
 _RECORD_LOGIN_FAILURE = _FUNCTIONS + """
 local now = tonumber(ARGV[1])
 local function lock(n, key, scope, account, source, reason, count)
   local level = offence(KEYS[5 + n], ARGV[8])
-  local duration = tonumber(ARGV[14 + math.min(level, #ARGV - 14)])
+  local duration = tonumber(ARGV[17 + math.min(level, #ARGV - 17)])
   local json = '{"key": ' .. cjson.encode(key) .. ', "scope": ' .. cjson.encode(scope)
     .. ', "account": ' .. cjson.encode(account) .. ', "source": ' .. cjson.encode(source)
     .. ', "reason": ' .. cjson.encode(string.format(reason, count))
@@ -131,14 +151,20 @@ local function lock(n, key, scope, account, source, reason, count)
   redis.call('SET', KEYS[3 + n], json, 'PX', math.max(1, math.ceil(duration * 1000)))
   redis.call('SADD', KEYS[8], key)
   redis.call('DEL', KEYS[n])
+  redis.call('ZREM', KEYS[9], key)  -- its failures end with the lock: no longer tracked
   return json
 end
 local cap = tonumber(ARGV[5])
+local function tracked(n, key)  -- the failure key KEYS[n], named `key` in the index
+  local count = record(KEYS[n], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap)
+  track(KEYS[9], ARGV[16], key, now, ARGV[3], tonumber(ARGV[15]))
+  return count
+end
 local pair_locked = live_lock(KEYS[4], now)
-local pair = record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap)
+local pair = tracked(1, ARGV[9])
 local account = 0
-if not pair_locked then account = record(KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap) end
-local source = record(KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], cap)
+if not pair_locked then account = tracked(2, ARGV[10]) end
+local source = tracked(3, ARGV[17])
 local pair_lock, account_lock = false, false
 if pair >= tonumber(ARGV[6]) and not pair_locked then
   pair_lock = lock(1, ARGV[9], 'source_account', ARGV[11], ARGV[12], ARGV[13], pair)
@@ -249,11 +275,12 @@ class RedisStore:
     shared = True
 
     def __init__(self, url: str, password: str | None = None, prefix: str = "a3m:",
-                 **client_options: Any):
+                 max_keys: int = 250_000, **client_options: Any):
         """client_options: further redis-py client settings over ours (the security
         benchmark compares parsers and protocols with them)."""
         self.url = url
         self.prefix = prefix
+        self.max_keys = max_keys  # failure keys, as MemoryStore's (the index `fi` holds them)
         options = {"password": password, "decode_responses": True, "socket_timeout": 2.0,
                    "socket_connect_timeout": 2.0, "health_check_interval": 30,
                    **client_options}
@@ -282,24 +309,31 @@ class RedisStore:
         return self._keys
 
     async def refresh(self) -> None:
-        count = 0
-        async for _ in self._redis.scan_iter(match=self._k("f", "*"), count=1000):
-            count += 1
-        self._keys = count
+        """Counts the failure keys from their index (a SCAN of every key cost a round trip
+        per 1,000 keys, every 5 s on every replica)."""
+        index = self._k("fi")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(index, "-inf", time.time())
+            pipe.zcard(index)
+            _, self._keys = await pipe.execute()
 
     # --- failures
 
     async def record_failure(self, key: str, pwhash: str, now: float, window: float) -> int:
         member = pwhash or f"#{secrets.token_hex(8)}"
-        return int(await self._record(keys=[self._k("f", key)],
+        return int(await self._record(keys=[self._k("f", key), self._k("fi")],
                                       args=[float(now), float(now - window), window, member,
-                                            MAX_DISTINCT]))
+                                            MAX_DISTINCT, f"{self.prefix}f:", key,
+                                            self.max_keys]))
 
     async def failure_count(self, key: str, now: float, window: float) -> int:
         return int(await self._redis.zcount(self._k("f", key), now - window, "+inf"))
 
     async def clear_failures(self, key: str) -> None:
-        await self._redis.delete(self._k("f", key))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("f", key))
+            pipe.zrem(self._k("fi"), key)
+            await pipe.execute()
 
     # --- locks and offences
 
@@ -363,12 +397,13 @@ class RedisStore:
         answer = await self._login_failure(
             keys=[k("f", keys.pair), k("f", keys.account), k("f", keys.source),
                   k("lock", keys.pair), k("lock", keys.account), k("off", keys.pair),
-                  k("off", keys.account), k("locks")],
+                  k("off", keys.account), k("locks"), k("fi")],
             args=[float(now), float(now - policy.window), policy.window,
                   pwhash or f"#{secrets.token_hex(8)}", MAX_DISTINCT, policy.pair_threshold,
                   policy.account_threshold, policy.escalation_window, keys.pair, keys.account,
                   keys.account.removeprefix("a:"), keys.source.removeprefix("s:"),
-                  policy.pair_reason, policy.account_reason, *policy.durations])
+                  policy.pair_reason, policy.account_reason, self.max_keys, f"{self.prefix}f:",
+                  keys.source, *policy.durations])
         pair, account, source, *made = answer
         locks = (_decode_lock(raw) for raw in made if raw is not None)
         return FailureCounts(int(pair), int(account), int(source),

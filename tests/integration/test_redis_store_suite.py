@@ -21,6 +21,7 @@ from tests.unit.test_security_store import (  # noqa: F401 - collected here with
     T0,
     WINDOW,
     test_a_key_remembers_at_most_max_distinct_passwords,
+    test_a_key_that_failed_again_is_recent_and_survives_eviction,
     test_a_locked_pair_keeps_counting_but_not_against_the_account,
     test_a_repeated_pwhash_counts_once,
     test_an_empty_pwhash_is_a_new_distinct_password_each_time,
@@ -33,6 +34,7 @@ from tests.unit.test_security_store import (  # noqa: F401 - collected here with
     test_login_state_counts_the_pair_only_when_asked,
     test_login_state_finds_the_pair_lock_before_the_account_lock,
     test_login_state_reads_the_mfa_fields_and_then_the_source,
+    test_max_keys_bounds_the_failure_table_and_keeps_the_newest,
     test_one_failure_can_lock_the_pair_and_then_the_account,
     test_put_ban_replaces_the_ban_of_the_same_network,
     test_put_get_delete_lock,
@@ -55,6 +57,40 @@ async def store(redis_module):
     await store.open()
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def make_store(redis_module):
+    """RedisStore(max_keys=...) on a prefix of its own, for the LRU-bound tests."""
+    made: list[RedisStore] = []
+
+    async def make(**kw):
+        store = RedisStore(redis_module.url, prefix=f"test-{uuid.uuid4().hex[:8]}:", **kw)
+        await store.open()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def test_login_failures_are_capped_too_and_the_index_counts_them(make_store):
+    """max_tracked_keys did not apply to Redis: 3,000 failures with a cap of 1,000 left
+    9,013 f:* keys in a review (a flood of distinct addresses could fill Redis)."""
+    store = await make_store(max_keys=30)
+    for i in range(40):  # each wrong password writes a pair, an account and a source key
+        keys = tracking_keys(f"user{i}", f"198.51.100.{i}/32")
+        await store.record_login_failure(keys, "h", T0 + i, POLICY)
+    found = [key async for key in store._redis.scan_iter(match=store._k("f", "*"))]
+    assert len(found) == 30
+    await store.refresh()
+    assert store.tracked_keys() == 30
+    newest = tracking_keys("user39", "198.51.100.39/32")
+    assert (await store.login_state(newest, T0 + 40, WINDOW, True, None)).failures == 1
+    await store.clear_failures(newest.pair)  # a success: out of the index as well
+    await store.refresh()
+    assert store.tracked_keys() == 29
 
 
 @pytest.fixture
@@ -119,13 +155,16 @@ async def test_every_key_the_decision_path_writes_carries_a_ttl(store):
     await store.record_login_failure(other, "x", T0, POLICY)
     redis = store._redis
     names = sorted(await redis.keys(store.prefix + "*"))
-    index = store._k("locks")
-    assert names == sorted([index, *(store._k(kind, key) for kind, key in (
+    indexes = (store._k("locks"), store._k("fi"))
+    assert names == sorted([*indexes, *(store._k(kind, key) for kind, key in (
         ("f", KEYS.account), ("f", KEYS.source), ("f", other.source), ("f", other.pair),
         ("lock", KEYS.pair), ("off", KEYS.pair)))])
     for name in names:
-        if name != index:  # the lock index: a set of keys that locks() tidies, as before
+        # the indexes: the lock set locks() tidies, and the failure keys' sorted set, held
+        # to max_tracked_keys and pruned at every write and refresh
+        if name not in indexes:
             assert await redis.pttl(name) > 0, name
+    assert await redis.zcard(store._k("fi")) == 4  # the five failure keys less the locked pair
     assert 59_000 < await redis.pttl(store._k("lock", KEYS.pair)) <= 60_000
     assert 999_000 < await redis.pttl(store._k("off", KEYS.pair)) <= 1_000_000
     assert WINDOW * 1000 - 1000 < await redis.pttl(store._k("f", KEYS.source)) <= WINDOW * 1000
