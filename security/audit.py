@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from security.private_files import make_private, private_opener
+from security.private_files import SHARED_WITH_GROUP, make_private, private_opener
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +528,7 @@ class AuditLog:
             self._lockfile.close()
             raise AuditLogLocked(f"{self.path} is in use by another writer") from exc
         created = not self.path.exists()
-        make_private(self.path)  # it names accounts and addresses
+        make_private(self.path, SHARED_WITH_GROUP)  # it names accounts and addresses
         self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held until close()
         if created:
             _fsync_dir(self.path.parent)

@@ -8,6 +8,9 @@ import stat
 from pathlib import Path
 
 PRIVATE_MODE = 0o600
+# The audit log may be read by a log shipper running in the file's group (it may live
+# outside the state dir, at security.audit_config.file): never by others.
+SHARED_WITH_GROUP = 0o640
 
 
 def private_opener(path: str, flags: int) -> int:
@@ -15,13 +18,13 @@ def private_opener(path: str, flags: int) -> int:
     return os.open(path, flags, PRIVATE_MODE)
 
 
-def make_private(path: Path) -> None:
-    """Creates the file 0600 if it is missing; takes group and other bits off an existing
-    one (made by an earlier version under umask 022)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_MODE)
+def make_private(path: Path, mode: int = PRIVATE_MODE) -> None:
+    """Creates the file with `mode` if it is missing; takes off an existing one the bits
+    `mode` does not grant (it was made by an earlier version under umask 022)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, mode)
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        if mode & 0o077:
-            os.fchmod(fd, mode & 0o700)
+        current = stat.S_IMODE(os.fstat(fd).st_mode)
+        if current & ~mode:
+            os.fchmod(fd, current & mode)
     finally:
         os.close(fd)

@@ -1,5 +1,6 @@
-"""The state that names accounts and addresses is readable by its owner only, whatever the
-umask (a review found audit.log and security.db at 0644 and the state dir at 0755)."""
+"""The state that names accounts and addresses is readable by its owner only (the audit log
+also by its group, for a log shipper), whatever the umask (a review found audit.log and
+security.db at 0644 and the state dir at 0755)."""
 
 from __future__ import annotations
 
@@ -25,21 +26,22 @@ def umask_022() -> Iterator[None]:
     os.umask(old)
 
 
-def test_a_new_audit_log_and_its_lock_file_are_0600(tmp_path):
+def test_a_new_audit_log_is_0640_and_its_lock_file_0600(tmp_path):
+    """The audit log may be read by a log shipper in its group; others read neither."""
     with AuditLog(tmp_path) as log:
         log.record("auth.failure", "engine", "alice@192.0.2.1", {"protocol": "imap"})
-    assert mode(tmp_path / "audit.log") == 0o600
+    assert mode(tmp_path / "audit.log") == 0o640
     assert mode(tmp_path / "audit.log.lock") == 0o600
 
 
 def test_an_existing_world_readable_audit_log_is_tightened_and_kept(tmp_path):
     with AuditLog(tmp_path) as log:
         log.record("auth.failure", "engine", "alice@192.0.2.1", {})
-    os.chmod(tmp_path / "audit.log", 0o644)
+    os.chmod(tmp_path / "audit.log", 0o666)
     with AuditLog(tmp_path) as log:
         assert log.last_seq == 1
         assert log.verify().ok
-    assert mode(tmp_path / "audit.log") == 0o600
+    assert mode(tmp_path / "audit.log") == 0o640
 
 
 def test_a_torn_tail_is_kept_in_a_private_file(tmp_path):
@@ -82,7 +84,7 @@ def test_the_exporter_creates_its_state_dir_0700(tmp_path):
     exporter = Exporter(load_config(config))
     try:
         assert mode(tmp_path / "new" / "state") == 0o700
-        assert mode(tmp_path / "new" / "state" / "audit.log") == 0o600
+        assert mode(tmp_path / "new" / "state" / "audit.log") == 0o640
     finally:
         if exporter.audit is not None:
             exporter.audit.close()
