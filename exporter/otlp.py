@@ -44,6 +44,8 @@ from typing import Any, Protocol
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import TraceState
 
+from exporter.config import merge_headers
+
 CONTENT_TYPE = "application/x-protobuf"
 RETRYABLE = frozenset({429, 502, 503, 504})
 MAX_ATTEMPTS = 6
@@ -285,7 +287,7 @@ class Sender:
         self._host = url.hostname or "localhost"
         self._port = url.port or (443 if self._https else 80)
         self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._headers = {**headers, "Content-Type": CONTENT_TYPE}
+        self._headers = merge_headers(headers, {"Content-Type": CONTENT_TYPE})
         self._connection: http.client.HTTPConnection | None = None
 
     def send(self, body: bytes) -> bool:

@@ -287,10 +287,13 @@ class Exporter:
             await self.security.stop()
         if self.audit is not None:
             self.audit.close()
-        # queued spans get one export attempt; a dead receiver does not hold up the exit
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown),
-                                   TRACING_SHUTDOWN_TIMEOUT)
+        # queued spans get one export attempt; a dead or slow receiver does not hold up
+        # the exit: the export runs on a daemon thread, waited for at most the timeout
+        # (on an executor's thread, the interpreter would wait for it at exit in full)
+        flush = threading.Thread(target=self.tracing.shutdown, name="tracing-shutdown",
+                                 daemon=True)
+        flush.start()
+        await asyncio.to_thread(flush.join, TRACING_SHUTDOWN_TIMEOUT)
 
     async def _report_logged_login(self, login: str, remote_ip: str, protocol: str,
                                    success: bool) -> None:

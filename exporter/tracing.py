@@ -81,7 +81,7 @@ from opentelemetry.trace.span import TraceState
 from prometheus_client.core import Metric
 
 from exporter import __version__, catalogue
-from exporter.config import parse_duration, parse_headers, read_secret
+from exporter.config import merge_headers, parse_duration, parse_headers, read_secret
 from exporter.performance import PerformanceMonitor
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ class TracingSettings:
     def from_config(cls, section: Mapping[str, Any]) -> TracingSettings:
         """The tracing config section; secret headers are read from their file or
         variable now (the loader has checked they can be)."""
-        headers = dict(section["otlp_headers"])
-        headers.update(parse_headers(read_secret(section, "otlp_headers") or ""))
+        headers = merge_headers(section["otlp_headers"],
+                                parse_headers(read_secret(section, "otlp_headers") or ""))
         return cls(enabled=section["enabled"], service_name=section["service_name"],
                    sampling_rate=float(section["sampling_rate"]),
                    endpoint=section["otlp_endpoint"].rstrip("/") + TRACES_PATH,
@@ -248,11 +248,12 @@ class Tracing:
             self._export(batch)
 
     def _export(self, batch: list[Any]) -> None:
+        error = "refused or unreachable"  # the sender's own failures (it retried them)
         try:
             ok = self._send(batch)
-        except Exception:
+        except Exception as exc:  # not one the sender handles: say which, once
             log.debug("span export raised", exc_info=True)
-            ok = False
+            ok, error = False, type(exc).__name__
         counts = self.counts
         with counts.lock:
             if ok:
@@ -263,7 +264,7 @@ class Tracing:
             log.info("span export recovered", extra={"endpoint": self.settings.endpoint})
         elif not ok and not self._failing:
             log.warning("span export failing; spans are dropped until it recovers",
-                        extra={"endpoint": self.settings.endpoint})
+                        extra={"endpoint": self.settings.endpoint, "error": error})
         self._failing = not ok
 
     def force_flush(self, timeout: float = 5.0) -> bool:
@@ -666,17 +667,31 @@ def annotate(key: str, value: Any) -> None:
 
 def extract(headers: list[tuple[bytes, bytes]]) -> Context | None:
     """The caller's trace context and baggage from ASGI headers; None when it sent none
-    (or tracing is off)."""
+    (or tracing is off). As W3C Trace Context and Baggage say: several tracestate (or
+    baggage) headers are one list, joined in order; two traceparent headers are no
+    parent at all (the request starts a trace of its own, and its tracestate goes with
+    the traceparent)."""
     if _tracing is None:
         return None
     carrier: dict[str, str] | None = None
     for key, value in headers:
         name = _PROPAGATED.get(key)
         if name is not None:
+            text = value.decode("latin-1")
             if carrier is None:
-                carrier = {}
-            carrier[name] = value.decode("latin-1")
-    return PROPAGATOR.extract(carrier) if carrier is not None else None
+                carrier = {name: text}
+            elif name not in carrier:
+                carrier[name] = text
+            elif name == "traceparent":
+                carrier[name] = ""  # a duplicate: invalid, the propagator ignores it
+            else:
+                carrier[name] += "," + text
+    if carrier is None:
+        return None
+    if carrier.get("traceparent") == "":
+        del carrier["traceparent"]
+        carrier.pop("tracestate", None)
+    return PROPAGATOR.extract(carrier)
 
 
 def outgoing_headers() -> dict[str, str]:

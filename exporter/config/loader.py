@@ -114,6 +114,25 @@ SECRET_HEADER = re.compile(r"authorization|token|secret|password|api[-_]?key|coo
                            re.IGNORECASE)
 
 
+# what an HTTP header value may hold here: visible ASCII, spaces and tabs (a line break
+# would end the header; http.client refuses it at every export, long after the load)
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+# headers of the export request that the exporter sets itself
+RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding",
+                              "connection"})
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """What is wrong with one export header, said without its value (it may be secret)."""
+    if not _HEADER_NAME.match(name):
+        return "the name must be an HTTP token"
+    if name.lower() in RESERVED_HEADERS:
+        return "the exporter sets this header itself"
+    if not _HEADER_VALUE.match(value):
+        return "the value may hold only visible ASCII, spaces and tabs (no line breaks)"
+    return None
+
+
 def parse_headers(text: str) -> dict[str, str]:
     """'name=value' pairs separated by commas or newlines, values percent-encoded (the
     OTEL_EXPORTER_OTLP_HEADERS format); lines starting with # are comments. ValueError
@@ -126,8 +145,23 @@ def parse_headers(text: str) -> dict[str, str]:
         name = name.strip()
         if not sep or not _HEADER_NAME.match(name):
             raise ValueError(f"header {number}: expected name=value with a token name")
-        headers[name] = urllib.parse.unquote(value.strip())
+        value = urllib.parse.unquote(value.strip())
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"header {number}: {problem}")
+        headers[name] = value
     return headers
+
+
+def merge_headers(*sources: Mapping[str, str]) -> dict[str, str]:
+    """The headers of every source, a later one's overriding an earlier one's of the same
+    name in any case (HTTP names are case-insensitive: x-scope-orgid replaces
+    X-Scope-OrgID rather than going out beside it)."""
+    merged: dict[str, tuple[str, str]] = {}
+    for source in sources:
+        for name, value in source.items():
+            merged[name.lower()] = (name, value)
+    return dict(merged.values())
 
 
 # URLs whose credentials have keys of their own (secret files, kept out of ConfigMaps, logs
@@ -429,10 +463,12 @@ def _semantic_problems(
             # said without the value: it holds a password
             problem(path, f"no user:password@ in the URL: put credentials in {where}")
     tracing = data["tracing"]
-    for name in tracing["otlp_headers"]:
+    for name, value in tracing["otlp_headers"].items():
         if SECRET_HEADER.search(name):
             problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "
                     "tracing.otlp_headers_file or tracing.otlp_headers_env")
+        elif (wrong := header_problem(name, value)) is not None:
+            problem(("tracing", "otlp_headers", name), wrong)
     with contextlib.suppress(OSError):  # an unreadable file is reported with every secret
         try:
             parse_headers(read_secret(tracing, "otlp_headers") or "")

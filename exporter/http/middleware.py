@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter import tracing
@@ -206,8 +206,8 @@ class Guard:
 
         method = scope["method"]
         parent = tracing.extract(scope["headers"])
-        with tracing.observe("http", "other", method, SpanKind.SERVER,
-                             parent=parent) as operation:
+        with tracing.observe("http", "other", method if method in HTTP_METHODS else "HTTP",
+                             SpanKind.SERVER, parent=parent) as operation:
             try:
                 await self._guarded(scope, receive, send_wrapper)
             except BodyTooLarge:
@@ -215,6 +215,8 @@ class Guard:
                     await send_json(send_wrapper, 413, self._too_large())
             finally:
                 route = scope.get("route")
+                if route is None and status != 404:  # answered here, before routing
+                    route = self._route_of(scope)
                 handler = getattr(route, "path", "other") if route is not None else "other"
                 self.exporter.http_requests.inc((handler, str(status)))
                 operation.operation = handler
@@ -222,6 +224,17 @@ class Guard:
                     operation.fail(str(status))
                 if operation.span is not None:
                     _response_attributes(operation, scope, handler, status)
+
+    def _route_of(self, scope: Scope) -> Any:
+        """The route the router would have handed a request that the guard answered itself
+        (401, 413, 429, a 503 while an API key was looked up), so that its latency and
+        errors count under that route, not `other`; None when none would (a 404)."""
+        routes = getattr(self.app, "routes", ())
+        for wanted in (Match.FULL, Match.PARTIAL):  # PARTIAL: the path, not the method
+            for route in routes:
+                if route.matches(scope)[0] == wanted:
+                    return route
+        return None
 
     def _too_large(self) -> dict[str, Any]:
         limit = self.exporter.config["server"]["max_request_body_bytes"]
@@ -324,6 +337,9 @@ class Guard:
             await self.app(scope, limited_receive, send)
 
 
+# the methods the HTTP semantic conventions know (RFC 9110 and PATCH); any other is _OTHER
+HTTP_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST",
+                          "PUT", "TRACE"})
 # (method, scheme, port, HTTP version, status, route, path) -> the server span's name (None:
 # unrouted, the method stays) and attributes: one shared mapping per kind of answer, so a
 # request neither builds the dict nor copies it, and the OTLP encoder writes its bytes once.
@@ -355,15 +371,21 @@ def _response_attributes(operation: tracing.Span | tracing.Timed, scope: Scope,
 
 def _server_span(method: str, scheme: str, port: int, version: str, status: int,
                  handler: str, path: str) -> tuple[str | None, dict[str, Any]]:
-    """A kind of answer's span name and attributes, built once and then shared."""
-    attributes: dict[str, Any] = {"http.request.method": method, "url.scheme": scheme,
-                                  "server.port": port, "network.protocol.version": version,
+    """A kind of answer's span name and attributes, built once and then shared. A method
+    outside HTTP_METHODS is `_OTHER` (its own word in http.request.method_original) and
+    the name says HTTP, as the semantic conventions have it."""
+    known = method in HTTP_METHODS
+    attributes: dict[str, Any] = {"http.request.method": method if known else "_OTHER",
+                                  "url.scheme": scheme, "server.port": port,
+                                  "network.protocol.version": version,
                                   "http.response.status_code": status}
+    if not known:
+        attributes["http.request.method_original"] = method
     if handler == "other":
         return None, attributes
     attributes["http.route"] = handler
     attributes["url.path"] = path
-    return f"{method} {handler}", attributes
+    return f"{method if known else 'HTTP'} {handler}", attributes
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

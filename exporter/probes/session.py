@@ -31,7 +31,12 @@ CLOSE_GRACE = 1.0  # seconds to wait for an orderly close before dropping the co
 
 
 class ProbeFailed(Exception):
-    """The server answered, but not as a working server should; the message is the reason."""
+    """The server answered, but not as a working server should; the message is the reason
+    (often with the server's own words), `kind` its class in bounded words."""
+
+    def __init__(self, message: str, kind: str = "server_answer"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class CertificateNotVerified(Exception):
@@ -174,9 +179,9 @@ async def run_probe(target: Target, dialog: Dialog) -> ProbeResult:
         result.reason = explain(exc, target, result.phase)
         if not isinstance(exc, ProbeFailed | OSError | TimeoutError | ssl.SSLError):
             log.warning("probe raised", extra={"probe": target.name, "error": result.reason})
+        # the class only: the reason may quote the server (an address, a client IP)
+        tracing.annotate("a3mailer.probe.reason", failure_class(exc))
     result.phases["total"] = time.perf_counter() - start
-    if not result.success:
-        tracing.annotate("a3mailer.probe.reason", result.reason)
     return result
 
 
@@ -203,11 +208,12 @@ async def _run(target: Target, dialog: Dialog, result: ProbeResult) -> None:
         with contextlib.suppress(_EnoughTLS):
             await _attempt(target, dialog, credentials, second)
         if not target.insecure_skip_verify:
-            raise ProbeFailed(f"TLS certificate not verified: {message}") from None
+            raise ProbeFailed(f"TLS certificate not verified: {message}",
+                              "tls_unverified") from None
     not_after = result.tls.cert_not_after if result.tls else None
     if not_after is not None and not_after < time.time():
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(not_after))
-        raise ProbeFailed(f"TLS certificate expired at {stamp}")
+        raise ProbeFailed(f"TLS certificate expired at {stamp}", "tls_expired")
 
 
 async def _attempt(target: Target, dialog: Dialog, credentials: Credentials | None,
@@ -221,6 +227,27 @@ async def _attempt(target: Target, dialog: Dialog, credentials: Credentials | No
         # the transport closes its socket in a loop callback: let it run, so that when a
         # probe returns, its connection is gone
         await asyncio.sleep(0)
+
+
+FAILURE_CLASSES = ("server_answer", "tls_unverified", "tls_expired", "timeout",
+                   "connection_refused", "connection_reset", "tls_handshake", "network",
+                   "error")
+
+
+def failure_class(exc: BaseException) -> str:
+    """A failure in one of FAILURE_CLASSES, for span attributes: never the server's text
+    or an address (the reason, for /health and the log, has those)."""
+    if isinstance(exc, ProbeFailed):
+        return exc.kind
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection_reset"
+    if isinstance(exc, ssl.SSLError):
+        return "tls_handshake"
+    return "network" if isinstance(exc, OSError) else "error"
 
 
 def explain(exc: BaseException, target: Target, phase: str) -> str:

@@ -63,6 +63,9 @@ RATE_CLASS = "postfix_sasl_rcpt"
 RATE_LIMIT_MESSAGE = "Sending rate limit exceeded"
 ERROR_ACTION = "DEFER_IF_PERMIT Policy request error"
 DUNNO = "DUNNO"
+# Postfix's SMTP states (access(5)): a span attribute, so a client's own word stays out
+PROTOCOL_STATES = frozenset({"CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA",
+                             "END-OF-MESSAGE", "VRFY", "ETRN"})
 
 
 class PolicyRequestError(ValueError):
@@ -162,10 +165,12 @@ class PostfixStats:
     """Connections closed because a request and its answer took longer than idle_timeout."""
     active: int = 0
 
-    def count_action(self, action: str) -> None:
+    def count_action(self, action: str) -> str:
+        """Counts the answer under its bounded class (dunno, reject, defer), returned."""
         word = action.split(" ", 1)[0].upper()
         key = {"REJECT": "reject", "DEFER_IF_PERMIT": "defer"}.get(word, "dunno")
         self.requests[key] = self.requests.get(key, 0.0) + 1
+        return key
 
     def count_error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0.0) + 1
@@ -278,15 +283,25 @@ class PostfixPolicyServer:
             log.info("bad postfix policy request", extra={"reason": exc.reason,
                                                          "error": str(exc)})
             return ERROR_ACTION
-        try:
-            action = decide(request, self.engine, self.limiter, self.limits,
-                            self.engine.clock())
-        except Exception:
-            log.exception("postfix policy decision failed")
-            self.stats.count_error("internal")
-            action = DUNNO if self.engine.settings.fail_open else ERROR_ACTION
-        self.stats.count_action(action)
+        # a security decision like the engine's check: its span (a root: the request comes
+        # over Postfix's own protocol, with no trace context) and its latency sample
+        with self.engine.observe("postfix_policy") as observation:
+            try:
+                action = decide(request, self.engine, self.limiter, self.limits,
+                                self.engine.clock())
+            except Exception:
+                log.exception("postfix policy decision failed")
+                self.stats.count_error("internal")
+                observation.fail("internal")
+                action = DUNNO if self.engine.settings.fail_open else ERROR_ACTION
+            observation.set("action", self.stats.count_action(action))
+            observation.set("protocol_state", _state(request))
         return action
+
+
+def _state(request: dict[str, str]) -> str:
+    state = request.get("protocol_state", "").upper()
+    return state if state in PROTOCOL_STATES else "other"
 
 
 class _Oversized(Exception):

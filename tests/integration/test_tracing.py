@@ -6,6 +6,8 @@ an unreachable receiver never costs a request."""
 from __future__ import annotations
 
 import secrets
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -201,6 +203,57 @@ def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process
     assert metric(proc.url, "a3mailer_tracing_spans_exported_total") == 0
     assert policy(proc.url, "allow", {}).status_code == 200  # still serving
     assert "span export failing" in proc.log()
+
+
+def test_sigterm_is_not_held_up_by_a_receiver_that_never_answers(exporter_process, tmp_path):
+    """Queued spans get one export at SIGTERM, for at most 5 s, whatever batch_timeout
+    (the export's own time) is: here 30 s against a receiver that takes the request
+    and never answers (the kernel accepts the connection; nobody reads it)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = exporter_process(tracing_config(tmp_path, endpoint, sampling_rate=1.0,
+                                               batch_timeout="30s"))
+        for _ in range(5):
+            assert policy(proc.url, "allow", {}).status_code == 200
+        assert proc.proc is not None
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = proc.proc.wait(25)
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert code == 0
+    assert took < 12, f"exit took {took:.1f} s"  # 30 s before the fix
+
+
+def test_a_postfix_policy_decision_is_a_span_of_its_own(exporter_process, receiver, tmp_path):
+    """The Postfix policy server's decisions (bans, sending rate) are security decisions:
+    each is a root span with its bounded outcome, and a latency sample."""
+    port = free_port()
+    config = tracing_config(tmp_path, receiver.url, sampling_rate=1.0,
+                            service_name="a3mailer-postfix-spans")
+    data = yaml.safe_load(config.read_text())
+    data["security"]["postfix_policy"] = {"enabled": True, "listen": f"127.0.0.1:{port}"}
+    config.write_text(yaml.safe_dump(data))
+    proc = exporter_process(config)
+    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={REMOTE}\n"
+               f"sasl_username={LOGIN}\n\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(request)
+        assert client.recv(100) == b"action=DUNNO\n\n"
+    span, = receiver.wait_for_spans(
+        lambda s: s.resource["service.name"] == "a3mailer-postfix-spans"
+        and s.name == "security postfix_policy")
+    assert span.parent_span_id == "" and span.status != "STATUS_CODE_ERROR"
+    assert span.attributes["a3mailer.security.action"] == "dunno"
+    assert span.attributes["a3mailer.security.protocol_state"] == "RCPT"
+    assert LOGIN not in str(span.attributes) and REMOTE not in str(span.attributes)
+    body = httpx.get(proc.url + "/api/v1/performance?path=security", timeout=10).json()
+    windows = {o["operation"]: o["windows"]["1m"] for o in body["operations"]}
+    assert windows["postfix_policy"]["count"] == 1
 
 
 async def test_a_traced_http_probe_carries_its_trace_and_baggage_to_the_server(otlp_tracing):

@@ -274,6 +274,24 @@ async def test_requests_are_counted_by_route_template(serve, tmp_path):
     assert exporter.http_requests.value(("other", "404")) == 1
 
 
+async def test_answers_before_routing_count_under_their_route(serve, tmp_path):
+    """A 401 (listener auth) or 413 (body limit) is the guard's answer, given before the
+    router runs: it still counts under the route the request was for, not `other`."""
+    token = tmp_path / "bearer"
+    token.write_text("scrape-token")
+    exporter, client = await serve({"server": {"auth": {"bearer_token_file": str(token)},
+                                               "max_request_body_bytes": 1024}})
+    assert (await client.get("/metrics")).status_code == 401
+    assert (await client.post("/api/v1/metrics/custom/q", content=b"x" * 2000,
+                              headers={"authorization": "Bearer scrape-token"})
+            ).status_code == 413
+    assert (await client.get("/no/such/path")).status_code == 401  # no route: still other
+    assert exporter.http_requests.value(("/metrics", "401")) == 1
+    assert exporter.http_requests.value(("/api/v1/metrics/custom/{name}", "413")) == 1
+    assert exporter.http_requests.value(("other", "401")) == 1
+    assert exporter.performance.stats("1m", "http", "/metrics").count == 1
+
+
 async def test_api_rate_limits_send_ratelimit_headers_and_429(serve, tmp_path):
     _, client = await serve(admin_config(tmp_path, {"security": {
         "admin_token_file": str(tmp_path / "admin.token"),

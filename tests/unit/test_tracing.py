@@ -23,6 +23,7 @@ from exporter import tracing
 from exporter.config import ConfigError, load_config, parse_headers
 from exporter.http import create_app
 from exporter.performance import PerformanceMonitor
+from exporter.probes import build_probes
 from exporter.probes.target import ProbeResult
 from exporter.schedule import Periodic
 from exporter.service import Exporter
@@ -136,6 +137,29 @@ def test_an_unsampled_caller_is_never_traced_but_its_baggage_is_kept(traced):
     assert monitor.stats("1m", "security").count == 1
 
 
+def test_repeated_headers_as_w3c_says(traced):
+    """Several tracestate or baggage headers are one list; two traceparents are none."""
+    t, _, spans = traced(rate=1.0)
+    parent = tracing.extract([(b"traceparent", header(TRACE, PARENT, True)),
+                              (b"tracestate", b"a=1"), (b"baggage", b"k1=v1"),
+                              (b"tracestate", b"b=2"), (b"baggage", b"k2=v2")])
+    with observe("http", "/x", "GET /x", SpanKind.SERVER, parent=parent):
+        assert baggage.get_baggage("k1") == "v1" and baggage.get_baggage("k2") == "v2"
+    server, = finished(t, spans)
+    assert format(server.context.trace_id, "032x") == TRACE
+    assert list(server.context.trace_state.items()) == [("a", "1"), ("b", "2")]
+
+    other = "1" * 32
+    parent = tracing.extract([(b"traceparent", header(TRACE, PARENT, True)),
+                              (b"tracestate", b"a=1"), (b"baggage", b"k=v"),
+                              (b"traceparent", header(other, PARENT, True))])
+    with observe("http", "/y", "GET /y", SpanKind.SERVER, parent=parent):
+        assert baggage.get_baggage("k") == "v"  # baggage stands on its own
+    root, = [s for s in finished(t, spans) if s.name == "GET /y"]
+    assert format(root.context.trace_id, "032x") not in (TRACE, other)
+    assert root.parent is None and not root.context.trace_state
+
+
 def test_no_headers_no_context_and_tracing_off_costs_nothing(traced):
     t, _, _ = traced(rate=1.0)
     assert tracing.extract([(b"host", b"x"), (b"accept", b"*/*")]) is None
@@ -207,8 +231,9 @@ def test_failed_exports_are_counted_and_logged_once(traced, caplog):
                 pass
         t.force_flush()
     assert t.dropped["export_failed"] == 15 and t.exported == 0
-    assert [r.message for r in caplog.records].count(
-        "span export failing; spans are dropped until it recovers") == 1
+    failing = [r for r in caplog.records
+               if r.message == "span export failing; spans are dropped until it recovers"]
+    assert len(failing) == 1 and failing[0].error == "refused or unreachable"
     families = {f.name: f for f in t.collect()}
     dropped = {s.labels["reason"]: s.value
                for s in families["a3mailer_tracing_spans_dropped"].samples
@@ -287,6 +312,44 @@ async def test_periodic_runs_are_root_spans_and_failed_probes_count_as_errors(tr
     assert monitor.stats("1m", "schedule", "probe-a").errors == 1
 
 
+REJECT_GREETING = (b"554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using "
+                   b"zen.spamhaus.org; mail from postmaster@example.com refused\r\n")
+
+
+@pytest.mark.parametrize(("greeting", "failure"), [
+    (REJECT_GREETING, "server_answer"), (None, "connection_refused")])
+async def test_a_failed_probes_span_names_the_class_not_the_servers_words(traced, greeting,
+                                                                         failure):
+    """The reason for /health quotes the server (an e-mail and a client address here);
+    the span gets the failure's class only."""
+    t, _, spans = traced()
+
+    async def reject(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting or b"")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reject, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    if greeting is None:
+        server.close()
+        await server.wait_closed()
+    try:
+        probes = build_probes({"probes": [{"name": "mx", "protocol": "smtp", "tls": "none",
+                                           "host": "127.0.0.1", "port": port}]})
+        outcome = await probes.runs["mx"].once()
+    finally:
+        server.close()
+    assert outcome.value is not None and not outcome.value.success
+    if greeting is not None:
+        assert "postmaster@example.com" in outcome.value.reason  # /health keeps the words
+    root, = [s for s in finished(t, spans) if s.name == "probe-mx"]
+    assert root.attributes["a3mailer.probe.reason"] == failure
+    for span in finished(t, spans):
+        for value in span.attributes.values():
+            assert "@" not in str(value) and "[127.0.0.1]" not in str(value)
+
+
 @pytest.mark.parametrize("flags", ["01", "00"])
 async def test_a_periodic_started_inside_a_request_still_runs_as_its_own_roots(traced, flags):
     """A probe added by POST /-/reload is started while that request is handled: its runs
@@ -347,6 +410,50 @@ def test_secrets_inline_and_bad_header_files_are_refused(config_file, tmp_path):
         parse_headers("a=1,=2")
 
 
+class Raising(Refusing):
+    def export(self, spans):
+        raise ValueError("Invalid header value b'a\\nb'")
+
+
+def test_an_export_that_raises_is_logged_with_its_cause(traced, caplog):
+    t, _, _ = traced(rate=1.0, exporter=Raising())
+    with observe("schedule", "x"):
+        pass
+    t.force_flush()
+    assert t.dropped["export_failed"] == 1
+    failing, = [r for r in caplog.records if r.message.startswith("span export failing")]
+    assert failing.error == "ValueError"
+
+
+def test_secret_headers_override_inline_ones_in_any_case(config_file, monkeypatch):
+    monkeypatch.setenv("OTLP_SECRET", "x-scope-orgid=secret-tenant")
+    config = load_config(config_file({"tracing": {
+        "otlp_headers": {"X-Scope-OrgID": "mail", "X-Other": "1"},
+        "otlp_headers_env": "OTLP_SECRET"}}))
+    assert TracingSettings.from_config(config["tracing"]).headers == {
+        "x-scope-orgid": "secret-tenant", "X-Other": "1"}  # one X-Scope-OrgID, not two
+
+
+@pytest.mark.parametrize(("inline", "secret", "error"), [
+    ({"X-Ok": "a\nb"}, "", "tracing.otlp_headers.X-Ok: the value may hold only visible ASCII"),
+    ({"X-Ok": "caf\u00e9"}, "", "tracing.otlp_headers.X-Ok: the value may hold only"),
+    ({"content-type": "text/plain"}, "", "tracing.otlp_headers.content-type: the exporter "
+     "sets this header itself"),
+    ({}, "X-A=line%0Abreak", "tracing.otlp_headers_env: header 1: the value may hold only"),
+    ({}, "X-A=1,Host=x", "tracing.otlp_headers_env: header 2: the exporter sets this header"),
+])
+def test_header_values_that_http_cannot_send_are_refused_at_load(config_file, monkeypatch,
+                                                                 inline, secret, error):
+    """Caught at load, with the key and without the value, instead of every export
+    failing later (http.client refuses a line break in a header)."""
+    monkeypatch.setenv("OTLP_SECRET", secret)
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file({"tracing": {"otlp_headers": inline,
+                                             "otlp_headers_env": "OTLP_SECRET"}}))
+    assert error in str(refused.value)
+    assert "break" not in str(refused.value).replace("line breaks", "")
+
+
 async def test_http_spans_hide_path_parameters_and_queries(config_file, tmp_path, traced):
     data = {"server": {"state_dir": str(tmp_path / "state")},
             "security": {"admin_token_file": str(tmp_path / "token"),
@@ -363,8 +470,14 @@ async def test_http_spans_hide_path_parameters_and_queries(config_file, tmp_path
     assert r.status_code == 404
     assert (await client.get("/no/such/erin@example.test")).status_code == 404
     assert (await client.get("/livez")).status_code == 200
+    assert (await client.request("PURGE", "/livez")).status_code == 405
+    assert (await client.request("PURGE", "/no/such")).status_code == 404
     exporter.audit.close()
     done = {s.name: s for s in finished(t, spans)}
+    # a method the semantic conventions do not know: _OTHER, its word kept beside it
+    for name in ("HTTP /livez", "HTTP"):
+        assert done[name].attributes["http.request.method"] == "_OTHER"
+        assert done[name].attributes["http.request.method_original"] == "PURGE"
     unlock = done["DELETE /api/v1/security/lockouts/{account}"]
     assert unlock.kind == SpanKind.SERVER
     assert unlock.attributes["url.path"] == "/api/v1/security/lockouts/{account}"
@@ -375,7 +488,7 @@ async def test_http_spans_hide_path_parameters_and_queries(config_file, tmp_path
         text = str(dict(span.attributes))
         assert "erin" not in text and "192.0.2.1" not in text and "t0ken-0123456789ab" not in text
     assert done["GET /livez"].attributes["url.path"] == "/livez"
-    assert monitor.stats("1m", "http", "/livez").count == 1
+    assert monitor.stats("1m", "http", "/livez").count == 2  # GET and PURGE
 
 
 def test_a_reload_swaps_the_tracer_and_keeps_the_monitor(config_file, tmp_path):
