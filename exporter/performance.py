@@ -89,12 +89,20 @@ class PathSpec:
     histogram: str | None  # the catalogued histogram this monitor records, if any
     buckets: tuple[float, ...] = ()
     about: str = ""
+    # the path's histogram in /metrics when another part keeps it (the engine's, of checks)
+    elsewhere: str | None = None
+
+    @property
+    def exposed(self) -> str | None:
+        """The histogram that holds this path's latencies in /metrics, whoever keeps it."""
+        return self.histogram or self.elsewhere
 
 
 PATHS: dict[str, PathSpec] = {
     "http": PathSpec("a3mailer_exporter_http_request_duration_seconds", HTTP_BUCKETS,
                      "HTTP requests, by route template"),
-    "security": PathSpec(None, (), "security engine decisions (check) and reports"),
+    "security": PathSpec(None, (), "security engine decisions (check) and reports",
+                         "a3mailer_security_decision_duration_seconds"),
     "store": PathSpec("a3mailer_security_store_operation_duration_seconds", STORE_BUCKETS,
                       "security store calls, by method"),
     "collector": PathSpec("a3mailer_exporter_collector_run_duration_seconds",
@@ -325,7 +333,7 @@ class PerformanceMonitor:
     def snapshot(self, path: str | None = None) -> dict[str, object]:
         """The document GET /api/v1/performance serves."""
         if path is not None and path not in PATHS:
-            raise ValueError(f"unknown path {path!r}; one of {', '.join(PATHS)}")
+            raise ValueError(f"unknown path {path[:40]!r}; one of {', '.join(PATHS)}")
         keys = [key for key in self.operations() if path is None or key[0] == path]
         by_key = self._merged(lambda key: f"{key[0]}\0{key[1]}" if key in keys else None)
         by_path = self._merged(lambda key: key[0] if key in keys else None)
@@ -340,7 +348,7 @@ class PerformanceMonitor:
             "slot_seconds": SLOT_SECONDS,
             "windows": dict(WINDOWS),
             "paths": [{"path": name, "description": PATHS[name].about,
-                       "histogram": PATHS[name].histogram,
+                       "histogram": PATHS[name].exposed,
                        "windows": windows(by_path, name)}
                       for name in PATHS if path is None or name == path],
             "operations": [{"path": p, "operation": op, "windows": windows(by_key, f"{p}\0{op}")}

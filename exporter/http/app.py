@@ -118,6 +118,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
         })
 
     async def performance(request: Request) -> Response:
+        if len(request.query_params.getlist("path")) > 1:
+            return error(400, "bad_request", "give path once")
         try:
             body = exporter.performance.snapshot(request.query_params.get("path") or None)
         except ValueError as exc:

@@ -292,6 +292,14 @@ async def test_answers_before_routing_count_under_their_route(serve, tmp_path):
     assert exporter.performance.stats("1m", "http", "/metrics").count == 1
 
 
+async def test_the_performance_api_takes_one_path(serve):
+    _, client = await serve()
+    r = await client.get("/api/v1/performance?path=http&path=store")
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    assert (await client.get("/api/v1/performance?path=store")).json()["paths"][0][
+        "path"] == "store"
+
+
 async def test_api_rate_limits_send_ratelimit_headers_and_429(serve, tmp_path):
     _, client = await serve(admin_config(tmp_path, {"security": {
         "admin_token_file": str(tmp_path / "admin.token"),

@@ -188,6 +188,16 @@ def test_snapshot_document():
     only = monitor.snapshot("security")
     assert [p["path"] for p in only["paths"]] == ["security"]
     assert [o["operation"] for o in only["operations"]] == ["check"]
+    # every path names its histogram in /metrics, the engine's own for security
+    assert {p["path"]: p["histogram"] for p in body["paths"]} == {
+        "http": "a3mailer_exporter_http_request_duration_seconds",
+        "security": "a3mailer_security_decision_duration_seconds",
+        "store": "a3mailer_security_store_operation_duration_seconds",
+        "collector": "a3mailer_exporter_collector_run_duration_seconds",
+        "schedule": "a3mailer_exporter_schedule_run_duration_seconds"}
+    with pytest.raises(ValueError) as unknown:
+        monitor.snapshot("a" * 5000)
+    assert len(str(unknown.value)) < 200  # the client's word, cut short
 
 
 def test_exported_histograms_carry_trace_id_exemplars_in_openmetrics():
