@@ -18,9 +18,10 @@ Prometheus loading the generated rules fire and resolve at the same evaluation
 Active alerts are exported as a3mailer_alert_active / _pending {alert, severity}
 and served at GET /api/v1/alerts; with alertmanager.url they are pushed to
 Alertmanager's API v2 as Prometheus pushes them (exporter/alert_push.py). States
-are saved in the state directory (alerts.json) when they change and restored at
-start, unless the exporter was down longer than an hour (Prometheus's
-for-outage-tolerance), so a restart neither re-waits `for` nor re-notifies.
+are saved in the state directory (alerts.json), with the rate rules' counter samples,
+when they change, every STATE_REFRESH_S and at stop, and restored at start, unless the
+exporter was down longer than an hour (Prometheus's for-outage-tolerance), so a restart
+neither re-waits `for` nor re-notifies.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ RESOLVED_RETENTION_MS = 15 * 60 * 1000  # Prometheus's resolvedRetention
 OUTAGE_TOLERANCE_S = 3600.0  # Prometheus's --rules.alert.for-outage-tolerance
 STATE_FILE = "alerts.json"
 STATE_VERSION = 1
+# the state file is rewritten at least this often while the engine runs (and at stop), so
+# the outage tolerance counts from about when the exporter went down, not from the last
+# change of state
+STATE_REFRESH_S = 300.0
 PENDING, FIRING, INACTIVE = "pending", "firing", "inactive"
 
 
@@ -131,7 +136,7 @@ def build_rules(config: Config) -> list[Rule]:
 
 
 def _ms(duration: str) -> int:
-    return 0 if duration == "0s" else round(parse_duration(duration) * 1000)
+    return round(parse_duration(duration) * 1000)  # a zero (0s, 0m) is 0
 
 
 def fingerprint(labels: dict[str, str]) -> str:
@@ -159,7 +164,12 @@ class AlertEngine:
         self._rate_names: dict[str, float] = {}
         self._counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._saved = ""
+        self._saved_at = 0.0
         self._restored = False
+        # restored alerts the first evaluation after start leaves as they are when it has
+        # no result for them: a rate has no two samples yet, the first CPU reading is the
+        # share since boot (Prometheus's own TSDB spans its restarts; this history does not)
+        self._held: set[tuple[str, str]] = set()
 
     # --- configuration
 
@@ -221,6 +231,7 @@ class AlertEngine:
                                                 waiting + states.count(PENDING))
         self._counts = counts  # one assignment: a scrape thread reads it whole
         self.last_evaluation = now
+        self._held = set()
         return sends
 
     def _step(self, rule: Rule, samples: Samples, t: int) -> None:
@@ -249,8 +260,11 @@ class AlertEngine:
             else:
                 active[key] = fresh
         seen = results.keys()
+        held = self._held
         for key, alert in list(active.items()):
             if key not in seen:
+                if held and (rule.key, key) in held:
+                    continue
                 keep_firing = False
                 if alert.state == FIRING and rule.keep_firing_for_ms > 0:
                     if not alert.keep_firing_since:
@@ -352,27 +366,31 @@ class AlertEngine:
 
     async def stop(self) -> None:
         await self.periodic.stop()
-        self.save()
+        self.save(force=True)
         await self.pusher.stop()
 
     # --- state across restarts
 
-    def save(self) -> None:
-        """Writes the alert states when they changed (temp file + rename)."""
+    def save(self, force: bool = False) -> None:
+        """Writes the alert states (temp file + rename) when they changed, when the last
+        write is STATE_REFRESH_S old, or when forced (at stop)."""
         if self.state_path is None:
             return
         alerts = [{"rule": key, **asdict(alert)} for key, group in self.active.items()
                   for alert in group.values()]
         states = json.dumps([{k: v for k, v in a.items() if k not in ("value", "annotations")}
                              for a in alerts], sort_keys=True)
-        if states == self._saved:
+        now = self.clock()
+        if states == self._saved and not force and now - self._saved_at < STATE_REFRESH_S:
             return
-        data = {"version": STATE_VERSION, "saved_at": self.clock(), "alerts": alerts}
+        # with the counter samples of the rate rules: rates go on across the restart
+        data = {"version": STATE_VERSION, "saved_at": now, "alerts": alerts,
+                "history": self.history.dump()}
         try:
             tmp = self.state_path.with_name(self.state_path.name + ".tmp")
             tmp.write_text(json.dumps(data, allow_nan=True), encoding="utf-8")
             os.replace(tmp, self.state_path)
-            self._saved = states
+            self._saved, self._saved_at = states, now
         except OSError as exc:
             log.error("cannot save alert states", extra={"error": str(exc)})
 
@@ -381,22 +399,33 @@ class AlertEngine:
             return
         try:
             data = json.loads(self.state_path.read_text(encoding="utf-8"))
-            if data.get("version") != STATE_VERSION:
-                return
+            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+                raise ValueError("not a version 1 state file")
             if self.clock() - float(data["saved_at"]) > OUTAGE_TOLERANCE_S:
                 log.info("alert states older than the outage tolerance; starting afresh")
                 return
-            restored = 0
+            restored: list[tuple[str, str, ActiveAlert]] = []
             for item in data["alerts"]:
+                item = dict(item)
                 key = item.pop("rule")
-                if key in self.active:
-                    alert = ActiveAlert(**item)
-                    self.active[key][fingerprint(alert.labels)] = alert
-                    restored += 1
-            log.info("alert states restored", extra={"alerts": restored})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                alert = ActiveAlert(**item)
+                if not isinstance(alert.labels, dict) or alert.state not in (
+                        PENDING, FIRING, INACTIVE):
+                    raise ValueError("an alert without labels or state")
+                restored.append((key, fingerprint(alert.labels), alert))
+            history = CounterHistory()
+            history.load(data.get("history") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("cannot read saved alert states; starting afresh",
-                      extra={"error": str(exc)})
+                      extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
+        # applied only once the whole file has been read: a bad entry restores nothing
+        self.history = history
+        for key, fp, alert in restored:
+            if key in self.active:
+                self.active[key][fp] = alert
+                self._held.add((key, fp))
+        log.info("alert states restored", extra={"alerts": len(self._held)})
 
 
 def _json_number(value: float) -> float | str:

@@ -53,3 +53,5 @@ def setup(level: str = "info", fmt: str = "logfmt") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # a line per request it makes (the alert push, OIDC, SMS): the engines log what matters
+    logging.getLogger("httpx").setLevel(logging.WARNING)

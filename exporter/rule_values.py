@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from prometheus_client.core import Metric
 
@@ -125,6 +126,23 @@ class CounterHistory:
                     points.popleft()
                 if not points:
                     del series[key]
+
+    def dump(self) -> dict[str, list[Any]]:
+        """The samples as JSON: name -> [[label pairs, [[t_ms, value], ...]], ...]."""
+        return {name: [[list(key), list(points)] for key, points in series.items()]
+                for name, series in self.series.items()}
+
+    def load(self, data: Any) -> None:
+        """Samples from dump() (a restart's: the counters it reads next start again from
+        zero, which rate() takes as a reset, as Prometheus's TSDB holds both sides).
+        ValueError or TypeError, and nothing loaded, when the data is not dump()'s."""
+        loaded: dict[str, dict[Labels, deque[tuple[int, float]]]] = {}
+        for name, series in dict(data).items():
+            loaded[str(name)] = {
+                tuple((str(k), str(v)) for k, v in key): deque(
+                    (int(t), float(value)) for t, value in points)
+                for key, points in series}
+        self.series = loaded
 
     def rates(self, name: str, matchers: tuple[Matcher, ...], t_ms: int, window_s: float
               ) -> Iterator[tuple[dict[str, str], float]]:

@@ -15,8 +15,9 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,14 +381,23 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
     if error.validator == "type":
         expected = error.validator_value
         return [(path, f"wrong type: expected {expected}, got {_describe(value)}", False)]
-    if error.validator == "pattern" and schema.get("pattern") == _duration_pattern():
+    if error.validator == "pattern" and schema.get("pattern") in _duration_patterns():
+        zero = "0 (0s, 0m, ...) or " if schema["pattern"] != _duration_patterns()[0] else ""
         return [
-            (path, f"bad duration {value!r}: expected a positive number followed by "
+            (path, f"bad duration {value!r}: expected {zero}a positive number followed by "
              "ms, s, m, h, d or w (e.g. 30s, 5m, 24h)", False)
         ]
+    if error.validator == "pattern" and "propertyNames" in error.schema_path:
+        # a key, not a value: said, since the line alone does not tell which of a mapping's
+        rule = PATTERN_RULES.get(str(error.validator_value))
+        said = f"must be {rule}" if rule else f"must match {error.validator_value!r}"
+        return [((*path, str(value)), f"the name {value!r} {said}", True)]
     # a string's rules are said without the string: it may be a secret in the wrong place
     # (a plain password where a bcrypt hash belongs), and the line is named anyway
     if error.validator == "pattern":
+        rule = PATTERN_RULES.get(str(error.validator_value))
+        if rule is not None:
+            return [(path, f"must be {rule}", False)]
         return [(path, f"does not match the pattern {error.validator_value!r}", False)]
     if error.validator in ("minLength", "maxLength", "format"):
         rule = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
@@ -409,9 +419,19 @@ def _describe(value: Any) -> str:
     return f"{kind} {value!r}" if not isinstance(value, (dict, list)) else kind
 
 
-def _duration_pattern() -> str:
-    pattern: str = load_schema()["definitions"]["duration"]["pattern"]
-    return pattern
+def _duration_patterns() -> tuple[str, str]:
+    """The patterns of a duration and of a duration-or-zero, in that order."""
+    definitions = load_schema()["definitions"]
+    return definitions["duration"]["pattern"], definitions["duration_or_zero"]["pattern"]
+
+
+# the schema's patterns that have a rule in words (others are quoted as they are)
+PATTERN_RULES = {
+    "^[a-zA-Z_][a-zA-Z0-9_]*$": "a Prometheus label name (letters, digits and _, not "
+                                "starting with a digit)",
+    "^(https?://[^@/]+(/.*)?)?$": "an http:// or https:// URL without user:password@ "
+                                  "(credentials have keys of their own)",
+}
 
 
 def _semantic_problems(
@@ -436,6 +456,9 @@ def _semantic_problems(
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)
+    for path, ca_file in _ca_files(data):
+        if (wrong := ca_problem(ca_file)) is not None:
+            problem(path, wrong)
     for section, name in secret_paths():
         values: Any = data
         for key in section:
@@ -502,6 +525,31 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
                         f"not an IP address or CIDR: {value!r}")
 
 
+def _ca_files(node: Any, path: Path_ = ()) -> Iterator[tuple[Path_, str]]:
+    """Every CA bundle the config names (keys ending in ca_file: a probe's, the alert
+    push's, the listener's client_ca_file, ...), with where."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(
+        node, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and key.endswith("ca_file") and isinstance(value, str):
+            if value:
+                yield (*path, key), value
+        else:
+            yield from _ca_files(value, (*path, key))
+
+
+def ca_problem(path: str) -> str | None:
+    """Why a CA bundle cannot serve, now rather than at the first connection (an alert
+    push weeks later said only 'unreachable: FileNotFoundError')."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:
+        return f"cannot read CA certificates: {exc.strerror or exc}"
+    except ssl.SSLError:
+        return "no PEM certificates in the file"
+    return None
+
+
 def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:
     """The engine's Alertmanager credentials: Basic (user and password) or a bearer token."""
     where = ("alerting", "engine", "alertmanager")
@@ -510,7 +558,8 @@ def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:
     if password != bool(push["username"]):
         problem((*where, "username"), "username and password_file/password_env go together")
     if bearer and (password or push["username"]):
-        problem((*where, "bearer_token_file"), "Basic auth or a bearer token, not both")
+        token = "bearer_token_file" if push["bearer_token_file"] else "bearer_token_env"
+        problem((*where, token), "Basic auth or a bearer token, not both")
 
 
 def _bundle_problems(data: dict[str, Any], problem: Any) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter import catalogue
-from exporter.config import Config
+from exporter.config import Config, parse_duration
 from exporter.generate import dashboards, promql
 from exporter.generate.values import ValueRenderer, configured, lookup, number
 
@@ -460,11 +460,11 @@ def _tokens(config: Config, alert: Alert, value: ValueRenderer) -> dict[str, str
 
 def keep_firing_for(config: Config, alert: Alert) -> str:
     """The alert's hysteresis: alerting.keep_firing_for for threshold alerts, unless the
-    alert's override sets its own; "" when none ("0s" turns it off)."""
+    alert's override sets its own; "" when none (a zero, 0s or 0m, turns it off)."""
     override = config["alerting"]["alerts"].get(alert.name, {})
     default = config["alerting"]["keep_firing_for"] if alert.is_threshold else ""
     value = str(override.get("keep_firing_for", default))
-    return "" if value == "0s" else value
+    return "" if not value or parse_duration(value) == 0 else value
 
 
 def rule_for(config: Config, alert: Alert, value: ValueRenderer | None = None

@@ -6,8 +6,10 @@ tests/integration/test_alert_engine.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -102,14 +104,15 @@ def gauge(name: str, value: float | None, **labels: str) -> list[Metric]:
 
 @pytest.fixture
 def engine_for(config_file, tmp_path):
-    def build(overrides: dict | None = None, state: str = "state") -> AlertEngine:
+    def build(overrides: dict | None = None, state: str = "state",
+              clock=time.time) -> AlertEngine:
         data = {"alerting": {"keep_firing_for": "3m", "engine": {"target_labels": TARGET,
                                                                  "evaluation_interval": "1m"}}}
         for key, value in (overrides or {}).items():
             data["alerting"][key] = {**data["alerting"].get(key, {}), **value} if isinstance(
                 value, dict) else value
         config = load_config(config_file(data, name=f"{state}.yaml"))
-        engine = AlertEngine(tmp_path / state)
+        engine = AlertEngine(tmp_path / state, clock=clock)
         (tmp_path / state).mkdir(exist_ok=True)
         engine.configure(config, lambda: ())
         return engine
@@ -216,6 +219,86 @@ def test_states_survive_a_restart_within_the_outage_tolerance(engine_for, tmp_pa
     assert cpu_timeline(late, [0.9], start=100) == ["pending"]
 
 
+def attempts(failures: float, successes: float) -> list[Metric]:
+    family = Metric("a3mailer_security_attempts", "t", "counter")
+    family.add_sample("a3mailer_security_attempts_total",
+                      {"protocol": "imap", "result": "failure"}, failures)
+    family.add_sample("a3mailer_security_attempts_total",
+                      {"protocol": "imap", "result": "success"}, successes)
+    return [family]
+
+
+def test_a_restart_does_not_resolve_a_rate_alert_before_its_rate_is_back(engine_for):
+    """Right after a restart a rate has no two samples: the restored alert stays as it
+    was at that first evaluation (no resolve to Alertmanager, no new startsAt), and the
+    rate decides from the second on, as Prometheus, whose TSDB spans the restart, does."""
+    overrides = {"keep_firing_for": "0s",
+                 "engine": {"alertmanager": {"url": "http://127.0.0.1:1"}}}
+    engine = engine_for(overrides)
+    for step in range(12):
+        engine.evaluate(attempts(120.0 * step, 500.0 * step), step * 60.0)
+    [before] = [a for a in engine.snapshot() if a["name"] == "A3MailerBruteForceSurge"]
+    assert before["state"] == "firing"
+    engine.save(force=True)
+    again = engine_for(overrides)  # the new process: its counters start from 0
+    first = again.evaluate(attempts(0.0, 0.0), 12 * 60.0)
+    second = again.evaluate(attempts(120.0, 500.0), 13 * 60.0)
+    [after] = [a for a in again.snapshot() if a["name"] == "A3MailerBruteForceSurge"]
+    assert after["state"] == "firing" and after["fired_at"] == before["fired_at"]
+    for sends in (first, second):
+        assert all(a["endsAt"] > "1970-01-01T00:14" for a in sends.values())  # no resolve
+    # without the rate's condition at the second evaluation, it resolves then
+    third = engine_for(overrides, state="state")
+    third.evaluate(attempts(0.0, 0.0), 14 * 60.0)
+    third.evaluate(attempts(0.0, 500.0), 15 * 60.0)
+    assert [a for a in third.snapshot() if a["name"] == "A3MailerBruteForceSurge"] == []
+
+
+@pytest.mark.parametrize(("second", "state"), [(0.9, "firing"), (0.05, "")])
+def test_a_restored_alert_outlasts_the_first_cpu_reading(engine_for, second, state):
+    """The first CPU reading after start is the share since boot (5 % here, on a host
+    that is busy now): it neither resolves a restored alert nor restarts its `for`; the
+    second reading decides."""
+    engine = engine_for({"keep_firing_for": "0s"})
+    cpu_timeline(engine, [0.9] * 12)
+    engine.save(force=True)
+    again = engine_for({"keep_firing_for": "0s"})
+    assert cpu_timeline(again, [0.05, second], start=12) == ["firing", state]
+
+
+def test_the_outage_tolerance_counts_from_the_last_evaluation_not_the_last_change(
+        engine_for):
+    """An alert firing unchanged for 80 minutes, then a 10 s restart: still firing (the
+    file is rewritten every STATE_REFRESH_S, and at stop)."""
+    now = [0.0]
+    engine = engine_for(clock=lambda: now[0])
+    for step in range(80):
+        now[0] = step * 60.0
+        engine.evaluate(gauge("a3mailer_system_cpu_usage_ratio", 0.9), now[0])
+        engine.save()
+    now[0] += 10
+    again = engine_for(clock=lambda: now[0])
+    assert cpu_timeline(again, [0.9], start=81) == ["firing"]
+    assert asyncio.run(_stopped(again)) and json.loads(
+        (again.state_path).read_text())["saved_at"] == now[0]
+
+
+async def _stopped(engine: AlertEngine) -> bool:
+    await engine.stop()
+    return True
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"version": 1, "saved_at": NOW, '
+                                     '"alerts": [1]}', '{"version": 1, "saved_at": NOW, '
+                                     '"alerts": [{"rule": "x", "labels": []}]}'])
+def test_a_state_file_of_the_wrong_shape_starts_afresh(engine_for, tmp_path, caplog, content):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "alerts.json").write_text(content.replace("NOW", str(time.time())))
+    engine = engine_for()
+    assert engine.snapshot() == [] and engine._held == set()
+    assert "cannot read saved alert states; starting afresh" in caplog.text
+
+
 def test_reload_keeps_states_of_unchanged_rules(engine_for, config_file):
     engine = engine_for()
     cpu_timeline(engine, [0.9] * 12)
@@ -245,10 +328,13 @@ def test_push_credentials_are_checked(config_file):
     for push, message in (({"username": "am"}, "username and password_file/password_env go "
                                                 "together"),
                           ({"username": "am", "password_env": "X", "bearer_token_env": "Y"},
-                           "Basic auth or a bearer token, not both"),
-                          ({"url": "http://user:pw@127.0.0.1:9093"}, "does not match"),
+                           "bearer_token_env: Basic auth or a bearer token, not both"),
+                          ({"url": "http://user:pw@127.0.0.1:9093"},
+                           "url: must be an http:// or https:// URL without user:password@"),
                           ({"password_file": "/nonexistent/pw", "username": "am"},
-                           "cannot read secret")):
+                           "cannot read secret"),
+                          ({"url": "https://127.0.0.1:9093", "ca_file": "/nonexistent/ca.pem"},
+                           "ca_file: cannot read CA certificates: No such file or directory")):
         with pytest.raises(ConfigError) as info:
             load_config(config_file({"alerting": {"engine": {"alertmanager": push}}}))
         assert section in str(info.value) and message in str(info.value), str(info.value)

@@ -97,6 +97,36 @@ def test_bad_durations(tmp_path, value):
     assert problem.startswith(f"{path}:2: monitoring.collection_interval: bad duration '{value}'")
 
 
+@pytest.mark.parametrize("value", ["5 m", "-1s", "0"])
+def test_bad_durations_that_may_be_zero(tmp_path, value):
+    path = write(tmp_path, f"alerting:\n  keep_firing_for: '{value}'\n")
+    [problem] = problems(path)
+    assert problem == (f"{path}:2: alerting.keep_firing_for: bad duration '{value}': expected "
+                       "0 (0s, 0m, ...) or a positive number followed by ms, s, m, h, d or w "
+                       "(e.g. 30s, 5m, 24h)")
+
+
+def test_a_zero_in_any_unit_turns_hysteresis_off(tmp_path):
+    from exporter.generate.alerts import THRESHOLD_ALERTS, keep_firing_for
+
+    for zero in ("0s", "0m", "0h"):
+        config = load_config(write(tmp_path, f"alerting:\n  keep_firing_for: {zero}\n"))
+        assert keep_firing_for(config, THRESHOLD_ALERTS[0]) == ""
+
+
+def test_a_bad_key_name_is_named(tmp_path):
+    path = write(tmp_path, """
+        alerting:
+          labels:
+            team: mail
+            bad-label: x
+    """)
+    assert problems(path) == [
+        f"{path}:4: alerting.labels.bad-label: the name 'bad-label' must be a Prometheus "
+        "label name "
+        "(letters, digits and _, not starting with a digit)"]
+
+
 def test_out_of_range_percentage(tmp_path):
     path = write(tmp_path, """
         monitoring:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 import yaml
 
@@ -332,7 +333,7 @@ def test_bundle_ignores_the_alert_engine_keys(tmp_path, default_out):
                "target_labels": {"job": "x", "instance": "y:1"},
                "alertmanager": {"url": "http://127.0.0.9:9093", "timeout": "3s",
                                 "resend_interval": "2m", "username": "am",
-                                "password_env": "AM_PASSWORD", "ca_file": "/etc/ca.pem"}}
+                                "password_env": "AM_PASSWORD", "ca_file": certifi.where()}}
     assert set(changed) == set(engine)
     out = render(tmp_path, {"alerting": {"engine": changed}})
     assert out == default_out
