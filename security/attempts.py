@@ -82,6 +82,7 @@ class Decision:
     action: str  # allow | delay | reject | mfa_required
     reason: str  # ok | trusted | allowlisted | tarpit | banned | locked | account_locked | ...
     #              and for mfa_required: risky_network | risky_source | new_device | new_source
+#              | factor_disabled
     delay: float = 0.0
     message: str = ""
     retry_after: float = 0.0

@@ -154,7 +154,7 @@ def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
         "action": {"type": "string", "enum": ["allow", "delay", "reject", "mfa_required"],
                    "description": "mfa_required: check the password, then ask for a second "
                                   "factor (reason: risky_network, risky_source, new_device, "
-                                  "new_source); delay may be set as well"},
+                                  "new_source, factor_disabled); delay may be set as well"},
         "reason": {"type": "string"}, "delay": {"type": "number"},
         "message": {"type": "string"}, "retry_after": {"type": "number"}}}
     return {

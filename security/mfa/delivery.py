@@ -15,6 +15,10 @@ class DeliveryError(Exception):
 class Sender(Protocol):
     channel: str
 
+    def check(self, destination: str) -> None:
+        """Raises DeliveryError("bad_destination") for what cannot be a destination."""
+        ...
+
     async def send(self, destination: str, code: str, lifetime: float) -> None:
         """Delivers code; raises DeliveryError. The message never reaches a log."""
         ...

@@ -47,9 +47,12 @@ class EmailSender:
     def _context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.relay.ca_file or None)
 
-    async def send(self, destination: str, code: str, lifetime: float) -> None:
+    def check(self, destination: str) -> None:
         if not _ADDRESS.fullmatch(destination):
             raise DeliveryError("bad_destination", "not an e-mail address")
+
+    async def send(self, destination: str, code: str, lifetime: float) -> None:
+        self.check(destination)
         message = EmailMessage()
         message["From"] = self.relay.from_address
         message["To"] = destination

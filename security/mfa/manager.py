@@ -38,6 +38,7 @@ from security.store import Store
 log = logging.getLogger(__name__)
 
 METHODS = ("totp", "recovery", "email", "sms", "webauthn")
+PENDING_RECOVERY = "rcp:"  # recovery codes of a TOTP secret not yet confirmed
 # A verification's details that go into its audit record (no codes, no secrets).
 _AUDITED_DETAILS = frozenset({"drift_steps", "confirmed", "remaining", "credential_id",
                               "sign_count"})
@@ -191,17 +192,26 @@ class MfaManager:
     # --- TOTP
 
     async def enroll_totp(self, user: str, actor: str = "admin") -> dict[str, Any]:
-        """A new secret (replacing any), its otpauth:// URI and QR code, and new recovery
-        codes. The secret counts as confirmed after its first good code."""
+        """A new secret, its otpauth:// URI and QR code, and new recovery codes. The secret
+        counts as confirmed after its first good code. A user with a confirmed secret
+        keeps it, and its recovery codes, until the new one is confirmed: an enrolment
+        begun and never finished (or begun by whoever holds a session) must not leave the
+        account without its second factor."""
         user = normalize_user(user)
         now = self.clock()
         s = self.settings
         key = totp.new_secret(s.secret_bytes)
-        replaced = await self.store.mfa_get(user, "totp") is not None
+        current = await self.store.mfa_get(user, "totp")
+        replaced = current is not None
         record = {"s": self.sealer.seal(key, f"totp|{user}"), "c": False, "d": 0, "t": now}
-        await self.store.mfa_put(user, "totp", json.dumps(record))
-        await self.store.mfa_pop(user, "totp_step")  # a new secret has no used steps
-        codes = await self._replace_recovery_codes(user)
+        if current is not None and json.loads(current)["c"]:
+            await self.store.mfa_put(user, "totp_pending", json.dumps(record))
+            codes = await self._replace_recovery_codes(user, PENDING_RECOVERY)
+        else:
+            await self.store.mfa_put(user, "totp", json.dumps(record))
+            await self.store.mfa_pop(user, "totp_pending")
+            await self.store.mfa_pop(user, "totp_step")  # a new secret has no used steps
+            codes = await self._replace_recovery_codes(user)
         uri = totp.provisioning_uri(key, user, s.issuer, s.totp)
         self.stats.count(self.stats.enrollments, ("totp", "enroll"))
         self._audit("mfa.totp.enroll", actor, user, {"replaced": replaced,
@@ -225,32 +235,42 @@ class MfaManager:
             return self._finish(Verification(False, "totp", "not_enrolled"), user, context)
         params = self.settings.totp
         code = totp.normalize(code)
-        if not totp.well_formed(code, params.digits):
-            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now,
-                                      context=context)
-        record, key = self._totp_record(user, raw, params)
         counter = totp.step(now, params)
+        attempt = self._attempt(user, code, counter)
+        if not totp.well_formed(code, params.digits):
+            return await self._failed(user, "totp", "invalid", attempt, now, context=context)
+        record, key = self._totp_record(user, raw, params)
         offset = totp.match(key, code, counter, params, self.settings.skew_steps, record["d"])
+        pending = None
+        if offset is None:  # a new secret waiting for its first code, if any
+            pending = await self.store.mfa_get(user, "totp_pending")
+            if pending is not None:
+                record, key = self._totp_record(user, pending, params)
+                offset = totp.match(key, code, counter, params, self.settings.skew_steps, 0)
         if offset is None:
-            return await self._failed(user, "totp", "invalid", self._attempt(user, code), now,
-                                      context=context)
+            return await self._failed(user, "totp", "invalid", attempt, now, context=context)
         if not await self.store.mfa_advance(user, "totp_step", counter + offset):
-            return await self._failed(user, "totp", "replayed", self._attempt(user, code),
-                                      now, context=context)
+            return await self._failed(user, "totp", "replayed", attempt, now, context=context)
         confirmed_now = not record["c"]
         if confirmed_now or record["d"] != offset:
             record = {**record, "c": True, "d": offset}
             await self.store.mfa_put(user, "totp", json.dumps(record))
+            if pending is not None:  # the new secret replaces the old, with its codes
+                await self.store.mfa_pop(user, "totp_pending")
+                await self._promote_recovery_codes(user)
             if confirmed_now:
                 self.stats.count(self.stats.enrollments, ("totp", "confirm"))
                 self._audit("mfa.totp.confirm", context.actor if context is not None else "api",
-                            user, {})
+                            user, {"replaced": pending is not None})
         return await self._succeeded(user, "totp", failures, now, context,
                                      {"drift_steps": offset, "confirmed": True})
 
-    def _attempt(self, user: str, code: str) -> str:
-        """A wrong code as the failure counter keeps it: a keyed hash, never the code."""
-        return self.sealer.digest(code[:64], f"totp|{user}")
+    def _attempt(self, user: str, code: str, counter: int) -> str:
+        """A wrong code as the failure counter keeps it: a keyed hash, never the code. The
+        failures are counted distinct (a user retyping one code is one failure), but the
+        same code at another time step is a new guess against a new code: the step is in
+        the hash, or repeating a few codes would never reach max_failures."""
+        return self.sealer.digest(f"{counter}|{code[:64]}", f"totp|{user}")
 
     def _totp_record(self, user: str, raw: str, params: totp.TotpParams
                      ) -> tuple[Mapping[str, Any], KeyedHmac]:
@@ -279,8 +299,10 @@ class MfaManager:
     async def remove_totp(self, user: str, actor: str = "admin") -> bool:
         user = normalize_user(user)
         removed = await self.store.mfa_pop(user, "totp") is not None
+        await self.store.mfa_pop(user, "totp_pending")
         await self.store.mfa_pop(user, "totp_step")
         await self.store.mfa_delete(user, "rc:")
+        await self.store.mfa_delete(user, PENDING_RECOVERY)
         if removed:
             self.stats.count(self.stats.enrollments, ("totp", "remove"))
             self._audit("mfa.totp.remove", actor, user, {})
@@ -288,13 +310,24 @@ class MfaManager:
 
     # --- recovery codes
 
-    async def _replace_recovery_codes(self, user: str) -> list[str]:
-        await self.store.mfa_delete(user, "rc:")
+    async def _replace_recovery_codes(self, user: str, prefix: str = "rc:") -> list[str]:
+        """New recovery codes under `prefix`: rc: in force, PENDING_RECOVERY waiting for a
+        new TOTP secret's first code."""
+        await self.store.mfa_delete(user, prefix)
         codes = recovery.new_codes(self.settings.recovery_codes)
         for code in codes:
             digest = self.sealer.digest(recovery.normalize(code) or "", f"recovery|{user}")
-            await self.store.mfa_put(user, f"rc:{digest}", str(int(self.clock())))
+            await self.store.mfa_put(user, f"{prefix}{digest}", str(int(self.clock())))
         return codes
+
+    async def _promote_recovery_codes(self, user: str) -> None:
+        """The pending recovery codes replace those in force (a new secret is confirmed)."""
+        fields = await self.store.mfa_fields(user)
+        await self.store.mfa_delete(user, "rc:")
+        for name, value in fields.items():
+            if name.startswith(PENDING_RECOVERY):
+                await self.store.mfa_put(user, "rc:" + name[len(PENDING_RECOVERY):], value)
+        await self.store.mfa_delete(user, PENDING_RECOVERY)
 
     async def new_recovery_codes(self, user: str, actor: str = "admin") -> list[str]:
         """Replaces the user's recovery codes (the old ones stop working)."""
@@ -331,20 +364,23 @@ class MfaManager:
                                                f"(security.mfa.{channel}.enabled)")
         user = normalize_user(user)
         now = self.clock()
+        try:  # before the rate limit and the new code: a bad request costs the user nothing
+            sender.check(destination)
+        except DeliveryError as exc:
+            self._send_failed(channel, exc, actor, user)
+            raise
         limit = self.limiter.hit(f"send:{channel}", user, self.settings.send_limit, now)
         if not limit.allowed:
             self.stats.count(self.stats.deliveries, (channel, "rate_limited"))
             raise MfaError("rate_limited", "a code was sent moments ago; wait before asking "
                                            "for another", limit.retry_after)
+        held = await self.codes.held(user, channel)
         code = await self.codes.issue(user, channel, now)
         try:
             await sender.send(destination, code, self.settings.code_lifetime)
         except DeliveryError as exc:
-            await self.codes.withdraw(user, channel)
-            self.stats.count(self.stats.deliveries, (channel, exc.reason))
-            self._audit("mfa.code.send", actor, user, {"channel": channel,
-                                                       "outcome": exc.reason,
-                                                       "problem": str(exc)})
+            await self.codes.restore(user, channel, held)  # the code delivered before stays
+            self._send_failed(channel, exc, actor, user)
             raise
         self.stats.count(self.stats.deliveries, (channel, "sent"))
         self._audit("mfa.code.send", actor, user, {"channel": channel, "outcome": "sent",
@@ -352,6 +388,11 @@ class MfaManager:
         return {"sent": True, "channel": channel,
                 "expires_in": self.settings.code_lifetime,
                 "max_attempts": self.settings.code_max_attempts}
+
+    def _send_failed(self, channel: str, exc: DeliveryError, actor: str, user: str) -> None:
+        self.stats.count(self.stats.deliveries, (channel, exc.reason))
+        self._audit("mfa.code.send", actor, user, {"channel": channel, "outcome": exc.reason,
+                                                   "problem": str(exc)})
 
     async def verify_code(self, user: str, channel: str, code: str,
                           context: LoginContext | None = None) -> Verification:
@@ -361,8 +402,10 @@ class MfaManager:
         if refused is not None:
             return self._finish(refused, user, context)
         code = totp.normalize(code)
-        attempt = self.sealer.digest(code, f"otp|{channel}|{user}")
         check = await self.codes.check(user, channel, code, now)
+        # distinct per issued code: one wrong code tried against each new code is a new
+        # guess each time (the lock would never come otherwise)
+        attempt = self.sealer.digest(f"{check.issue}|{code}", f"otp|{channel}|{user}")
         if check.result != "ok":
             return await self._failed(user, channel, check.result, attempt, now,
                                       {"attempts_left": check.attempts_left}, context=context)
@@ -522,7 +565,9 @@ class MfaManager:
             "methods": _methods(fields),
             "totp": {"enrolled": record is not None,
                      "confirmed": bool(record and record["c"]),
-                     "drift_steps": record["d"] if record else 0},
+                     "drift_steps": record["d"] if record else 0,
+                     # a new secret enrolled, in force once its first code is checked
+                     "replacement_pending": "totp_pending" in fields},
             "recovery_codes_left": sum(1 for f in fields if f.startswith("rc:")),
             "webauthn": creds,
             "remembered_devices": sum(1 for f, v in fields.items()
@@ -578,7 +623,9 @@ class MfaManager:
         distinct wrong passwords from the source), new_device (a device_id not
         remembered), new_source (a network not remembered)."""
         if not _methods(fields):
-            return None
+            # a user whose every factor was disabled as cloned is still asked (and cannot
+            # answer until registering again): a clone is a compromise, not a way out of MFA
+            return "factor_disabled" if _cloned_only(fields) else None
         user = normalize_user(login)
         policy, now = self.settings.policy, self.clock()
         if self._risky.match(remote_ip, now) is not None:
@@ -608,6 +655,12 @@ def _methods(fields: dict[str, str]) -> list[str]:
     if any(f.startswith("wa:") and not json.loads(v)["cloned"] for f, v in fields.items()):
         methods.append("webauthn")
     return methods
+
+
+def _cloned_only(fields: dict[str, str]) -> bool:
+    """Whether the user has WebAuthn credentials and every one was disabled as cloned."""
+    creds = [json.loads(v) for f, v in fields.items() if f.startswith("wa:")]
+    return bool(creds) and all(c["cloned"] for c in creds)
 
 
 def _credential_view(cid: str, cred: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from security.store import Store
 class CodeCheck:
     result: str  # ok | invalid | expired | no_code | too_many_attempts | replayed
     attempts_left: int
+    issue: str = ""  # which issued code was checked (a prefix of its hash), "" for none
 
 
 class OneTimeCodes:
@@ -39,9 +40,21 @@ class OneTimeCodes:
             {"h": self._digest(user, channel, code), "exp": now + self.lifetime}))
         return code
 
-    async def withdraw(self, user: str, channel: str) -> None:
-        """Forgets the code (its delivery failed)."""
-        await self.store.mfa_pop(user, f"otp:{channel}")
+    async def held(self, user: str, channel: str) -> tuple[str | None, str | None]:
+        """The code in force and its attempt count, as stored, for `restore`."""
+        return (await self.store.mfa_get(user, f"otp:{channel}"),
+                await self.store.mfa_get(user, f"otp_tries:{channel}"))
+
+    async def restore(self, user: str, channel: str, held: tuple[str | None, str | None]
+                      ) -> None:
+        """Puts back what `held` returned: a new code's delivery failed, and the one the
+        user already has stays good, with the attempts it had used."""
+        for field, value in zip((f"otp:{channel}", f"otp_tries:{channel}"), held,
+                                strict=True):
+            if value is None:
+                await self.store.mfa_pop(user, field)
+            else:
+                await self.store.mfa_put(user, field, value)
 
     async def check(self, user: str, channel: str, code: str, now: float) -> CodeCheck:
         field = f"otp:{channel}"
@@ -49,19 +62,20 @@ class OneTimeCodes:
         if raw is None:
             return CodeCheck("no_code", 0)
         record = json.loads(raw)
+        issue = record["h"][:16]
         if now >= record["exp"]:
             await self.store.mfa_pop(user, field)
-            return CodeCheck("expired", 0)
+            return CodeCheck("expired", 0, issue)
         tries = await self.store.mfa_incr(user, f"otp_tries:{channel}")
         if tries > self.max_attempts:
             await self.store.mfa_pop(user, field)
-            return CodeCheck("too_many_attempts", 0)
+            return CodeCheck("too_many_attempts", 0, issue)
         left = self.max_attempts - tries
         if not hmac.compare_digest(self._digest(user, channel, code), record["h"]):
             if left == 0:
                 await self.store.mfa_pop(user, field)
-            return CodeCheck("invalid", left)
+            return CodeCheck("invalid", left, issue)
         if await self.store.mfa_pop(user, field) != raw:  # a concurrent check took it first
-            return CodeCheck("replayed", 0)
+            return CodeCheck("replayed", 0, issue)
         await self.store.mfa_pop(user, f"otp_tries:{channel}")
-        return CodeCheck("ok", left)
+        return CodeCheck("ok", left, issue)

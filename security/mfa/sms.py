@@ -107,9 +107,12 @@ class SmsSender:
         return fill(p.body_template, escape(code), lifetime, phone=escape(phone),
                     message=escape(message)).encode("utf-8")
 
-    async def send(self, destination: str, code: str, lifetime: float) -> None:
+    def check(self, destination: str) -> None:
         if not _PHONE.fullmatch(destination):
             raise DeliveryError("bad_destination", "not an E.164 phone number (+<digits>)")
+
+    async def send(self, destination: str, code: str, lifetime: float) -> None:
+        self.check(destination)
         if not self.breaker.allow():
             raise DeliveryError("circuit_open", "SMS provider circuit open after repeated "
                                                 "failures; retry later")

@@ -182,6 +182,49 @@ async def test_an_sms_code_reaches_the_provider_with_auth_and_template():
         assert (await manager.verify_code("carol", "sms", code)).valid
 
 
+async def test_a_send_that_sends_nothing_keeps_the_code_already_delivered():
+    """A bad number is refused before the rate limit and before a new code is made; a
+    delivery that fails puts back the code the user already has, with its attempts."""
+    with RecordingHTTPServer(Provider(200, 500, 500, 500)) as provider:
+        manager = manager_with(sms_sender(provider.url, failure_threshold=5))
+        manager.settings = MfaSettings(send_limit=Limit(1, 30.0, 2),
+                                       verify_limit=SETTINGS.verify_limit)
+        await manager.send_code("mona", "sms", "+4915112345678")
+        code = re.search(r"code is (\d{6})", provider.wait_for_request().json()["text"])[1]
+        assert (await manager.verify_code("mona", "sms", f"{(int(code) + 1) % 10**6:06d}")
+                ).reason == "invalid"  # one attempt used
+        for _ in range(3):
+            with pytest.raises(DeliveryError) as refused:
+                await manager.send_code("mona", "sms", "0151")
+            assert refused.value.reason == "bad_destination"
+        with pytest.raises(DeliveryError) as failed:  # the burst's second send: provider 500s
+            await manager.send_code("mona", "sms", "+4915112345678")
+        assert failed.value.reason == "failed"
+        check = await manager.codes.check("mona", "sms", "000000" if code != "000000"
+                                          else "111111", manager.clock())
+        assert check.attempts_left == manager.settings.code_max_attempts - 2  # kept: 1 + this
+        assert (await manager.verify_code("mona", "sms", code)).valid
+
+
+async def test_one_wrong_code_against_each_new_code_reaches_the_lock():
+    """Failures count distinct per issued code: the same guess sent against every new
+    code is a new guess each time (it never locked before)."""
+    with RecordingHTTPServer(Provider()) as provider:
+        clock = Clock()
+        manager = MfaManager(MfaSettings(send_limit=Limit(100, 1.0, 100),
+                                         verify_limit=Limit(100, 1.0, 100), max_failures=3),
+                             MemoryStore(), Sealer(KEY),
+                             senders={"sms": sms_sender(provider.url)}, clock=clock)
+        reasons = []
+        for _ in range(4):
+            await manager.send_code("nick", "sms", "+4915112345678")
+            code = re.search(r"code is (\d{6})", provider.snapshot()[-1].json()["text"])[1]
+            guess = "000000" if code != "000000" else "111111"
+            reasons.append((await manager.verify_code("nick", "sms", guess)).reason)
+            clock.now += 1
+        assert reasons == ["invalid", "invalid", "invalid", "locked"]
+
+
 async def test_sms_retries_5xx_and_429_then_delivers():
     with RecordingHTTPServer(Provider(503, 429)) as provider:
         manager = manager_with(sms_sender(provider.url))

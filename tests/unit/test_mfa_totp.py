@@ -301,6 +301,51 @@ async def test_attempts_are_rate_limited_then_locked(make_manager, clock):
     assert (await manager.verify_totp("frank", code_for(secret, clock.now))).valid
 
 
+async def test_the_same_wrong_codes_at_later_steps_still_reach_the_lock(make_manager, clock):
+    """Failures count distinct within a time step (retyping one code is one failure), but
+    a few fixed guesses repeated at every step used to never lock."""
+    settings = MfaSettings(verify_limit=Limit(100, 1.0, 100), max_failures=4)
+    manager = await make_manager(settings)
+    secret = (await manager.enroll_totp("fay"))["secret"]
+    wrong = [c for c in ("000000", "111111", "222222") if c != code_for(secret, clock.now)
+             and c != code_for(secret, clock.now + 30)][:2]
+    reasons = []
+    for _ in range(3):
+        for code in wrong:
+            for _ in range(2):  # the same code twice in one step counts once
+                reasons.append((await manager.verify_totp("fay", code)).reason)
+        clock.now += 30
+    # the 4th distinct failure is the 7th try (2 steps x 2 codes, duplicates free)
+    assert reasons[:7] == ["invalid"] * 7 and set(reasons[7:]) == {"locked"}
+
+
+async def test_reenrolling_a_confirmed_user_keeps_the_old_factor_until_the_new_one_works(
+        make_manager, clock):
+    """An enrolment begun and not finished must not turn MFA off: the confirmed secret and
+    its recovery codes stay in force until the new secret's first code."""
+    manager = await make_manager()
+    old = await manager.enroll_totp("hal")
+    assert (await manager.verify_totp("hal", code_for(old["secret"], clock.now))).valid
+    new = await manager.enroll_totp("hal")
+    status = await manager.status("hal")
+    assert status["methods"] == ["totp", "recovery"] and status["totp"]["confirmed"]
+    assert status["totp"]["replacement_pending"]
+    clock.now += 30
+    assert (await manager.verify_totp("hal", code_for(old["secret"], clock.now))).valid
+    assert (await manager.verify_recovery("hal", old["recovery_codes"][0])).valid
+    assert (await manager.verify_recovery("hal", new["recovery_codes"][0])).reason == "invalid"
+    clock.now += 30
+    assert (await manager.verify_totp("hal", code_for(new["secret"], clock.now))).valid
+    status = await manager.status("hal")
+    assert status["totp"]["confirmed"] and not status["totp"]["replacement_pending"]
+    clock.now += 30
+    assert (await manager.verify_totp("hal", code_for(old["secret"], clock.now))).reason == (
+        "invalid")
+    assert (await manager.verify_recovery("hal", old["recovery_codes"][1])).reason == "invalid"
+    assert (await manager.verify_recovery("hal", new["recovery_codes"][1])).valid
+    assert status["recovery_codes_left"] == len(new["recovery_codes"])
+
+
 async def test_reenrolling_replaces_the_secret_and_recovery_codes(make_manager, clock):
     manager = await make_manager()
     old = await manager.enroll_totp("gina")

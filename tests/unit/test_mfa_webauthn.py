@@ -139,6 +139,15 @@ async def test_a_cloned_authenticator_is_detected_and_the_credential_disabled(ma
         await manager.webauthn_authenticate_options("alice")
     assert disabled.value.reason == "not_enrolled"
     assert manager.stats.verifications[("webauthn", "cloned")] == 1
+    # a clone is no way out of MFA: with no other factor the user is still asked (and can
+    # answer only after registering again), where before the login was allowed
+    fields = await manager.store.mfa_fields("alice")
+    assert manager.second_factor_reason("alice", "203.0.113.50", "never-seen", fields,
+                                        0) == "factor_disabled"
+    await register(manager, SoftAuthenticator())  # registered again: asked as before
+    fields = await manager.store.mfa_fields("alice")
+    assert manager.second_factor_reason("alice", "203.0.113.50", "never-seen", fields,
+                                        0) == "new_device"
 
 
 async def test_a_bad_signature_with_an_old_counter_is_invalid_not_a_clone(manager):
