@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -150,9 +151,11 @@ class PostqueueParser:
             record = json.loads(line)
             queue = self.queues.get(record["queue_name"])
             arrival = float(record["arrival_time"])
+            if not math.isfinite(arrival):  # 1e400 is valid JSON, and infinite
+                raise ValueError("arrival_time is not a finite number")
             size = int(record["message_size"])
             recipients = len(record.get("recipients") or ())
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             self.bad_lines += 1
             self.truncated = not line.endswith(b"\n")  # only the last line can lack one
             if not self._first_bad:

@@ -45,6 +45,7 @@ from exporter.probes.target import (
     ProbeResult,
     Target,
     duration_seconds,
+    host_name,
     read_credentials,
 )
 
@@ -108,7 +109,7 @@ class DeliverySettings:
             if spec["tls"] not in ("none", "starttls", "implicit"):
                 raise ValueError(f"monitoring.delivery.{kind}.tls: none, starttls or implicit")
             return Target(
-                name=f"delivery-{kind}", protocol=protocol, host=str(spec["host"]),
+                name=f"delivery-{kind}", protocol=protocol, host=host_name(spec["host"]),
                 port=int(spec["port"]) or DEFAULT_PORTS[(protocol, spec["tls"])],
                 tls=spec["tls"], timeout=timeout, interval=duration_seconds(values["interval"]),
                 insecure_skip_verify=bool(values["insecure_skip_verify"]),
@@ -238,7 +239,7 @@ class DeliveryRoundtrip:
                 with _timed(result, "cleanup"):
                     await self._sweep(client, result)
                 token = new_token()
-                self.pending[token] = time.time()
+                sent_at = time.time()
                 endpoint = s.submission
                 with _timed(result, "submit"):
                     submission = self._session(s.submission)
@@ -246,6 +247,8 @@ class DeliveryRoundtrip:
                     sender = await smtp.open_session(submission, s.submission, smtp_credentials)
                     reply = await self._submit(sender, token)
                     accepted = time.perf_counter()
+                    # awaited only once the server took it: a refused message never comes
+                    self.pending[token] = sent_at
                     result.details["queued_as"] = str(reply)
                     await sender.quit()
                     await submission.close()

@@ -60,7 +60,10 @@ async def read_body(session: Session, headers: dict[str, str]) -> bytes:
                 raise ProbeFailed(f"bad chunk size {size_text[:20]!r}") from None
             if size == 0:
                 break
-            body += await session.read_exactly(min(size, MAX_BODY))
+            wanted = min(size, MAX_BODY - len(body))
+            body += await session.read_exactly(wanted)
+            if wanted < size:  # MAX_BODY reached inside the chunk: the rest is not read,
+                break          # as with Content-Length (the connection closes after)
             await session.readline()  # the CRLF after the chunk
         return body
     length = headers.get("content-length", "")

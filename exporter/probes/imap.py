@@ -17,6 +17,9 @@ from exporter.probes.target import Credentials, ProbeResult, Target
 
 MAX_UNTAGGED = 10_000  # untagged lines accepted for one command
 MAX_LITERAL = 1024 * 1024
+# bytes one response (a greeting, or a command's lines and literals) may hold: literal
+# after literal, each within MAX_LITERAL, once took a probe to 2 GB
+MAX_RESPONSE = 4 * 1024 * 1024
 LOGOUT_GRACE = 2.0
 _LITERAL = re.compile(r"\{(\d+)\+?\}$")
 _EXISTS = re.compile(r"^\* (\d+) EXISTS$", re.IGNORECASE)
@@ -81,21 +84,31 @@ class IMAPClient:
         self.capabilities: set[str] = set()
         self.greeting_kind = ""
         self._tags = 0
+        self._left = MAX_RESPONSE  # of the response being read
+
+    def _spend(self, size: int) -> None:
+        self._left -= size
+        if self._left < 0:
+            raise ProbeFailed(f"IMAP response larger than {MAX_RESPONSE} bytes")
 
     async def read_line(self) -> str:
         """One response line with any literals joined in (as CRLF-separated text)."""
         line = await self.session.readline()
+        self._spend(len(line))
         parts = [line]
         while match := _LITERAL.search(line):
             size = int(match.group(1))
             if size > MAX_LITERAL:
                 raise ProbeFailed(f"IMAP literal of {size} bytes is too large")
+            self._spend(size)
             parts.append((await self.session.read_exactly(size)).decode("utf-8", "replace"))
             line = await self.session.readline()
+            self._spend(len(line))
             parts.append(line)
         return "\r\n".join(parts)
 
     async def greeting(self) -> str:
+        self._left = MAX_RESPONSE
         with self.session.timed("banner"):
             kind, text = parse_greeting(await self.read_line())
         if kind == "BYE":
@@ -107,6 +120,7 @@ class IMAPClient:
         self._tags += 1
         tag = f"a{self._tags}"
         await self.session.send(f"{tag} {text}\r\n".encode())
+        self._left = MAX_RESPONSE
         untagged: list[str] = []
         for _ in range(MAX_UNTAGGED):
             line = await self.read_line()

@@ -101,7 +101,7 @@ class Target:
             raise ValueError(f"probe {name}: path must start with /")
         port = int(values["port"]) or DEFAULT_PORTS[(protocol, tls)]
         return cls(
-            name=name, protocol=protocol, host=str(values["host"]), port=port, tls=tls,
+            name=name, protocol=protocol, host=host_name(values["host"]), port=port, tls=tls,
             timeout=duration_seconds(values["timeout"]),
             interval=duration_seconds(values["interval"]),
             credentials_file=str(values["credentials_file"]),
@@ -110,6 +110,13 @@ class Target:
             source_address=str(values["source_address"]), ehlo=str(values["ehlo"]),
             path=path, expect_status=tuple(int(s) for s in values["expect_status"]),
         )
+
+
+def host_name(value: Any) -> str:
+    """A host as the resolver takes it: an IPv6 literal may be written in brackets, as in
+    a URL ([::1]), and goes without them (getaddrinfo knows no [::1])."""
+    host = str(value)
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def duration_seconds(value: Any) -> float:

@@ -497,6 +497,16 @@ async def test_delivery_with_bad_credentials_says_where(mail, wrong_file):
     assert result.reason.startswith("delivery-imap (login): login failed: NO")
 
 
+async def test_a_message_the_server_refused_is_never_awaited(mail, alice_file, wrong_file):
+    """A submission that fails (here AUTH) leaves nothing pending: the gauge of late
+    messages counted each refused run for cleanup_window before."""
+    engine = roundtrip(mail, wrong_file, imap_credentials_file=alice_file)
+    for _ in range(2):
+        result = await engine.run()
+        assert not result.success and result.reason.startswith("delivery-submission (submit)")
+    assert engine.pending == {} and result.details["pending_messages"] == 0
+
+
 async def test_a_traced_probe_run_has_its_phases_as_child_spans(mail, alice_file, otlp_tracing):
     traced, receiver = otlp_tracing
     probes = build_probes({"probes": [{

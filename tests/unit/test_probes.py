@@ -273,6 +273,28 @@ async def test_imap_probe_reads_literals_and_counts_messages(tmp_path):
     assert {"banner", "auth", "select", "total"} <= set(result.phases)
 
 
+async def test_an_imap_response_of_endless_literals_is_cut_off(monkeypatch):
+    """Each literal within MAX_LITERAL, each ending in another: the response is capped
+    (a review's server took a probe to 2 GB in 10 s), and the probe fails with why."""
+    monkeypatch.setattr(imap, "MAX_RESPONSE", 300_000)
+    sent = [0]
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK ready\r\n")
+        await writer.drain()
+        await reader.readline()  # a1 CAPABILITY
+        writer.write(b"* CAPABILITY {65536}\r\n")
+        while sent[0] < 50:  # 3.2 MB unless cut off
+            writer.write(b"x" * 65536 + b" {65536}\r\n")
+            await writer.drain()
+            sent[0] += 1
+
+    async with FakeServer(flood) as fake:
+        result = await imap.probe(target(fake.port, "imap", timeout=10.0))
+    assert not result.success
+    assert result.reason == "IMAP response larger than 300000 bytes"
+
+
 async def test_imap_bye_greeting_and_failed_login(tmp_path):
     async with FakeServer(lines_script(b"* BYE too many connections\r\n", {})) as fake:
         result = await imap.probe(target(fake.port, "imap"))
@@ -366,6 +388,24 @@ async def test_http_chunked_body_and_host_header():
     assert f"Host: mail.example.test:{port}\r\n".encode() in seen
 
 
+async def test_a_chunk_larger_than_the_body_cap_is_read_up_to_the_cap():
+    """One 2 MiB chunk: read to MAX_BODY and judged by its status, as a Content-Length
+    body is (the chunk's rest was taken for the CRLF: 'line longer than 16384 bytes')."""
+    big = 2 * 1024 * 1024
+
+    async def script(reader, writer):
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{big:x}\r\n".encode() + b"x" * big + b"\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with FakeServer(script) as fake:
+        result = await http.probe(target(fake.port, "http"))
+    assert result.success, result.reason
+    assert result.details["status_code"] == 200
+
+
 # --------------------------------------------------------------------------- certificates
 
 
@@ -440,6 +480,30 @@ def test_target_from_config_defaults_and_ports():
     h = Target.from_config({"name": "j", "protocol": "http", "host": "h", "tls": "implicit",
                             "path": "/.well-known/jmap", "expect_status": [200, 401]})
     assert (h.port, h.expect_status) == (443, (200, 401))
+
+
+async def test_an_ipv6_host_in_brackets_is_reached():
+    """[::1] as in a URL: the schema takes it, so the probe must reach it (the resolver
+    got the brackets and said 'Name or service not known')."""
+    served = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t = Target.from_config({"name": "v6", "protocol": "http", "host": "[::1]",
+                                "port": port})
+        assert t.host == "::1"
+        result = await http.probe(t)
+    finally:
+        server.close()
+    assert result.success, result.reason
+    assert f"Host: [::1]:{port}\r\n".encode() in served[0]
 
 
 @pytest.mark.parametrize("item, message", [

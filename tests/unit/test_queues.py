@@ -100,6 +100,13 @@ def test_malformed_lines_and_unknown_queues():
     assert "2 unreadable line(s)" in snapshot.problem
     assert "other than the five" in snapshot.note
     assert snapshot.total == 1
+    # numbers too large for JSON's doubles are infinite: unreadable lines, not a failure
+    # of the whole check (OverflowError)
+    huge = parse(record("deferred", 5, 100) + '{"queue_name": "active", "arrival_time": 1, '
+                 '"message_size": 1e400}\n{"queue_name": "active", "arrival_time": 1e400, '
+                 '"message_size": 1}\n')
+    assert huge.queues["deferred"].messages == 1 and huge.queues["active"].messages == 0
+    assert "2 unreadable line(s)" in huge.problem
 
 
 def test_a_clock_ahead_of_now_never_gives_a_negative_age():
