@@ -387,15 +387,20 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
             (path, f"bad duration {value!r}: expected {zero}a positive number followed by "
              "ms, s, m, h, d or w (e.g. 30s, 5m, 24h)", False)
         ]
+    if error.validator == "not" and "propertyNames" in error.schema_path and value in (
+            "severity", "alertname"):
+        advice = (" (an alert's severity has a key of its own: alerting.alerts.NAME.severity)"
+                  if value == "severity" else "")
+        return [((*path, str(value)), f"the name {value!r} is every rule's own{advice}", True)]
     if error.validator == "pattern" and "propertyNames" in error.schema_path:
         # a key, not a value: said, since the line alone does not tell which of a mapping's
-        rule = PATTERN_RULES.get(str(error.validator_value))
+        rule = _pattern_rules().get(str(error.validator_value))
         said = f"must be {rule}" if rule else f"must match {error.validator_value!r}"
         return [((*path, str(value)), f"the name {value!r} {said}", True)]
     # a string's rules are said without the string: it may be a secret in the wrong place
     # (a plain password where a bcrypt hash belongs), and the line is named anyway
     if error.validator == "pattern":
-        rule = PATTERN_RULES.get(str(error.validator_value))
+        rule = _pattern_rules().get(str(error.validator_value))
         if rule is not None:
             return [(path, f"must be {rule}", False)]
         return [(path, f"does not match the pattern {error.validator_value!r}", False)]
@@ -425,13 +430,18 @@ def _duration_patterns() -> tuple[str, str]:
     return definitions["duration"]["pattern"], definitions["duration_or_zero"]["pattern"]
 
 
-# the schema's patterns that have a rule in words (others are quoted as they are)
-PATTERN_RULES = {
-    "^[a-zA-Z_][a-zA-Z0-9_]*$": "a Prometheus label name (letters, digits and _, not "
-                                "starting with a digit)",
-    "^(https?://[^@/]+(/.*)?)?$": "an http:// or https:// URL without user:password@ "
-                                  "(credentials have keys of their own)",
-}
+@functools.cache
+def _pattern_rules() -> dict[str, str]:
+    """The schema's patterns that have a rule in words (others are quoted as they are)."""
+    selector = load_schema()["properties"]["alerting"]["properties"]["selector"]["pattern"]
+    return {
+        "^[a-zA-Z_][a-zA-Z0-9_]*$": "a Prometheus label name (letters, digits and _, not "
+                                    "starting with a digit)",
+        "^(https?://[^@/]+(/.*)?)?$": "an http:// or https:// URL without user:password@ "
+                                      "(credentials have keys of their own)",
+        selector: 'PromQL label matchers: name, =, !=, =~ or !~, a double-quoted value, '
+                  'separated by commas (job="a3mailer-exporter", env="prod")',
+    }
 
 
 def _semantic_problems(
@@ -456,6 +466,10 @@ def _semantic_problems(
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)
+    policy = data["security"]["postfix_policy"]
+    if policy["enabled"] and _same_socket(data["server"]["listen_address"], policy["listen"]):
+        problem(("security", "postfix_policy", "listen"), "the port of server.listen_address: "
+                "each listener needs its own")
     for path, ca_file in _ca_files(data):
         if (wrong := ca_problem(ca_file)) is not None:
             problem(path, wrong)
@@ -523,6 +537,17 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
             except ValueError:
                 problem(("security", *path, index),
                         f"not an IP address or CIDR: {value!r}")
+
+
+_ANY_HOST = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def _same_socket(first: str, second: str) -> bool:
+    """Whether two HOST:PORT listeners would take the same port (a wildcard host takes it
+    on every address)."""
+    (host1, _, port1), (host2, _, port2) = first.rpartition(":"), second.rpartition(":")
+    host1, host2 = host1.strip("[]"), host2.strip("[]")
+    return port1 == port2 and (host1 == host2 or host1 in _ANY_HOST or host2 in _ANY_HOST)
 
 
 def _ca_files(node: Any, path: Path_ = ()) -> Iterator[tuple[Path_, str]]:

@@ -15,7 +15,12 @@ import json
 from typing import Any
 
 from exporter.config import load_schema
-from exporter.config.loader import SECRET_MIN_LENGTH, merge, secret_paths
+from exporter.config.loader import (
+    SECRET_MIN_LENGTH,
+    URLS_WITHOUT_CREDENTIALS,
+    merge,
+    secret_paths,
+)
 from exporter.generate.config_reference import _resolve, _walk, _wrap, commented_yaml
 
 CHART_DIR = "helm/a3mailer-exporter"
@@ -27,6 +32,15 @@ CONFIG_OVERRIDES: dict[str, Any] = {
     "server": {"listen_address": "0.0.0.0:10587", "state_dir": "/var/lib/a3mailer-exporter"},
     "security": {"postfix_policy": {"listen": "0.0.0.0:10588"}},
 }
+
+# A URL with a password in it (Redis's may name its ACL user, not the password): refused
+# by the exporter at load, after the chart had rendered it into the ConfigMap
+NO_PASSWORD_IN_URL = {"not": {"pattern": "://[^/@]*:[^/@]*@"}}
+NO_USERINFO_IN_URL = {"not": {"pattern": "://[^/@]*@"}}
+# Prometheus label names, less the two every rule sets itself (a global severity would
+# override every alert's, the info inhibitor's too, and break routing and inhibition)
+LABEL_NAMES = {"pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$", "not": {"enum": ["severity", "alertname"]}}
+
 
 HEADER = (
     "# Values of the a3mailer-exporter Helm chart.\n"
@@ -169,7 +183,8 @@ CHART_KEYS: dict[str, Any] = {
         "annotations": _key("object", {}, "Annotations on the PrometheusRule.",
                             additionalProperties={"type": "string"}),
         "ruleLabels": _key("object", {}, "Extra labels on every alert (for Alertmanager "
-                           "routing, e.g. team: mail).", additionalProperties={"type": "string"}),
+                           "routing, e.g. team: mail); not severity or alertname.",
+                           additionalProperties={"type": "string"}, propertyNames=LABEL_NAMES),
         "namePrefix": _key("string", "", "Prefix for every rule group's name. Alert names "
                            "stay as they are: runbooks, inhibitions and the alert unit tests "
                            "use them."),
@@ -214,8 +229,10 @@ CHART_KEYS: dict[str, Any] = {
     }),
     "redis": _section("An external Redis shared by every replica (config.security.store "
                       "type redis). Required when replicas > 1.", {
-        "url": _key("string", "", "redis:// or rediss:// URL. Set: the chart switches "
-                    "config.security.store to type redis with this URL."),
+        "url": _key("string", "", "redis:// or rediss:// URL, without a password (that is "
+                    "existingSecret's or secrets.security.store.redis_password). Set: the "
+                    "chart switches config.security.store to type redis with this URL.",
+                    pattern="^((rediss?|unix)://.*)?$", **NO_PASSWORD_IN_URL),
         "existingSecret": _key("string", "", "Secret holding the Redis password (e.g. the "
                                "Redis chart's own); else secrets.security.store."
                                "redis_password."),
@@ -310,7 +327,9 @@ def _secrets_section() -> dict[str, Any]:
 
 
 def _config_schema() -> dict[str, Any]:
-    """The exporter's config schema as the `config:` value, its defaults the chart's."""
+    """The exporter's config schema as the `config:` value, its defaults the chart's; with
+    the load-time URL rules a schema can say, so that Helm refuses what the exporter would
+    (and no password is rendered into the ConfigMap)."""
     schema = copy.deepcopy(load_schema())
     defaults = merge(_defaults(schema), CONFIG_OVERRIDES)
     for path, _ in _walk(schema, schema):
@@ -320,6 +339,9 @@ def _config_schema() -> dict[str, Any]:
             for part in path:
                 value = value[part]
             raw["default"] = value
+    for url_path in URLS_WITHOUT_CREDENTIALS:
+        _raw_prop(schema, url_path).update(
+            NO_PASSWORD_IN_URL if url_path[-1] == "redis_url" else NO_USERINFO_IN_URL)
     body = {k: v for k, v in schema.items() if k not in ("$schema", "$id", "definitions")}
     body["description"] = ("The exporter's configuration, verbatim (the keys of "
                            "config.schema.json), rendered into the ConfigMap.")

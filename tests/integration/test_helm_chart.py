@@ -244,6 +244,33 @@ def test_values_schema_rejects_wrong_type_and_unknown_key(chart: Any) -> None:
     assert any("listen_address" in e for e in lint["errors"]), lint
 
 
+@pytest.mark.parametrize("values", [
+    {"redis": {"url": "redis://:s3cretpw@redis:6379/0"}},
+    {"redis": {"url": "redis-master:6379"}},  # no scheme: the exporter refuses it
+    {"config": {"security": {"store": {"type": "redis",
+                                       "redis_url": "redis://user:s3cretpw@r:6379/0"}}}},
+    {"config": {"monitoring": {"stalwart": {"url": "http://admin:s3cretpw@stalwart:8080"}}}},
+    {"config": {"tracing": {"otlp_endpoint": "http://u:s3cretpw@otel:4318"}}},
+    {"prometheusRule": {"ruleLabels": {"team-name": "x"}}},
+    {"prometheusRule": {"ruleLabels": {"severity": "page"}}},
+    {"config": {"alerting": {"labels": {"severity": "page"}}}},
+    {"config": {"alerting": {"selector": 'job="a"}, env="b"'}}},
+])
+def test_values_the_exporter_or_prometheus_would_refuse_fail_the_install(chart: Any,
+                                                                         values) -> None:
+    """Each rendered before: a password into the ConfigMap and a pod in a crash loop, or
+    rules Prometheus refuses whole."""
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+def test_an_acl_user_in_the_redis_url_and_fine_labels_still_render(chart: Any) -> None:
+    chart.validate_schema({"redis": {"url": "rediss://exporter@redis:6380/0"},
+                           "prometheusRule": {"ruleLabels": {"team": "mail"}},
+                           "config": {"alerting": {"selector":
+                                                   'job="mail", env=~"prod|\\"x\\""'}}})
+
+
 def test_values_hold_the_config_verbatim(chart: Any) -> None:
     """values.yaml's `config:` is the exporter's embedded defaults with the chart's
     overrides (listen on the pod's interfaces), key for key."""
@@ -536,6 +563,12 @@ def test_tls_listener_switches_schemes(chart: Any) -> None:
     assert container(objects)["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     for obj in objects:
         validate_object(obj)
+    # mutual TLS: kubelet has no client certificate, so the probes connect over TCP
+    mutual = container(render(chart, {"config": {"server": {"tls": {
+        "cert_file": "/etc/tls/tls.crt", "key_file": "/etc/tls/tls.key",
+        "client_ca_file": "/etc/tls/ca.crt"}}}}))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert mutual[probe]["tcpSocket"] == {"port": "http"} and "httpGet" not in mutual[probe]
 
 
 def test_postfix_policy_port(chart: Any) -> None:
@@ -764,3 +797,11 @@ def test_dashboard_objects(chart: Any) -> None:
     default = render(chart)
     assert [o for o in default if o["kind"] == "GrafanaDashboard"] == []
     assert 'grafana_dashboard="1"' in notes(chart)
+    # a long release name (Helm takes 53 characters) still gives six names, not one
+    long = chart.render({"dashboards": {"grafanaOperator": {"enabled": True}}},
+                        name="mail-monitoring-production-eu-west-1x", namespace=NAMESPACE)
+    named = [(doc["kind"], doc["metadata"]["name"]) for file, text in long.items()
+             if not file.endswith("NOTES.txt")
+             for doc in yaml.safe_load_all(text) if doc and "-dashboard-" in str(
+                 doc.get("metadata", {}).get("name", ""))]
+    assert len(set(named)) == len(named) == 12

@@ -127,6 +127,35 @@ def test_a_bad_key_name_is_named(tmp_path):
         "(letters, digits and _, not starting with a digit)"]
 
 
+def test_rules_prometheus_would_refuse_and_a_port_taken_twice_are_config_errors(tmp_path):
+    path = write(tmp_path, """
+        alerting:
+          selector: 'job="a"}, env="b"'
+          labels: {severity: page}
+          alerts:
+            A3MailerHighCpuUsage: {labels: {alertname: x}}
+    """)
+    found = problems(path)
+    assert found[0].startswith(f"{path}:2: alerting.selector: must be PromQL label matchers")
+    assert found[1] == (f"{path}:3: alerting.labels.severity: the name 'severity' is every "
+                        "rule's own (an alert's severity has a key of its own: "
+                        "alerting.alerts.NAME.severity)")
+    assert found[2] == (f"{path}:5: alerting.alerts.A3MailerHighCpuUsage.labels.alertname: "
+                        "the name 'alertname' is every rule's own")
+    clash = write(tmp_path, """
+        server: {listen_address: 127.0.0.1:26010}
+        security: {postfix_policy: {enabled: true, listen: 0.0.0.0:26010}}
+    """, name="clash.yaml")
+    assert problems(clash) == [f"{clash}:2: security.postfix_policy.listen: the port of "
+                               "server.listen_address: each listener needs its own"]
+    fine = write(tmp_path, """
+        server: {listen_address: 127.0.0.1:26010}
+        security: {postfix_policy: {enabled: true, listen: 127.0.0.2:26010}}
+        alerting: {selector: 'job="mail", env=~"prod|test"'}
+    """, name="fine.yaml")
+    load_config(fine)  # another address, and matchers with a regex: fine
+
+
 def test_out_of_range_percentage(tmp_path):
     path = write(tmp_path, """
         monitoring:

@@ -59,6 +59,17 @@ app.kubernetes.io/part-of: a3mailer
 {{- if .Values.config.server.tls.cert_file }}https{{ else }}http{{ end }}
 {{- end }}
 
+{{- /* A kubelet probe of `path`: an HTTP(S) GET, or with mutual TLS (client_ca_file) a TCP
+connect, as kubelet has no client certificate to show and the handshake would fail. */}}
+{{- define "a3mailer-exporter.probe" -}}
+{{- $root := index . 0 }}
+{{- if $root.Values.config.server.tls.client_ca_file }}
+tcpSocket: {port: http}
+{{- else }}
+httpGet: {path: {{ index . 1 }}, port: http, scheme: {{ include "a3mailer-exporter.scheme" $root | upper }}}
+{{- end }}
+{{- end }}
+
 {{- define "a3mailer-exporter.postfixPolicy" -}}
 {{- if and .Values.config.security.enabled .Values.config.security.postfix_policy.enabled }}true{{ end }}
 {{- end }}
