@@ -65,7 +65,9 @@ STATUS: dict[str, tuple[int, str]] = {
     "sealed_secret": (500, "sealed_secret"),
 }
 
-_USER = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^\\x00-\\x1f\\x7f]+$",
+# something besides spaces: "   " became the account "" (trimmed), as good as any
+_USER = {"type": "string", "minLength": 1, "maxLength": 256,
+         "pattern": "^[^\\x00-\\x1f\\x7f]*[^\\s\\x00-\\x1f\\x7f][^\\x00-\\x1f\\x7f]*$",
          "description": "The account (trimmed, compared in lower case)."}
 _CODE = {"type": "string", "minLength": 1, "maxLength": 64}
 _CONTEXT = {

@@ -98,6 +98,8 @@ async def test_scopes_are_named_for_every_route(api):
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": 123456}', "code"),
     ("/api/v1/mfa/totp/verify", b'{"user": "", "code": "1"}', "user"),
     ("/api/v1/mfa/totp/verify", b'{"user": "a\\nb", "code": "1"}', "user"),
+    ("/api/v1/mfa/totp/enroll", b'{"user": "   "}', "user"),  # was the account ""
+    ("/api/v1/mfa/email/send", b'{"user": " ", "address": "a@b.c"}', "user"),
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": "' + b"1" * 65 + b'"}', "code"),
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": "1", "extra": 1}', "extra"),
     ("/api/v1/mfa/totp/verify", b'{"user": "a", "code": "1", "remote_ip": "x"}', "remote_ip"),
