@@ -30,6 +30,12 @@ class TemplateError(ValueError):
     pass
 
 
+def syntax_problem(text: str) -> str | None:
+    """What Go's template parser would refuse in text before any expansion: an action
+    opened and never closed (Prometheus then refuses the whole rule file)."""
+    return "an unclosed {{ action" if "{{" in _ACTION.sub("", text) else None
+
+
 def expand(text: str, labels: Mapping[str, str], value: float,
            external_labels: Mapping[str, str] | None = None) -> str:
     """The text with every {{ ... }} action expanded; an error gives Prometheus's error text."""

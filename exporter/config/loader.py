@@ -588,11 +588,24 @@ def _alert_engine_problems(push: dict[str, Any], problem: Any) -> None:
 
 
 def _bundle_problems(data: dict[str, Any], problem: Any) -> None:
-    """Alert and dashboard names in alerting.alerts and dashboards.uids must exist."""
+    """Alert and dashboard names in alerting.alerts and dashboards.uids must exist; the
+    templates of alert labels and annotations must parse, as Prometheus parses them."""
     import difflib
 
+    from exporter.alert_templates import syntax_problem
     from exporter.generate.alerts import ALERT_NAMES
     from exporter.generate.dashboards import KEYS
+
+    alerting = data["alerting"]
+    templated = [(("alerting", key), alerting[key]) for key in ("runbook_url", "dashboard_url")]
+    templated += [(("alerting", "labels", k), v) for k, v in alerting["labels"].items()]
+    for name, override in alerting["alerts"].items():
+        for kind in ("labels", "annotations"):
+            templated += [(("alerting", "alerts", name, kind, k), v)
+                          for k, v in override.get(kind, {}).items()]
+    for path, text in templated:
+        if (wrong := syntax_problem(str(text))) is not None:
+            problem(path, f"{wrong} (Prometheus would refuse every rule)")
 
     for section, names, what in ((("alerting", "alerts"), ALERT_NAMES, "alert"),
                                  (("dashboards", "uids"), KEYS, "dashboard")):

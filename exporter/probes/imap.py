@@ -139,6 +139,7 @@ class IMAPClient:
         return response
 
     async def capability(self) -> set[str]:
+        self.session.step("capability")
         response = await self.expect_ok("CAPABILITY", "CAPABILITY")
         self.capabilities = parse_capabilities(response.untagged)
         return self.capabilities

@@ -58,6 +58,7 @@ class POP3Client:
 
     async def capa(self) -> set[str]:
         """CAPA's names (upper case); an empty set when the server has no CAPA."""
+        self.session.step("capa")
         ok, _ = await self.command("CAPA")
         lines = await self.read_list() if ok else []
         self.capabilities = {line.split()[0].upper() for line in lines if line.split()}

@@ -73,6 +73,11 @@ class Session:
             phases = self.result.phases
             phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
 
+    def step(self, name: str) -> None:
+        """An untimed step (EHLO, CAPABILITY, CAPA): named in a failure's reason and
+        details, as the timed phases are, instead of the phase before it."""
+        self.result.phase = name
+
     async def connect(self) -> None:
         """Connects; with implicit TLS, also does the handshake."""
         target = self.target

@@ -83,6 +83,7 @@ class SMTPClient:
         return self.banner
 
     async def ehlo(self, name: str) -> None:
+        self.session.step("ehlo")
         reply = await self.command(f"EHLO {name}")
         if reply.code != 250:
             raise ProbeFailed(f"EHLO refused: {reply}")

@@ -156,6 +156,20 @@ def test_rules_prometheus_would_refuse_and_a_port_taken_twice_are_config_errors(
     load_config(fine)  # another address, and matchers with a regex: fine
 
 
+def test_an_alert_template_prometheus_cannot_parse_is_a_config_error(tmp_path):
+    path = write(tmp_path, """
+        alerting:
+          alerts:
+            A3MailerHighCpuUsage:
+              annotations:
+                hint: "{{ $labels.instance "
+                fine: "{{ $labels.instance }} at {{ $value }}"
+    """)
+    assert problems(path) == [
+        f"{path}:5: alerting.alerts.A3MailerHighCpuUsage.annotations.hint: an unclosed {{{{ "
+        "action (Prometheus would refuse every rule)"]
+
+
 def test_out_of_range_percentage(tmp_path):
     path = write(tmp_path, """
         monitoring:

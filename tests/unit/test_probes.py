@@ -213,6 +213,22 @@ async def test_starttls_not_offered():
     assert result.reason == "server does not offer STARTTLS"
 
 
+async def test_a_failure_after_the_banner_names_its_step_not_the_banner():
+    """The server drops the connection at EHLO: the reason said 'during banner', which
+    had arrived whole, and sent the operator to look at the greeting."""
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220-mx.example.test ESMTP\r\n220 ready\r\n")
+        await writer.drain()
+        await reader.readline()  # EHLO
+        writer.transport.abort()
+
+    async with FakeServer(drop) as fake:
+        result = await smtp.probe(target(fake.port))
+    assert not result.success and result.phase == "ehlo", result.reason
+    assert result.reason.endswith("during ehlo") and "banner" in result.phases
+
+
 async def test_data_before_tls_handshake_is_refused():
     """Plaintext sent after '220 go ahead' would be read as if it came over TLS."""
     answers = {b"EHLO": b"250-mx.test\r\n250 STARTTLS\r\n",
