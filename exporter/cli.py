@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import gc
 import getpass
 import logging
+import os
 import platform
 import signal
 import ssl
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from exporter import __version__, cli_security, logs
 from exporter.config import Config, ConfigError, load_config
@@ -114,14 +116,46 @@ def _run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     logs.setup(config["logging"]["level"], config["logging"]["format"])
+    from security.audit import AuditLogLocked
+
+    try:
+        lock = hold_state_dir(Path(config["server"]["state_dir"]))
+    except OSError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         import uvloop
 
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         runner = asyncio.Runner()
-    with runner:
-        return runner.run(serve(config))
+    with runner, lock:
+        try:
+            return runner.run(serve(config))
+        except AuditLogLocked as exc:  # an audit log outside the state dir, in use
+            print(exc, file=sys.stderr)
+            return 2
+
+
+def hold_state_dir(state_dir: Path) -> IO[bytes]:
+    """An exclusive lock on the state dir for the life of the process: two exporters on
+    one SQLite store and audit log disagree about keys and bans (a revoke through one is
+    404 on the other), and the second used to start without a word. OSError says which
+    process holds it."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = open(state_dir / "exporter.lock", "a+b")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "another process"
+        lock.close()
+        raise OSError(f"{state_dir}: in use by another exporter (pid {holder}); give each "
+                      "process a state dir of its own (server.state_dir)") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    return lock
 
 
 def split_listen(address: str) -> tuple[str, int]:

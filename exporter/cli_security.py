@@ -79,25 +79,34 @@ def run_security(args: argparse.Namespace) -> int:
         body = {**locks, **bans} if status < 300 else locks if locks_status >= 300 else bans
     elif action == "lockouts":
         status, body = _call("GET", f"{base}/lockouts", token)
-    elif action == "unlock":
-        query = f"?source={urllib.parse.quote(args.source)}" if args.source else ""
-        status, body = _call("DELETE", f"{base}/lockouts/{urllib.parse.quote(args.account)}"
-                             + query, token)
+    elif action == "unlock":  # ?account=: a login may hold a "/"
+        query = urllib.parse.urlencode({"account": args.account,
+                                        **({"source": args.source} if args.source else {})})
+        status, body = _call("DELETE", f"{base}/lockouts?{query}", token)
     elif action == "bans":
         status, body = _call("GET", f"{base}/blocklist", token)
     elif action == "ban":
         from exporter.config import parse_duration
 
+        try:
+            duration = parse_duration(args.duration) if args.duration else None
+        except ValueError as exc:
+            print(f"--duration: {exc} (e.g. 30m, 2h, 7d)", file=sys.stderr)
+            return 2
         payload = {"network": args.network, "reason": args.reason,
-                   "duration_seconds": parse_duration(args.duration) if args.duration else None}
+                   "duration_seconds": duration}
         status, body = _call("POST", f"{base}/blocklist", token, json.dumps(payload).encode())
     elif action == "unban":
         status, body = _call("DELETE", f"{base}/blocklist?network="
                              + urllib.parse.quote(args.network), token)
     elif action == "import":
         feed = f"?feed={urllib.parse.quote(args.feed)}" if args.feed else ""
-        status, body = _call("POST", f"{base}/blocklist.txt{feed}", token,
-                             Path(args.file).read_bytes(), "text/plain")
+        try:
+            text = Path(args.file).read_bytes()
+        except OSError as exc:
+            print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+            return 2
+        status, body = _call("POST", f"{base}/blocklist.txt{feed}", token, text, "text/plain")
     else:  # export
         status, body = _call("GET", f"{base}/blocklist.txt", token)
     print(body if isinstance(body, str) else json.dumps(body, indent=2))

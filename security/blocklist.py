@@ -43,6 +43,8 @@ def parse_network(text: str) -> Network:
     text = text.strip()
     if not text:
         raise ValueError("empty network")
+    if "%" in text:  # the zone would be kept in the text and dropped from the match
+        raise ValueError(f"a scoped IPv6 address (with %zone) cannot be listed: {text!r}")
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:

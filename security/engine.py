@@ -422,10 +422,19 @@ class SecurityManager:
 
     async def ban(self, network: str, reason: str, duration: float | None,
                   source: str = "manual", actor: str = "admin") -> Entry:
-        """Blocks a CIDR (an IP is a /32 or /128) for duration seconds, or until unbanned."""
+        """Blocks a CIDR (an IP is a /32 or /128) for duration seconds, or until unbanned.
+
+        Only an operator's ban (source manual) may replace a ban that lasts longer: an
+        automatic, feed or event ban of a network already banned longer (or for good) leaves
+        it as it is and returns it. A Stalwart event turned a permanent ban into 6 s."""
         now = self.clock()
         cidr = str(parse_network(network))
         ban = Entry(cidr, reason, source, now, None if duration is None else now + duration)
+        current = self.lists.block.get(cidr)
+        if source != "manual" and current is not None and not current.expired(now) and (
+                current.expires is None or (
+                    ban.expires is not None and current.expires >= ban.expires)):
+            return current
         await self.store.put_ban(ban)
         self.lists.block.add(ban)
         self.stats.ban_kinds[cidr] = source.split(":")[0]

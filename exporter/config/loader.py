@@ -597,7 +597,8 @@ def _bundle_problems(data: dict[str, Any], problem: Any) -> None:
     from exporter.generate.dashboards import KEYS
 
     alerting = data["alerting"]
-    templated = [(("alerting", key), alerting[key]) for key in ("runbook_url", "dashboard_url")]
+    templated: list[tuple[Path_, Any]] = [(("alerting", key), alerting[key])
+                                          for key in ("runbook_url", "dashboard_url")]
     templated += [(("alerting", "labels", k), v) for k, v in alerting["labels"].items()]
     for name, override in alerting["alerts"].items():
         for kind in ("labels", "annotations"):

@@ -188,7 +188,13 @@ def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                           **_errors(400, 401, 403)}}},
         "/api/v1/security/lockouts": {"get": {
             "summary": "Lockouts in force", "security": admin,
-            "responses": {"200": _json("Lockouts"), **_errors(401, 403)}}},
+            "responses": {"200": _json("Lockouts"), **_errors(401, 403)}}, "delete": {
+            "summary": "Unlock ?account= (a login with a / in it), all or ?source=NETWORK",
+            "security": admin,
+            "parameters": [{"name": "account", "in": "query", "required": True,
+                            "schema": {"type": "string"}},
+                           {"name": "source", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}},
         "/api/v1/security/lockouts/{account}": {"delete": {
             "summary": "Unlock an account (all its lockouts, or ?source=NETWORK only)",
             "security": admin,

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -84,6 +85,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
+FEED_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a blocklist import's ?feed= name
 _LOOPBACK: dict[str, bool] = {}  # client host -> is loopback; a policy client has few hosts
 
 
@@ -375,7 +377,11 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         return JSONResponse({"lockouts": [lock.as_dict() for lock in await engine.lockouts()]})
 
     async def unlock(request: Request) -> Response:
-        account = request.path_params["account"]
+        # in the path, or ?account= for a login with a "/" in it (a path parameter stops
+        # at "/", and %2F is decoded before routing)
+        account = request.path_params.get("account") or request.query_params.get("account")
+        if not account:
+            raise BadRequest("account: give it in the path or as ?account=")
         try:
             removed = await engine.unlock(account, request.query_params.get("source"),
                                           actor=actor(request))
@@ -413,13 +419,16 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         except UnicodeDecodeError:
             raise BadRequest("body must be UTF-8 text") from None
         name = request.query_params.get("feed", "")
+        if name and not FEED_NAME.fullmatch(name):  # exported as source=feed:NAME, one word
+            raise BadRequest("feed must be letters, digits, '.', '_' or '-'")
         source = f"feed:{name}" if name else "manual"
         entries, errors = import_text(text, source, engine.clock())
         for entry in entries:
             duration = entry.expires - engine.clock() if entry.expires else None
             if duration is not None and duration <= 0:
                 continue
-            await engine.ban(entry.network, entry.reason, duration, source=source,
+            # a line's source= wins over the request's: an export imported again keeps them
+            await engine.ban(entry.network, entry.reason, duration, source=entry.source,
                              actor=actor(request))
         return JSONResponse({"imported": len(entries),
                              "errors": [{"line": n, "message": m} for n, m in errors]})
@@ -504,8 +513,9 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
             await engine.report(attempt, event.type == "auth.success")
         elif event.type.startswith("security.") and event.type.endswith("-ban") and (
                 event.remote_ip):
-            try:
-                await engine.ban(event.remote_ip, f"stalwart {event.type}",
+            try:  # the address: one, never a network (0.0.0.0/0 refused every client)
+                address = str(ipaddress.ip_address(event.remote_ip))
+                await engine.ban(address, f"stalwart {event.type}",
                                  engine.settings.auto_ban_duration, source="feed:stalwart",
                                  actor="stalwart")
             except ValueError:
@@ -518,6 +528,7 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
         Route("/api/v1/security/check", admin(check), methods=["POST"]),
         Route("/api/v1/security/report", admin(report), methods=["POST"]),
         Route("/api/v1/security/lockouts", admin(lockouts), methods=["GET"]),
+        Route("/api/v1/security/lockouts", admin(unlock), methods=["DELETE"]),
         Route("/api/v1/security/lockouts/{account}", admin(unlock), methods=["DELETE"]),
         Route("/api/v1/security/blocklist", admin(blocklist), methods=["GET", "POST", "DELETE"]),
         Route("/api/v1/security/blocklist.txt", admin(blocklist_text), methods=["GET", "POST"]),

@@ -71,6 +71,22 @@ def test_check_report_tarpit_lock_and_ban(exporter):
     assert [ban["network"] for ban in both["bans"]] == ["192.0.2.10/32"]
 
 
+def test_a_login_with_a_slash_is_unlocked_by_the_cli_and_the_api(exporter):
+    """The path form stops at '/': such an account could not be unlocked at all."""
+    url = exporter.url + "/api/v1/security"
+    for login in ("corp/alice", "corp/bob"):
+        for n in range(3):
+            httpx.post(url + "/report", json=attempt(login, "192.0.2.20", f"h{n}",
+                                                     success=False), headers=ADMIN)
+    unlocked = cli(exporter, "security", "unlock", "corp/alice")
+    assert unlocked.returncode == 0, unlocked.stderr
+    assert [lock["account"] for lock in json.loads(unlocked.stdout)["unlocked"]] == ["corp/alice"]
+    r = httpx.delete(url + "/lockouts", params={"account": "corp/bob"}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["unlocked"][0]["account"] == "corp/bob"
+    assert httpx.delete(url + "/lockouts", headers=ADMIN).status_code == 400
+    assert json.loads(cli(exporter, "security", "lockouts").stdout)["lockouts"] == []
+
+
 @pytest.mark.parametrize("body", [
     {"login": "x"},  # remote_ip missing
     {"login": "x", "remote_ip": "999.1.1.1"},
@@ -143,6 +159,27 @@ def test_cli_without_token_or_server(exporter, tmp_path):
     r = cli(exporter, "security", "unlock", "nobody", "--token-file", str(tmp_path / "gone"))
     assert r.returncode == 2 and "cannot read the admin token: No such file" in r.stderr
     assert "Traceback" not in r.stderr
+    # bad arguments are a line and exit 2, not a traceback
+    r = cli(exporter, "security", "ban", "192.0.2.9", "--duration", "bogus")
+    assert r.returncode == 2 and r.stderr.startswith("--duration: bad duration 'bogus'")
+    r = cli(exporter, "security", "import", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "missing.txt: cannot read: No such file" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_second_exporter_on_a_state_dir_in_use_says_so_and_exits(exporter, exporter_process):
+    """It started with a 35-line traceback from the audit log's lock; with the audit log
+    off it started and disagreed with the first about keys and bans."""
+    second = exporter.state_dir
+    from tests.exporter_process import ExporterProcess
+
+    proc = ExporterProcess(second.parent / "second", state_dir=second)
+    (second.parent / "second").mkdir()
+    proc.start(wait=False)
+    assert proc.proc is not None and proc.proc.wait(30) == 2
+    log = proc.log()
+    assert "in use by another exporter (pid" in log and "Traceback" not in log
+    proc.stop()
 
 
 def test_the_cli_never_follows_a_redirect_with_the_token(tmp_path):
@@ -241,6 +278,18 @@ def test_stalwart_webhook_feeds_the_engine(exporter_process, config_file, tmp_pa
     assert httpx.post(url, content=ban_body, headers=ban_headers).json()["accepted"] == 1
     bans = httpx.get(exporter.url + "/api/v1/security/blocklist", headers=ADMIN).json()["bans"]
     assert [(b["network"], b["source"]) for b in bans] == [("198.51.100.9/32", "feed:stalwart")]
+    # an event bans one address, never a network (0.0.0.0/0 refused every client), and
+    # never shortens an operator's ban (a permanent one became the event's 10 minutes)
+    assert httpx.post(exporter.url + "/api/v1/security/blocklist", headers=ADMIN,
+                      json={"network": "198.51.100.10"}).status_code == 201
+    wide_body, wide_headers = signed(b"hmac-key", [
+        event("ban2", "security.ip-ban", remoteIp="0.0.0.0/0"),
+        event("ban3", "security.ip-ban", remoteIp="198.51.100.10")])
+    httpx.post(url, content=wide_body, headers=wide_headers)
+    bans = httpx.get(exporter.url + "/api/v1/security/blocklist", headers=ADMIN).json()["bans"]
+    assert {(b["network"], b["source"], b["expires"]) for b in bans
+            if b["source"] != "feed:stalwart"} == {("198.51.100.10/32", "manual", None)}
+    assert "0.0.0.0/0" not in {b["network"] for b in bans}
 
     bad, bad_headers = signed(b"hmac-key", [{"id": 1}])
     assert httpx.post(url, content=bad, headers=bad_headers).status_code == 400

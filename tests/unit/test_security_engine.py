@@ -363,6 +363,25 @@ async def test_auto_ban_after_the_threshold_over_many_accounts(make_engine: Make
     assert await check(engine, "someone", "192.0.2.66") == ok()
 
 
+async def test_only_an_operator_may_shorten_a_ban(make_engine: MakeEngine, clock: Clock):
+    """An automatic, feed or event ban never replaces a longer one: a Stalwart event made a
+    permanent manual ban 6 s long, and the address got in when it ended."""
+    engine = await make_engine()
+    permanent = await engine.ban("192.0.2.70", "operator", None)
+    kept = await engine.ban("192.0.2.70", "stalwart event", 6.0, source="feed:stalwart")
+    assert kept == permanent and (await engine.banned()) == [permanent]
+    await engine.ban("192.0.2.71", "short", 60.0, source="automatic")
+    longer = await engine.ban("192.0.2.71", "feed", 3600.0, source="feed:drop")
+    assert longer.expires == T0 + 3600 and longer.source == "feed:drop"  # longer: replaces
+    assert (await engine.ban("192.0.2.71", "again", 60.0, source="automatic")) == longer
+    clock.advance(7)
+    assert await check(engine, "someone", "192.0.2.70") == banned(0.0)  # for good
+    shortened = await engine.ban("192.0.2.70", "operator: a day after all", 86400.0)
+    assert shortened.expires == T0 + 7 + 86400 and shortened.source == "manual"
+    with pytest.raises(ValueError, match="scoped IPv6"):
+        await engine.ban("fe80::2%eth0", "zone", None)
+
+
 async def test_auto_ban_can_be_disabled(make_engine: MakeEngine):
     engine = await make_engine(auto_ban_threshold=5, auto_ban_enabled=False)
     for i in range(10):

@@ -226,3 +226,18 @@ async def test_audit_api_answers_a_record_holding_a_lone_surrogate(serve):
     assert r.status_code == 200
     assert [rec["subject"] for rec in r.json()["records"]] == ["a:caf\u00e9", "a:bad\ud800"]
     assert b"caf\\u00e9" in r.content
+
+
+async def test_an_exported_blocklist_imported_again_keeps_each_entrys_source(serve):
+    """A backup and restore turned every automatic and feed ban into a manual one."""
+    _, client = await serve()
+    text = "100.79.0.1 source=automatic # bruteforce\n100.79.0.2 source=feed:spamhaus # drop\n"
+    r = await client.post("/api/v1/security/blocklist.txt", content=text, headers=ADMIN)
+    assert r.json() == {"imported": 2, "errors": []}
+    exported = (await client.get("/api/v1/security/blocklist.txt", headers=ADMIN)).text
+    assert exported.splitlines() == ["100.79.0.1/32 source=automatic # bruteforce",
+                                     "100.79.0.2/32 source=feed:spamhaus # drop"]
+    # a feed name is one word: it is exported as source=feed:NAME, and read back
+    r = await client.post("/api/v1/security/blocklist.txt?feed=a%20b", content="100.79.0.3\n",
+                          headers=ADMIN)
+    assert r.status_code == 400 and "feed" in r.json()["message"]
