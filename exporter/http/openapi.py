@@ -157,6 +157,14 @@ def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                                   "new_source, factor_disabled); delay may be set as well"},
         "reason": {"type": "string"}, "delay": {"type": "number"},
         "message": {"type": "string"}, "retry_after": {"type": "number"}}}
+    def unlock(account_in: str, summary: str) -> dict[str, Any]:
+        return {"summary": f"{summary}: all its lockouts, or ?source=NETWORK only",
+                "security": admin,
+                "parameters": [{"name": "account", "in": account_in, "required": True,
+                                "schema": {"type": "string"}},
+                               {"name": "source", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}
+
     return {
         "/dovecot/policy": {"post": {
             "summary": "Dovecot auth policy (auth_policy_server_url)",
@@ -188,20 +196,9 @@ def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
                           **_errors(400, 401, 403)}}},
         "/api/v1/security/lockouts": {"get": {
             "summary": "Lockouts in force", "security": admin,
-            "responses": {"200": _json("Lockouts"), **_errors(401, 403)}}, "delete": {
-            "summary": "Unlock ?account= (a login with a / in it), all or ?source=NETWORK",
-            "security": admin,
-            "parameters": [{"name": "account", "in": "query", "required": True,
-                            "schema": {"type": "string"}},
-                           {"name": "source", "in": "query", "schema": {"type": "string"}}],
-            "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}},
-        "/api/v1/security/lockouts/{account}": {"delete": {
-            "summary": "Unlock an account (all its lockouts, or ?source=NETWORK only)",
-            "security": admin,
-            "parameters": [{"name": "account", "in": "path", "required": True,
-                            "schema": {"type": "string"}},
-                           {"name": "source", "in": "query", "schema": {"type": "string"}}],
-            "responses": {"200": _json("Unlocked"), **_errors(400, 401, 403, 404)}}},
+            "responses": {"200": _json("Lockouts"), **_errors(401, 403)}},
+            "delete": unlock("query", "Unlock ?account= (a login with a / in it)")},
+        "/api/v1/security/lockouts/{account}": {"delete": unlock("path", "Unlock an account")},
         "/api/v1/security/blocklist": {
             "get": {"summary": "Banned networks", "security": admin,
                     "responses": {"200": _json("Bans"), **_errors(401, 403)}},
