@@ -105,6 +105,9 @@ class CustomMetrics:
                                    "raise max_series or reuse label values", "series_budget")
         current = metric.values.get(key, 0.0)
         new = {"set": value, "inc": current + value, "dec": current - value}[op]
+        if not math.isfinite(new):  # 1e308 + 1e308: a counter would stay at +Inf for good
+            raise UpdateError(400, f"the result of {op} would not be a finite number",
+                              "bad_value")
         metric.values[key] = new
         return new
 

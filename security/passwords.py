@@ -18,10 +18,11 @@ import asyncio
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -31,6 +32,8 @@ from security.identity import IdentityStats
 from security.store import Record, Store
 
 HISTORY_KIND = "pwhistory"
+HASH_WORKERS = 2  # password checks and hashes at once (each Argon2id takes 64 MiB)
+T = TypeVar("T")
 ESTIMATE_CHARS = 72
 """zxcvbn looks at this many characters at most: its cost grows fast with length."""
 MIN_CONTEXT_WORD = 3
@@ -127,6 +130,13 @@ class PasswordPolicy:
         self.hasher = PasswordHasher(time_cost=s.argon2_time_cost,
                                      memory_cost=s.argon2_memory_cost_kib,
                                      parallelism=s.argon2_parallelism, type=Type.ID)
+        # Argon2id (64 MiB each) and zxcvbn run on threads of their own, at most
+        # HASH_WORKERS at once: on the loop's default executor a burst of checks held every
+        # thread, and the health checks queued behind them (/readyz 503 after 40 s)
+        self._workers = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="passwords")
+
+    async def _work(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
 
     @functools.cached_property
     def blocklist(self) -> frozenset[str]:
@@ -187,7 +197,7 @@ class PasswordPolicy:
                     context: Iterable[str] = (), *, actor: str = "api") -> PasswordCheck:
         """The whole policy, history included; counted and audited (never the password)."""
         context = list(context)
-        result = await asyncio.to_thread(self.evaluate, password, user, context)
+        result = await self._work(lambda: self.evaluate(password, user, context))
         if user and await self._reused(user, password):
             result.reasons.append("reused")
             result.accepted = False
@@ -207,14 +217,13 @@ class PasswordPolicy:
         record = await self.store.get_record(HISTORY_KIND, user, 0.0)
         hashes = record.data["hashes"] if record is not None else []
         recent = hashes[-self.settings.history_size:]
-        return await asyncio.to_thread(
-            lambda: any(self.verify(h, password) for h in recent))
+        return await self._work(lambda: any(self.verify(h, password) for h in recent))
 
     async def remember(self, user: str, password: str, *, actor: str = "api") -> int:
         """Adds a password the user now has to the history (as Argon2id); returns its length."""
         if self.store is None:
             raise RuntimeError("password history needs a store")
-        hashed = await asyncio.to_thread(self.hash, password)
+        hashed = await self._work(lambda: self.hash(password))
         record = await self.store.get_record(HISTORY_KIND, user, 0.0)
         hashes = [*(record.data["hashes"] if record is not None else []), hashed]
         hashes = hashes[-max(1, self.settings.history_size):]

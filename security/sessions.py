@@ -21,6 +21,7 @@ neither changed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -34,6 +35,7 @@ from security.store import Record, Store
 
 KIND = "session"
 MAX_ID_LENGTH = 128
+CREATE_STRIPES = 64  # locks that serialise one user's session creates in a process
 SAME_SITE = ("Strict", "Lax", "None")
 _sha256 = hashlib.sha256
 VALID_CACHE = 1024  # sessions whose last answer is kept (oldest dropped first)
@@ -107,6 +109,9 @@ class Sessions:
         # every read: nothing to keep)
         self._valid: dict[str, tuple[Record, float, Session]] | None = (
             None if self._table is None else {})
+        # one user's creates, one at a time (striped: bounded whatever the users): the cap's
+        # check and the insert are two awaits, and 40 logins at once left 25 sessions
+        self._creating = [asyncio.Lock() for _ in range(CREATE_STRIPES)]
 
     @property
     def stats(self) -> IdentityStats:
@@ -121,11 +126,12 @@ class Sessions:
     async def create(self, user: str, privilege: str = "user", *, actor: str = "api"
                      ) -> tuple[Session, str]:
         """A new session and its id (give it to the browser, e.g. with cookie())."""
-        now = self.clock()
-        evicted = await self._make_room(user, now)
-        session_id = secrets.token_urlsafe(32)
-        session = await self._put(session_key(session_id), user, privilege, now,
-                                  now + self.settings.absolute_timeout, now)
+        async with self._creating[hash(user) % CREATE_STRIPES]:
+            now = self.clock()
+            evicted = await self._make_room(user, now)
+            session_id = secrets.token_urlsafe(32)
+            session = await self._put(session_key(session_id), user, privilege, now,
+                                      now + self.settings.absolute_timeout, now)
         self.active += 1 - evicted
         self._audit("session.create", actor, session, {"privilege": privilege,
                                                        "evicted": evicted})

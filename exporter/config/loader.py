@@ -457,12 +457,16 @@ def _semantic_problems(
     if parse_duration(mon["health_check_timeout"]) > parse_duration(mon["health_check_interval"]):
         problem(("monitoring", "health_check_timeout"),
                 "must not exceed monitoring.health_check_interval")
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # the name each is exposed as (a counter's with _total)
     for index, metric in enumerate(mon["custom_metrics"]):
-        if metric["name"] in seen:
+        exposed = metric["name"] + ("_total" if metric["type"] == "counter" else "")
+        if metric["name"] in seen.values():
             problem(("monitoring", "custom_metrics", index, "name"),
                     f"metric {metric['name']!r} declared twice")
-        seen.add(metric["name"])
+        elif exposed in seen:  # two families of one name: Prometheus drops the whole scrape
+            problem(("monitoring", "custom_metrics", index, "name"),
+                    f"exposed as a3mailer_custom_{exposed}, as {seen[exposed]!r} is already")
+        seen[exposed] = metric["name"]
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)

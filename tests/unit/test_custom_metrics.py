@@ -38,6 +38,29 @@ def test_wrong_type_operations():
     assert refused(custom, "deliveries", {"value": -1, "op": "inc"}).status == 400
 
 
+def test_a_result_out_of_range_is_refused_and_nothing_changes():
+    """1e308 + 1e308 was stored as +Inf and answered 500; a counter stayed there."""
+    custom = CustomMetrics(DECLS)
+    assert custom.update("deliveries", {"value": 1e308, "op": "inc"}) == 1e308
+    error = refused(custom, "deliveries", {"value": 1e308, "op": "inc"})
+    assert (error.status, error.code) == (400, "bad_value")
+    assert custom.update("deliveries", {"value": 1, "op": "inc"}) == 1e308 + 1
+    assert "+Inf" not in render_text(custom.collect()).decode()
+
+
+def test_names_exposed_alike_are_a_config_error(config_file):
+    """A counter x and a gauge x_total are both a3mailer_custom_x_total: two families of
+    one name, and Prometheus drops the whole scrape."""
+    from exporter.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as clash:
+        load_config(config_file({"monitoring": {"custom_metrics": [
+            {"name": "deliveries", "type": "counter", "help": "d", "labels": []},
+            {"name": "deliveries_total", "type": "gauge", "help": "g", "labels": []}]}}))
+    assert ("monitoring.custom_metrics[1].name: exposed as a3mailer_custom_deliveries_total, "
+            "as 'deliveries' is already") in str(clash.value)
+
+
 def test_labels_must_match_declaration():
     custom = CustomMetrics(DECLS)
     err = refused(custom, "queue_depth", {"value": 1, "labels": {"queue": "a", "host": "x"}})

@@ -3,6 +3,7 @@ and SQLite stores with a fake clock (Redis: tests/integration/test_redis_identit
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -334,6 +335,16 @@ async def test_the_oldest_session_is_evicted_beyond_the_per_user_cap(store, audi
     assert await sessions.cleanup() == 4
 
 
+async def test_the_cap_holds_for_logins_at_the_same_moment(store):
+    """The cap's check and the insert are two awaits: 40 creates at once for one user left
+    25 live with a cap of 10 (each saw the same old list)."""
+    clock = Clock()
+    sessions = Sessions(store, SessionSettings(max_sessions_per_user=10), clock=clock)
+    made = await asyncio.gather(*(sessions.create("tess") for _ in range(40)))
+    live = [sid for _, sid in made if await sessions.validate(sid) is not None]
+    assert len(live) == 10
+
+
 async def test_rotation_on_privilege_change_ends_the_old_id(store, audit):
     clock = Clock()
     sessions = Sessions(store, SessionSettings(absolute_timeout=1000), audit=audit,
@@ -520,6 +531,40 @@ async def test_unicode_is_normalised_before_counting():
     policy = PasswordPolicy(PasswordSettings(min_length=8))
     # eight characters once NFKC-normalised (full-width letters fold to ASCII)
     assert "too_short" not in (await policy.check("ｔｕｎｄｒａ７ｑ")).reasons
+
+
+async def test_a_burst_of_password_checks_leaves_the_default_threads_free(store, monkeypatch):
+    """Argon2id runs on the policy's own HASH_WORKERS threads: a burst of checks held every
+    thread of the loop's default executor, and the health checks (the state dir's, a
+    critical one) timed out behind them until /readyz said 503."""
+    import threading
+    import time as clock_time
+
+    from security import passwords
+
+    policy = PasswordPolicy(FAST, store=store)
+    await policy.remember("dos", "an-old-long-passphrase")
+    running, most, lock = [0], [0], threading.Lock()
+    real = policy.verify
+
+    def slow_verify(hashed: str, password: str) -> bool:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        clock_time.sleep(0.05)
+        try:
+            return real(hashed, password)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(policy, "verify", slow_verify)
+    burst = asyncio.gather(*(policy.check("unrelated-pass-zz", user="dos") for _ in range(24)))
+    started = clock_time.monotonic()
+    assert await asyncio.to_thread(lambda: "health check") == "health check"
+    assert clock_time.monotonic() - started < 0.5  # not behind 24 x 50 ms of hashing
+    assert all(r.accepted for r in await burst)
+    assert most[0] <= passwords.HASH_WORKERS == 2
 
 
 async def test_password_history_rejects_reuse_with_argon2id(store, audit):
