@@ -470,7 +470,17 @@ def _semantic_problems(
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)
-    policy = data["security"]["postfix_policy"]
+    security = data["security"]
+    if parse_duration(security["lockout"]["max_duration"]) < parse_duration(
+            security["lockout_duration"]):  # every lock would be cut to the cap
+        problem(("security", "lockout", "max_duration"),
+                "must not be below security.lockout_duration")
+    cookies = security["session_config"]
+    if cookies["cookie_same_site"] == "None" and not cookies["secure_cookies"]:
+        problem(("security", "session_config", "cookie_same_site"),
+                "None needs secure_cookies: true (browsers drop a SameSite=None cookie "
+                "without Secure)")
+    policy = security["postfix_policy"]
     if policy["enabled"] and _same_socket(data["server"]["listen_address"], policy["listen"]):
         problem(("security", "postfix_policy", "listen"), "the port of server.listen_address: "
                 "each listener needs its own")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 from datetime import datetime
 from typing import Any
 
@@ -106,6 +107,8 @@ def create_app(exporter: Exporter) -> ASGIApp:
             limit = int(limit_text) if limit_text else None
             if limit is not None and limit < 1:
                 raise ValueError("limit must be >= 1")
+            if start is not None and end is not None and end < start:
+                raise ValueError("end is before start")
         except ValueError as exc:
             return error(400, "bad_request", str(exc))
         entries = exporter.history.query(start, end, limit)
@@ -255,9 +258,13 @@ def _time_param(request: Request, name: str) -> float | None:
     if not text:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):  # nan and inf read as numbers, and mean no time
+            raise ValueError(f"{name}: not a time")
+        return value
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:

@@ -170,6 +170,19 @@ def test_an_alert_template_prometheus_cannot_parse_is_a_config_error(tmp_path):
         "action (Prometheus would refuse every rule)"]
 
 
+def test_settings_that_cannot_work_together_are_config_errors(tmp_path):
+    path = write(tmp_path, """
+        security:
+          lockout_duration: 10m
+          lockout: {max_duration: 2s}
+          session_config: {cookie_same_site: None, secure_cookies: false}
+    """)
+    assert problems(path) == [
+        f"{path}:3: security.lockout.max_duration: must not be below security.lockout_duration",
+        f"{path}:4: security.session_config.cookie_same_site: None needs secure_cookies: true "
+        "(browsers drop a SameSite=None cookie without Secure)"]
+
+
 def test_out_of_range_percentage(tmp_path):
     path = write(tmp_path, """
         monitoring:

@@ -264,6 +264,9 @@ async def test_history_endpoint(serve):
     assert doc["capacity"] == 2881 and doc["interval_seconds"] == 30
     r = await client.get("/api/v1/monitoring/history", params={"start": "yesterday"})
     assert r.status_code == 400
+    for params in ({"start": "nan"}, {"end": "inf"}, {"start": 2000, "end": 1000}):
+        r = await client.get("/api/v1/monitoring/history", params=params)
+        assert r.status_code == 400 and r.json()["error"] == "bad_request", params
 
 
 async def test_requests_are_counted_by_route_template(serve, tmp_path):
