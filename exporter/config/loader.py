@@ -647,6 +647,7 @@ def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
     """Probe targets and the round trip, checked by the same code that builds them."""
     from exporter.mail import COMPONENTS
     from exporter.probes import DeliverySettings, Target
+    from exporter.probes.delivery import required_problems
     from exporter.probes.target import read_credentials
 
     names: set[str] = set()
@@ -665,7 +666,10 @@ def _mail_problems(mon: dict[str, Any], problem: Any) -> None:
             problem((*path, "name"), f"{target.name!r} is the name of a built-in health "
                                      "component; choose another")
         names.add(target.name)
-    if mon["delivery"]["enabled"]:
+    if mon["delivery"]["enabled"] and (missing := required_problems(mon["delivery"])):
+        for key, wrong in missing:  # every one, each on its key
+            problem(("monitoring", "delivery", key), wrong)
+    elif mon["delivery"]["enabled"]:
         try:
             DeliverySettings.from_config(mon["delivery"])
         except ValueError as exc:

@@ -78,6 +78,17 @@ DELIVERY_DEFAULTS: dict[str, Any] = {
 }
 
 
+def required_problems(section: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, problem) for each required key of monitoring.delivery missing or malformed:
+    all of them, so a config check names every one at once."""
+    values = {**DELIVERY_DEFAULTS, **section}
+    found = [(key, "is required when enabled") for key in
+             ("credentials_file", "from_address", "to_address") if not values[key]]
+    found += [(key, "is not an e-mail address") for key in ("from_address", "to_address")
+              if values[key] and not _ADDRESS.match(str(values[key]))]
+    return found
+
+
 @dataclass(frozen=True)
 class DeliverySettings:
     submission: Target
@@ -96,12 +107,8 @@ class DeliverySettings:
     def from_config(cls, section: Mapping[str, Any]) -> DeliverySettings:
         """Settings from monitoring.delivery (defaults filled in); ValueError on bad values."""
         values = {**DELIVERY_DEFAULTS, **section}
-        for key in ("credentials_file", "from_address", "to_address"):
-            if not values[key]:
-                raise ValueError(f"monitoring.delivery.{key} is required when enabled")
-        for key in ("from_address", "to_address"):
-            if not _ADDRESS.match(str(values[key])):
-                raise ValueError(f"monitoring.delivery.{key} is not an e-mail address")
+        for key, problem in required_problems(values):
+            raise ValueError(f"monitoring.delivery.{key} {problem}")
         timeout = duration_seconds(values["timeout"])
 
         def endpoint(kind: str, protocol: str) -> Target:

@@ -114,7 +114,7 @@ def test_mail_section_semantic_errors(tmp_path):
         monitoring:
           delivery:
             enabled: true
-            from_address: probe@example.test
+            from_address: probe@
           logs:
             files:
               - {name: mail, path: /var/log/mail.log, format: maillog}
@@ -123,7 +123,12 @@ def test_mail_section_semantic_errors(tmp_path):
             password_file: /nonexistent/secret
     """)
     found = problems(path)
-    assert (f"{path}:2: monitoring.delivery: credentials_file is required when enabled"
+    # every required key at once, each on its own key (they came one at a time, on the
+    # section)
+    assert (f"{path}:2: monitoring.delivery.credentials_file: is required when enabled"
+            in found)
+    assert f"{path}:2: monitoring.delivery.to_address: is required when enabled" in found
+    assert (f"{path}:4: monitoring.delivery.from_address: is not an e-mail address"
             in found)
     assert f"{path}:8: monitoring.logs.files[1].name: log file name 'mail' used twice" in found
     assert any(p.startswith(f"{path}:10: monitoring.stalwart.password_file: cannot read secret")
