@@ -33,6 +33,10 @@ from security.store import Record, Store
 
 HISTORY_KIND = "pwhistory"
 HASH_WORKERS = 2  # password checks and hashes at once (each Argon2id takes 64 MiB)
+# Argon2id and zxcvbn run on threads of their own, HASH_WORKERS for the process (a reload's
+# new policy shares them): on the loop's default executor a burst of checks held every
+# thread, and the health checks queued behind them (/readyz 503 after 40 s)
+_WORKERS = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="passwords")
 T = TypeVar("T")
 ESTIMATE_CHARS = 72
 """zxcvbn looks at this many characters at most: its cost grows fast with length."""
@@ -130,13 +134,9 @@ class PasswordPolicy:
         self.hasher = PasswordHasher(time_cost=s.argon2_time_cost,
                                      memory_cost=s.argon2_memory_cost_kib,
                                      parallelism=s.argon2_parallelism, type=Type.ID)
-        # Argon2id (64 MiB each) and zxcvbn run on threads of their own, at most
-        # HASH_WORKERS at once: on the loop's default executor a burst of checks held every
-        # thread, and the health checks queued behind them (/readyz 503 after 40 s)
-        self._workers = ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="passwords")
 
     async def _work(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
+        return await asyncio.get_running_loop().run_in_executor(_WORKERS, fn)
 
     @functools.cached_property
     def blocklist(self) -> frozenset[str]:

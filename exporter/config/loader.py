@@ -381,8 +381,9 @@ def _explain(error: jsonschema.ValidationError) -> list[tuple[Path_, str, bool]]
     if error.validator == "type":
         expected = error.validator_value
         return [(path, f"wrong type: expected {expected}, got {_describe(value)}", False)]
-    if error.validator == "pattern" and schema.get("pattern") in _duration_patterns():
-        zero = "0 (0s, 0m, ...) or " if schema["pattern"] != _duration_patterns()[0] else ""
+    durations = _duration_patterns()
+    if error.validator == "pattern" and schema.get("pattern") in durations:
+        zero = "0 (0s, 0m, ...) or " if schema["pattern"] != durations[0] else ""
         return [
             (path, f"bad duration {value!r}: expected {zero}a positive number followed by "
              "ms, s, m, h, d or w (e.g. 30s, 5m, 24h)", False)
@@ -553,14 +554,15 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
                         f"not an IP address or CIDR: {value!r}")
 
 
-_ANY_HOST = frozenset({"", "0.0.0.0", "::", "*"})
+_ANY_HOST = frozenset({"0.0.0.0", "::", "*"})
 
 
 def _same_socket(first: str, second: str) -> bool:
     """Whether two HOST:PORT listeners would take the same port (a wildcard host takes it
-    on every address)."""
-    (host1, _, port1), (host2, _, port2) = first.rpartition(":"), second.rpartition(":")
-    host1, host2 = host1.strip("[]"), host2.strip("[]")
+    on every address); split as the listeners split them."""
+    from exporter.cli import split_listen
+
+    (host1, port1), (host2, port2) = split_listen(first), split_listen(second)
     return port1 == port2 and (host1 == host2 or host1 in _ANY_HOST or host2 in _ANY_HOST)
 
 

@@ -37,9 +37,9 @@ CONFIG_OVERRIDES: dict[str, Any] = {
 # by the exporter at load, after the chart had rendered it into the ConfigMap
 NO_PASSWORD_IN_URL = {"not": {"pattern": "://[^/@]*:[^/@]*@"}}
 NO_USERINFO_IN_URL = {"not": {"pattern": "://[^/@]*@"}}
-# Prometheus label names, less the two every rule sets itself (a global severity would
-# override every alert's, the info inhibitor's too, and break routing and inhibition)
-LABEL_NAMES = {"pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$", "not": {"enum": ["severity", "alertname"]}}
+# label names an alert may be given: the config schema's own rule (its definitions are
+# the chart schema's too), as config.alerting.labels has it
+LABEL_NAMES = {"$ref": "#/definitions/alert_label_name"}
 
 
 HEADER = (
