@@ -23,14 +23,19 @@ holds the GIL the requests need; the part of it that sends bytes is private API.
 tests/unit/test_otlp.py decodes our output with opentelemetry-proto's classes and
 compares it with encode_spans() of the same spans.
 
-The sender POSTs the bytes over one kept-alive http.client connection, with the
-SDK exporter's rules: 2xx is success; 429, 502, 503, 504 and connection errors are
-retried with exponential backoff (1 s, 2 s, ... with 20 % jitter) or after
-Retry-After, while the export's time lasts; anything else fails at once.
+The sender (tracing.otlp_protocol http/protobuf) POSTs the bytes over one kept-alive
+http.client connection, with the SDK exporter's rules: 2xx is success; 429, 502, 503,
+504 and connection errors are retried with exponential backoff (1 s, 2 s, ... with
+20 % jitter) or after Retry-After, while the export's time lasts; anything else fails
+at once. GrpcSender (grpc) makes the same bytes the request of a unary call to
+TraceService/Export, which is all OTLP/gRPC is: grpcio is handed bytes, not a
+protobuf object. It retries the codes the OTLP specification calls retryable, after
+the RetryInfo delay when the receiver gives one.
 """
 
 from __future__ import annotations
 
+import abc
 import http.client
 import random
 import ssl
@@ -41,6 +46,8 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import TraceState
 
@@ -273,16 +280,47 @@ class Encoder:
         return self.request([self.span(span) for span in spans])
 
 
-class Sender:
-    """POSTs encoded requests to the OTLP/HTTP traces endpoint over one kept-alive
-    connection; `stop` (set at shutdown) cuts a backoff short."""
+class _Retrying(abc.ABC):
+    """The OTLP exporters' retry rule around one attempt (`_attempt`): retryable
+    failures are tried again with exponential backoff (1 s, 2 s, ... with 20 % jitter)
+    or after the delay the receiver asked for, while the export's time lasts; `stop`
+    (set at shutdown) cuts a backoff short."""
 
-    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float,
-                 stop: threading.Event):
-        url = urllib.parse.urlsplit(endpoint)
+    def __init__(self, endpoint: str, timeout: float, stop: threading.Event):
         self.endpoint = endpoint
         self.timeout = timeout
         self.stop = stop
+
+    def send(self, body: bytes) -> bool:
+        deadline = time.monotonic() + self.timeout
+        for attempt in range(MAX_ATTEMPTS):
+            backoff = 2 ** attempt * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
+            done, retry_after = self._attempt(body, deadline)
+            if done is not None:
+                return done
+            backoff = retry_after if retry_after is not None else backoff
+            if backoff > deadline - time.monotonic() or self.stop.wait(backoff):
+                return False
+        return False
+
+    @abc.abstractmethod
+    def _attempt(self, body: bytes, deadline: float) -> tuple[bool | None, float | None]:
+        """(True: sent, False: refused for good, None: retryable; the delay asked for)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Lets go of the connection (at shutdown)."""
+
+
+class Sender(_Retrying):
+    """POSTs encoded requests to the OTLP/HTTP traces endpoint over one kept-alive
+    connection: 2xx is success; 429, 502, 503, 504 and connection errors are retried,
+    after Retry-After when given."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float,
+                 stop: threading.Event):
+        super().__init__(endpoint, timeout, stop)
+        url = urllib.parse.urlsplit(endpoint)
         self._https = url.scheme == "https"
         self._host = url.hostname or "localhost"
         self._port = url.port or (443 if self._https else 80)
@@ -290,23 +328,14 @@ class Sender:
         self._headers = merge_headers(headers, {"Content-Type": CONTENT_TYPE})
         self._connection: http.client.HTTPConnection | None = None
 
-    def send(self, body: bytes) -> bool:
-        deadline = time.monotonic() + self.timeout
-        for attempt in range(MAX_ATTEMPTS):
-            backoff = 2 ** attempt * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
-            try:
-                status, retry_after = self._post(body, deadline)
-            except (OSError, http.client.HTTPException):
-                pass  # refused, reset, timed out: retried like a 503
-            else:
-                if 200 <= status < 300:
-                    return True
-                if status not in RETRYABLE:
-                    return False
-                backoff = retry_after if retry_after is not None else backoff
-            if backoff > deadline - time.monotonic() or self.stop.wait(backoff):
-                return False
-        return False
+    def _attempt(self, body: bytes, deadline: float) -> tuple[bool | None, float | None]:
+        try:
+            status, retry_after = self._post(body, deadline)
+        except (OSError, http.client.HTTPException):
+            return None, None  # refused, reset, timed out: retried like a 503
+        if 200 <= status < 300:
+            return True, None
+        return (None, retry_after) if status in RETRYABLE else (False, None)
 
     def _post(self, body: bytes, deadline: float) -> tuple[int, float | None]:
         """One POST; a kept-alive connection the receiver has closed meanwhile is
@@ -354,3 +383,68 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
+
+
+# OTLP/gRPC: the service method, and the status codes the OTLP specification calls
+# retryable (RESOURCE_EXHAUSTED only when the receiver says when to retry, in RetryInfo)
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+GRPC_RETRYABLE = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE",
+                            "UNAVAILABLE", "DATA_LOSS"})
+
+
+class GrpcSender(_Retrying):
+    """Sends encoded requests as TraceService/Export calls over one gRPC channel
+    (http://: plaintext, https://: TLS with gRPC's root certificates, or the file
+    GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names)."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout: float,
+                 stop: threading.Event):
+        import grpc  # imported here: only a gRPC export needs it (and its threads)
+
+        super().__init__(endpoint, timeout, stop)
+        url = urllib.parse.urlsplit(endpoint)
+        https = url.scheme == "https"
+        host = url.hostname or "localhost"
+        target = f"[{host}]:" if ":" in host else f"{host}:"
+        target += str(url.port or (443 if https else 80))
+        self._channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials())
+                         if https else grpc.insecure_channel(target))
+        # no serializers: the request goes out as the bytes given, the answer is not parsed
+        self._export = self._channel.unary_unary(EXPORT_METHOD)
+        self._metadata = tuple((name.lower(), value) for name, value in headers.items())
+        self._error = grpc.RpcError
+
+    def _attempt(self, body: bytes, deadline: float) -> tuple[bool | None, float | None]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, None
+        try:
+            self._export(body, timeout=remaining, metadata=self._metadata)
+        except self._error as error:
+            code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+            delay = _retry_delay(error)
+            if code in GRPC_RETRYABLE or (code == "RESOURCE_EXHAUSTED" and delay is not None):
+                return None, delay
+            return False, None
+        return True, None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _retry_delay(error: Any) -> float | None:
+    """The RetryInfo delay in a gRPC error's status details, if the receiver sent one."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+                return delay if delay >= 0 else None
+    return None

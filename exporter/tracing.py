@@ -28,7 +28,8 @@ What is the SDK's and what is ours (README "Tracing" says why):
 - Export is ours: one thread takes the queue in full batches (tracing.batch_size)
   as they fill and what is left every tracing.batch_timeout, like the SDK's
   BatchSpanProcessor, joins each batch into an ExportTraceServiceRequest and POSTs
-  it to tracing.otlp_endpoint + /v1/traces. Given an SDK SpanExporter instead (the
+  it to tracing.otlp_endpoint + /v1/traces (or, with otlp_protocol grpc, sends it
+  as a TraceService/Export call). Given an SDK SpanExporter instead (the
   tests' in-memory one), the queue holds the records and the thread hands it SDK
   ReadableSpans built from them.
 A full queue drops the new span; an export that fails (the receiver down, or
@@ -111,8 +112,9 @@ class TracingSettings:
     enabled: bool = False
     service_name: str = "a3mailer-exporter"
     sampling_rate: float = 0.1
-    endpoint: str = "http://127.0.0.1:4318" + TRACES_PATH
+    endpoint: str = "http://127.0.0.1:4318" + TRACES_PATH  # for gRPC: scheme, host, port
     headers: Mapping[str, str] = field(default_factory=dict)
+    protocol: str = "http/protobuf"  # or "grpc"
     batch_timeout: float = 5.0
     batch_size: int = 512
 
@@ -120,11 +122,14 @@ class TracingSettings:
     def from_config(cls, section: Mapping[str, Any]) -> TracingSettings:
         """The tracing config section; secret headers are read from their file or
         variable now (the loader has checked they can be)."""
-        headers = merge_headers(section["otlp_headers"],
-                                parse_headers(read_secret(section, "otlp_headers") or ""))
+        protocol = section["otlp_protocol"]
+        grpc = protocol == "grpc"
+        headers = merge_headers(section["otlp_headers"], parse_headers(
+            read_secret(section, "otlp_headers") or "", grpc))
+        endpoint = section["otlp_endpoint"].rstrip("/")
         return cls(enabled=section["enabled"], service_name=section["service_name"],
                    sampling_rate=float(section["sampling_rate"]),
-                   endpoint=section["otlp_endpoint"].rstrip("/") + TRACES_PATH,
+                   endpoint=endpoint if grpc else endpoint + TRACES_PATH, protocol=protocol,
                    headers=headers, batch_timeout=parse_duration(section["batch_timeout"]),
                    batch_size=section["batch_size"])
 
@@ -175,11 +180,11 @@ class Tracing:
         self.resource = resource(s.service_name)
         if exporter is None:
             # imported here: it brings httpx's client, needless while tracing is off
-            from exporter.otlp import Encoder, Sender
+            from exporter.otlp import Encoder, GrpcSender, Sender
 
             encoder = Encoder(self.resource.attributes, SCOPE, __version__)
-            sender = Sender(s.endpoint, s.headers, max(MIN_EXPORT_TIMEOUT, s.batch_timeout),
-                            self._stop)
+            sender = (GrpcSender if s.protocol == "grpc" else Sender)(
+                s.endpoint, s.headers, max(MIN_EXPORT_TIMEOUT, s.batch_timeout), self._stop)
             self._record = encoder.span
             self._send = lambda spans: sender.send(encoder.request(spans))
             self._close = sender.close

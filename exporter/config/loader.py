@@ -121,23 +121,33 @@ _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 # headers of the export request that the exporter sets itself
 RESERVED_HEADERS = frozenset({"content-type", "content-length", "host", "transfer-encoding",
                               "connection"})
+# gRPC metadata: names of digits, letters, - _ . (sent in lower case); "grpc-" names are
+# the transport's own and "-bin" names carry binary values, which a text config cannot
+_GRPC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+GRPC_RESERVED_HEADERS = RESERVED_HEADERS | {"te", "user-agent"}
 
 
-def header_problem(name: str, value: str) -> str | None:
-    """What is wrong with one export header, said without its value (it may be secret)."""
+def header_problem(name: str, value: str, grpc: bool = False) -> str | None:
+    """What is wrong with one export header (gRPC metadata when `grpc`), said without
+    its value (it may be secret)."""
     if not _HEADER_NAME.match(name):
         return "the name must be an HTTP token"
-    if name.lower() in RESERVED_HEADERS:
+    if name.lower() in (GRPC_RESERVED_HEADERS if grpc else RESERVED_HEADERS):
         return "the exporter sets this header itself"
+    if grpc and (not _GRPC_NAME.match(name) or name.lower().startswith("grpc-")
+                 or name.lower().endswith("-bin")):
+        return ("a gRPC metadata name holds only letters, digits, - _ and ., and neither "
+                "starts with grpc- nor ends with -bin")
     if not _HEADER_VALUE.match(value):
         return "the value may hold only visible ASCII, spaces and tabs (no line breaks)"
     return None
 
 
-def parse_headers(text: str) -> dict[str, str]:
+def parse_headers(text: str, grpc: bool = False) -> dict[str, str]:
     """'name=value' pairs separated by commas or newlines, values percent-encoded (the
     OTEL_EXPORTER_OTLP_HEADERS format); lines starting with # are comments. ValueError
-    names the bad pair by position, never its value, which may be a secret."""
+    names the bad pair by position, never its value, which may be a secret. `grpc`: the
+    names must also be gRPC metadata names."""
     headers: dict[str, str] = {}
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     pairs = [pair.strip() for line in lines for pair in line.split(",")]
@@ -147,7 +157,7 @@ def parse_headers(text: str) -> dict[str, str]:
         if not sep or not _HEADER_NAME.match(name):
             raise ValueError(f"header {number}: expected name=value with a token name")
         value = urllib.parse.unquote(value.strip())
-        problem = header_problem(name, value)
+        problem = header_problem(name, value, grpc)
         if problem is not None:
             raise ValueError(f"header {number}: {problem}")
         headers[name] = value
@@ -515,15 +525,19 @@ def _semantic_problems(
             # said without the value: it holds a password
             problem(path, f"no user:password@ in the URL: put credentials in {where}")
     tracing = data["tracing"]
+    grpc = tracing["otlp_protocol"] == "grpc"
+    if grpc and urllib.parse.urlsplit(tracing["otlp_endpoint"]).path not in ("", "/"):
+        problem(("tracing", "otlp_endpoint"), "with otlp_protocol grpc the endpoint is a "
+                "scheme, host and port only (http://collector:4317): gRPC has no path")
     for name, value in tracing["otlp_headers"].items():
         if SECRET_HEADER.search(name):
             problem(("tracing", "otlp_headers", name), "looks like a secret: put it in "
                     "tracing.otlp_headers_file or tracing.otlp_headers_env")
-        elif (wrong := header_problem(name, value)) is not None:
+        elif (wrong := header_problem(name, value, grpc)) is not None:
             problem(("tracing", "otlp_headers", name), wrong)
     with contextlib.suppress(OSError):  # an unreadable file is reported with every secret
         try:
-            parse_headers(read_secret(tracing, "otlp_headers") or "")
+            parse_headers(read_secret(tracing, "otlp_headers") or "", grpc)
         except ValueError as exc:
             where = "otlp_headers_file" if tracing["otlp_headers_file"] else "otlp_headers_env"
             problem(("tracing", where), str(exc))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import concurrent.futures
 import contextlib
 import grp
 import http.server
@@ -445,55 +446,40 @@ def _any_value(value: Any) -> Any:
     return getattr(value, kind) if kind else None
 
 
-class OTLPReceiver(RecordingHTTPServer):
-    """An OTLP/HTTP trace receiver: accepts protobuf POSTs to /v1/traces, decodes them
-    with opentelemetry-proto and keeps every span. Answers 200 with an empty
-    ExportTraceServiceResponse, or ``status`` when set (e.g. 503 to refuse)."""
+def decode_spans(body: bytes, headers: dict[str, str]) -> list[ReceivedSpan]:
+    """The spans of an ExportTraceServiceRequest (opentelemetry-proto decodes it)."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
 
-    def __init__(self, host: str = LOOPBACK, port: int = 0) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-        from opentelemetry.proto.trace.v1 import trace_pb2
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return [
+        ReceivedSpan(
+            trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
+            parent_span_id=span.parent_span_id.hex(), name=span.name,
+            kind=trace_pb2.Span.SpanKind.Name(span.kind),
+            attributes={a.key: _any_value(a.value) for a in span.attributes},
+            status=trace_pb2.Status.StatusCode.Name(span.status.code),
+            start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
+            resource={a.key: _any_value(a.value) for a in resource_spans.resource.attributes},
+            scope=scope_spans.scope.name, headers=headers)
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans]
 
-        self.status = 200
-        self.spans: list[ReceivedSpan] = []
-        self.errors: list[str] = []
-        pb = trace_service_pb2
 
-        def respond(req: RecordedRequest) -> tuple[int, str, bytes | str]:
-            if req.method != "POST" or req.path != "/v1/traces":
-                return 404, "text/plain", "not an OTLP traces endpoint"
-            if req.headers.get("content-type") != "application/x-protobuf":
-                self.errors.append(f"content-type {req.headers.get('content-type')!r}")
-                return 415, "text/plain", "protobuf only"
-            request = pb.ExportTraceServiceRequest()
-            try:
-                request.ParseFromString(req.body)
-            except Exception as exc:  # noqa: BLE001 - recorded for the test to see
-                self.errors.append(f"undecodable body: {exc}")
-                return 400, "text/plain", "bad protobuf"
-            if self.status != 200:
-                return self.status, "text/plain", "refused"
-            decoded = [
-                ReceivedSpan(
-                    trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
-                    parent_span_id=span.parent_span_id.hex(), name=span.name,
-                    kind=trace_pb2.Span.SpanKind.Name(span.kind),
-                    attributes={a.key: _any_value(a.value) for a in span.attributes},
-                    status=trace_pb2.Status.StatusCode.Name(span.status.code),
-                    start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
-                    resource={a.key: _any_value(a.value)
-                              for a in resource_spans.resource.attributes},
-                    scope=scope_spans.scope.name, headers=req.headers)
-                for resource_spans in request.resource_spans
-                for scope_spans in resource_spans.scope_spans
-                for span in scope_spans.spans]
-            with self._cond:
-                self.spans.extend(decoded)
-                self._cond.notify_all()
-            return (200, "application/x-protobuf",
-                    pb.ExportTraceServiceResponse().SerializeToString())
+class _SpanStore:
+    """The received spans, and waiting for them (under the receiver's condition)."""
 
-        super().__init__(respond, host, port)
+    url: str
+    spans: list[ReceivedSpan]
+    errors: list[str]
+    _cond: threading.Condition
+
+    def _keep(self, spans: list[ReceivedSpan]) -> None:
+        with self._cond:
+            self.spans.extend(spans)
+            self._cond.notify_all()
 
     def wait_for_spans(self, predicate: Callable[[ReceivedSpan], bool], count: int = 1,
                        timeout: float = 30) -> list[ReceivedSpan]:
@@ -516,6 +502,95 @@ class OTLPReceiver(RecordingHTTPServer):
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._cond:
             return [span for span in self.spans if span.trace_id == trace_id]
+
+
+class OTLPReceiver(_SpanStore, RecordingHTTPServer):
+    """An OTLP/HTTP trace receiver: accepts protobuf POSTs to /v1/traces, decodes them
+    with opentelemetry-proto and keeps every span. Answers 200 with an empty
+    ExportTraceServiceResponse, or ``status`` when set (e.g. 503 to refuse)."""
+
+    def __init__(self, host: str = LOOPBACK, port: int = 0) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        self.status = 200
+        self.spans = []
+        self.errors = []
+
+        def respond(req: RecordedRequest) -> tuple[int, str, bytes | str]:
+            if req.method != "POST" or req.path != "/v1/traces":
+                return 404, "text/plain", "not an OTLP traces endpoint"
+            if req.headers.get("content-type") != "application/x-protobuf":
+                self.errors.append(f"content-type {req.headers.get('content-type')!r}")
+                return 415, "text/plain", "protobuf only"
+            try:
+                decoded = decode_spans(req.body, req.headers)
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to see
+                self.errors.append(f"undecodable body: {exc}")
+                return 400, "text/plain", "bad protobuf"
+            if self.status != 200:
+                return self.status, "text/plain", "refused"
+            self._keep(decoded)
+            return (200, "application/x-protobuf",
+                    trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+        super().__init__(respond, host, port)
+
+
+class OTLPGrpcReceiver(_SpanStore):
+    """An OTLP/gRPC trace receiver (grpcio's server): TraceService/Export calls decoded
+    with opentelemetry-proto, every span kept with the call's metadata as its headers.
+    ``refuse``, when set, is the (grpc.StatusCode, trailing metadata) the next calls get
+    instead (``refusals`` of them, then the calls succeed again); ``calls`` counts every
+    call."""
+
+    SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+    def __init__(self, host: str = LOOPBACK, credentials: Any = None) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        self.spans = []
+        self.errors = []
+        self.calls = 0
+        self.refuse: tuple[Any, tuple[tuple[str, bytes | str], ...]] | None = None
+        self.refusals = 0
+        self._cond = threading.Condition()
+
+        def export(body: bytes, context: Any) -> bytes:
+            with self._cond:
+                self.calls += 1
+                refuse = self.refuse if self.refusals > 0 else None
+                self.refusals -= 1 if refuse else 0
+            if refuse is not None:
+                context.set_trailing_metadata(refuse[1])
+                context.abort(refuse[0], "refused by the test")
+            headers = {key: value for key, value in context.invocation_metadata()}
+            try:
+                decoded = decode_spans(body, headers)
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to see
+                self.errors.append(f"undecodable body: {exc}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad protobuf")
+            self._keep(decoded)
+            return trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+
+        handler = grpc.method_handlers_generic_handler(self.SERVICE, {
+            "Export": grpc.unary_unary_rpc_method_handler(export)})  # bytes in and out
+        self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4),
+                                   handlers=(handler,))
+        if credentials is None:
+            self.port = self._server.add_insecure_port(f"{host}:0")
+        else:
+            self.port = self._server.add_secure_port(f"{host}:0", credentials)
+        scheme = "http" if credentials is None else "https"
+        self.url = f"{scheme}://{host}:{self.port}"
+
+    def __enter__(self) -> OTLPGrpcReceiver:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop(grace=None)
+
 
 
 # --------------------------------------------------------------------------- process base

@@ -63,6 +63,19 @@ def metric(url: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def wait_for_metric(url: str, name: str, at_least: float, timeout: float = 20,
+                    **labels: str) -> float:
+    """The sample's value once it reaches `at_least` (or its last value at the timeout)."""
+    deadline = time.monotonic() + timeout
+    value = 0.0
+    while time.monotonic() < deadline:
+        value = metric(url, name, **labels) or 0.0
+        if value >= at_least:
+            break
+        time.sleep(0.2)
+    return value
+
+
 @pytest.fixture(scope="module")
 def receiver():
     with OTLPReceiver() as server:
@@ -185,27 +198,25 @@ def test_sampling_follows_the_callers_decision(exporter, receiver):
     assert metric(exporter.url, "a3mailer_tracing_sampling_ratio") == 0.0
 
 
-def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process, tmp_path):
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process, tmp_path,
+                                                                protocol):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = exporter_process(tracing_config(tmp_path, closed, sampling_rate=1.0,
-                                           batch_timeout="1s"))
+                                           batch_timeout="1s", otlp_protocol=protocol))
     for _ in range(30):
         assert policy(proc.url, "allow", {}).status_code == 200
-    deadline = time.monotonic() + 20
-    dropped = 0.0
-    while time.monotonic() < deadline:
-        dropped = metric(proc.url, "a3mailer_tracing_spans_dropped_total",
-                         reason="export_failed") or 0.0
-        if dropped >= 30:
-            break
-        time.sleep(0.2)
+    dropped = wait_for_metric(proc.url, "a3mailer_tracing_spans_dropped_total", 30,
+                              reason="export_failed")
     assert dropped >= 30  # at least the 30 server spans (their children too)
     assert metric(proc.url, "a3mailer_tracing_spans_exported_total") == 0
     assert policy(proc.url, "allow", {}).status_code == 200  # still serving
     assert "span export failing" in proc.log()
 
 
-def test_sigterm_is_not_held_up_by_a_receiver_that_never_answers(exporter_process, tmp_path):
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_sigterm_is_not_held_up_by_a_receiver_that_never_answers(exporter_process, tmp_path,
+                                                                 protocol):
     """Queued spans get one export at SIGTERM, for at most 5 s, whatever batch_timeout
     (the export's own time) is: here 30 s against a receiver that takes the request
     and never answers (the kernel accepts the connection; nobody reads it)."""
@@ -215,7 +226,7 @@ def test_sigterm_is_not_held_up_by_a_receiver_that_never_answers(exporter_proces
     try:
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         proc = exporter_process(tracing_config(tmp_path, endpoint, sampling_rate=1.0,
-                                               batch_timeout="30s"))
+                                               batch_timeout="30s", otlp_protocol=protocol))
         for _ in range(5):
             assert policy(proc.url, "allow", {}).status_code == 200
         assert proc.proc is not None

@@ -454,6 +454,47 @@ def test_header_values_that_http_cannot_send_are_refused_at_load(config_file, mo
     assert "break" not in str(refused.value).replace("line breaks", "")
 
 
+def test_grpc_settings_keep_the_endpoint_and_send_headers_as_metadata(config_file,
+                                                                      monkeypatch):
+    monkeypatch.setenv("OTLP_SECRET", "x-api-key=k1")
+    config = load_config(config_file({"tracing": {
+        "otlp_protocol": "grpc", "otlp_endpoint": "https://collector.example.test:4317/",
+        "otlp_headers": {"X-Scope-OrgID": "t1"}, "otlp_headers_env": "OTLP_SECRET"}}))
+    settings = TracingSettings.from_config(config["tracing"])
+    assert settings.protocol == "grpc"
+    assert settings.endpoint == "https://collector.example.test:4317"  # no /v1/traces
+    assert settings.headers == {"X-Scope-OrgID": "t1", "x-api-key": "k1"}
+    default = TracingSettings.from_config(load_config(config_file({}))["tracing"])
+    assert default.protocol == "http/protobuf"
+    assert default.endpoint == "http://127.0.0.1:4318/v1/traces"
+
+
+@pytest.mark.parametrize(("tracing", "secret", "error"), [
+    ({"otlp_endpoint": "http://collector:4317/v1/traces"}, "",
+     "tracing.otlp_endpoint: with otlp_protocol grpc the endpoint is a scheme, host and port"),
+    ({"otlp_headers": {"grpc-timeout": "1S"}}, "",
+     "tracing.otlp_headers.grpc-timeout: a gRPC metadata name holds only"),
+    ({"otlp_headers": {"x-tenant-bin": "AAA"}}, "",
+     "tracing.otlp_headers.x-tenant-bin: a gRPC metadata name holds only"),
+    ({"otlp_headers": {"x~tenant": "a"}}, "",
+     "tracing.otlp_headers.x~tenant: a gRPC metadata name holds only"),
+    ({"otlp_headers": {"TE": "trailers"}}, "",
+     "tracing.otlp_headers.TE: the exporter sets this header itself"),
+    ({}, "x-ok=1,grpc-status=0", "tracing.otlp_headers_env: header 2: a gRPC metadata name"),
+])
+def test_what_grpc_cannot_send_is_refused_at_load(config_file, monkeypatch, tracing, secret,
+                                                  error):
+    """A path, and metadata names gRPC reserves or cannot carry as text, are config
+    errors; over HTTP the same names are fine."""
+    monkeypatch.setenv("OTLP_SECRET", secret)
+    section = {"otlp_protocol": "grpc", "otlp_headers_env": "OTLP_SECRET", **tracing}
+    with pytest.raises(ConfigError) as refused:
+        load_config(config_file({"tracing": section}))
+    assert error in str(refused.value)
+    if "otlp_endpoint" not in tracing and "TE" not in tracing.get("otlp_headers", {}):
+        load_config(config_file({"tracing": {**section, "otlp_protocol": "http/protobuf"}}))
+
+
 async def test_http_spans_hide_path_parameters_and_queries(config_file, tmp_path, traced):
     data = {"server": {"state_dir": str(tmp_path / "state")},
             "security": {"admin_token_file": str(tmp_path / "token"),
