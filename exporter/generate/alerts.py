@@ -503,7 +503,9 @@ def rule_for(config: Config, alert: Alert, value: ValueRenderer | None = None
 
 
 def render_rules(config: Config, value: ValueRenderer | None = None) -> dict[str, Any]:
-    """The alerting rule groups, one per family; thresholds written by `value`."""
+    """The alerting rule groups, one per family that has an enabled alert (an empty group is
+    noise some linters refuse; the chart's PrometheusRule leaves it out too); thresholds
+    written by `value`."""
     value = value or configured(config)
     groups = []
     for family in FAMILIES:
@@ -511,7 +513,8 @@ def render_rules(config: Config, value: ValueRenderer | None = None) -> dict[str
         if family == "exporter":
             members.append(INFO_INHIBITOR)
         rules = [r for a in members if (r := rule_for(config, a, value)) is not None]
-        groups.append({"name": f"a3mailer-{family}", "rules": rules})
+        if rules:
+            groups.append({"name": f"a3mailer-{family}", "rules": rules})
     return {"groups": groups}
 
 

@@ -722,6 +722,22 @@ def test_alert_overrides_come_from_values(chart: Any, tmp_path: Path) -> None:
     assert 'job=\\"mail-exporter\\"' in json.dumps(board) and "<<sel>>" not in json.dumps(board)
 
 
+def test_a_disabled_family_has_no_group_in_chart_or_generate(chart: Any, tmp_path: Path) -> None:
+    """A family whose alerts are all disabled leaves no empty rule group, in the chart's
+    PrometheusRule as in alert-rules/alerts.yaml."""
+    from exporter.generate import alerts
+
+    disabled = {a.name: {"enabled": False} for a in alerts.ALERTS if a.family == "system"}
+    overrides = {"alerting": {"alerts": disabled}}
+    expected, _ = _generated(_config_with(overrides, tmp_path))
+    rule = only(render(chart, {"config": overrides}), "PrometheusRule")
+    validate_object(rule)
+    assert rule["spec"]["groups"] == expected
+    assert [g["name"] for g in expected] == [
+        "a3mailer-recording", "a3mailer-application", "a3mailer-mail", "a3mailer-security",
+        "a3mailer-exporter"]
+
+
 def test_chart_rule_knobs(chart: Any) -> None:
     """prometheusRule.disabled, .ruleLabels and .namePrefix (the chart's own knobs)."""
     objects = render(chart, {"prometheusRule": {

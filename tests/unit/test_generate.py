@@ -125,6 +125,20 @@ def test_at_least_25_alerts_over_every_family(default_out):
     assert ("A3MailerTlsCertificateExpiring", "critical") in found
 
 
+def test_a_family_whose_alerts_are_all_disabled_has_no_group(tmp_path):
+    """No `rules: []` group (linters refuse it; the chart leaves it out too); with every
+    alert disabled the file is kept with `groups: []`, so rule_files and --check find it."""
+    system = {a.name: {"enabled": False} for a in alerts.ALERTS if a.family == "system"}
+    out = render(tmp_path, {"alerting": {"alerts": system}})
+    groups = yaml.safe_load(out["alert-rules/alerts.yaml"])["groups"]
+    assert [g["name"] for g in groups] == [
+        "a3mailer-application", "a3mailer-mail", "a3mailer-security", "a3mailer-exporter"]
+    assert all(g["rules"] for g in groups)
+    every = {name: {"enabled": False} for name in alerts.ALERT_NAMES}
+    out = render(tmp_path, {"alerting": {"alerts": every}})
+    assert yaml.safe_load(out["alert-rules/alerts.yaml"]) == {"groups": []}
+
+
 def test_threshold_table_is_what_an_evaluator_needs():
     by_name = {(a.name, a.severity): a for a in alerts.THRESHOLD_ALERTS}
     cpu = by_name["A3MailerHighCpuUsage", "warning"]
