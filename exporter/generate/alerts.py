@@ -480,14 +480,14 @@ def rule_for(config: Config, alert: Alert, value: ValueRenderer | None = None
     expr = _threshold_expr(alert) if alert.is_threshold else alert.expr
     labels = {"severity": override.get("severity", alert.severity),
               **alerting["labels"], **override.get("labels", {})}
-    dashboard = dashboards.identity(config, alert.dashboard)
+    # both patterns take the same placeholders, as templates/prometheusrule.yaml fills them
+    urls = {"alertname": alert.name, "family": alert.family, "anchor": anchor(alert.name),
+            **dashboards.identity(config, alert.dashboard)}
     annotations = {
         "summary": promql.fill(alert.summary, tokens),
         "description": promql.fill(alert.description, tokens),
-        "runbook_url": _url(alerting["runbook_url"], {
-            "alertname": alert.name, "family": alert.family, "anchor": anchor(alert.name)}),
-        "dashboard_url": _url(alerting["dashboard_url"], {
-            "alertname": alert.name, **dashboard}),
+        "runbook_url": _url(alerting["runbook_url"], urls),
+        "dashboard_url": _url(alerting["dashboard_url"], urls),
         **override.get("annotations", {}),
     }
     rule: dict[str, Any] = {"alert": alert.name, "expr": promql.fill(expr, tokens)}

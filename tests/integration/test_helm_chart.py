@@ -738,6 +738,20 @@ def test_a_disabled_family_has_no_group_in_chart_or_generate(chart: Any, tmp_pat
         "a3mailer-exporter"]
 
 
+def test_url_patterns_fill_the_same_placeholders_in_chart_and_generate(chart: Any,
+                                                                       tmp_path: Path) -> None:
+    pattern = "https://wiki.example/{family}/{alertname}/{anchor}/{uid}/{slug}"
+    overrides = {"alerting": {"runbook_url": pattern + "#rb", "dashboard_url": pattern + "?d"}}
+    expected, _ = _generated(_config_with(overrides, tmp_path))
+    groups = only(render(chart, {"config": overrides}), "PrometheusRule")["spec"]["groups"]
+    assert groups == expected
+    cpu = next(r for g in groups for r in g["rules"] if r.get("alert") == "A3MailerHighCpuUsage")
+    filled = ("https://wiki.example/system/A3MailerHighCpuUsage/a3mailerhighcpuusage/"
+              "a3mailer-system/a3mailer-system")
+    assert cpu["annotations"]["runbook_url"] == filled + "#rb"
+    assert cpu["annotations"]["dashboard_url"] == filled + "?d"
+
+
 def test_chart_rule_knobs(chart: Any) -> None:
     """prometheusRule.disabled, .ruleLabels and .namePrefix (the chart's own knobs)."""
     objects = render(chart, {"prometheusRule": {

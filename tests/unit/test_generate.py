@@ -354,6 +354,19 @@ def test_bundle_ignores_the_alert_engine_keys(tmp_path, default_out):
 
 
 
+def test_url_patterns_fill_every_placeholder_as_the_chart_does(tmp_path):
+    """{alertname}, {family}, {anchor}, {uid} and {slug} in either pattern (the chart's
+    PrometheusRule fills the same five; test_helm_chart.py compares the two)."""
+    pattern = "https://wiki.example/{family}/{alertname}/{anchor}/{uid}/{slug}"
+    out = render(tmp_path, {"alerting": {"runbook_url": pattern,
+                                         "dashboard_url": pattern + "?x={{ $labels.instance }}"}})
+    annotations = _rule(out, "A3MailerMailQueueLarge")["annotations"]
+    filled = ("https://wiki.example/application/A3MailerMailQueueLarge/a3mailermailqueuelarge/"
+              "a3mailer-mail/a3mailer-mail-services")
+    assert annotations["runbook_url"] == filled
+    assert annotations["dashboard_url"] == filled + "?x={{ $labels.instance }}"
+
+
 def test_every_alert_has_a_runbook_section_and_its_url_points_there(default_out):
     for (name, _), rule in rules(default_out).items():
         alert = next(a for a in [*alerts.ALERTS, alerts.INFO_INHIBITOR] if a.name == name)
