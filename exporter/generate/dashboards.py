@@ -119,9 +119,9 @@ OVERVIEW_ROWS: list[Row] = [
               (q("a3mailer_queue_total_messages{<<sel>>}", ON),),
               threshold=T + "queue_size_threshold", width=4, height=5),
         Panel("Failed logins", "stat", "short",
-              "Failed logins per minute reported to the security engine.",
-              (q('sum(rate(a3mailer_security_attempts_total{<<sel>>, result="failure"}'
-                 f"[{RI}])) * 60", "per minute"),),
+              "Failed logins per minute reported to the security engine, per instance.",
+              (q('sum by (instance) (rate(a3mailer_security_attempts_total{<<sel>>, '
+                 f'result="failure"}}[{RI}])) * 60', ON),),
               threshold=T + "failed_login_rate_threshold", width=4, height=5),
         Panel("CPU", "gauge", "percent",
               "Busy share of all CPUs of the busiest selected host.",
@@ -371,14 +371,18 @@ SECURITY_ROWS: list[Row] = [
     )),
     Row("Lockouts and bans", (
         Panel("Lockouts in force", "timeseries", "short",
-              "Lockouts in force by scope; the line is "
+              "Lockouts in force per instance, in all and by scope; the line is "
               "monitoring.alert_thresholds.active_lockouts_threshold (all scopes).",
-              (q("sum by (scope) (a3mailer_security_active_lockouts{<<sel>>})", "{{scope}}"),),
+              (q("sum by (instance) (a3mailer_security_active_lockouts{<<sel>>})",
+                 "all {{instance}}"),
+               q("sum by (instance, scope) (a3mailer_security_active_lockouts{<<sel>>})",
+                 "{{instance}} {{scope}}")),
               threshold=T + "active_lockouts_threshold"),
         Panel("Bans in force", "timeseries", "short",
-              "Banned networks by how they were banned; the line is "
+              "Banned networks per instance by how they were banned; the line is "
               "monitoring.alert_thresholds.automatic_bans_threshold (automatic).",
-              (q("sum by (source) (a3mailer_security_active_bans{<<sel>>})", "{{source}}"),),
+              (q("sum by (instance, source) (a3mailer_security_active_bans{<<sel>>})",
+                 "{{instance}} {{source}}"),),
               threshold=T + "automatic_bans_threshold"),
         Panel("Tracked keys", "timeseries", "short",
               "Failure-counter keys held in memory (capped by "
@@ -387,10 +391,13 @@ SECURITY_ROWS: list[Row] = [
     )),
     Row("Rate limiting and front ends", (
         Panel("Rate-limited requests", "timeseries", "short",
-              "API requests refused with 429 per minute, by client class; the line is "
-              "monitoring.alert_thresholds.rate_limited_rate_threshold.",
-              (q(f"sum by (class) (rate(a3mailer_security_rate_limited_total{{<<sel>>}}[{RI}]))"
-                 " * 60", "{{class}}"),),
+              "API requests refused with 429 per minute per instance, in all and by client "
+              "class; the line is monitoring.alert_thresholds.rate_limited_rate_threshold "
+              "(all classes).",
+              (q("sum by (instance) (rate(a3mailer_security_rate_limited_total{<<sel>>}"
+                 f"[{RI}])) * 60", "all {{instance}}"),
+               q("sum by (instance, class) (rate(a3mailer_security_rate_limited_total"
+                 f"{{<<sel>>}}[{RI}])) * 60", "{{instance}} {{class}}")),
               threshold=T + "rate_limited_rate_threshold"),
         Panel("Front-end requests", "timeseries", "ops",
               "Requests to the Dovecot policy endpoint and the Stalwart webhook, by outcome.",
@@ -465,11 +472,12 @@ PERFORMANCE_ROWS: list[Row] = [
     Row("Exporter API", (
         Panel("Request latency", "timeseries", "ms",
               "50th, 95th and 99th percentile of HTTP response times (security decisions, "
-              "webhooks, scrapes); the line is "
-              "monitoring.alert_thresholds.response_time_threshold.",
-              tuple(q(f"histogram_quantile({p}, sum by (le) (rate("
+              "webhooks, scrapes) per instance; the line is "
+              "monitoring.alert_thresholds.response_time_threshold (p95).",
+              tuple(q(f"histogram_quantile({p}, sum by (le, instance) (rate("
                       f"a3mailer_exporter_http_request_duration_seconds_bucket{{<<sel>>}}"
-                      f"[{RI}]))) * 1000", f"p{round(p * 100)}") for p in (0.5, 0.95, 0.99)),
+                      f"[{RI}]))) * 1000", f"p{round(p * 100)} {{{{instance}}}}")
+                    for p in (0.5, 0.95, 0.99)),
               threshold=T + "response_time_threshold"),
         Panel("Requests", "timeseries", "reqps",
               "HTTP requests per second by route and status code.",

@@ -72,6 +72,25 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+_AGGREGATION = re.compile(
+    r"\b(sum|avg|count|group|stddev|stdvar|quantile|topk|bottomk|count_values|min|max)\s*"
+    r"(?:(by|without)\s*\(([^()]*)\))?\s*\(")
+
+
+def per_instance(expr: str) -> bool:
+    """Whether each series of expr belongs to one instance, the unit the alerts compare
+    with a threshold: every aggregation keeps `instance` (or is a max or min, the value of
+    one instance). `sum(...) by (...)` written after its argument counts as dropping it."""
+    for match in _AGGREGATION.finditer(_STRING.sub('""', expr)):
+        operator, grouping, labels = match.groups()
+        kept = {label.strip() for label in (labels or "").split(",")}
+        if operator in ("max", "min") or (grouping == "by" and "instance" in kept) or (
+                grouping == "without" and "instance" not in kept):
+            continue
+        return False
+    return True
+
+
 def base_metric(name: str, known: Mapping[str, object]) -> str:
     """A histogram series (_bucket, _sum, _count) as its catalogued family name."""
     if name in known:

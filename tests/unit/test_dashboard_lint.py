@@ -122,6 +122,43 @@ def test_threshold_steps_come_from_the_config(board):
         assert with_threshold >= 3
 
 
+def test_threshold_panels_show_per_instance_series(board):
+    """A threshold is per instance (what its alerts compare), so a panel draws it only over
+    series of one instance each: a sum over 3 hosts would cross a per-host threshold."""
+    from exporter.generate import promql
+
+    for panel in visual(board):
+        if len(panel["fieldConfig"]["defaults"]["thresholds"]["steps"]) == 1:
+            continue
+        for target in panel["targets"]:
+            assert promql.per_instance(target["expr"]), (panel["title"], target["expr"])
+
+
+def test_per_instance_reads_the_aggregations():
+    from exporter.generate import promql
+
+    per_instance = [
+        'a3mailer_system_cpu_usage_ratio{job="a"} * 100',
+        "max(a3mailer_system_cpu_usage_ratio) * 100",  # the busiest host's value
+        'sum by (instance) (rate(a3mailer_x_total{result="failure"}[5m])) * 60',
+        "sum by (instance, scope) (a3mailer_y)",
+        "sum without (scope) (a3mailer_y)",
+        "histogram_quantile(0.95, sum by (le, instance) (rate(a3mailer_z_bucket[5m])))",
+        "instance:a3mailer_exporter_http_errors:ratio_rate5m * 100",
+        "rate(a3mailer_a_sum[5m]) / rate(a3mailer_a_count[5m])",
+    ]
+    fleet = [
+        'sum(rate(a3mailer_x_total{result="failure"}[5m])) * 60',
+        "sum by (scope) (a3mailer_y)",
+        "sum without (instance) (a3mailer_y)",
+        "avg(a3mailer_y)",
+        "count by (job) (up)",
+        "histogram_quantile(0.95, sum by (le) (rate(a3mailer_z_bucket[5m])))",
+    ]
+    assert [e for e in per_instance if not promql.per_instance(e)] == []
+    assert [e for e in fleet if promql.per_instance(e)] == []
+
+
 def test_security_and_performance_rows_are_appendable():
     rows = dashboards.SECURITY_ROWS
     before = len(rows)
