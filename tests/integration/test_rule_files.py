@@ -63,3 +63,32 @@ def test_amtool_checks_the_alertmanager_example():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout and "2 inhibit rules" in result.stdout
     assert "5 receivers" in result.stdout
+
+
+def test_rules_with_a_family_disabled_load_and_the_other_families_still_pass(tmp_path):
+    """alerting.alerts disabling every system alert: the file has no system group, promtool
+    loads it, and the other families' unit tests pass against it unchanged."""
+    from exporter.cli import main
+    from exporter.generate import alerts
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"alerting": {"alerts": {
+        a.name: {"enabled": False} for a in alerts.ALERTS if a.family == "system"}}}))
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    rules = [tmp_path / "out/alert-rules" / p.name for p in RULE_FILES]
+    groups = yaml.safe_load(rules[0].read_text())["groups"]
+    assert "a3mailer-system" not in {g["name"] for g in groups} and all(
+        g["rules"] for g in groups)
+    promtool = require_binary("promtool")
+    checked = run(promtool, "check", "rules", *rules)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    others = [p for p in TESTS if not p.name.startswith("system.")]
+    copies = []
+    for path in others:
+        case = yaml.safe_load(path.read_text())
+        case["rule_files"] = [str(r) for r in rules]
+        copies.append(tmp_path / path.name)
+        copies[-1].write_text(yaml.safe_dump(case, sort_keys=False))
+    tested = run(promtool, "test", "rules", *copies)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert tested.stdout.count("SUCCESS") == len(others) == len(TESTS) - 1
