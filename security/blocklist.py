@@ -11,7 +11,10 @@ Addresses and networks are normalised once, on the way in:
 * host bits are masked off, not rejected (``192.0.2.1/24`` -> ``192.0.2.0/24``),
   because feeds and operators write both forms and mean the same network;
 * IPv4-mapped IPv6 (``::ffff:192.0.2.1``, ``::ffff:192.0.2.0/120``) is IPv4,
-  since dual-stack listeners report IPv4 clients that way.
+  since dual-stack listeners report IPv4 clients that way; below ``/96`` (all of IPv4)
+  a mapped network names no IPv4 network and is refused.
+
+A ban takes `ban_network`, which also refuses a ``/0``: it would refuse every client.
 """
 
 from __future__ import annotations
@@ -49,13 +52,27 @@ def parse_network(text: str) -> Network:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:
         raise ValueError(f"not an IP address or CIDR network: {text!r} ({exc})") from None
-    if (
-        isinstance(network, ipaddress.IPv6Network)
-        and network.prefixlen >= 96
-        and int(network.network_address) >> 32 == 0xFFFF
-    ):
-        mapped = int(network.network_address) & 0xFFFFFFFF
-        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    if not isinstance(network, ipaddress.IPv6Network):
+        return network
+    if network.prefixlen >= 96:
+        if int(network.network_address) >> 32 == 0xFFFF:
+            mapped = int(network.network_address) & 0xFFFFFFFF
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    elif ipaddress.IPv6Address(text.partition("/")[0]).ipv4_mapped is not None:
+        # masked, it left the mapped range (::ffff:0:0/95 is ::fffe:0:0/95): a ban of it
+        # matched no IPv4 client, nor the IPv6 one it seemed to name
+        raise ValueError("an IPv4-mapped network needs a prefix of /96 or longer (/96 is "
+                         f"all of IPv4): {text!r}")
+    return network
+
+
+def ban_network(text: str) -> Network:
+    """`parse_network` for a ban, which refuses a /0 (0.0.0.0/0, ::/0, ::ffff:0:0/96):
+    taken, it refused every client."""
+    network = parse_network(text)
+    if network.prefixlen == 0:
+        raise ValueError(f"{text.strip()!r} is every IPv{network.version} address: a ban of "
+                         "it would refuse every client")
     return network
 
 
@@ -313,6 +330,7 @@ def _entry_from_fields(fields: list[str], reason: str, source: str, now: float) 
         if not sep or name not in options:
             raise ValueError(f"unexpected {option!r} (expected expires=... or source=...)")
         options[name] = value
+    ban_network(network)
     expires = _parse_rfc3339(options["expires"]) if options["expires"] else None
     if expires is not None and expires <= now:
         raise ValueError(f"{network} expired at {options['expires']}; skipped")

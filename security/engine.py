@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from security.attempts import ALLOW, Attempt, Decision, Keys, parse_ip, tracking_keys
-from security.blocklist import CidrSet, Entry, Lists, parse_network, prefix_of
+from security.blocklist import CidrSet, Entry, Lists, ban_network, parse_network, prefix_of
 from security.settings import Settings
 from security.store import Lock, LockPolicy, Store, is_outage
 
@@ -426,9 +426,10 @@ class SecurityManager:
 
         Only an operator's ban (source manual) may replace a ban that lasts longer: an
         automatic, feed or event ban of a network already banned longer (or for good) leaves
-        it as it is and returns it. A Stalwart event turned a permanent ban into 6 s."""
+        it as it is and returns it. A Stalwart event turned a permanent ban into 6 s.
+        Raises ValueError for what is not a network, and for a /0."""
         now = self.clock()
-        cidr = str(parse_network(network))
+        cidr = str(ban_network(network))
         ban = Entry(cidr, reason, source, now, None if duration is None else now + duration)
         current = self.lists.block.get(cidr)
         if source != "manual" and current is not None and not current.expired(now) and (

@@ -165,6 +165,16 @@ def test_cli_without_token_or_server(exporter, tmp_path):
     r = cli(exporter, "security", "import", str(tmp_path / "missing.txt"))
     assert r.returncode == 2 and "missing.txt: cannot read: No such file" in r.stderr
     assert "Traceback" not in r.stderr
+    # a ban of every address, or of a mapped prefix that names no IPv4 network: exit 1
+    # with the API's 400 (0.0.0.0/0 was banned and refused every client)
+    for network, message in (("0.0.0.0/0", "network: '0.0.0.0/0' is every IPv4 address"),
+                             ("::ffff:0:0/95", "network: an IPv4-mapped network needs a "
+                                               "prefix of /96 or longer")):
+        r = cli(exporter, "security", "ban", network)
+        assert r.returncode == 1, r.stdout
+        assert json.loads(r.stdout)["error"] == "bad_request"
+        assert json.loads(r.stdout)["message"].startswith(message)
+    assert json.loads(cli(exporter, "security", "bans").stdout)["bans"] == []
 
 
 def test_a_second_exporter_on_a_state_dir_in_use_says_so_and_exits(exporter, exporter_process):

@@ -15,6 +15,7 @@ from security.blocklist import (
     CidrSet,
     Entry,
     Lists,
+    ban_network,
     export_text,
     import_text,
     parse_network,
@@ -32,6 +33,27 @@ def test_parse_network_normalises():
     assert str(parse_network("::ffff:192.0.2.1")) == "192.0.2.1/32"
     assert str(parse_network("::ffff:192.0.2.0/120")) == "192.0.2.0/24"
     assert str(parse_network("::/0")) == "::/0"  # all of IPv6 stays IPv6
+
+
+def test_a_mapped_network_is_its_ipv4_network_from_96_and_refused_below():
+    assert str(parse_network("::ffff:10.0.0.0/104")) == "10.0.0.0/8"
+    assert str(parse_network("::ffff:0:0/96")) == "0.0.0.0/0"
+    assert str(parse_network("::ffff:1.2.3.4")) == "1.2.3.4/32"
+    assert str(parse_network("::/80")) == "::/80"  # written as IPv6, it stays IPv6
+    for bad in ("::ffff:0:0/95", "::ffff:10.0.0.0/80", " ::ffff:1.2.3.4/0 "):
+        with pytest.raises(ValueError, match=r"needs a prefix of /96 or longer .*: '::ffff"):
+            parse_network(bad)
+
+
+def test_a_ban_refuses_every_address_and_the_import_reports_the_line():
+    for every in ("0.0.0.0/0", "::/0", "::ffff:0:0/96", "10.1.2.3/0"):
+        with pytest.raises(ValueError, match="would refuse every client"):
+            ban_network(every)
+    assert str(ban_network("0.0.0.0/1")) == "0.0.0.0/1"
+    entries, errors = import_text("::/0\n192.0.2.1\n", "manual", NOW)
+    assert [e.network for e in entries] == ["192.0.2.1/32"]
+    assert errors == [(1, "'::/0' is every IPv6 address: a ban of it would refuse every "
+                          "client")]
 
 
 @pytest.mark.parametrize("bad", ["", "  ", "192.0.2.300", "192.0.2.0/33", "example.org", "1.2.3"])

@@ -241,3 +241,53 @@ async def test_an_exported_blocklist_imported_again_keeps_each_entrys_source(ser
     r = await client.post("/api/v1/security/blocklist.txt?feed=a%20b", content="100.79.0.3\n",
                           headers=ADMIN)
     assert r.status_code == 400 and "feed" in r.json()["message"]
+
+
+# --- bans: the networks they name and the answers they give
+
+async def test_a_mapped_ban_is_its_ipv4_network_and_a_mapped_prefix_below_96_is_refused(serve):
+    """::ffff:10.0.0.0/104 is 10.0.0.0/8: it bans IPv4 clients and is listed and lifted as
+    that. Below /96 a mapped network is not one: ::ffff:0:0/95 was taken as ::fffe:0:0/95,
+    a ban of nothing any client sends."""
+    _, client = await serve()
+    url = "/api/v1/security/blocklist"
+    r = await client.post(url, json={"network": "::ffff:10.0.0.0/104"}, headers=ADMIN)
+    assert (r.status_code, r.json()["banned"]["network"]) == (201, "10.0.0.0/8")
+    r = await client.post("/api/v1/security/check", headers=ADMIN,
+                          json={"login": "al", "remote_ip": "10.1.2.3"})
+    assert (r.json()["action"], r.json()["reason"]) == ("reject", "banned")
+    assert [b["network"] for b in (await client.get(url, headers=ADMIN)).json()["bans"]] == [
+        "10.0.0.0/8"]
+    r = await client.delete(url, params={"network": "::ffff:10.0.0.0/104"}, headers=ADMIN)
+    assert (r.status_code, r.json()["unbanned"]["network"]) == (200, "10.0.0.0/8")
+    for network in ("::ffff:0:0/95", "::ffff:10.0.0.0/80", "::ffff:1.2.3.4/64"):
+        r = await client.post(url, json={"network": network}, headers=ADMIN)
+        assert r.status_code == 400, network
+        assert r.json() == {"error": "bad_request", "message": (
+            f"network: an IPv4-mapped network needs a prefix of /96 or longer (/96 is all "
+            f"of IPv4): {network!r}")}
+    assert (await client.get(url, headers=ADMIN)).json()["bans"] == []
+
+
+async def test_a_ban_of_every_address_is_refused_by_the_api_and_the_import(serve):
+    """0.0.0.0/0 (or ::/0, or ::ffff:0:0/96, which is 0.0.0.0/0) was taken, and refused
+    every client."""
+    _, client = await serve()
+    url = "/api/v1/security/blocklist"
+    for network in ("0.0.0.0/0", "::/0", "::ffff:0:0/96", "192.0.2.1/0"):
+        r = await client.post(url, json={"network": network}, headers=ADMIN)
+        assert r.status_code == 400, network
+        assert r.json()["error"] == "bad_request"
+        assert r.json()["message"].startswith(f"network: {network!r} is every "), r.json()
+    text = "0.0.0.0/0 # all\n192.0.2.1\n::/0 source=automatic\n"
+    r = await client.post(url + ".txt", content=text, headers=ADMIN)
+    assert r.status_code == 200
+    assert r.json()["imported"] == 1
+    assert [(e["line"], e["message"].split(" is every ")[0]) for e in r.json()["errors"]] == [
+        (1, "'0.0.0.0/0'"), (3, "'::/0'")]
+    assert [b["network"] for b in (await client.get(url, headers=ADMIN)).json()["bans"]] == [
+        "192.0.2.1/32"]
+    r = await client.post("/api/v1/security/check", headers=ADMIN,
+                          json={"login": "al", "remote_ip": "198.51.100.1"})
+    assert r.json()["action"] == "allow"
+
