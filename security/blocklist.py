@@ -204,6 +204,25 @@ class CidrSet:
                 return entry
         return None
 
+    def last_to_expire(self, ip: IPLike, now: float) -> Entry | None:
+        """The unexpired entry containing `ip` that ends last (a permanent one first, the
+        most specific of equals): with bans that overlap, the one that says when `ip` is
+        let in again. `match` answers the narrowest, which may end before a wider one."""
+        if type(ip) is tuple and ip[0] == 4:  # as in match
+            version, value = 4, ip[1]
+        else:
+            version, value = _address(ip)
+        last, ends = None, 0.0
+        for _plen, mask, table in self._probes[version]:
+            entry = table.get(value & mask)
+            if entry is None or entry.expired(now):
+                continue
+            if entry.expires is None:
+                return entry
+            if last is None or entry.expires > ends:
+                last, ends = entry, entry.expires
+        return last
+
     def expire(self, now: float) -> list[Entry]:
         """Drop expired entries and return them, for the caller's audit log."""
         gone = [entry for entry in self if entry.expired(now)]
@@ -236,12 +255,13 @@ class Lists:
     def decide(self, ip: IPLike, now: float) -> tuple[Decision, Entry | None]:
         """Allow (trusted or allowlisted), block (blocklisted) or neutral.
 
-        The entry returned is the one that decided, for the audit log and the API.
+        The entry returned is the one that decided, for the audit log and the API: for a
+        block, the ban that ends last.
         """
         entry = self.trusted_entry(ip, now) or self.allow.match(ip, now)
         if entry is not None:
             return "allow", entry
-        entry = self.block.match(ip, now)
+        entry = self.block.last_to_expire(ip, now)
         if entry is not None:
             return "block", entry
         return "neutral", None

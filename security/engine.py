@@ -300,7 +300,7 @@ class SecurityManager:
             return Decision("allow", "trusted")
         if lists.allow.match(ip, now):
             return Decision("allow", "allowlisted")
-        entry = lists.block.match(ip, now)
+        entry = lists.block.last_to_expire(ip, now)  # overlapping bans: when the last ends
         if entry is not None:
             return Decision("reject", "banned", message=self.settings.reject_message,
                             retry_after=_remaining(entry.expires, now))

@@ -342,3 +342,8 @@ def test_match_agrees_with_a_brute_force_scan(listed, probes, offset):
         parsed = parse_address(str(address))  # as a login brings it (Attempt.address)
         assert cidrs.match(parsed, now) == expected
         assert cidrs.match(parsed[:2], now) == expected
+        # the one that ends last: permanent first, then the latest expiry, most specific
+        ends_last = max(covering, default=None, key=lambda e: (
+            e.expires is None, e.expires or 0.0, ipaddress.ip_network(e.network).prefixlen))
+        assert cidrs.last_to_expire(address, now) == ends_last
+        assert cidrs.last_to_expire(parsed, now) == ends_last

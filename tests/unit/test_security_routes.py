@@ -291,3 +291,32 @@ async def test_a_ban_of_every_address_is_refused_by_the_api_and_the_import(serve
                           json={"login": "al", "remote_ip": "198.51.100.1"})
     assert r.json()["action"] == "allow"
 
+
+async def test_overlapping_bans_answer_when_the_last_of_them_ends(serve):
+    """A client in a /16 banned for a minute and a /8 banned for an hour was told to come
+    back in a minute, and refused then: the answer is the latest expiry (a permanent ban
+    wins)."""
+    _, client = await serve()
+    url = "/api/v1/security/blocklist"
+
+    async def ban(network: str, seconds: float | None) -> None:
+        r = await client.post(url, headers=ADMIN, json={"network": network,
+                                                        "duration_seconds": seconds})
+        assert r.status_code == 201
+
+    async def retry_after(ip: str) -> float:
+        r = await client.post("/api/v1/security/check", headers=ADMIN,
+                              json={"login": "al", "remote_ip": ip})
+        assert r.json()["reason"] == "banned"
+        return r.json()["retry_after"]
+
+    await ban("10.1.0.0/16", 60)
+    await ban("10.0.0.0/8", 3600)
+    await ban("10.1.2.3", 600)
+    assert 3590 < await retry_after("10.1.2.3") <= 3600
+    assert 3590 < await retry_after("10.1.9.9") <= 3600
+    await ban("2001:db8::/32", 7200)
+    await ban("2001:db8:1::/48", None)  # permanent: retry_after 0, as for any permanent ban
+    await ban("2001:db8:1:2::/64", 60)
+    assert await retry_after("2001:db8:1:2::5") == 0.0
+    assert 7190 < await retry_after("2001:db8:2::5") <= 7200
