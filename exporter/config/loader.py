@@ -554,8 +554,11 @@ NETWORK_LISTS: tuple[Path_, ...] = (("trusted_networks",), ("allowlist",),
 
 
 def _network_problems(security: dict[str, Any], problem: Any) -> None:
-    """Each entry an address or a CIDR (host bits allowed, as the blocklist takes them):
-    one that is neither stopped the engine at start and half-applied a reload."""
+    """Each entry an address or a CIDR that the engine's lists take (host bits allowed, a
+    mapped prefix from /96): one they refuse stopped the engine at start and half-applied a
+    reload. A trusted /0 (0.0.0.0/0, ::/0) would exempt every client from every limit."""
+    from security.blocklist import parse_network
+
     for path in NETWORK_LISTS:
         values: Any = security
         for key in path:
@@ -564,8 +567,17 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
             try:
                 ipaddress.ip_network(value, strict=False)
             except ValueError:
-                problem(("security", *path, index),
-                        f"not an IP address or CIDR: {value!r}")
+                problem(("security", *path, index), f"not an IP address or CIDR: {value!r}")
+                continue
+            try:
+                network = parse_network(value)
+            except ValueError as exc:  # a mapped prefix below /96, a scoped address
+                problem(("security", *path, index), str(exc))
+                continue
+            if path == ("trusted_networks",) and network.prefixlen == 0:
+                problem(("security", *path, index), f"{value!r} is every IPv"
+                        f"{network.version} address: trusted, no client would ever be "
+                        "delayed, locked or banned")
 
 
 _ANY_HOST = frozenset({"0.0.0.0", "::", "*"})

@@ -538,3 +538,20 @@ def test_a_reload_with_a_bad_network_changes_nothing(tmp_path):
     finally:
         if exporter.audit is not None:
             exporter.audit.close()
+
+
+def test_a_trusted_network_of_every_address_is_a_config_error(tmp_path):
+    """trusted_networks: [0.0.0.0/0] loaded, and no client was ever delayed, locked or
+    banned; a mapped prefix below /96 (no IPv4 network) stopped the engine at start."""
+    path = write(tmp_path, """
+        security:
+          trusted_networks: [127.0.0.0/8, 0.0.0.0/0, "::/0", "::ffff:0:0/96"]
+          allowlist: ["::ffff:10.0.0.0/80"]
+    """)
+    every = "address: trusted, no client would ever be delayed, locked or banned"
+    assert problems(path) == [
+        f"{path}:2: security.trusted_networks[1]: '0.0.0.0/0' is every IPv4 {every}",
+        f"{path}:2: security.trusted_networks[2]: '::/0' is every IPv6 {every}",
+        f"{path}:2: security.trusted_networks[3]: '::ffff:0:0/96' is every IPv4 {every}",
+        f"{path}:3: security.allowlist[0]: an IPv4-mapped network needs a prefix of /96 or "
+        "longer (/96 is all of IPv4): '::ffff:10.0.0.0/80'"]
