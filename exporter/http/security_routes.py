@@ -254,11 +254,9 @@ class DovecotPolicy:
         if not settings["enabled"]:
             return _error(404, "not_found", "the Dovecot policy endpoint is disabled")
         key = self.api_key.get(settings)
-        sent = None
-        if key is not None:
-            sent = header(scope, settings["api_key_header"].lower().encode("latin-1"))
-        if key is not None and sent:
-            allowed = hmac.compare_digest(sent.encode(), key.encode())
+        sent = header(scope, settings["api_key_header"].lower().encode("latin-1"))
+        if sent is not None:  # a key sent is checked, from loopback too (even an empty one)
+            allowed = key is not None and hmac.compare_digest(sent.encode(), key.encode())
         else:
             allowed = settings["allow_loopback_without_key"] and _is_loopback(scope)
         if not allowed:

@@ -171,6 +171,30 @@ async def test_a_changed_api_key_file_is_used_after_a_reload(serve, tmp_path):
     assert (await status("first"), await status("second")) == (401, 200)
 
 
+@pytest.mark.parametrize("configured", [None, "right-key"])
+async def test_a_key_presented_from_loopback_is_checked(serve, tmp_path, configured):
+    """With allow_loopback_without_key, a loopback request that sent a wrong key (any key,
+    with none configured; or an empty one) was taken as one that sent none; only a request
+    with no key header gets the allowance."""
+    key = tmp_path / "dovecot.key"
+    key.write_text(configured or "")
+    exporter, client = await serve({"dovecot_policy": {
+        "api_key_file": str(key) if configured else "", "api_key_env": "A3M_UNSET_KEY"}})
+    url, body = "/dovecot/policy?command=allow", policy("al", "192.0.2.9", "a")
+
+    async def status(headers: dict) -> tuple[int, str]:
+        r = await client.post(url, json=body, headers=headers)
+        return r.status_code, r.json().get("error", "")
+
+    assert await status({}) == (200, "")
+    for wrong in ("wrong-key", ""):
+        assert await status({"X-API-Key": wrong}) == (401, "unauthorized"), wrong
+    assert await status({"X-API-Key": "right-key"}) == ((200, "") if configured else (
+        401, "unauthorized"))
+    assert exporter.security_frontends.value(("dovecot", "unauthorized")) == (
+        2 if configured else 3)
+
+
 # --- the audit query API
 
 async def test_audit_api_pages_and_filters(serve):
