@@ -183,7 +183,8 @@ def _security_operations(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
             "requestBody": body({"type": "object", "required": ["events"], "properties": {
                 "events": {"type": "array", "items": {"type": "object", "required": [
                     "id", "createdAt", "type"]}}}}),
-            "responses": {"200": _json("Accepted and skipped (replayed or stale) events"),
+            "responses": {"200": _json("Events accepted, skipped (replayed or stale) and ignored "
+                                         "(of no use to the engine)"),
                           **_errors(400, 401, 403, 413)}}},
         "/api/v1/security/check": {"post": {
             "summary": "May this login proceed? (before the password check)",

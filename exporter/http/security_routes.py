@@ -480,8 +480,12 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
             frontends.inc(("stalwart", "bad_request"))
             return _error(400, "bad_request", str(exc))
         replay.window = exporter.config.seconds("security", "stalwart_webhook", "replay_window")
-        accepted = 0
+        accepted = ignored = 0
         for event in events:
+            attempt, address = event.login(), event.ban_address()
+            if attempt is None and address is None:  # nothing for the engine: not taken
+                ignored += 1
+                continue
             now = engine.clock()
             if not replay.fresh(event, now):
                 continue
@@ -501,23 +505,15 @@ def security_routes(exporter: Exporter, authorize: Authorize) -> list[Route]:
             if not first:
                 continue
             accepted += 1
-            await _apply_stalwart_event(event)
-        frontends.inc(("stalwart", "ok"))
-        return JSONResponse({"accepted": accepted, "skipped": len(events) - accepted})
-
-    async def _apply_stalwart_event(event: stalwart.Event) -> None:
-        attempt = event.attempt()
-        if event.type in ("auth.success", "auth.failed") and attempt is not None:
-            await engine.report(attempt, event.type == "auth.success")
-        elif event.type.startswith("security.") and event.type.endswith("-ban") and (
-                event.remote_ip):
-            try:  # the address: one, never a network (0.0.0.0/0 refused every client)
-                address = str(ipaddress.ip_address(event.remote_ip))
+            if attempt is not None:
+                await engine.report(attempt, event.type == "auth.success")
+            elif address is not None:
                 await engine.ban(address, f"stalwart {event.type}",
                                  engine.settings.auto_ban_duration, source="feed:stalwart",
                                  actor="stalwart")
-            except ValueError:
-                return
+        frontends.inc(("stalwart", "ok"))
+        return JSONResponse({"accepted": accepted, "ignored": ignored,
+                             "skipped": len(events) - accepted - ignored})
 
     return [
         Route(POLICY_PATH, DovecotPolicy(exporter, engine, frontends, api_key),

@@ -4,8 +4,9 @@ Stalwart POSTs `{"events": [{"id", "createdAt", "type", "data": {...}}]}` with
 `X-Signature: base64(HMAC-SHA256(key, body))`. The signature is checked in
 constant time before anything is parsed; an event id seen before, or an event
 older than the replay window, is skipped, so a captured request replayed later
-changes nothing. Stalwart sends no password hash, so each failure it reports
-counts as a distinct wrong password.
+changes nothing; an event the engine has no use for (another type, no valid address)
+is ignored. Stalwart sends no password hash, so each failure it reports counts as a
+distinct wrong password.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +62,20 @@ class Event:
     def remote_ip(self) -> str:
         return _first(self.data, "remoteIp", "remote_ip", "ip")
 
+    def login(self) -> Attempt | None:
+        """The login an auth.success or auth.failed event reports (None: nothing to report)."""
+        return self.attempt() if self.type in ("auth.success", "auth.failed") else None
+
+    def ban_address(self) -> str | None:
+        """The address a security.*-ban event bans: one, never a network (0.0.0.0/0 refused
+        every client); None when it names none."""
+        if not (self.type.startswith("security.") and self.type.endswith("-ban")):
+            return None
+        try:
+            return str(ipaddress.ip_address(self.remote_ip))
+        except ValueError:
+            return None
+
 
 def _first(data: dict[str, Any], *names: str) -> str:
     for name in names:
@@ -85,6 +101,8 @@ def parse_batch(body: bytes) -> list[Event]:
                 data, dict):
             raise WebhookError(f"events[{index}]: id and type (strings) and data (object) "
                                "are required")
+        if not event_id.strip():  # the replay guard keys on it: one would hide the next
+            raise WebhookError(f"events[{index}].id: must not be empty")
         try:
             created = datetime.fromisoformat(str(raw.get("createdAt", "")).replace(
                 "Z", "+00:00")).timestamp()

@@ -122,7 +122,7 @@ def test_a_replica_starts_while_redis_is_down_answers_503_and_catches_up(
         wait_until(lambda: decide(exporter, "ivy", "192.0.2.30")["reason"] == "ok", 15,
                    "the first connection")
         assert httpx.post(url, content=body, headers=headers).json() == {
-            "accepted": 1, "skipped": 0}
+            "accepted": 1, "skipped": 0, "ignored": 0}
         assert httpx.post(url, content=body, headers=headers).json()["skipped"] == 1
         metrics = httpx.get(exporter.url + "/metrics").text
         assert 'a3mailer_security_store_errors_total{operation="api"}' in metrics

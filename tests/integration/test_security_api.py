@@ -273,13 +273,13 @@ def test_stalwart_webhook_feeds_the_engine(exporter_process, config_file, tmp_pa
                       headers=ADMIN).json()["action"] == "allow"  # nothing changed
 
     body, headers = signed(b"hmac-key", failures)
-    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 3,
-                                                                     "skipped": 0}
+    assert httpx.post(url, content=body, headers=headers).json() == {
+        "accepted": 3, "skipped": 0, "ignored": 0}
     assert httpx.post(check, json=attempt("frank", "192.0.2.50", ""),
                       headers=ADMIN).json()["reason"] == "locked"
     # the same signed request replayed changes nothing
-    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 0,
-                                                                     "skipped": 3}
+    assert httpx.post(url, content=body, headers=headers).json() == {
+        "accepted": 0, "skipped": 3, "ignored": 0}
     stale_body, stale_headers = signed(b"hmac-key", [
         event("old", "security.authentication-ban", age=3600, remoteIp="198.51.100.9")])
     assert httpx.post(url, content=stale_body, headers=stale_headers).json()["skipped"] == 1
@@ -316,6 +316,6 @@ def test_stalwart_webhook_feeds_the_engine(exporter_process, config_file, tmp_pa
     # within its replay window is not taken again (it was, when only memory held them)
     assert exporter.stop() == 0
     exporter.start()
-    assert httpx.post(url, content=body, headers=headers).json() == {"accepted": 0,
-                                                                     "skipped": 3}
+    assert httpx.post(url, content=body, headers=headers).json() == {
+        "accepted": 0, "skipped": 3, "ignored": 0}
     assert httpx.post(url, content=ban_body, headers=ban_headers).json()["skipped"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
@@ -13,7 +14,7 @@ from exporter.http import create_app
 from exporter.http.security_routes import SecretCache
 from exporter.service import Exporter
 from security.attempts import Decision
-from security.protocols import dovecot
+from security.protocols import dovecot, stalwart
 
 TOKEN = "adm1n-token-0123456"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -344,3 +345,52 @@ async def test_overlapping_bans_answer_when_the_last_of_them_ends(serve):
     await ban("2001:db8:1:2::/64", 60)
     assert await retry_after("2001:db8:1:2::5") == 0.0
     assert 7190 < await retry_after("2001:db8:2::5") <= 7200
+
+
+# --- the Stalwart webhook
+
+def stalwart_event(event_id: str, kind: str, **data) -> dict:
+    created = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+    return {"id": event_id, "createdAt": created, "type": kind, "data": data}
+
+
+async def test_webhook_events_that_do_nothing_are_ignored_and_an_empty_id_is_refused(
+        serve, tmp_path):
+    """An event of no use to the engine (another type, no address, a network for a ban) and
+    a batch with an event without an id were counted as accepted; the empty ids also
+    shared one replay record, so the second such event was skipped as a replay."""
+    (tmp_path / "webhook.key").write_text("hmac-key")
+    exporter, client = await serve({"stalwart_webhook": {
+        "secret_file": str(tmp_path / "webhook.key")}})
+
+    async def post(events: list[dict]) -> httpx.Response:
+        body = json.dumps({"events": events}).encode()
+        return await client.post("/api/v1/webhooks/stalwart", content=body, headers={
+            "x-signature": stalwart.signature(b"hmac-key", body)})
+
+    useless = [stalwart_event("e1", "server.startup"),
+               stalwart_event("e2", "auth.failed", accountName="al"),  # no address
+               stalwart_event("e3", "auth.failed", accountName="al", remoteIp="nope"),
+               stalwart_event("e4", "security.ip-ban", remoteIp="0.0.0.0/0"),
+               stalwart_event("e5", "security.ip-ban")]
+    used = [stalwart_event("e6", "auth.failed", accountName="al", remoteIp="192.0.2.7"),
+            stalwart_event("e7", "security.ip-ban", remoteIp="198.51.100.7")]
+    r = await post(useless + used)
+    assert (r.status_code, r.json()) == (200, {"accepted": 2, "skipped": 0, "ignored": 5})
+    r = await post(useless + used)  # the same again: the two taken are replays
+    assert r.json() == {"accepted": 0, "skipped": 2, "ignored": 5}
+    assert [b["network"] for b in (await client.get(
+        "/api/v1/security/blocklist", headers=ADMIN)).json()["bans"]] == ["198.51.100.7/32"]
+    for blank in ("", "  "):
+        r = await post([stalwart_event("e8", "auth.failed", accountName="al",
+                                       remoteIp="192.0.2.8"),
+                        stalwart_event(blank, "auth.failed", accountName="al",
+                                       remoteIp="192.0.2.8")])
+        assert (r.status_code, r.json()) == (400, {
+            "error": "bad_request", "message": "events[1].id: must not be empty"})
+    frontends = exporter.security_frontends
+    assert (frontends.value(("stalwart", "ok")), frontends.value(("stalwart", "bad_request"))
+            ) == (2, 2)
+    r = await post([stalwart_event("e8", "auth.failed", accountName="al",
+                                   remoteIp="192.0.2.8")])
+    assert r.json() == {"accepted": 1, "skipped": 0, "ignored": 0}  # nothing of it was taken
