@@ -551,12 +551,17 @@ def _semantic_problems(
 # the lists of networks the security engine matches addresses against
 NETWORK_LISTS: tuple[Path_, ...] = (("trusted_networks",), ("allowlist",),
                                     ("mfa", "policy", "risky_networks"))
+# lists where a /0 switches the engine off for every client (risky_networks: MFA for
+# everyone, a choice)
+_EVERYONE: dict[Path_, str] = {
+    ("trusted_networks",): "trusted, no client would ever be delayed, locked or banned",
+    ("allowlist",): "allowlisted, no client would ever be banned"}
 
 
 def _network_problems(security: dict[str, Any], problem: Any) -> None:
     """Each entry an address or a CIDR that the engine's lists take (host bits allowed, a
     mapped prefix from /96): one they refuse stopped the engine at start and half-applied a
-    reload. A trusted /0 (0.0.0.0/0, ::/0) would exempt every client from every limit."""
+    reload. A trusted or allowlisted /0 (0.0.0.0/0, ::/0) would exempt every client."""
     from security.blocklist import parse_network
 
     for path in NETWORK_LISTS:
@@ -574,10 +579,9 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
             except ValueError as exc:  # a mapped prefix below /96, a scoped address
                 problem(("security", *path, index), str(exc))
                 continue
-            if path == ("trusted_networks",) and network.prefixlen == 0:
+            if network.prefixlen == 0 and path in _EVERYONE:
                 problem(("security", *path, index), f"{value!r} is every IPv"
-                        f"{network.version} address: trusted, no client would ever be "
-                        "delayed, locked or banned")
+                        f"{network.version} address: {_EVERYONE[path]}")
 
 
 _ANY_HOST = frozenset({"0.0.0.0", "::", "*"})

@@ -546,7 +546,7 @@ def test_a_trusted_network_of_every_address_is_a_config_error(tmp_path):
     path = write(tmp_path, """
         security:
           trusted_networks: [127.0.0.0/8, 0.0.0.0/0, "::/0", "::ffff:0:0/96"]
-          allowlist: ["::ffff:10.0.0.0/80"]
+          allowlist: ["::ffff:10.0.0.0/80", "::/0"]
     """)
     every = "address: trusted, no client would ever be delayed, locked or banned"
     assert problems(path) == [
@@ -554,4 +554,6 @@ def test_a_trusted_network_of_every_address_is_a_config_error(tmp_path):
         f"{path}:2: security.trusted_networks[2]: '::/0' is every IPv6 {every}",
         f"{path}:2: security.trusted_networks[3]: '::ffff:0:0/96' is every IPv4 {every}",
         f"{path}:3: security.allowlist[0]: an IPv4-mapped network needs a prefix of /96 or "
-        "longer (/96 is all of IPv4): '::ffff:10.0.0.0/80'"]
+        "longer (/96 is all of IPv4): '::ffff:10.0.0.0/80'",
+        f"{path}:3: security.allowlist[1]: '::/0' is every IPv6 address: allowlisted, no "
+        "client would ever be banned"]
