@@ -6,8 +6,10 @@ point no UTF-8 encoder takes, so SQLite's flush, the audit log's query answer or
 answer would each fail on it later, long after the request was answered. It accepts NaN
 and Infinity, which no JSON answer or audit record may hold (and a NaN duration compares
 false with everything). And a deeply nested document raises RecursionError, which is not
-a ValueError. All are refused here as ValueError, the error every caller already turns
-into its protocol's "bad request".
+a ValueError. And it keeps the last of two values for one key, where a proxy, a WAF or a
+log reader may keep the first: {"user": "a", "user": "b"} meant two users at once. All are
+refused here as ValueError, the error every caller already turns into its protocol's "bad
+request".
 """
 
 from __future__ import annotations
@@ -28,14 +30,26 @@ def _number(text: str) -> float:
     return value
 
 
-# json.loads's own decoder but for the constants and overflowing numbers; its scan_once
-# serves a caller's fast path
-DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_number)
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):  # the usual object pays one length comparison
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:64]!a}")
+            seen.add(key)
+    return value
+
+
+# json.loads's own decoder but for the constants, overflowing numbers and repeated keys; its
+# scan_once serves a caller's fast path (the C scanner calls the hooks too)
+DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_number,
+                           object_pairs_hook=_object)
 
 
 def loads(text: str) -> Any:
-    """json.loads(text), refusing lone surrogates, NaN and Infinity, and nesting too deep
-    to parse."""
+    """json.loads(text), refusing lone surrogates, NaN and Infinity, a key twice in one
+    object, and nesting too deep to parse."""
     try:
         value = DECODER.decode(text)
     except RecursionError:

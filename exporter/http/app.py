@@ -40,12 +40,12 @@ from exporter.http.middleware import (
 )
 from exporter.http.openapi import openapi_document
 from exporter.http.security_routes import (
-    schema_problem,
+    BadRequest,
+    _json_body,
     security_routes,
     split_policy_route,
 )
 from exporter.service import Exporter
-from security import strict_json
 
 _update_validator = jsonschema.Draft7Validator(UPDATE_SCHEMA)
 GZIP_MIN_BYTES = 1024
@@ -144,12 +144,9 @@ def create_app(exporter: Exporter) -> ASGIApp:
         if denied:
             return denied
         try:
-            body = strict_json.loads((await request.body()).decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError is one
-            return error(400, "bad_request", "body must be JSON")
-        problems = sorted(_update_validator.iter_errors(body), key=lambda e: list(e.path))
-        if problems:
-            return error(400, "bad_request", schema_problem(problems[0]))
+            body = await _json_body(request, _update_validator)
+        except BadRequest as exc:
+            return error(400, "bad_request", str(exc))
         name = request.path_params["name"]
         try:
             value = exporter.custom.update(name, body)

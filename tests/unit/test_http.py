@@ -509,3 +509,28 @@ async def test_a_client_gone_before_its_body_is_no_server_error(serve, tmp_path,
     assert exporter.http_requests.value((route, "499")) == 1
     assert exporter.http_requests.value((route, "500")) == 0
     assert "Traceback" not in caplog.text and "ClientDisconnect" not in caplog.text
+
+
+async def test_every_json_body_with_a_duplicate_key_is_400_naming_it(serve, tmp_path):
+    """json.loads keeps the last value of a repeated key; a proxy, a WAF or a log reader
+    may keep the first. Each place the API parses JSON (the shared body reader, the custom
+    metric route, the Dovecot policy) refuses the body instead."""
+    _, client = await serve(admin_config(tmp_path, {
+        "security": {"admin_token_file": str(tmp_path / "admin.token"),
+                     "store": {"type": "memory"}},
+        "monitoring": {"custom_metrics": [{"name": "depth", "type": "gauge", "help": "x"}]}}))
+    for path, body, key in (
+            ("/api/v1/sessions", '{"user": "a", "user": "b"}', "user"),
+            ("/api/v1/apikeys",
+             '{"name": "x", "scopes": ["metrics:write"], "scopes": ["admin"]}', "scopes"),
+            ("/api/v1/security/check",
+             '{"login": "a", "remote_ip": "192.0.2.1", "login": "b"}', "login"),
+            ("/api/v1/metrics/custom/depth", '{"value": 1, "value": 2}', "value"),
+            ("/dovecot/policy?command=allow",
+             '{"login": "a", "remote": "192.0.2.1", "login": "b"}', "login")):
+        r = await client.post(path, content=body, headers=ADMIN)
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"] == "bad_request"
+        assert f"duplicate key '{key}'" in r.json()["message"], path
+    r = await client.post("/api/v1/metrics/custom/depth", json={"value": 3}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["value"] == 3

@@ -47,3 +47,27 @@ def test_the_stalwart_webhook_refuses_them():
     with pytest.raises(stalwart.WebhookError, match="lone surrogate"):
         stalwart.parse_batch(b'{"events": [{"id": "1", "type": "auth.failed", '
                              b'"data": {"login": "a\\ud800"}}]}')
+
+
+@pytest.mark.parametrize("text, key", [
+    ('{"user": "a", "user": "b"}', "user"),
+    ('[{"x": {"k": 1, "k": 1}}]', "k"),  # nested, and the same value twice
+    ('{"caf\\u00e9": 1, "café": 2}', "caf\\xe9"),  # one key, spelled two ways
+])
+def test_a_duplicate_key_is_refused_and_named(text, key):
+    """json.loads keeps the last of two values: {"user": "a", "user": "b"} was user "b" here
+    and could be user "a" to a proxy or a log reader that keeps the first."""
+    with pytest.raises(ValueError, match=re.escape(f"duplicate key '{key}'")):
+        strict_json.loads(text)
+
+
+def test_the_same_key_in_two_objects_is_no_duplicate():
+    assert strict_json.loads('[{"a": 1}, {"a": 2}]') == [{"a": 1}, {"a": 2}]
+
+
+def test_the_front_ends_refuse_duplicate_keys():
+    with pytest.raises(dovecot.PolicyRequestError, match="duplicate key 'login'"):
+        dovecot.parse_request("allow", b'{"login": "a", "remote": "192.0.2.1", "login": "b"}')
+    with pytest.raises(stalwart.WebhookError, match="duplicate key 'type'"):
+        stalwart.parse_batch(b'{"events": [{"id": "1", "type": "auth.failed", '
+                             b'"type": "auth.success", "data": {}}]}')
