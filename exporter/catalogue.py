@@ -211,8 +211,9 @@ _SPECS = [
           "Live web sessions (recounted every session_config.cleanup_interval and on every "
           "change made through this process).", (), "identity"),
     _spec("a3mailer_identity_active_api_keys", "gauge", "",
-          "API keys neither expired nor revoked (recounted on every listing and cleanup).", (),
-          "identity"),
+          "API keys neither expired nor revoked: one drops out at its expiry or revocation; "
+          "keys written by another replica count from this one's next listing or cleanup.",
+          (), "identity"),
     _spec("a3mailer_identity_csrf_failures_total", "counter", "",
           "CSRF tokens refused, by reason (malformed, bad_mac, expired, no_session).",
           ("reason",), "identity"),

@@ -30,6 +30,7 @@ headers is worked out by gcra() itself when asked: KeyCheck.limit).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import secrets
@@ -80,6 +81,11 @@ class ApiKey:
     @property
     def prefix(self) -> str:
         return f"{TOKEN_PREFIX}{self.id}"
+
+    @property
+    def ends(self) -> float:
+        """When it stops being active: the first of its expiry and its revocation."""
+        return self.expires if self.revoked is None else min(self.expires, self.revoked)
 
     def state(self, now: float) -> str:
         if self.revoked is not None and self.revoked <= now:
@@ -225,7 +231,29 @@ class ApiKeys:
         self.audit = audit
         self.stats = stats or IdentityStats()
         self.clock = clock
-        self.active = 0
+        # id -> when it ends, of the keys active when this process last wrote or listed
+        # them, and a heap of the same (end, id) pairs: `active` drops each as it passes
+        self._ending: dict[str, float] = {}
+        self._ends: list[tuple[float, str]] = []
+
+    @property
+    def active(self) -> int:
+        """Keys neither expired nor revoked now, of those this process created, revoked
+        or last listed (list() recounts them from the store every cleanup interval). A
+        key drops out at its expiry, not at the next listing; a scrape costs one heap pop
+        per key ended since the last one."""
+        now = self.clock()
+        ends, ending = self._ends, self._ending
+        while ends and ends[0][0] <= now:
+            end, key_id = heapq.heappop(ends)
+            if ending.get(key_id) == end:  # else the key was written again since
+                del ending[key_id]
+        return len(ending)
+
+    def _track(self, key: ApiKey) -> None:
+        """Counts a key just written, until it ends."""
+        self._ending[key.id] = key.ends
+        heapq.heappush(self._ends, (key.ends, key.id))
 
     @property
     def stats(self) -> IdentityStats:
@@ -288,7 +316,7 @@ class ApiKeys:
         key = ApiKey(key_id, name, scopes, now, now + lifetime, None, None,
                      rate_limit_per_minute or self.settings.rate_limit_per_minute, actor)
         await self._save(key, self._hash(token))
-        self.active += 1
+        self._track(key)
         self._audit("apikey.create", actor, key, {"scopes": list(scopes),
                                                   "expires": key.expires})
         return key, token
@@ -317,8 +345,7 @@ class ApiKeys:
         revoked = ApiKey(key.id, key.name, key.scopes, key.created, key.expires, when,
                          key.last_used, key.rate_limit_per_minute, key.created_by)
         await self._save(revoked, record.data["hash"])
-        if when <= now:
-            self.active = max(0, self.active - 1)
+        self._track(revoked)
         self._audit("apikey.revoke", actor, revoked, {"at": when})
         return revoked
 
@@ -364,7 +391,9 @@ class ApiKeys:
             use = self._uses.get(record.key)
             last = max(used.get(record.key, 0.0), use.at if use else 0.0) or None
             keys.append(_key_from(record, last))
-        self.active = sum(1 for k in keys if k.state(now) == "active")
+        self._ending = {k.id: k.ends for k in keys if k.state(now) == "active"}
+        self._ends = [(end, key_id) for key_id, end in self._ending.items()]
+        heapq.heapify(self._ends)
         return sorted(keys, key=lambda k: (k.created, k.id))
 
     async def _last_used(self, key_id: str, now: float) -> float | None:

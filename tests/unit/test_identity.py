@@ -108,6 +108,28 @@ async def test_wrong_unknown_malformed_revoked_and_expired_keys_fail_alike(store
     assert keys.active == 1
 
 
+async def test_the_active_count_drops_when_a_key_expires_without_a_listing(store):
+    """It was recounted only by list() (every cleanup interval): a key past its expiry, or
+    past a rotation's grace, stayed counted until then."""
+    clock = Clock()
+    keys = ApiKeys(store, clock=clock)
+    await keys.create("long", ["admin"])
+    short, _ = await keys.create("short", ["admin"], expires_in=60)
+    old, _ = await keys.create("rotated", ["admin"])
+    await keys.rotate(old.id, grace=30)  # a new key, the old one ends at T0 + 30
+    gone, _ = await keys.create("revoked", ["admin"])
+    await keys.revoke(gone.id)
+    assert keys.active == 4  # long, short, rotated (in its grace) and its successor
+    clock.now += 31
+    assert keys.active == 3
+    clock.now += 30
+    assert keys.active == 2
+    assert keys.active == sum(k.state(clock()) == "active" for k in await keys.list())
+    clock.now += 365 * 86400
+    assert keys.active == 0
+    assert keys.active == sum(k.state(clock()) == "active" for k in await keys.list())
+
+
 async def test_a_pepper_changes_the_stored_hash(store):
     keys = ApiKeys(store, ApiKeySettings(pepper=b"pepper-secret-0123456789"), clock=Clock())
     key, token = await keys.create("p", ["admin"])

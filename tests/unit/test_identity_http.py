@@ -159,6 +159,19 @@ async def test_wrong_unknown_revoked_and_expired_keys_get_the_same_401(running):
                         method="apikey", reason="expired") == 1
 
 
+async def test_the_active_keys_gauge_drops_at_expiry_not_at_the_next_listing(running):
+    exporter, client = await running()
+    await new_key(client, ["security:read"])
+    await new_key(client, ["security:read"], expires_in=60)
+    text = (await client.get("/metrics")).text
+    assert metric_value(text, "a3mailer_identity_active_api_keys") == 2
+    keys = exporter.identity.apikeys
+    start = keys.clock()
+    keys.clock = lambda: start + 61
+    text = (await client.get("/metrics")).text
+    assert metric_value(text, "a3mailer_identity_active_api_keys") == 1
+
+
 async def test_rotate_a_key_and_the_old_one_stops(running):
     _, client = await running()
     old = await new_key(client, ["security:read"])
