@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from security.engine import Auditor, record_audit
-from security.identity import IdentityStats, LocalTable, audit_verification, local_table
+from security.identity import (
+    IdentityStats,
+    LocalTable,
+    audit_verification,
+    is_number,
+    local_table,
+    malformed,
+)
 from security.ratelimit import SLACK, Limit, Result, gcra
 from security.store import Record, Store
 
@@ -205,6 +212,33 @@ def _is_hex(text: str) -> bool:
     return bool(text) and _HEX.issuperset(text)
 
 
+def _checked(record: Record | None) -> Record | None:
+    """The record when it holds a key as _save writes it, else None (logged once): a
+    record of another shape is no key, and would fail every route that reads it."""
+    if record is None:
+        return None
+    d = record.data
+    if (isinstance(d.get("hash"), str) and len(d["hash"]) == 64 and _is_hex(d["hash"])
+            and isinstance(d.get("name"), str) and isinstance(d.get("created_by", ""), str)
+            and isinstance(d.get("scopes"), list)
+            and all(isinstance(scope, str) for scope in d["scopes"])
+            and is_number(d.get("created")) and is_number(d.get("expires"))
+            and (d.get("revoked") is None or is_number(d["revoked"]))
+            and type(d.get("rate_limit_per_minute")) is int and d["rate_limit_per_minute"] > 0):
+        return record
+    malformed(KIND, record.key, "not an API key (hash, name, scopes, times or rate limit)")
+    return None
+
+
+def _used_at(record: Record) -> float:
+    """A last-used record's time (0 for one of another shape, logged once)."""
+    at = record.data.get("t")
+    if is_number(at):
+        return float(at)
+    malformed(USED_KIND, record.key, "t is not a number")
+    return 0.0
+
+
 def _key_from(record: Record, last_used: float | None = None) -> ApiKey:
     d = record.data
     return ApiKey(id=record.key, name=d["name"], scopes=tuple(d["scopes"]), created=d["created"],
@@ -335,7 +369,7 @@ class ApiKeys:
                      ) -> ApiKey | None:
         """Revokes a key now (or at `at`); None when there is no such key."""
         now = self.clock()
-        record = await self.store.get_record(KIND, key_id, now)
+        record = _checked(await self.store.get_record(KIND, key_id, now))
         if record is None:
             return None
         key = _key_from(record, await self._last_used(key_id, now))
@@ -353,7 +387,7 @@ class ApiKeys:
                      expires_in: float | None = None) -> tuple[ApiKey, str, ApiKey] | None:
         """A new key with the old one's name, scopes and rate limit; the old one is revoked
         after `grace` seconds (0: at once). Returns (new, token, old) or None."""
-        record = await self.store.get_record(KIND, key_id, self.clock())
+        record = _checked(await self.store.get_record(KIND, key_id, self.clock()))
         if record is None or _key_from(record).state(self.clock()) != "active":
             return None
         old = _key_from(record)
@@ -372,7 +406,7 @@ class ApiKeys:
 
     async def get(self, key_id: str) -> ApiKey | None:
         now = self.clock()
-        record = await self.store.get_record(KIND, key_id, now)
+        record = _checked(await self.store.get_record(KIND, key_id, now))
         if record is None:
             return None
         return _key_from(record, await self._last_used(key_id, now))
@@ -385,9 +419,11 @@ class ApiKeys:
             rows = self._index.rows
             for key_id in [k for k, key in rows.items() if key.gone <= now]:
                 del rows[key_id]
-        used = {r.key: r.data["t"] for r in await self.store.list_records(USED_KIND, now)}
+        used = {r.key: _used_at(r) for r in await self.store.list_records(USED_KIND, now)}
         keys = []
         for record in await self.store.list_records(KIND, now):
+            if _checked(record) is None:
+                continue
             use = self._uses.get(record.key)
             last = max(used.get(record.key, 0.0), use.at if use else 0.0) or None
             keys.append(_key_from(record, last))
@@ -399,7 +435,7 @@ class ApiKeys:
     async def _last_used(self, key_id: str, now: float) -> float | None:
         use = self._uses.get(key_id)
         stored = await self.store.get_record(USED_KIND, key_id, now)
-        last = max(stored.data["t"] if stored else 0.0, use.at if use else 0.0)
+        last = max(_used_at(stored) if stored else 0.0, use.at if use else 0.0)
         return last or None
 
     # --- the check
@@ -476,7 +512,8 @@ class ApiKeys:
             return self.check(token)
         # a shared store: the record, read now, is what check() finds (for this check only)
         key_id = _key_id(token)
-        record = await self.store.get_record(KIND, key_id, self.clock()) if key_id else None
+        record = _checked(await self.store.get_record(KIND, key_id, self.clock())
+                          if key_id else None)
         if record is None:
             return self.check(token)
         rows = self._rows
@@ -491,7 +528,8 @@ class ApiKeys:
         records = await self.store.list_records(KIND, now)
         if not index.loaded:
             for record in records:
-                index.rows.setdefault(record.key, _Key(record))
+                if _checked(record) is not None:
+                    index.rows.setdefault(record.key, _Key(record))
             index.loaded = True
 
     def _refused(self, token: str, reason: str) -> KeyCheck:

@@ -1,5 +1,6 @@
 """What the identity parts (API keys, sessions, CSRF, passwords, OIDC, SAML, MFA) share:
-their counters, one way to audit a verification, and the in-process tables of records.
+their counters, one way to audit a verification, the in-process tables of records, and
+what a record that is not the shape its owner writes becomes (absent, logged once).
 
 Counters are plain dicts the exporter turns into metrics at scrape time; their keys
 are methods, results and reasons only, never a user name, address or token.
@@ -7,10 +8,13 @@ are methods, results and reasons only, never a user name, address or token.
 
 from __future__ import annotations
 
+import logging
 import weakref
-from typing import Any
+from typing import Any, TypeGuard
 
 from security.engine import Auditor, record_audit
+
+log = logging.getLogger(__name__)
 
 
 class Tally:
@@ -88,3 +92,23 @@ def local_table(store: Any, kind: str) -> LocalTable | None:
     if table is None:
         table = tables[kind] = LocalTable()
     return table
+
+
+_MALFORMED: set[tuple[str, str]] = set()  # (kind, key) of the records logged already
+
+
+def malformed(kind: str, key: str, problem: str) -> None:
+    """Logs once that the stored `kind` record under `key` is not the shape its owner
+    writes (a hand edit, another program on the same Redis prefix): the owner treats it as
+    absent (a check fails, a listing skips it) rather than answer 500 at every request.
+    Names the kind and the problem, never the key (a session's is a hash of its id) or a
+    value."""
+    if (kind, key) in _MALFORMED or len(_MALFORMED) > 1000:
+        return
+    _MALFORMED.add((kind, key))
+    log.warning("skipping a malformed %s record in the store: %s", kind, problem)
+
+
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """A JSON number (bool is an int to Python, not to JSON)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

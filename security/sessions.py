@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from security.engine import Auditor, record_audit
-from security.identity import IdentityStats, LocalTable, audit_verification, local_table
+from security.identity import (
+    IdentityStats,
+    LocalTable,
+    audit_verification,
+    is_number,
+    local_table,
+    malformed,
+)
 from security.store import Record, Store
 
 KIND = "session"
@@ -79,6 +86,19 @@ def session_key(session_id: str) -> str:
     except UnicodeEncodeError:
         raw = session_id.encode("utf-8", "surrogateescape")
     return _sha256(raw).hexdigest()
+
+
+def _checked(record: Record | None) -> Record | None:
+    """The record when it holds a session as _put writes it, else None (logged once): a
+    record of another shape is no session, and would fail every route that reads it."""
+    if record is None:
+        return None
+    d = record.data
+    if (isinstance(d.get("user"), str) and isinstance(d.get("privilege"), str)
+            and is_number(d.get("created")) and is_number(d.get("absolute"))):
+        return record
+    malformed(KIND, record.key, "not a session (user, privilege, created or absolute)")
+    return None
 
 
 def _session(record: Record) -> Session:
@@ -159,7 +179,7 @@ class Sessions:
     async def _make_room(self, user: str, now: float) -> int:
         """Ends the user's oldest sessions until one more fits; returns how many."""
         current = sorted((_session(r) for r in await self.store.list_records(
-            KIND, now, group=user)), key=lambda s: (s.created, s.key))
+            KIND, now, group=user) if _checked(r)), key=lambda s: (s.created, s.key))
         excess = len(current) - self.settings.max_sessions_per_user + 1
         for old in current[:max(0, excess)]:
             await self._delete(old.key)
@@ -224,7 +244,7 @@ class Sessions:
         # a shared store: the record, read now, is what check() finds (for this check only;
         # check() hashes the id once more, a microsecond beside the store's round trip)
         key = session_key(session_id)
-        record = await self.store.get_record(KIND, key, self.clock())
+        record = _checked(await self.store.get_record(KIND, key, self.clock()))
         if record is None:
             return self.check(session_id, touch)
         rows = self._rows
@@ -239,14 +259,15 @@ class Sessions:
         records = await self.store.list_records(KIND, now)
         if not table.loaded:
             for record in records:
-                table.rows.setdefault(record.key, record)
+                if _checked(record) is not None:
+                    table.rows.setdefault(record.key, record)
             table.loaded = True
 
     async def revoke(self, session_id: str, *, actor: str = "api") -> Session | None:
         return await self.revoke_key(session_key(session_id), actor=actor)
 
     async def revoke_key(self, key: str, *, actor: str = "api") -> Session | None:
-        record = await self._delete(key)
+        record = _checked(await self._delete(key))
         if record is None:
             return None
         session = _session(record)
@@ -256,7 +277,8 @@ class Sessions:
 
     async def revoke_user(self, user: str, *, actor: str = "api") -> int:
         """Ends every session of a user (after a password change, say)."""
-        records = await self.store.list_records(KIND, self.clock(), group=user)
+        records = [r for r in await self.store.list_records(KIND, self.clock(), group=user)
+                   if _checked(r)]
         for record in records:
             await self.revoke_key(record.key, actor=actor)
         return len(records)
@@ -331,7 +353,7 @@ class Sessions:
         """Drops expired sessions and recounts the active ones; returns how many are active."""
         await self.flush()
         now = self.clock()
-        sessions = await self.store.list_records(KIND, now)
+        sessions = [r for r in await self.store.list_records(KIND, now) if _checked(r)]
         self.active = len(sessions)
         if self._table is not None and self._table.loaded:  # drop what has expired
             rows = self._table.rows

@@ -199,6 +199,7 @@ _TOUCH_RECORD = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local i = string.find(raw, '|', 1, true)
+if not i then return 0 end  -- not a record (a hand edit): as absent
 redis.call('SET', KEYS[1], ARGV[1] .. string.sub(raw, i), 'PX', ARGV[2])
 return 1
 """
@@ -250,13 +251,15 @@ def _decode_ban(raw: str) -> Entry | None:
     return ban
 
 
-_reported: set[str] = set()  # the malformed values logged already (once each)
+_reported: set[tuple[str, str]] = set()  # the malformed values logged already (once each)
 
 
 def _malformed(kind: str, raw: str, exc: Exception) -> None:
-    if raw in _reported or len(_reported) > 1000:
+    """Logs a value that is not a `kind` once, naming the kind and the error's type only
+    (never the value: a record may hold a key's hash, a lock a login)."""
+    if (kind, raw) in _reported or len(_reported) > 1000:
         return
-    _reported.add(raw)
+    _reported.add((kind, raw))
     log.warning("skipping a malformed %s in Redis: %s", kind, type(exc).__name__)
 
 
@@ -265,10 +268,21 @@ def _encode_record(record: Record) -> str:
     return f"{expires}|{json.dumps({'d': record.data, 'g': record.group})}"
 
 
-def _decode_record(kind: str, key: str, raw: str) -> Record:
-    expires, _, body = raw.partition("|")
-    value = json.loads(body)
-    return Record(kind, key, value["d"], float(expires) if expires else None, value["g"])
+def _decode_record(kind: str, key: str, raw: str) -> Record | None:
+    """A stored record; None (logged once) for a value that is not one, such as a hand
+    edit or another program's key under our prefix: the record is absent to its reader,
+    whose route would otherwise answer 500 on it at every request."""
+    expires, bar, body = raw.partition("|")
+    try:
+        value = json.loads(body)
+        if not bar or not isinstance(value, dict) or not isinstance(value.get("d"), dict) \
+                or not isinstance(value.get("g", ""), str | None):
+            raise TypeError("not {'d': {...}, 'g': ...}")
+        return Record(kind, key, value["d"], float(expires) if expires else None,
+                      value.get("g") or "")
+    except (ValueError, TypeError) as exc:
+        _malformed(f"{kind} record", raw, exc)
+        return None
 
 
 class RedisStore:
@@ -492,7 +506,8 @@ class RedisStore:
             if record.group:
                 pipe.sadd(self._k(f"rg:{record.kind}", record.group), record.key)
             if old is not None:
-                previous = _decode_record(record.kind, record.key, old).group
+                replaced = _decode_record(record.kind, record.key, old)
+                previous = replaced.group if replaced is not None else ""
                 if previous and previous != record.group:
                     pipe.srem(self._k(f"rg:{record.kind}", previous), record.key)
             await pipe.execute()
@@ -521,7 +536,9 @@ class RedisStore:
         if raw is None:
             return None
         rec = _decode_record(kind, key, raw)
-        return None if rec.expires is not None and rec.expires <= now else rec
+        if rec is None or (rec.expires is not None and rec.expires <= now):
+            return None
+        return rec
 
     async def delete_record(self, kind: str, key: str) -> Record | None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -532,6 +549,8 @@ class RedisStore:
         if raw is None:
             return None
         rec = _decode_record(kind, key, raw)
+        if rec is None:
+            return None
         if rec.group:
             await self._redis.srem(self._k(f"rg:{kind}", rec.group), key)
         return rec
@@ -545,8 +564,13 @@ class RedisStore:
         values = await self._redis.mget([self._k(f"r:{kind}", k) for k in keys])
         out, gone = [], []
         for key, raw in zip(keys, values, strict=True):
-            rec = _decode_record(kind, key, raw) if raw is not None else None
-            if rec is None or (group is not None and rec.group != group):
+            if raw is None:  # expired by its TTL
+                gone.append(key)
+                continue
+            rec = _decode_record(kind, key, raw)
+            if rec is None:  # kept, and skipped
+                continue
+            if group is not None and rec.group != group:
                 gone.append(key)
             elif rec.expires is None or rec.expires > now:
                 out.append(rec)

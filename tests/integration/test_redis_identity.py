@@ -10,9 +10,11 @@ import uuid
 import pytest
 
 from security.apikeys import ApiKeys
-from security.sessions import Sessions, SessionSettings
+from security.sessions import Sessions, SessionSettings, session_key
 from security.store import Record
 from security.store.redis import RedisStore
+from tests.unit.test_http import ADMIN
+from tests.unit.test_identity_http import bearer, new_key, running  # noqa: F401 - a fixture
 from tests.unit.test_security_store_records import (  # noqa: F401 - collected here on Redis
     test_add_record_creates_once_until_it_expires,
     test_an_expired_record_is_gone,
@@ -106,3 +108,68 @@ async def test_the_index_of_a_kind_nobody_lists_stays_near_its_live_records(stor
         await store.add_record(Record("event", f"new-{i}", {}, time.time() + 60), time.time())
     members = await store._redis.scard(store._k("ri", "event"))
     assert 400 <= members <= 440, members  # 800 before
+
+
+GARBAGE = ["not json", "|not json", "1e9|[]", '|{"d": {"name": "x"}, "g": null}',
+           '|{"d": {"hash": "zz", "expires": "soon", "revoked": null, "scopes": ["admin"], '
+           '"name": "x", "created": 1, "rate_limit_per_minute": 5}, "g": null}',
+           '|{"d": {"user": ["u"], "privilege": "user", "created": 1, "absolute": 9e9}, '
+           '"g": "u"}']
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+async def test_a_garbage_record_is_absent_not_a_500(running, redis_module, garbage,  # noqa: F811
+                                                    caplog):
+    """A session or API key record that is not JSON or not the shape the exporter writes
+    (a hand edit, another program on the same prefix) answered 500 on every route that
+    read it; it is now absent (401, 404, skipped in listings), with one warning naming
+    its kind and never the secret."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    exporter, client = await running({"security": {"enable_rate_limiting": False, "store": {
+        "type": "redis", "redis_url": redis_module.url, "redis_key_prefix": prefix}}})
+    store = exporter.security.store
+    good, bad = await new_key(client, ["security:read"]), await new_key(client, ["admin"])
+    r = await client.post("/api/v1/sessions", headers=ADMIN, json={"user": "u"})
+    session = r.json()
+    sid, csrf = session["session_id"], session["csrf_token"]
+    await store._redis.set(store._k("r:apikey", bad["id"]), garbage)
+    await store._redis.set(store._k("r:session", session_key(sid)), garbage)
+    for _ in range(2):  # the second time: the same answers, no second warning
+        r = await client.get("/api/v1/security/lockouts", headers=bearer(bad["key"]))
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert (await client.get("/api/v1/security/lockouts",
+                                 headers=bearer(good["key"]))).status_code == 200
+        r = await client.get("/api/v1/apikeys", headers=ADMIN)
+        assert r.status_code == 200 and [k["id"] for k in r.json()["keys"]] == [good["id"]]
+        for method, path in (("GET", f"/api/v1/apikeys/{bad['id']}"),
+                             ("DELETE", f"/api/v1/apikeys/{bad['id']}"),
+                             ("POST", f"/api/v1/apikeys/{bad['id']}/rotate"),
+                             ("GET", f"/api/v1/sessions/{sid}"),
+                             ("POST", f"/api/v1/sessions/{sid}/refresh"),
+                             ("POST", f"/api/v1/sessions/{sid}/rotate")):
+            r = await client.request(method, path, headers=ADMIN, json={})
+            assert r.status_code == 404, (method, path, r.text)
+        r = await client.post("/api/v1/csrf/verify", headers=ADMIN,
+                              json={"session_id": sid, "token": csrf})
+        assert r.status_code == 200 and r.json()["valid"] is False
+        r = await client.post("/api/v1/sessions", headers=ADMIN, json={"user": "u"})
+        assert r.status_code == 201
+        assert (await client.delete(f"/api/v1/sessions/{sid}", headers=ADMIN)).status_code \
+            == 404
+        await store._redis.set(store._k("r:session", session_key(sid)), garbage)
+        r = await client.delete("/api/v1/sessions?user=u", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["revoked"] >= 1  # the good ones
+        await store._redis.set(store._k("r:apikey", bad["id"]), garbage)
+        await store._redis.set(store._k("r:session", session_key(sid)), garbage)
+    assert await exporter.identity.sessions.cleanup() == 0  # the good ones ended above
+    # an idle-timer move written behind onto it (validated just before the edit): no error
+    key = store._k("r:session", session_key(sid))
+    await store.touch_records("session", {session_key(sid): time.time() + 60})
+    raw = await store._redis.get(key)
+    assert raw == garbage if "|" not in garbage else raw.endswith(garbage[garbage.index("|"):])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and "malformed" in r.getMessage()]
+    assert sorted(warnings) == sorted(set(warnings)), warnings  # once each
+    assert any("apikey" in w for w in warnings) and any("session" in w for w in warnings)
+    assert not any(secret in w for w in warnings
+                   for secret in (bad["key"], sid, session_key(sid), bad["id"]))

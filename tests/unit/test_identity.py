@@ -17,7 +17,7 @@ from security.csrf import CsrfTokens, load_or_create_key
 from security.identity import IdentityStats
 from security.passwords import PasswordPolicy, PasswordSettings, context_words
 from security.sessions import Sessions, SessionSettings, session_key
-from security.store import open_store
+from security.store import Record, open_store
 
 T0 = 4_000_000_000.0
 
@@ -128,6 +128,26 @@ async def test_the_active_count_drops_when_a_key_expires_without_a_listing(store
     clock.now += 365 * 86400
     assert keys.active == 0
     assert keys.active == sum(k.state(clock()) == "active" for k in await keys.list())
+
+
+async def test_records_of_another_shape_are_no_keys_and_no_sessions(store):
+    """A library caller's (or a hand edit's) record under the apikey or session kind: the
+    index and table loads skip it, as the Redis reads do (test_redis_identity.py)."""
+    clock = Clock()
+    keys, sessions = ApiKeys(store, clock=clock), Sessions(store, clock=clock)
+    key, token = await keys.create("good", ["admin"])
+    _, sid = await sessions.create("u")
+    bad_token = "a3m_0123456789ab_" + token.split("_", 2)[2]
+    await store.put_record(Record("apikey", "0123456789ab", {"hash": "zz", "name": 5}))
+    await store.put_record(Record("session", session_key("forged"), {"user": None}))
+    fresh_keys, fresh_sessions = ApiKeys(store, clock=clock), Sessions(store, clock=clock)
+    assert (await fresh_keys.authenticate(bad_token)).reason == "unknown"
+    assert (await fresh_keys.authenticate(token)).ok
+    assert [k.id for k in await fresh_keys.list()] == [key.id]
+    assert await fresh_keys.get("0123456789ab") is None
+    assert await fresh_sessions.validate("forged") is None
+    assert (await fresh_sessions.validate(sid)).user == "u"
+    assert await fresh_sessions.cleanup() == 1
 
 
 async def test_a_pepper_changes_the_stored_hash(store):
