@@ -198,7 +198,7 @@ async def serve(config: Config) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, exporter.reload)
+    loop.add_signal_handler(signal.SIGHUP, exporter.reload_soon)
     await exporter.start()
     # What start-up built (modules, config, engines, the security state loaded from disk)
     # lives as long as the process: frozen out of the collector's generations, a full

@@ -90,6 +90,7 @@ class Exporter:
         self.reload_time = time.time()
         self.reload_problems: list[str] = []
         self.on_reload: list[Callable[[Config], None]] = []
+        self._reload_pending = False  # reload_soon() has one scheduled
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._history_wakeup = asyncio.Event()
@@ -236,6 +237,20 @@ class Exporter:
         self.health.wake()
         self._history_wakeup.set()
         return []
+
+    def reload_soon(self) -> None:
+        """SIGHUP: one reload on the event loop's next round; signals that arrive before
+        it runs join it (it reads the file then, so none is lost). One reload per signal,
+        back to back, held the loop for the whole storm: /livez took 2.4 s after 300
+        SIGHUPs, each reload about 8 ms."""
+        if self._reload_pending:
+            return
+        self._reload_pending = True
+        asyncio.get_running_loop().call_soon(self._pending_reload)
+
+    def _pending_reload(self) -> None:
+        self._reload_pending = False
+        self.reload()
 
     def _audit_reload(self, actor: str, ok: bool, problems: list[str]) -> None:
         record_audit(self.audit, "config.reload", actor, self.config.source,
