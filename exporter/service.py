@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
-from exporter import __version__, catalogue, tracing
+from exporter import __version__, catalogue, logs, tracing
 from exporter.alerts import AlertEngine
 from exporter.checks import security_store_check, state_dir_check, system_check
 from exporter.collectors import Scrape, enabled_collectors
@@ -56,6 +56,17 @@ from security.store import open_store
 log = logging.getLogger(__name__)
 
 TRACING_SHUTDOWN_TIMEOUT = 5.0
+# keys a reload cannot change (sockets, files and stores opened at start): a reload keeps
+# their running values and logs that it did
+RESTART_ONLY: tuple[tuple[str, ...], ...] = (
+    ("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
+    ("server", "graceful_shutdown_timeout"), ("monitoring", "health_endpoint_path"),
+    ("security", "enabled"), ("security", "store"),
+    ("security", "postfix_policy", "enabled"), ("security", "postfix_policy", "listen"),
+    ("security", "audit_config", "file"), ("security", "audit_config", "stdout"),
+    ("security", "audit_config", "fsync_interval"),
+    ("security", "mfa", "enabled"), ("security", "mfa", "encryption_key_file"),
+    ("security", "mfa", "encryption_key_env"))
 
 
 @dataclass
@@ -123,10 +134,6 @@ class Exporter:
         self.health.configure(config.seconds("monitoring", "health_check_interval"),
                               config.seconds("monitoring", "health_check_timeout"),
                               mon["failure_threshold"], mon["success_threshold"])
-        self.history.configure(config.seconds("monitoring", "retention_period"),
-                               config.seconds("monitoring", "collection_interval"),
-                               mon["history_max_entries"])
-        self.custom.configure(mon["custom_metrics"])
         self._configure_tracing(config)
         self.sampler = SystemSampler(mon)
         if mon["enabled"]:
@@ -179,6 +186,12 @@ class Exporter:
         # the engine reads what a scrape reads, through its own collector instances (the CPU
         # usage is measured between one reader's calls)
         self.alerts.configure(config, Scrape([*enabled_collectors(mon), *sources]).collect)
+        # last: their data (the history ring, custom metric values) is cut to the new
+        # config, which a step failing before them must not have done
+        self.history.configure(config.seconds("monitoring", "retention_period"),
+                               config.seconds("monitoring", "collection_interval"),
+                               mon["history_max_entries"])
+        self.custom.configure(mon["custom_metrics"])
 
     def _configure_tracing(self, config: Config) -> None:
         """A changed tracing section gets a new provider; the old one exports what it
@@ -197,18 +210,21 @@ class Exporter:
         try:
             new = load_config(self.config.path, self.config.overrides)
         except ConfigError as exc:
+            problems = [str(p) for p in exc.problems]
+        except Exception as exc:  # a loader bug: still a refused file, never a half reload
+            log.exception("reading the config raised")
+            problems = [f"{self.config.source}: reading the config failed: "
+                        f"{type(exc).__name__}"]
+        else:
+            problems = []
+        if problems:
             self.reload_ok = False
-            self.reload_problems = [str(p) for p in exc.problems]
+            self.reload_problems = problems
             log.error("config reload rejected; previous config keeps running",
-                      extra={"problems": len(exc.problems), "first": self.reload_problems[0]})
-            self._audit_reload(actor, False, self.reload_problems)
-            return self.reload_problems
-        for path in (("server", "listen_address"), ("server", "state_dir"), ("server", "tls"),
-                     ("security", "enabled"), ("security", "store"),
-                     ("security", "postfix_policy", "enabled"),
-                     ("security", "postfix_policy", "listen"),
-                     ("security", "mfa", "enabled"), ("security", "mfa", "encryption_key_file"),
-                     ("security", "mfa", "encryption_key_env")):
+                      extra={"problems": len(problems), "first": problems[0]})
+            self._audit_reload(actor, False, problems)
+            return problems
+        for path in RESTART_ONLY:
             *parents, key = path
             old_section, new_section = self.config.data, new.data
             for part in parents:
@@ -217,6 +233,8 @@ class Exporter:
                 log.warning("changing %s needs a restart; keeping the old value", ".".join(path))
                 new_section[key] = old_section[key]
         old = self.config
+        if new["logging"] != old["logging"]:
+            logs.setup(new["logging"]["level"], new["logging"]["format"])
         try:
             self._apply(new)
             for callback in self.on_reload:

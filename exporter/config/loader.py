@@ -13,6 +13,7 @@ import errno
 import functools
 import ipaddress
 import json
+import math
 import os
 import re
 import ssl
@@ -293,10 +294,16 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
             raise ConfigError([_yaml_problem(name, exc)]) from exc
         except yaml.YAMLError as exc:
             raise ConfigError([Problem(name, 0, "", f"invalid YAML: {exc}")]) from exc
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError([Problem(name, 0, "", "invalid YAML: lists or mappings nested "
+                                       "too deep to read")]) from None
         if node is None:
             return {}, {}
+        alias_problem = _alias_problem(node, name)
+        if alias_problem is not None:
+            raise ConfigError([alias_problem])
         positions: dict[Path_, tuple[int, int]] = {}
-        problems = _index_node(node, (), positions, name)
+        problems = _index_node(node, (), positions, name, set())
         try:
             data = loader.construct_document(node)
         except yaml.MarkedYAMLError as exc:  # a tag SafeLoader refuses (!!python/object)
@@ -306,6 +313,7 @@ def _load_text(text: str, name: str) -> tuple[dict[str, Any], dict[Path_, tuple[
     if not isinstance(data, dict):
         raise ConfigError([Problem(name, node.start_mark.line + 1, "", "must be a mapping")])
     problems += _schema_problems(data, positions, name)
+    problems += _non_finite_problems(data, (), positions, name)
     if problems:
         problems.sort(key=lambda p: (p.line, p.path))
         raise ConfigError(problems)
@@ -322,14 +330,64 @@ def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     return Problem(name, mark.line + 1 if mark else 0, "", message)
 
 
+# the most values a config may hold with its aliases expanded (each reference counted):
+# a real one holds a few thousand; ten references a level, eight levels deep, would be
+# 10^8 and took the loader minutes and gigabytes
+MAX_VALUES = 100_000
+
+
+def _alias_problem(node: yaml.Node, name: str) -> Problem | None:
+    """A recursive alias, or aliases that expand the file beyond MAX_VALUES values:
+    what the data built from it would then be is refused before it is built."""
+    sizes: dict[int, int] = {}  # a node's values, expanded, by id: each node counted once
+    open_nodes: set[int] = set()
+
+    def size(item: yaml.Node) -> int:
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise RecursionError
+        open_nodes.add(key)
+        if isinstance(item, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in item.value)
+        elif isinstance(item, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in item.value)
+        else:
+            total = 1
+        open_nodes.discard(key)
+        sizes[key] = min(total, MAX_VALUES + 1)
+        return sizes[key]
+
+    try:
+        total = size(node)
+    except RecursionError:  # an alias inside what it names, or nesting beyond the stack
+        return Problem(name, 0, "", "an alias refers to a node that contains it (or the "
+                       "nesting is too deep): such a value has no end")
+    if total > MAX_VALUES:
+        return Problem(name, 0, "", f"with its aliases expanded the file holds more than "
+                       f"{MAX_VALUES:,} values")
+    return None
+
+
 def _index_node(
-    node: yaml.Node, path: Path_, positions: dict[Path_, tuple[int, int]], name: str
+    node: yaml.Node, path: Path_, positions: dict[Path_, tuple[int, int]], name: str,
+    indexed: set[int],
 ) -> list[Problem]:
-    """Records (value line, key line) for every path; finds duplicate keys."""
+    """Records (value line, key line) for every path; finds duplicate keys and keys that
+    are not plain strings. A node an alias names again is indexed once: what lies under
+    the alias has the alias's line."""
     problems: list[Problem] = []
+    if id(node) in indexed:
+        return problems
+    indexed.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(Problem(name, key_node.start_mark.line + 1, _dotted(path),
+                                        "a key must be a plain string, not a list or mapping"))
+                continue
             key = key_node.value
             child = (*path, key)
             if key in seen:
@@ -338,12 +396,12 @@ def _index_node(
                 )
             seen.add(key)
             positions[child] = (value_node.start_mark.line + 1, key_node.start_mark.line + 1)
-            problems += _index_node(value_node, child, positions, name)
+            problems += _index_node(value_node, child, positions, name, indexed)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             child = (*path, index)
             positions[child] = (item.start_mark.line + 1, item.start_mark.line + 1)
-            problems += _index_node(item, child, positions, name)
+            problems += _index_node(item, child, positions, name, indexed)
     return problems
 
 
@@ -363,6 +421,19 @@ def _schema_problems(
             line = _line_for(path, positions, on_key)
             problems.append(Problem(name, line, _dotted(path), message))
     return problems
+
+
+def _non_finite_problems(node: Any, path: Path_, positions: dict[Path_, tuple[int, int]],
+                         name: str) -> list[Problem]:
+    """.nan and .inf, which YAML reads as floats and the schema's bounds let through (a
+    threshold of nan never fires): no key takes them."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [Problem(name, _line_for(path, positions, False), _dotted(path),
+                        f"must be a finite number, got {node!r}")]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(
+        node, list) else ()
+    return [problem for key, value in items
+            for problem in _non_finite_problems(value, (*path, key), positions, name)]
 
 
 def _line_for(path: Path_, positions: dict[Path_, tuple[int, int]], on_key: bool) -> int:
@@ -507,6 +578,8 @@ def _semantic_problems(
         except OSError as exc:
             problem((*section, f"{name}_file"), f"cannot read secret: {exc.strerror}")
             continue
+        if secret is None and (wrong := _unset_variable(section, name, values)) is not None:
+            problem((*section, f"{name}_env"), wrong)
         shortest = SECRET_MIN_LENGTH.get((*section, name), 0)
         if secret is not None and len(secret) < shortest:
             # said without the value; the file, or the variable it came from
@@ -544,6 +617,12 @@ def _semantic_problems(
     tls = data["server"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         problem(("server", "tls"), "cert_file and key_file go together")
+    elif tls["cert_file"] and (wrong := _tls_pair_problem(tls["cert_file"],
+                                                          tls["key_file"])) is not None:
+        problem(("server", "tls", "cert_file"), wrong)
+    roots = security["mfa"]["webauthn"]["attestation_roots_file"]
+    if roots and (wrong := ca_problem(roots)) is not None:
+        problem(("security", "mfa", "webauthn", "attestation_roots_file"), wrong)
     _alert_engine_problems(data["alerting"]["engine"]["alertmanager"], problem)
     return problems
 
@@ -556,6 +635,20 @@ NETWORK_LISTS: tuple[Path_, ...] = (("trusted_networks",), ("allowlist",),
 _EVERYONE: dict[Path_, str] = {
     ("trusted_networks",): "trusted, no client would ever be delayed, locked or banned",
     ("allowlist",): "allowlisted, no client would ever be banned"}
+
+
+def _unset_variable(section: Path_, name: str, values: Mapping[str, Any]) -> str | None:
+    """A `<name>_env` the operator set (not its default) to a variable that is unset or
+    empty: said, since the feature the secret guards would quietly be off (the listener
+    open, with server.auth's bearer_token_env). A default name unset is the feature off,
+    as documented."""
+    env = values.get(f"{name}_env") or ""
+    default: Any = _defaults()
+    for key in section:
+        default = default.get(key, {}) if isinstance(default, dict) else {}
+    if not env or env == default.get(f"{name}_env"):
+        return None
+    return f"${env} is not set or is empty"
 
 
 def _network_problems(security: dict[str, Any], problem: Any) -> None:
@@ -614,10 +707,24 @@ def ca_problem(path: str) -> str | None:
     push weeks later said only 'unreachable: FileNotFoundError')."""
     try:
         ssl.create_default_context(cafile=path)
+    except ssl.SSLError:  # an OSError too: first
+        return "no PEM certificates in the file"
     except OSError as exc:
         return f"cannot read CA certificates: {exc.strerror or exc}"
+    return None
+
+
+def _tls_pair_problem(cert_file: str, key_file: str) -> str | None:
+    """Why the listener's certificate and key cannot serve: found by check-config, not
+    by `run` after it has said it started."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            cert_file, key_file, password=lambda: b"")  # an encrypted key cannot be used
     except ssl.SSLError:
-        return "no PEM certificates in the file"
+        return ("the certificate and key_file are not a PEM certificate and its "
+                "unencrypted private key")
+    except OSError as exc:
+        return f"cannot read the certificate or key: {exc.strerror or exc}"
     return None
 
 

@@ -557,3 +557,224 @@ def test_a_trusted_network_of_every_address_is_a_config_error(tmp_path):
         "longer (/96 is all of IPv4): '::ffff:10.0.0.0/80'",
         f"{path}:3: security.allowlist[1]: '::/0' is every IPv6 address: allowlisted, no "
         "client would ever be banned"]
+
+
+def test_aliases_that_expand_beyond_bounds_or_into_themselves_are_refused(tmp_path):
+    """Ten references a level, eight levels deep (380 bytes), took check-config minutes
+    and 11 GB; an alias inside what it names raised RecursionError; a list as a key and
+    nesting too deep for PyYAML raised tracebacks."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    bomb = write(tmp_path, "\n".join(levels) + "\n", "bomb.yaml")
+    assert problems(bomb) == [
+        f"{bomb}: (top level): with its aliases expanded the file holds more than 100,000 "
+        "values"]
+    cycle = write(tmp_path, "x: &a [*a]\n", "cycle.yaml")
+    assert problems(cycle) == [
+        f"{cycle}: (top level): an alias refers to a node that contains it (or the nesting "
+        "is too deep): such a value has no end"]
+    key = write(tmp_path, "? [a, b]\n: c\n", "key.yaml")
+    [problem] = problems(key)
+    assert problem.startswith(f"{key}:1: (top level): invalid YAML: found unhashable key")
+    deep = write(tmp_path, "monitoring: {probes: " + "[" * 600 + "]" * 600 + "}\n",
+                 "deep.yaml")
+    assert problems(deep) == [
+        f"{deep}: (top level): invalid YAML: lists or mappings nested too deep to read"]
+
+
+def test_aliases_a_config_uses_still_load_with_the_alias_line(tmp_path):
+    path = write(tmp_path, """
+        monitoring:
+          probes:
+            - &web {name: a, protocol: http, host: 127.0.0.1, port: 80}
+            - {<<: *web, name: b}
+            - {<<: *web, name: c, extra: 1}
+    """)
+    assert problems(path) == [f"{path}:5: monitoring.probes[2].extra: unknown key"]
+    path = write(tmp_path, """
+        monitoring:
+          probes:
+            - &web {name: a, protocol: http, host: 127.0.0.1, port: 80}
+            - {<<: *web, name: b}
+    """)
+    assert [p["name"] for p in load_config(path)["monitoring"]["probes"]] == ["a", "b"]
+
+
+def test_a_variable_named_by_the_operator_must_be_set(tmp_path, monkeypatch):
+    """server.auth.bearer_token_env naming an unset variable passed check-config and left
+    /metrics open; an unset variable under its default name is the feature off."""
+    monkeypatch.delenv("NOPE_UNSET", raising=False)
+    monkeypatch.delenv("A3MAILER_ADMIN_TOKEN", raising=False)
+    path = write(tmp_path, """
+        server:
+          auth:
+            bearer_token_env: NOPE_UNSET
+        security:
+          admin_token_env: ALSO_UNSET
+    """)
+    monkeypatch.setenv("ALSO_UNSET", "")
+    assert problems(path) == [
+        f"{path}:3: server.auth.bearer_token_env: $NOPE_UNSET is not set or is empty",
+        f"{path}:5: security.admin_token_env: $ALSO_UNSET is not set or is empty"]
+    monkeypatch.setenv("NOPE_UNSET", "t" * 32)
+    monkeypatch.setenv("ALSO_UNSET", "a" * 32)
+    load_config(path)
+    load_config(write(tmp_path, "security:\n  admin_token_env: A3MAILER_ADMIN_TOKEN\n"))
+
+
+def test_tls_pair_and_attestation_roots_are_read_at_load(tmp_path):
+    """Both passed check-config; `run` then died after saying it had started."""
+    import subprocess
+
+    for stem in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        f"/CN={stem}", "-keyout", str(tmp_path / f"{stem}.key"), "-out",
+                        str(tmp_path / f"{stem}.pem")], check=True, capture_output=True)
+    (tmp_path / "text").write_text("hello\n")
+
+    def config(cert: str, key: str, roots: str) -> Path:
+        return write(tmp_path, f"""
+            server:
+              tls: {{cert_file: {tmp_path}/{cert}, key_file: {tmp_path}/{key}}}
+            security:
+              mfa:
+                webauthn: {{attestation_roots_file: {tmp_path}/{roots}}}
+        """)
+
+    load_config(config("a.pem", "a.key", "b.pem"))
+    wrong = ("server.tls.cert_file: the certificate and key_file are not a PEM certificate "
+             "and its unencrypted private key")
+    path = config("text", "text", "text")
+    assert problems(path) == [
+        f"{path}:2: {wrong}",
+        f"{path}:5: security.mfa.webauthn.attestation_roots_file: no PEM certificates in the "
+        "file"]
+    path = config("a.pem", "b.key", "none.pem")
+    assert problems(path) == [
+        f"{path}:2: {wrong}",
+        f"{path}:5: security.mfa.webauthn.attestation_roots_file: cannot read CA "
+        "certificates: No such file or directory"]
+    path = config("a.pem", "none.key", "a.pem")
+    assert problems(path) == [
+        f"{path}:2: server.tls.cert_file: cannot read the certificate or key: No such file "
+        "or directory"]
+
+
+def test_nan_and_inf_are_refused_wherever_they_stand(tmp_path):
+    """A cpu_usage_threshold of .nan passed the schema's bounds and wrote rules that
+    compare with nan, which never fire."""
+    path = write(tmp_path, """
+        monitoring:
+          alert_thresholds:
+            cpu_usage_threshold: .nan
+            response_time_threshold: .inf
+    """)
+    assert problems(path) == [
+        f"{path}:3: monitoring.alert_thresholds.cpu_usage_threshold: must be a finite "
+        "number, got nan",
+        f"{path}:4: monitoring.alert_thresholds.response_time_threshold: must be a finite "
+        "number, got inf"]
+
+
+def test_a_reload_refused_while_applying_keeps_custom_values_and_history(tmp_path,
+                                                                        monkeypatch):
+    """The custom metric values and the history ring were cut to the new config before
+    the step that failed; the rollback restored the declarations, not the data."""
+    from exporter.service import Exporter
+
+    declared = """
+        server:
+          state_dir: {state}
+        monitoring:
+          history_max_entries: {entries}
+          custom_metrics:{custom}
+        security:
+          reject_message: {message}
+    """
+    gauge = ('\n            - {name: queue_depth, type: gauge, help: Waiting, '
+             'labels: [queue]}')
+
+    def config(entries: int, custom: str, message: str) -> Path:
+        return write(tmp_path, declared.format(state=tmp_path / "state", entries=entries,
+                                               custom=custom, message=message))
+
+    exporter = Exporter(load_config(config(100, gauge, "steady")))
+    real_configure = exporter.identity.configure
+
+    def configure(config):
+        if config["security"]["reject_message"] == "FAILS":
+            raise ValueError("a key the loader let through")
+        real_configure(config)
+
+    monkeypatch.setattr(exporter.identity, "configure", configure)
+    try:
+        exporter.custom.update("queue_depth", {"value": 42, "labels": {"queue": "active"}})
+        for n in range(10):
+            exporter.history.add({"n": n})
+        config(1, " []", "FAILS")
+        [problem] = exporter.reload()
+        assert "applying the config failed: ValueError" in problem
+        assert exporter.custom.metrics["queue_depth"].values == {("active",): 42.0}
+        assert len(exporter.history) == 10
+        config(1, " []", "steady")
+        assert exporter.reload() == []  # applied: now the data follows the new config
+        assert "queue_depth" not in exporter.custom.metrics and len(exporter.history) == 1
+    finally:
+        exporter.audit.close()
+
+
+def test_a_loader_that_raises_is_a_refused_reload_not_a_500(tmp_path, monkeypatch):
+    from exporter import service
+
+    path = write(tmp_path, f"server:\n  state_dir: {tmp_path}/state\n")
+    exporter = service.Exporter(load_config(path))
+
+    def broken(*args, **kwargs):
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(service, "load_config", broken)
+    try:
+        assert exporter.reload() == [f"{path}: reading the config failed: TypeError"]
+        assert exporter.reload_ok is False
+        [record] = exporter.audit.query(types=["config.reload"])[0]
+        assert record["details"]["ok"] is False
+    finally:
+        exporter.audit.close()
+
+
+def test_a_reload_keeps_restart_only_keys_and_applies_logging(tmp_path, caplog):
+    import logging
+
+    from exporter.service import RESTART_ONLY, Exporter
+
+    start = f"""
+        server:
+          state_dir: {tmp_path}/state
+          graceful_shutdown_timeout: 10s
+        monitoring:
+          health_endpoint_path: /health
+        security:
+          audit_config: {{stdout: false, fsync_interval: 1s}}
+    """
+    path = write(tmp_path, start)
+    exporter = Exporter(load_config(path))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        write(tmp_path, start.replace("10s", "3s").replace("/health", "/healthz")
+              .replace("stdout: false", "stdout: true").replace("1s}", "5s}").rstrip()
+              + "\n        logging: {level: error, format: json}\n")
+        with caplog.at_level(logging.WARNING, logger="exporter.service"):
+            assert exporter.reload() == []
+        kept = {r.getMessage() for r in caplog.records}
+        for key in ("server.graceful_shutdown_timeout", "monitoring.health_endpoint_path",
+                    "security.audit_config.stdout", "security.audit_config.fsync_interval"):
+            assert f"changing {key} needs a restart; keeping the old value" in kept
+        assert exporter.config["monitoring"]["health_endpoint_path"] == "/health"
+        assert ("monitoring", "health_endpoint_path") in RESTART_ONLY
+        assert root.level == logging.ERROR  # logging is applied by a reload
+        assert type(root.handlers[0].formatter).__name__ == "JsonFormatter"
+    finally:
+        root.handlers[:], root.level = handlers, level
+        exporter.audit.close()

@@ -341,7 +341,8 @@ def test_bundle_ignores_keys_outside_its_sections(tmp_path, default_out):
     assert out == default_out
 
 
-def test_bundle_ignores_the_alert_engine_keys(tmp_path, default_out):
+def test_bundle_ignores_the_alert_engine_keys(tmp_path, default_out, monkeypatch):
+    monkeypatch.setenv("AM_PASSWORD", "am-secret")  # a variable the config names is set
     engine = load_schema()["properties"]["alerting"]["properties"]["engine"]["properties"]
     changed = {"enabled": False, "evaluation_interval": "7s",
                "target_labels": {"job": "x", "instance": "y:1"},

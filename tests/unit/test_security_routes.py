@@ -180,7 +180,7 @@ async def test_a_key_presented_from_loopback_is_checked(serve, tmp_path, configu
     key = tmp_path / "dovecot.key"
     key.write_text(configured or "")
     exporter, client = await serve({"dovecot_policy": {
-        "api_key_file": str(key) if configured else "", "api_key_env": "A3M_UNSET_KEY"}})
+        "api_key_file": str(key) if configured else "", "api_key_env": ""}})
     url, body = "/dovecot/policy?command=allow", policy("al", "192.0.2.9", "a")
 
     async def status(headers: dict) -> tuple[int, str]:

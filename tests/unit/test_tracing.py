@@ -470,15 +470,15 @@ def test_grpc_settings_keep_the_endpoint_and_send_headers_as_metadata(config_fil
 
 
 @pytest.mark.parametrize(("tracing", "secret", "error"), [
-    ({"otlp_endpoint": "http://collector:4317/v1/traces"}, "",
+    ({"otlp_endpoint": "http://collector:4317/v1/traces"}, "x-ok=1",
      "tracing.otlp_endpoint: with otlp_protocol grpc the endpoint is a scheme, host and port"),
-    ({"otlp_headers": {"grpc-timeout": "1S"}}, "",
+    ({"otlp_headers": {"grpc-timeout": "1S"}}, "x-ok=1",
      "tracing.otlp_headers.grpc-timeout: a gRPC metadata name holds only"),
-    ({"otlp_headers": {"x-tenant-bin": "AAA"}}, "",
+    ({"otlp_headers": {"x-tenant-bin": "AAA"}}, "x-ok=1",
      "tracing.otlp_headers.x-tenant-bin: a gRPC metadata name holds only"),
-    ({"otlp_headers": {"x~tenant": "a"}}, "",
+    ({"otlp_headers": {"x~tenant": "a"}}, "x-ok=1",
      "tracing.otlp_headers.x~tenant: a gRPC metadata name holds only"),
-    ({"otlp_headers": {"TE": "trailers"}}, "",
+    ({"otlp_headers": {"TE": "trailers"}}, "x-ok=1",
      "tracing.otlp_headers.TE: the exporter sets this header itself"),
     ({}, "x-ok=1,grpc-status=0", "tracing.otlp_headers_env: header 2: a gRPC metadata name"),
 ])
