@@ -323,6 +323,20 @@ def test_too_short_keys_and_tokens_are_config_errors_without_their_value(tmp_pat
     load_config(write(tmp_path, "security:\n  enabled: true\n"))
 
 
+def fail_to_apply(monkeypatch, exporter, reject_message: str) -> None:
+    """Makes applying a config with this reject_message raise, as a check the loader
+    lacks would (the identity services are configured late in _apply)."""
+    assert exporter.identity is not None
+    real_configure = exporter.identity.configure
+
+    def configure(config):
+        if config["security"]["reject_message"] == reject_message:
+            raise ValueError("a key the loader let through")
+        real_configure(config)
+
+    monkeypatch.setattr(exporter.identity, "configure", configure)
+
+
 def test_a_reload_that_fails_while_applying_restores_the_old_config(tmp_path, monkeypatch):
     """A check the loader lacks used to leave the config half-applied (the new
     reject_message served), answer 500 and keep last_reload_successful at 1."""
@@ -330,15 +344,7 @@ def test_a_reload_that_fails_while_applying_restores_the_old_config(tmp_path, mo
 
     path = write(tmp_path, f"server:\n  state_dir: {tmp_path}/state\n")
     exporter = Exporter(load_config(path))
-    assert exporter.identity is not None
-    real_configure = exporter.identity.configure
-
-    def configure(config):
-        if config["security"]["reject_message"] == "HALF APPLIED":
-            raise ValueError("a key the loader let through")
-        real_configure(config)
-
-    monkeypatch.setattr(exporter.identity, "configure", configure)
+    fail_to_apply(monkeypatch, exporter, "HALF APPLIED")
     try:
         write(tmp_path, f"""
             server:
@@ -700,14 +706,7 @@ def test_a_reload_refused_while_applying_keeps_custom_values_and_history(tmp_pat
                                                custom=custom, message=message))
 
     exporter = Exporter(load_config(config(100, gauge, "steady")))
-    real_configure = exporter.identity.configure
-
-    def configure(config):
-        if config["security"]["reject_message"] == "FAILS":
-            raise ValueError("a key the loader let through")
-        real_configure(config)
-
-    monkeypatch.setattr(exporter.identity, "configure", configure)
+    fail_to_apply(monkeypatch, exporter, "FAILS")
     try:
         exporter.custom.update("queue_depth", {"value": 42, "labels": {"queue": "active"}})
         for n in range(10):
