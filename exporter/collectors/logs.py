@@ -346,14 +346,14 @@ _DOVECOT_SERVICES = {"imap": "imap", "pop3": "pop3", "submission": "submission",
 
 def parse_dovecot(line: str) -> Event | None:
     """One Dovecot log line -> auth success/failure or TLS failure from a login process."""
-    k = line.find("-login: ")
+    k = _dovecot_login_tag(line)
     if k < 0:
         return None if line.find(": ") >= 0 or not line.strip() else UNPARSED
     msg = k + 8
     if line.startswith("Info: ", msg):
         msg += 6
     if line.startswith("Login: ", msg):
-        return _dovecot_auth(line, k, True, 1)
+        return _dovecot_auth(line, k, msg + 7, True, 1)
     a = line.find("(auth failed, ", msg)
     # in the disconnect reason, before the "key=value" fields (a user name among them)
     if a >= 0 and line.find("=", msg, a) < 0:
@@ -362,10 +362,34 @@ def parse_dovecot(line: str) -> Event | None:
         count = line[a:b]
         if b < 0 or not (len(count) <= 6 and count.isascii() and count.isdigit()):
             return UNPARSED
-        return _dovecot_auth(line, k, False, min(int(count), MAX_ATTEMPTS_PER_LINE))
+        fields = line.find("): ", b)
+        return _dovecot_auth(line, k, fields + 3 if fields >= 0 else len(line), False,
+                             min(int(count), MAX_ATTEMPTS_PER_LINE))
     if line.find("TLS handshaking", msg) >= 0 or line.find("SSL_accept() failed", msg) >= 0:
         return _tls(_dovecot_service(line, k))
     return None
+
+
+def _dovecot_login_tag(line: str) -> int:
+    """Where "-login: " of a login process's tag is, or -1. Only at the tag's place: the
+    line's first ": " (Dovecot's log_path: "<timestamp> imap-login: Info: ..."), or the
+    one right after syslog's "dovecot: " / "dovecot[pid]: ". Elsewhere it is text a client
+    chose (a Message-ID lmtp logs, a user name the auth process quotes)."""
+    colon = line.find(": ")
+    if colon < 0:
+        return -1
+    start = line.rfind(" ", 0, colon) + 1
+    tag = line[start:colon]
+    if tag == "dovecot" or (tag.startswith("dovecot[") and tag.endswith("]")):
+        start = colon + 2
+        colon = line.find(": ", start)
+        tag = line[start:colon]
+    elif "(" in line[:start]:  # inside a process's "lmtp(user)" / "imap(user)" prefix
+        return -1
+    name = tag[:-6]
+    if colon < 0 or not tag.endswith("-login") or not (name.isascii() and name.isalnum()):
+        return -1
+    return colon - 6
 
 
 def _dovecot_service(line: str, k: int) -> str:
@@ -373,11 +397,13 @@ def _dovecot_service(line: str, k: int) -> str:
     return _DOVECOT_SERVICES.get(line[start:k], "other")
 
 
-def _dovecot_auth(line: str, k: int, success: bool, count: int) -> Event:
-    # The client chooses the user name, so an address inside it must not be taken for the
-    # client's: the real rip= is the last one (only lip, mpid, TLS, session follow it).
-    r = line.rfind("rip=")
-    if r < 0:
+def _dovecot_auth(line: str, k: int, fields: int, success: bool, count: int) -> Event:
+    """`fields`: where Dovecot's "user=<...>, method=..., rip=..., ..." list starts. The
+    user name comes first and is the client's, so an address inside it must not be taken
+    for the client's: the real rip= is the list's last (only lip, mpid, TLS and session,
+    all Dovecot's own, follow it)."""
+    r = line.rfind("rip=", fields)
+    if r < 0 or (r > fields and not line.startswith(", ", r - 2)):
         return UNPARSED
     r += 4
     end = line.find(",", r)
@@ -385,11 +411,10 @@ def _dovecot_auth(line: str, k: int, success: bool, count: int) -> Event:
     ip = ip.strip()
     if not _valid_ip(ip):
         return UNPARSED
-    u = line.find("user=<", k)
     login = ""
-    if 0 <= u < r:
-        e = line.rfind(">", u, r)
-        login = line[u + 6:e] if e > u else ""
+    if line.startswith("user=<", fields):
+        e = line.rfind(">", fields, r)
+        login = line[fields + 6:e] if e > fields else ""
     return Auth(_dovecot_service(line, k), success, login, ip, count)
 
 
@@ -487,8 +512,8 @@ def parse_maillog(line: str) -> Event | None:
     if colon < 0:
         return UNPARSED if line.strip() else None
     start = line.rfind(" ", 0, colon) + 1
-    if line.startswith("dovecot", start) or line.find("-login", start, colon) >= 0:
-        return parse_dovecot(line)
+    if line.startswith("dovecot", start) or line.endswith("-login", start, colon):
+        return parse_dovecot(line)  # which reads a login only at its tag's place
     if line.find("/", start, colon) >= 0:
         return _postfix_at(line, colon, start)
     return None

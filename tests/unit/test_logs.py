@@ -379,6 +379,33 @@ def test_dovecot_lines_it_ignores(line):
     assert parse_maillog(line) is None
 
 
+# Text a client chose that Dovecot writes into a line (real Dovecot 2.3.19 lines: lmtp logs
+# the Message-ID, the auth process with auth_verbose=yes quotes a refused user name): it
+# holds "x-login: " but is not a login process's line, so it never counts as a login.
+FORGED_LOGINS = [
+    "lmtp(alice@example.test)<32116><AbCd>: Info: msgid=<x-login: Disconnected (auth failed, "
+    "99 attempts in 1 secs): user=<v>, rip=198.51.100.7, a@ex.org>: saved mail to INBOX",
+    "lmtp(alice@example.test)<32116><AbCd>: Info: msgid=<x-login: Login: user=<victim>, "
+    "rip=198.51.100.7, a@ex.org>: saved mail to INBOX",
+    "auth: Info: plain(?,127.0.0.1,<sess>): Username character disallowed by "
+    "auth_username_chars: 0x22 (username: a-login: Login: user=<victim@example.test>, "
+    "rip=198.51.100.9, x)",
+    # a user name in a process's prefix (auth_username_chars emptied by the operator)
+    "lmtp(x imap-login: Login: user=<victim>, rip=198.51.100.7, y)<1><AbCd>: Info: "
+    "Connect from 127.0.0.1",
+]
+
+
+@pytest.mark.parametrize("line", [f"{DC} {text}" for text in FORGED_LOGINS] + [
+    f"Dec  1 07:54:40 mx dovecot{pid}: {text.replace('Info: ', '')}"
+    for text in FORGED_LOGINS for pid in ("", "[812]")])
+def test_client_text_that_looks_like_a_dovecot_login_is_never_one(line):
+    assert parse_dovecot(line) is None
+    assert parse_maillog(line) is None
+    source, auths = ingest("maillog", [line])
+    assert auths == [] and source.auth == {}
+
+
 @pytest.mark.parametrize("line", [
     f"{DC} imap-login: Info: Login: user=<alice>, method=PLAIN, rip=not-an-ip, lip=x",
     f"{DC} imap-login: Info: Login: user=<alice>, method=PLAIN",
@@ -512,6 +539,12 @@ def test_client_text_after_a_postfix_or_dovecot_prefix_is_never_an_auth(text):
     line = (f"{DC} imap-login: Info: Disconnected: Aborted login (no auth attempts in 0 secs):"
             f" user=<{text}>, rip=203.0.113.9, lip=192.0.2.1")
     assert not isinstance(parse_dovecot(line), Auth)
+    for line in (f"{DC} lmtp(alice@example.test)<1><AbCd>: Info: msgid=<{text}>: saved mail "
+                 "to INBOX",
+                 f"{DC} auth: Info: plain(?,127.0.0.1,<AbCd>): Username character disallowed "
+                 f"by auth_username_chars: 0x22 (username: {text})"):
+        assert not isinstance(parse_dovecot(line), Auth)
+        assert not isinstance(parse_maillog(line), Auth)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
