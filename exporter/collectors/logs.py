@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import socket
+import stat
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -531,7 +533,15 @@ STATE_VERSION = 1
 
 
 def _open_read(path: str | Path) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """A read fd of a regular file. O_NONBLOCK: opening a FIFO without a writer would block
+    the worker thread, hence every source and shutdown; regular files ignore the flag. A
+    FIFO, device or directory is refused (OSError: the source counts a read error)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory "
+                      "cannot be followed)", str(path))
+    return fd
 
 
 class LogFollower:

@@ -11,6 +11,7 @@ follow its text logger (`<RFC3339> <LEVEL> <description> (<event.name>) key = va
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -955,6 +956,29 @@ def test_missing_file_and_unsaveable_state_are_counted_not_raised(tmp_path, capl
                        start_at="beginning")
     assert source.step().lines == 1
     assert source.errors["state"] == 1
+
+
+async def test_a_fifo_or_directory_is_refused_and_blocks_nothing(tmp_path):
+    """Opening a FIFO without a writer blocks; no source may hold up the others or stop()."""
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.log").mkdir()
+    good = tmp_path / "mail.log"
+    good.write_text(f"{DC} {LOGIN}\n")
+    files = [{"name": name, "path": str(tmp_path / f"{name}.log"), "format": "dovecot",
+              "start_at": "beginning"} for name in ("fifo", "dir", "mail")]
+    ingestion = LogIngestion.from_config({"files": files}, tmp_path / "state")
+    try:
+        assert await asyncio.wait_for(ingestion.poll_once(), 5) == 1
+        fifo_source, dir_source, mail = ingestion.sources
+        assert mail.auth == {("imap", "success"): 1}
+        for source in (fifo_source, dir_source):
+            assert source.errors["read"] == 1 and source.follower._fd is None
+            assert "not a regular file" in source._last_error
+        await asyncio.wait_for(ingestion.stop(), 5)
+    finally:  # on a blocking open, a writer lets the worker thread go
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 # A random mix of what writers, logrotate and restarts do; every complete line must be read
