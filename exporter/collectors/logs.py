@@ -196,13 +196,48 @@ def _postfix_at(line: str, colon: int, start: int) -> Event | None:
         # header/body checks and milters: "QUEUEID: reject: header ..." / "milter-reject:"
         body = _after_queue_id(line, colon + 2)
         return _queue_reject(line, body) if body >= 0 else None
-    if daemon == "qmgr":
-        return _DELIVERIES["expired"] if line.find(", status=expired", colon) >= 0 else None
+    if daemon == "qmgr":  # "QUEUEID: from=<sender>, status=expired, returned to sender"
+        k = _find_outside_addresses(line, ", status=", colon)
+        expired = k >= 0 and line.startswith("expired", k + 9)
+        return _DELIVERIES["expired"] if expired else None
     return None
 
 
+def _find_outside_addresses(line: str, needle: str, start: int) -> int:
+    """The first `needle` at or after `start` that is not inside a <...> address (to=,
+    orig_to=, from=: the sender chose them, and a quoted local part may hold ", status=",
+    "<" or ">"); -1 if none."""
+    i = start
+    while True:
+        k = line.find(needle, i)
+        lt = line.find("<", i, k) if k >= 0 else -1
+        if lt < 0:
+            return k
+        i = _address_end(line, lt + 1)
+        if i < 0:
+            return -1
+
+
+def _address_end(line: str, i: int) -> int:
+    """After the ">" that closes the address starting at `i`, quotes respected; -1 if none."""
+    gt = line.find(">", i)
+    if gt < 0 or line.find('"', i, gt) < 0:  # the usual address: nothing quoted
+        return gt + 1 if gt >= 0 else -1
+    quoted = False
+    while i < len(line):
+        c = line[i]
+        if quoted and c == "\\":
+            i += 1
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i + 1
+        i += 1
+    return -1
+
+
 def _postfix_delivery(line: str, colon: int, daemon: str) -> Event | None:
-    k = line.find(", status=", colon)
+    k = _find_outside_addresses(line, ", status=", colon)
     if k < 0:
         if daemon in ("smtp", "lmtp") and line.startswith("SSL_connect error to ", colon + 2):
             return _tls("smtp_client")

@@ -90,6 +90,26 @@ def test_postfix_deliveries_by_status(line, status):
     assert parse_maillog(line) == Delivery(status)
 
 
+# The sender chooses to=, orig_to= and from= (Postfix quotes a local part holding ", " or
+# "<>"); a status= inside them is not the status.
+@pytest.mark.parametrize("line, expected", [
+    (f"{PF}/local[9]: 4F1A2B3C: to=<catch@ex.org>, orig_to=<\"x, status=bounced \"@ex.org>, "
+     "relay=local, delay=0.1, delays=0/0/0/0, dsn=2.0.0, status=sent (delivered to mailbox)",
+     Delivery("sent")),
+    (f"{PF}/smtp[9]: 4F1A2B3C: to=<\"a>, status=bounced, \\\" <b\"@ex.org>, relay=mx.ex.org"
+     "[192.0.2.25]:25, delay=0.4, delays=0/0/0.2/0.2, dsn=4.4.1, status=deferred (timeout)",
+     Delivery("deferred")),
+    (f"{PF}/qmgr[9]: 4F1A2B3C: from=<\"x, status=expired, \"@ex.org>, size=692, nrcpt=1 "
+     "(queue active)", None),
+    (f"{PF}/qmgr[9]: 4F1A2B3C: from=<\"x>, status=sent\"@ex.org>, status=expired, returned "
+     "to sender", Delivery("expired")),
+    (f"{PF}/local[9]: 4F1A2B3C: to=<\"unterminated, status=sent (x)", None),
+])
+def test_a_status_inside_an_address_is_not_the_status(line, expected):
+    assert parse_postfix(line) == expected
+    assert parse_maillog(line) == expected
+
+
 REJECTS = [
     (f"{PF}/smtpd[3001]: NOQUEUE: reject: CONNECT from unknown[203.0.113.9]: 554 5.7.1 "
      "Service unavailable; Client host [203.0.113.9] blocked using zen.spamhaus.org; "
