@@ -45,6 +45,7 @@ import os
 import re
 import socket
 import stat
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -843,6 +844,10 @@ class LogSource:
         self.errors = {"read": 0, "state": 0, "report": 0}
         self._sessions: dict[str, None] = {}  # smtpd sessions whose AUTH success was reported
         self._last_error = ""
+        # close() from the event loop (a reload) while a worker thread steps: the step
+        # closes the follower when it ends, and no step runs after (it would reopen the file)
+        self._lock = threading.Lock()
+        self._closed = self._stepping = False
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -896,7 +901,21 @@ class LogSource:
         return auths
 
     def step(self) -> Batch:
-        """One batch: read, count, save the offset. Never raises: errors are counted."""
+        """One batch: read, count, save the offset. Never raises: errors are counted.
+        Nothing once closed (a reload dropped this source while a poll had it listed)."""
+        with self._lock:
+            if self._closed:
+                return Batch([], 0, False)
+            self._stepping = True
+        try:
+            return self._step()
+        finally:
+            with self._lock:
+                self._stepping = False
+                if self._closed:
+                    self.follower.close()
+
+    def _step(self) -> Batch:
         try:
             lines, more = self.follower.read_batch()
         except OSError as exc:
@@ -923,7 +942,17 @@ class LogSource:
             self._last_error = text
 
     def close(self) -> None:
+        """Closes the file now, or when the step in progress ends; later steps do nothing."""
+        with self._lock:
+            self._closed = True
+            if self._stepping:
+                return
         self.follower.close()
+
+    def reopen(self) -> None:
+        """Steps read again after close() (LogIngestion.start after stop)."""
+        with self._lock:
+            self._closed = False
 
 
 # --------------------------------------------------------------------------- collector
@@ -1017,6 +1046,8 @@ class LogIngestion:
 
     async def start(self) -> None:
         if self._task is None:
+            for source in self.sources:
+                source.reopen()
             self._stopping = asyncio.Event()
             self._task = tracing.detached_task(self._run(), "log-ingestion")
 

@@ -1218,3 +1218,40 @@ async def test_the_loop_polls_until_stopped_and_reload_keeps_counters(tmp_path):
     finally:
         await ingestion.stop()
     assert ingestion._task is None
+
+
+async def test_a_source_a_reload_drops_during_a_poll_is_not_reopened(tmp_path):
+    """poll_once walks the sources it listed; one that configure() closed meanwhile must
+    stay closed (reopening it leaked its descriptor) and read nothing."""
+    files = []
+    for name in ("first", "dropped"):
+        path = tmp_path / f"{name}.log"
+        path.write_text(MIXED[0] + "\n")
+        files.append({"name": name, "path": str(path), "format": "maillog",
+                      "start_at": "beginning"})
+
+    async def reload_on_first_report(login: str, ip: str, protocol: str, success: bool):
+        if len(ingestion.sources) == 2:  # while the poll is at the first source
+            ingestion.configure({"files": files[:1]}, tmp_path)
+
+    ingestion = LogIngestion.from_config({"files": files}, tmp_path,
+                                         on_auth=reload_on_first_report)
+    dropped = ingestion.sources[1]
+    assert await ingestion.poll_once() == 1
+    assert dropped.follower._fd is None and dropped.lines["parsed"] == 0
+    assert dropped.step() == ([], 0, False) and dropped.follower._fd is None
+    await ingestion.stop()
+    # stop() closes the kept source too; start() again reads on
+    first = ingestion.sources[0]
+    with open(files[0]["path"], "a") as fh:
+        fh.write(f"{DC} {LOGIN}\n")
+    await ingestion.start()
+    try:
+        for _ in range(100):
+            if first.auth.get(("imap", "success")):
+                break
+            await asyncio.sleep(0.02)
+        assert first.auth[("imap", "success")] == 1
+    finally:
+        await ingestion.stop()
+
