@@ -14,7 +14,8 @@ bytes, recipients, the oldest message's age, and histograms of ages
 (now - arrival_time) and sizes. A line that is not a complete JSON object (a
 truncated last line, say) is skipped: the other messages are still counted and
 the check reports the problem (success 0). postqueue missing, exiting non-zero
-or outliving its timeout (it is then killed) is a failed check.
+or outliving its timeout (its process group is then killed, a wrapper
+script's children too) is a failed check.
 
 A3Mailer/Stalwart: GET /api/queue/messages?limit=1 answers {"data": {"items",
 "total", ...}}; `total` counts every queued message, exported as
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -207,15 +209,16 @@ async def read_postqueue(postqueue_path: str, config_dir: str, timeout: float
         raise QueueCheckError(f"postqueue not found ({postqueue_path!r}; searched PATH and "
                               f"{', '.join(_SBIN_DIRS)})")
     argv = [binary, *(["-c", config_dir] if config_dir else []), "-j"]
-    try:
+    try:  # in its own process group, so that a timeout kills a wrapper script's children too
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, limit=_LINE_LIMIT)
+            stderr=asyncio.subprocess.PIPE, limit=_LINE_LIMIT, start_new_session=True)
     except OSError as exc:
         raise QueueCheckError(f"cannot run {binary}: {exc.strerror or exc}") from exc
     assert proc.stdout is not None and proc.stderr is not None
     parser = PostqueueParser(time.time())
     stderr = asyncio.create_task(_tail(proc.stderr))
+    finished = False
     try:
         async with asyncio.timeout(timeout):
             lines = 0
@@ -233,13 +236,14 @@ async def read_postqueue(postqueue_path: str, config_dir: str, timeout: float
                     await asyncio.sleep(0)
             returncode = await proc.wait()
             errors = (await stderr).decode("utf-8", "replace").strip()
+            finished = True
     except TimeoutError:
         raise QueueCheckError(f"{' '.join(argv)} did not finish within {timeout:g}s (killed)"
                               ) from None
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        if not finished:  # the whole group: a wrapper may have exited, leaving its children
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
         if not stderr.done():
             stderr.cancel()

@@ -3,6 +3,7 @@ failing in every way, Stalwart's queue API, the collector and the health check."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -173,6 +174,34 @@ async def test_hanging_postqueue_is_killed_at_the_timeout(tmp_path):
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed and reaped
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for a reaper that may be slow)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_a_timeout_kills_a_wrapper_scripts_children_too(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    fake = script(tmp_path, f"sleep 30 &\necho $! > {pidfile}\nwait\n")
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"did not finish within 0.5s \(killed\)"):
+        await read_postqueue(fake, "", 0.5)
+    # the child holds postqueue's pipes: had it survived, the check would wait for it
+    assert time.monotonic() - start < 2
+    child = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 2
+        while running(child) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not running(child)
+    finally:
+        if running(child):
+            os.kill(child, 9)
 
 
 # --------------------------------------------------------------------------- sources + collector
