@@ -48,7 +48,7 @@ import stat
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from prometheus_client.core import Metric
 
@@ -566,6 +566,7 @@ PARSERS: dict[str, Parser] = {"postfix": parse_postfix, "dovecot": parse_dovecot
 BATCH_BYTES = 1 << 20
 FINGERPRINT_BYTES = 512
 STATE_VERSION = 1
+T = TypeVar("T")
 
 
 def _open_read(path: str | Path) -> int:
@@ -578,6 +579,15 @@ def _open_read(path: str | Path) -> int:
         raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory "
                       "cannot be followed)", str(path))
     return fd
+
+
+def _saved(saved: dict[str, Any], key: str, kind: type[T], default: T) -> T:
+    """A value of the state file, of exactly the type save() writes (no "false" for False,
+    no True for 1); ValueError otherwise."""
+    value = saved.get(key, default)
+    if type(value) is not kind:
+        raise ValueError(f"{key} is not {kind.__name__}: {value!r}")
+    return cast(T, value)
 
 
 class LogFollower:
@@ -673,9 +683,9 @@ class LogFollower:
             try:
                 if self._resume(restored, st.st_size):
                     return
-            except (TypeError, ValueError):  # a hand-edited state file: start afresh
+            except (TypeError, ValueError) as exc:  # a hand-edited state file: start afresh
                 log.warning("log follower state unusable; reading the file from its start",
-                            extra={"path": str(self.state_path)})
+                            extra={"path": str(self.state_path), "error": str(exc)})
         elif self.start_at == "end" and not self._seen_missing:
             self._start_at_end(st.st_size)
         self._refresh_fingerprint(st.st_size)
@@ -685,10 +695,13 @@ class LogFollower:
         rotated to meanwhile (from its start if that was truncated); False when the saved
         file is gone."""
         assert self._fd is not None
-        inode, offset = int(saved.get("inode", 0)), int(saved.get("offset", 0))
-        fingerprint, fp_len = str(saved.get("fingerprint", "")), int(
-            saved.get("fingerprint_bytes", 0))
-        skipping = bool(saved.get("skipping", False))
+        inode, offset = _saved(saved, "inode", int, 0), _saved(saved, "offset", int, 0)
+        fingerprint = _saved(saved, "fingerprint", str, "")
+        fp_len = _saved(saved, "fingerprint_bytes", int, 0)
+        skipping = _saved(saved, "skipping", bool, False)
+        if min(inode, offset, fp_len) < 0 or fp_len > FINGERPRINT_BYTES:
+            raise ValueError(f"out of range: inode {inode}, offset {offset}, "
+                             f"fingerprint_bytes {fp_len}")
         if inode != self.inode:
             # rotated while we were down: finish the old file first if it is still here
             fd = self._open_inode(inode)

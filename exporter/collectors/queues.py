@@ -12,10 +12,10 @@ a large queue costs memory only for the counts. Exported per queue (active,
 deferred, hold, incoming, maildrop; all five always, 0 when empty): messages,
 bytes, recipients, the oldest message's age, and histograms of ages
 (now - arrival_time) and sizes. A line that is not a complete JSON object (a
-truncated last line, say) is skipped: the other messages are still counted and
-the check reports the problem (success 0). postqueue missing, exiting non-zero
-or outliving its timeout (its process group is then killed, a wrapper
-script's children too) is a failed check.
+truncated last line, say) or has a negative message_size is skipped: the other
+messages are still counted and the check reports the problem (success 0).
+postqueue missing, exiting non-zero or outliving its timeout (its process group
+is then killed, a wrapper script's children too) is a failed check.
 
 A3Mailer/Stalwart: GET /api/queue/messages?limit=1 answers {"data": {"items",
 "total", ...}}; `total` counts every queued message, exported as
@@ -156,6 +156,8 @@ class PostqueueParser:
             if not math.isfinite(arrival):  # 1e400 is valid JSON, and infinite
                 raise ValueError("arrival_time is not a finite number")
             size = int(record["message_size"])
+            if size < 0:  # would export a negative a3mailer_queue_size_bytes
+                raise ValueError("message_size is negative")
             recipients = len(record.get("recipients") or ())
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
             self.bad_lines += 1

@@ -932,6 +932,28 @@ def test_state_of_another_path_or_unreadable_state_is_not_used(log_path, writer,
     assert drain(LogFollower(log_path, state, start_at="end")) == ["old"]
 
 
+@pytest.mark.parametrize("bad", [{"offset": -5}, {"skipping": "false"}, {"offset": True},
+                                 {"fingerprint_bytes": 10**9}, {"inode": -1},
+                                 {"fingerprint": 7}])
+def test_state_with_a_bad_value_is_not_used(log_path, writer, tmp_path, caplog, bad):
+    """A corrupted or hand-edited value (a negative offset gave EINVAL on every poll,
+    "false" read as True dropped a line): the file is read from its start, once warned."""
+    state = tmp_path / "state.json"
+    writer.lines("one", "two")
+    follower = follower_for(log_path, state)
+    assert drain(follower) == ["one", "two"]
+    follower.close()
+    saved = json.loads(state.read_text())
+    saved.update({"offset": 0, "skipping": False, **bad})
+    state.write_text(json.dumps(saved))
+    source = LogSource("t", log_path, "postfix", None)
+    source.follower = follower_for(log_path, state, start_at="end")
+    assert source.step().lines == 2 and source.errors["read"] == 0
+    assert source.step().lines == 0 and source.errors["read"] == 0
+    warned = [r for r in caplog.records if r.message.startswith("log follower state unusable")]
+    assert len(warned) == 1 and list(bad)[0] in warned[0].error
+
+
 def test_overlong_line_is_counted_once_and_dropped(log_path, writer):
     assert len(DELIVERIES[0][0]) < 256
     source = LogSource("t", log_path, "postfix", None, start_at="beginning", batch_bytes=256)

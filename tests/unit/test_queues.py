@@ -108,6 +108,11 @@ def test_malformed_lines_and_unknown_queues():
                  '"message_size": 1}\n')
     assert huge.queues["deferred"].messages == 1 and huge.queues["active"].messages == 0
     assert "2 unreadable line(s)" in huge.problem
+    # a negative size is no size: unreadable, never a negative a3mailer_queue_size_bytes
+    negative = parse(record("deferred", 5, 100) + record("active", 5, -4096))
+    assert negative.queues["deferred"].messages == 1 and negative.queues["active"].messages == 0
+    assert negative.queues["active"].bytes == 0
+    assert "1 unreadable line(s), first: ValueError" in negative.problem
 
 
 def test_a_clock_ahead_of_now_never_gives_a_negative_age():
