@@ -12,6 +12,7 @@ Redirects are not followed, so the auth header goes to the configured URL only.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import time
@@ -81,9 +82,6 @@ class CircuitBreaker:
             self.opened_at, self._trial = self.clock(), False
 
 
-_opener = no_redirect.opener()
-
-
 class SmsSender:
     channel = "sms"
 
@@ -123,7 +121,7 @@ class SmsSender:
                 await self._sleep(self.provider.retry_backoff * 2 ** (attempt - 1))
             try:
                 status = await asyncio.to_thread(self._post, body)
-            except (OSError, urllib.error.URLError) as exc:
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
                 problem = f"{type(exc).__name__}: {str(exc)[:200]}"
                 continue
             if 200 <= status < 300:
@@ -146,7 +144,9 @@ class SmsSender:
         request = urllib.request.Request(p.url, data=body, headers=headers,  # noqa: S310
                                          method="POST")
         try:
-            with _opener.open(request, timeout=p.timeout) as response:
+            # p.timeout bounds the whole POST, not each read: a provider that dribbles its
+            # answer does not hold the sender's thread
+            with no_redirect.open_within(request, p.timeout) as response:
                 response.read(65536)
                 return int(response.status)
         except urllib.error.HTTPError as exc:

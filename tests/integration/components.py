@@ -416,6 +416,79 @@ def text_responder(
     return respond
 
 
+
+class DribblingHTTPServer:
+    """An HTTP server that answers every request slowly, in a thread per connection: the
+    status line at once, then one header line every ``gap`` seconds and never the end
+    of the headers (``body=False``), or all headers at once and then one body byte every
+    ``gap`` seconds (``body=True``). Each socket read on the client side gets data well
+    within any per-read timeout longer than ``gap``; only a deadline on the whole
+    exchange ends it. ``connections`` counts accepted ones, ``open_connections`` those
+    still being answered (the client has not hung up yet)."""
+
+    def __init__(self, gap: float = 0.5, body: bool = False, host: str = LOOPBACK) -> None:
+        self.gap = gap
+        self.body = body
+        self.connections = 0
+        self.open_connections = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(0.1)  # to notice stop()
+        self.host = host
+        self.port = int(self._listener.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, name=f"dribble-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self.open_connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(5)
+                conn.recv(65536)  # the request head (small, one segment on loopback)
+                if self.body:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                 b"Content-Length: 100000\r\n\r\n")
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for n in itertools.count():
+                    if self._stop.wait(self.gap):
+                        return
+                    conn.sendall(b"#" if self.body else f"X-Slow-{n}: {n}\r\n".encode())
+        except OSError:
+            pass  # the client hung up: what a bounded client does
+        finally:
+            with self._lock:
+                self.open_connections -= 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+
+    def __enter__(self) -> DribblingHTTPServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 # --------------------------------------------------------------------------- OTLP receiver
 
 

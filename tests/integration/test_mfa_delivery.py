@@ -8,6 +8,7 @@ import email
 import json
 import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from email.policy import default as default_policy
@@ -25,6 +26,7 @@ from security.store.memory import MemoryStore
 from tests.integration.components import (
     LOOPBACK,
     BoundIMAP4,
+    DribblingHTTPServer,
     MailStack,
     RecordedRequest,
     RecordingHTTPServer,
@@ -265,6 +267,29 @@ async def test_the_provider_down_opens_the_circuit_and_a_trial_closes_it():
         assert sender.breaker.state == "half_open"
         await manager.send_code("dave", "sms", "+4915112345678")
         assert sender.breaker.state == "closed" and len(provider.snapshot()) == 1
+
+
+async def test_a_provider_that_dribbles_its_answer_is_cut_off_at_the_timeout():
+    """A header line every 0.1s keeps each read within the 0.5s timeout; the timeout
+    bounds the whole POST, so the send fails at 0.5s, not after the provider's whim."""
+    with DribblingHTTPServer(gap=0.1) as provider:
+        sender = sms_sender(provider.url, timeout=0.5, retries=0)
+        start = time.monotonic()
+        with pytest.raises(DeliveryError) as failed:
+            await sender.send("+4915112345678", "123456", 600)
+        assert time.monotonic() - start < 1.0
+    assert failed.value.reason == "failed" and "TimeoutError" in str(failed.value)
+
+
+async def test_a_provider_answering_outside_http_is_a_failed_send():
+    """More than http.client's 100 header lines (or a bad status line) is an
+    HTTPException, which is not an OSError: a failed send, counted by the breaker."""
+    with DribblingHTTPServer(gap=0.001) as provider:
+        sender = sms_sender(provider.url, retries=0, failure_threshold=1)
+        with pytest.raises(DeliveryError) as failed:
+            await sender.send("+4915112345678", "123456", 600)
+    assert failed.value.reason == "failed" and "got more than 100 headers" in str(failed.value)
+    assert sender.breaker.state == "open"
 
 
 async def test_form_encoded_bodies_escape_the_values():

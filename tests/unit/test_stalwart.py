@@ -3,6 +3,7 @@ catalogue rule, the series budget, and every way the endpoint can fail."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 import time
@@ -24,7 +25,11 @@ from exporter.collectors.stalwart import (
 )
 from exporter.exposition import render_text
 from exporter.health import Status
-from tests.integration.components import RecordedRequest, RecordingHTTPServer
+from tests.integration.components import (
+    DribblingHTTPServer,
+    RecordedRequest,
+    RecordingHTTPServer,
+)
 
 # What Stalwart 0.1x writes (the Rust prometheus crate's TextEncoder): counters,
 # gauges and histograms only, names from event ids, no labels, no _total, a series
@@ -418,6 +423,28 @@ async def test_a_server_that_never_answers_is_cut_off_at_the_timeout(silent_serv
     assert "no complete answer within 0.5s" in outcome.error
     assert 0.4 < elapsed < 1.5
     assert up(source) == 0
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["headers", "body"])
+async def test_a_server_that_dribbles_its_answer_is_cut_off_at_the_timeout(body):
+    """A header line (or a body byte) every 0.2s keeps each socket read well within the
+    timeout; the deadline is on the whole exchange, so the poll still ends at 0.5s and
+    its thread with it (the server sees the connection closed)."""
+    with DribblingHTTPServer(gap=0.2, body=body) as server:
+        source = stalwart_metrics_source(section(server.url, timeout="500ms"))
+        start = time.monotonic()
+        outcome = await source.once()
+        elapsed = time.monotonic() - start
+        assert "no complete answer within 0.5s" in outcome.error
+        assert 0.4 < elapsed < 1.0
+        assert up(source) == 0
+        result = await stalwart_ready_check(section(server.url, timeout="500ms"))()
+        assert result.status is Status.UNHEALTHY
+        assert "no complete answer within 0.5s" in result.message
+        deadline = time.monotonic() + 2
+        while server.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (server.connections, server.open_connections) == (2, 0)
 
 
 async def test_ready_check(stalwart_http, silent_server):
