@@ -3,6 +3,7 @@ interval; a scrape reads their last result and never waits for them (DESIGN.md).
 
 `Periodic` runs one coroutine function every `interval` seconds, bounded by
 `timeout`, and keeps the outcome; collectors and health checks read `last`.
+`Worker` gives a source's blocking calls a thread of their own, one call at a time.
 Each run is a sample for the performance monitor (path schedule) and a root span
 named after the schedule; an error, a timeout, or a result whose `success` is
 False (a failed probe) counts as a failed run.
@@ -11,7 +12,9 @@ False (a failed probe) counts as a failed run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +51,36 @@ async def bounded(awaitable: Awaitable[T], seconds: float) -> T:
     woken (by a reload) and stopped at the same moment still stops."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+class Busy(Exception):
+    """The source's previous blocking call is still running; this one was not started."""
+
+
+class Worker:
+    """One thread of its own for a source's blocking calls (an HTTP GET), one at a time.
+
+    Python's default pool (asyncio.to_thread: min(32, CPUs + 4) threads) also runs log
+    ingestion, the health checks and Basic auth; a call the awaiting side gave up on
+    keeps its thread until it returns, so a source that hangs would take a thread per
+    poll until nothing else runs. Here it holds this one thread only, and a call made
+    while the last is still running raises Busy instead of queueing behind it.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.busy = 0  # calls refused while the previous one ran
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._running: concurrent.futures.Future[Any] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the worker's thread, with the caller's context (as to_thread)."""
+        if self._running is not None and not self._running.done():
+            self.busy += 1
+            raise Busy(f"the previous {self.name} call is still running (its thread has "
+                       "not returned); not started")
+        self._running = self._executor.submit(contextvars.copy_context().run, fn, *args)
+        return await asyncio.wrap_future(self._running)
 
 
 class Periodic(Generic[T]):

@@ -43,7 +43,6 @@ counts every drop by reason.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import math
@@ -64,7 +63,7 @@ from exporter import catalogue
 from exporter.catalogue import MetricSpec
 from exporter.config import parse_duration, read_secret
 from exporter.health import Check, CheckResult, Status
-from exporter.schedule import Periodic
+from exporter.schedule import Busy, Periodic, Worker
 from security import no_redirect
 
 log = logging.getLogger(__name__)
@@ -321,12 +320,14 @@ class StalwartMetrics:
         self._admitted: set[str] = set()
         self._last_error = ""
         self._noted_bucketless: set[str] = set()
+        self.worker = Worker("stalwart-poll")
 
     async def fetch(self) -> StalwartSnapshot:
-        """One poll (run by the Periodic): GET, check, parse and convert, in a thread."""
+        """One poll (run by the Periodic): GET, check, parse and convert, in the poll's own
+        thread; skipped (Busy) while the previous poll's thread has not returned."""
         try:
-            snapshot = await asyncio.to_thread(self._fetch)
-        except StalwartError as exc:
+            snapshot = await self.worker.run(self._fetch)
+        except (StalwartError, Busy) as exc:
             if str(exc) != self._last_error:
                 log.warning("stalwart metrics unavailable", extra={"error": str(exc)})
             self._last_error = str(exc)
@@ -452,12 +453,13 @@ def stalwart_ready_check(section: Mapping[str, Any]) -> Check:
     the exporter stays ready (and keeps reporting) while the mail server is down.
     """
     client = StalwartClient.from_config(section)
+    worker = Worker("stalwart-ready")
 
     async def check() -> CheckResult:
         details: dict[str, Any] = {"url": client.url + READY_PATH}
         try:
-            response = await asyncio.to_thread(client.get, READY_PATH, "*/*", 65536)
-        except StalwartError as exc:
+            response = await worker.run(client.get, READY_PATH, "*/*", 65536)
+        except (StalwartError, Busy) as exc:
             return CheckResult(Status.UNHEALTHY, str(exc), details)
         details["status_code"] = response.status
         if response.status == 200:

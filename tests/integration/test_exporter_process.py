@@ -16,6 +16,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.exporter_process import ROOT, free_port
+from tests.integration.components import DribblingHTTPServer
 
 pytestmark = pytest.mark.integration
 
@@ -176,3 +177,49 @@ def test_readyz_turns_503_when_the_state_dir_breaks(exporter_process, config_fil
     proc.state_dir.mkdir()
     wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 200, timeout=15,
              what="ready again")
+
+
+def test_a_stalwart_that_dribbles_its_answer_leaves_the_exporter_ready_and_reading_logs(
+        exporter_process, config_file, tmp_path):
+    """Stalwart sending a header line every 0.3s: each poll and readiness check gives up at
+    the 0.5s timeout. Before, each one held a thread of Python's default pool for ~30s
+    (http.client's 100-header limit) and a new one started every poll, until log
+    ingestion and the state_dir and system checks had no thread left: /readyz 503."""
+    maillog = tmp_path / "mail.log"
+    maillog.write_text("")
+    line = ("Dec  1 07:54:43 mx postfix/smtp[2102]: 6C3D520C736: to=<carol@example.org>, "
+            "relay=none, delay=30, dsn=4.4.1, status=deferred (connection timed out)\n")
+    with DribblingHTTPServer(gap=0.3) as stalwart:
+        proc = exporter_process(config_file({"monitoring": {
+            "health_check_interval": "1s", "health_check_timeout": "1s",
+            "failure_threshold": 2,
+            "stalwart": {"enabled": True, "url": stalwart.url, "timeout": "500ms",
+                         "interval": "200ms"},
+            "logs": {"poll_interval": "200ms", "files": [
+                {"name": "mail", "path": str(maillog), "format": "maillog",
+                 "start_at": "beginning"}]}}}))
+        wait_for(lambda: httpx.get(proc.url + "/readyz").status_code == 200, what="ready")
+
+        def lines_read() -> float:
+            return sum(metric(proc.url, "a3mailer_log_lines_total", source="mail",
+                              result=result) or 0 for result in ("parsed", "ignored",
+                                                                 "unparsed"))
+
+        written, statuses, start = 0, [], time.monotonic()
+        while time.monotonic() - start < 15:
+            with maillog.open("a") as fh:
+                fh.write(line)
+            written += 1
+            statuses.append(httpx.get(proc.url + "/readyz", timeout=5).status_code)
+            time.sleep(0.5)
+        wait_for(lambda: lines_read() == written, timeout=5, what="every line read")
+        assert set(statuses) == {200}
+        assert stalwart.connections >= 10  # polled all along
+        assert metric(proc.url, "a3mailer_stalwart_up") == 0
+        health = {c["component"]: c for c in httpx.get(proc.url + "/health").json()[
+            "components"]}
+        assert health["state_dir"]["status"] == "healthy"
+        assert health["system"]["status"] in ("healthy", "degraded")  # a busy test host
+        assert "timed out" not in health["system"]["message"]
+        assert health["stalwart"]["status"] == "unhealthy"
+        assert "no complete answer within 0.5s" in health["stalwart"]["message"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -25,6 +26,7 @@ from exporter.collectors.stalwart import (
 )
 from exporter.exposition import render_text
 from exporter.health import Status
+from exporter.schedule import Periodic, Worker
 from tests.integration.components import (
     DribblingHTTPServer,
     RecordedRequest,
@@ -445,6 +447,35 @@ async def test_a_server_that_dribbles_its_answer_is_cut_off_at_the_timeout(body)
         while server.open_connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert (server.connections, server.open_connections) == (2, 0)
+
+
+async def test_a_poll_is_not_started_while_the_last_ones_thread_still_runs():
+    """The Periodic stops awaiting at its timeout, but a thread cannot be stopped: the
+    next run is refused (and counted), not stacked on another thread."""
+    release = threading.Event()
+    worker = Worker("stalwart-poll")
+    calls = []
+
+    def stuck() -> str:
+        calls.append(threading.current_thread().name)
+        release.wait(10)
+        return "answer"
+
+    source = Periodic("stalwart", lambda: worker.run(stuck), 60, 0.1)
+    try:
+        assert (await source.once()).error == "timed out after 0.1s"
+        second = await source.once()
+        assert second.error == ("Busy: the previous stalwart-poll call is still running (its "
+                                "thread has not returned); not started")
+        assert (second.failures, worker.busy, len(calls)) == (2, 1, 1)
+        assert threading.current_thread().name not in calls  # its own thread, not the loop's
+        assert calls[0].startswith("stalwart-poll")
+    finally:
+        release.set()
+    deadline = time.monotonic() + 2
+    while (await source.once()).error and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert source.last.ok and source.last.value == "answer" and len(calls) == 2
 
 
 async def test_ready_check(stalwart_http, silent_server):
