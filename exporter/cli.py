@@ -95,12 +95,22 @@ def _generate(args: argparse.Namespace) -> int:
 def _hash_password(args: argparse.Namespace) -> int:
     import bcrypt
 
-    password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
-    password = password.rstrip("\r\n")
-    if not password:
+    from exporter.http.auth import BCRYPT_MAX_BYTES
+
+    try:
+        password = getpass.getpass("Password: ") if sys.stdin.isatty() else sys.stdin.readline()
+    except UnicodeDecodeError:
+        print("the password is not UTF-8", file=sys.stderr)
+        return 2
+    secret = password.rstrip("\r\n").encode("utf-8")
+    if not secret:
         print("empty password", file=sys.stderr)
         return 2
-    print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=10)).decode())
+    if len(secret) > BCRYPT_MAX_BYTES:
+        print(f"password longer than {BCRYPT_MAX_BYTES} bytes (bcrypt reads no further)",
+              file=sys.stderr)
+        return 2
+    print(bcrypt.hashpw(secret, bcrypt.gensalt(rounds=10)).decode())
     return 0
 
 

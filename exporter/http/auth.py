@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 1024
+BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; bcrypt 5 raises ValueError past it
 SELF_AUTHENTICATED = ("/dovecot/policy", "/api/v1/webhooks/stalwart")
 
 
@@ -90,10 +91,14 @@ class ListenerAuth:
         if key in self._verified:
             self._verified.move_to_end(key)
             return True
+        secret = password.encode("utf-8")
         hashed = self.users.get(user) or _dummy_hash()
+        too_long = len(secret) > BCRYPT_MAX_BYTES
+        if too_long:  # refused as a wrong one, after the same bcrypt run (timing tells not)
+            secret = secret[:BCRYPT_MAX_BYTES]
         async with self._bcrypt_slots:
-            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode("utf-8"), hashed)
-        if ok and user in self.users:
+            ok = await asyncio.to_thread(bcrypt.checkpw, secret, hashed)
+        if ok and not too_long and user in self.users:
             self._verified[key] = None
             if len(self._verified) > _CACHE_SIZE:
                 self._verified.popitem(last=False)

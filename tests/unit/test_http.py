@@ -251,6 +251,25 @@ async def test_basic_and_bearer_listener_auth(serve, tmp_path):
             ).status_code == 200
 
 
+async def test_a_basic_password_past_72_bytes_is_a_wrong_one(serve, monkeypatch):
+    """bcrypt 5 raises on a password past 72 bytes: it used to be an unauthenticated 500.
+    It is refused as a wrong password, after one bcrypt run like any other (timing)."""
+    hashed = bcrypt.hashpw(b"a" * 72, bcrypt.gensalt(rounds=4)).decode()
+    _, client = await serve({"server": {"auth": {"basic_auth_users": {"prom": hashed}}}})
+    checks: list[bytes] = []
+    checkpw = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw",
+                        lambda secret, h: checks.append(secret) or checkpw(secret, h))
+    for user in ("prom", "nobody"):
+        long = base64.b64encode(f"{user}:{'a' * 100}".encode()).decode()
+        r = await client.get("/metrics", headers={"authorization": f"Basic {long}"})
+        assert r.status_code == 401, user
+    assert checks == [b"a" * 72, b"a" * 72]  # bcrypt paid for each, on 72 bytes
+    exact = base64.b64encode(b"prom:" + b"a" * 72).decode()
+    assert (await client.get("/metrics", headers={"authorization": f"Basic {exact}"})
+            ).status_code == 200
+
+
 async def test_history_endpoint(serve):
     exporter, client = await serve()
     exporter.history.add({"n": 1}, now=1000)

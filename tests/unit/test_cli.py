@@ -1,0 +1,34 @@
+"""The command line's answers to input it cannot use: one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import bcrypt
+import pytest
+
+from exporter.cli import main
+
+
+def stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_hash_password_hashes_a_line_of_up_to_72_bytes(monkeypatch, capsys):
+    stdin(monkeypatch, b"a" * 72 + b"\n")
+    assert main(["hash-password"]) == 0
+    assert bcrypt.checkpw(b"a" * 72, capsys.readouterr().out.strip().encode())
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"a" * 80 + b"\n", "password longer than 72 bytes (bcrypt reads no further)\n"),
+    ("\u00e9".encode() * 37 + b"\n", "password longer than 72 bytes (bcrypt reads no further)\n"),
+    (b"pass\xffword\n", "the password is not UTF-8\n"),
+    (b"\n", "empty password\n"),
+])
+def test_hash_password_refuses_what_bcrypt_cannot_take(monkeypatch, capsys, data, message):
+    stdin(monkeypatch, data)
+    assert main(["hash-password"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == message
