@@ -115,10 +115,19 @@ def _hash_password(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from exporter.config.loader import listen_problem
+
     server: dict[str, Any] = {}
-    if args.listen:
+    # the overrides are merged over a checked config: checked here, as the schema would
+    if args.listen is not None:
+        if (wrong := listen_problem(args.listen)) is not None:
+            print(f"--listen: {wrong}", file=sys.stderr)
+            return 2
         server["listen_address"] = args.listen
-    if args.state_dir:
+    if args.state_dir is not None:
+        if not args.state_dir:
+            print("--state-dir: must not be empty", file=sys.stderr)
+            return 2
         server["state_dir"] = args.state_dir
     try:
         config = load_config(args.config, {"server": server} if server else None)

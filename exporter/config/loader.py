@@ -523,6 +523,7 @@ def _pattern_rules() -> dict[str, str]:
                                       "(credentials have keys of their own)",
         selector: 'PromQL label matchers: name, =, !=, =~ or !~, a double-quoted value, '
                   'separated by commas (job="a3mailer-exporter", env="prod")',
+        _listen_pattern(): LISTEN_RULE,
     }
 
 
@@ -552,6 +553,7 @@ def _semantic_problems(
     _mail_problems(mon, problem)
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)
+    _port_problems(data, problem)
     security = data["security"]
     if parse_duration(security["lockout"]["max_duration"]) < parse_duration(
             security["lockout_duration"]):  # every lock would be cut to the cap
@@ -685,8 +687,48 @@ def _same_socket(first: str, second: str) -> bool:
     on every address); split as the listeners split them."""
     from exporter.cli import split_listen
 
+    if listen_problem(first) or listen_problem(second):  # reported as such
+        return False
     (host1, port1), (host2, port2) = split_listen(first), split_listen(second)
     return port1 == port2 and (host1 == host2 or host1 in _ANY_HOST or host2 in _ANY_HOST)
+
+
+# the listeners' HOST:PORT keys, and the other HOST:PORT key (whose form is looser)
+LISTEN_KEYS: tuple[Path_, ...] = (("server", "listen_address"),
+                                  ("security", "postfix_policy", "listen"))
+HOST_PORT_KEYS: tuple[Path_, ...] = (("alerting", "alertmanager", "smarthost"),)
+LISTEN_RULE = "HOST:PORT (127.0.0.1:10587, [::1]:10587, or :10587 for every address)"
+
+
+def _listen_pattern() -> str:
+    return str(load_schema()["properties"]["server"]["properties"]["listen_address"]["pattern"])
+
+
+def listen_problem(address: str) -> str | None:
+    """What is wrong with a listen address, None if nothing: its form (run --listen is
+    checked here, not by the schema) and its port, 1 to 65535 (the socket layer bound
+    99999 as 99999 - 65536 = 34463)."""
+    if not re.fullmatch(_listen_pattern(), address):
+        return f"must be {LISTEN_RULE}"
+    return port_problem(address)
+
+
+def port_problem(address: str) -> str | None:
+    """What is wrong with the port of a HOST:PORT whose form the schema checked."""
+    port = address.rpartition(":")[2]
+    if port.isdigit() and 1 <= int(port) <= 65535:
+        return None
+    return f"port {port} is out of range: must be 1 to 65535"
+
+
+def _port_problems(data: dict[str, Any], problem: Any) -> None:
+    for path in LISTEN_KEYS + HOST_PORT_KEYS:
+        value: Any = data
+        for key in path:
+            value = value[key]
+        check = listen_problem if path in LISTEN_KEYS else port_problem
+        if (wrong := check(value)) is not None:
+            problem(path, wrong)
 
 
 def _ca_files(node: Any, path: Path_ = ()) -> Iterator[tuple[Path_, str]]:

@@ -8,6 +8,7 @@ import sys
 import bcrypt
 import pytest
 
+from exporter import cli
 from exporter.cli import main
 
 
@@ -32,3 +33,25 @@ def test_hash_password_refuses_what_bcrypt_cannot_take(monkeypatch, capsys, data
     assert main(["hash-password"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err == message
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--listen", "127.0.0.1:99999"], "--listen: port 99999 is out of range: must be 1 to "
+                                      "65535\n"),
+    (["--listen", "nonsense"], "--listen: must be HOST:PORT (127.0.0.1:10587, [::1]:10587, "
+                               "or :10587 for every address)\n"),
+    (["--listen", ""], "--listen: must be HOST:PORT (127.0.0.1:10587, [::1]:10587, or "
+                       ":10587 for every address)\n"),
+    (["--state-dir", ""], "--state-dir: must not be empty\n"),
+])
+def test_run_checks_its_overrides_before_starting(monkeypatch, tmp_path, capsys, args,
+                                                  message):
+    """--listen was merged after the schema check: 99999 bound 34463, `nonsense` died in a
+    ValueError traceback; an empty --state-dir was dropped without a word."""
+
+    def started(state_dir):
+        raise AssertionError(f"started on {state_dir}")
+
+    monkeypatch.setattr(cli, "hold_state_dir", started)  # the first step of a start
+    assert main(["run", "--state-dir", str(tmp_path / "state"), *args]) == 2
+    assert capsys.readouterr().err == message

@@ -156,6 +156,37 @@ def test_rules_prometheus_would_refuse_and_a_port_taken_twice_are_config_errors(
     load_config(fine)  # another address, and matchers with a regex: fine
 
 
+def test_ports_past_65535_or_0_are_config_errors_naming_the_key(tmp_path):
+    """The pattern took five digits: 127.0.0.1:99999 loaded and bound port 34463."""
+    path = write(tmp_path, """
+        server: {listen_address: 127.0.0.1:99999}
+        security: {postfix_policy: {listen: "[::1]:0"}}
+        alerting: {alertmanager: {smarthost: "smtp.example.com:65536"}}
+    """)
+    assert problems(path) == [
+        f"{path}:1: server.listen_address: port 99999 is out of range: must be 1 to 65535",
+        f"{path}:2: security.postfix_policy.listen: port 0 is out of range: must be 1 to 65535",
+        f"{path}:3: alerting.alertmanager.smarthost: port 65536 is out of range: must be 1 "
+        "to 65535"]
+    bad_form = write(tmp_path, "server: {listen_address: nonsense}\n", name="form.yaml")
+    assert problems(bad_form) == [
+        f"{bad_form}:1: server.listen_address: must be HOST:PORT (127.0.0.1:10587, "
+        "[::1]:10587, or :10587 for every address)"]
+    edge = write(tmp_path, """
+        server: {listen_address: ":65535"}
+        security: {postfix_policy: {enabled: true, listen: "127.0.0.1:1"}}
+    """, name="edge.yaml")
+    load_config(edge)
+
+
+def test_a_listen_override_is_checked_like_the_file(tmp_path):
+    """Overrides are merged after the schema check: a bad one reached split_listen."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"server": {"listen_address": "nonsense"},
+                           "security": {"postfix_policy": {"enabled": True}}})
+    assert [p.path for p in info.value.problems] == ["server.listen_address"]
+
+
 def test_an_alert_template_prometheus_cannot_parse_is_a_config_error(tmp_path):
     path = write(tmp_path, """
         alerting:
