@@ -554,6 +554,7 @@ def _semantic_problems(
     _bundle_problems(data, problem)
     _network_problems(data["security"], problem)
     _port_problems(data, problem)
+    _health_path_problems(mon, problem)
     security = data["security"]
     if parse_duration(security["lockout"]["max_duration"]) < parse_duration(
             security["lockout_duration"]):  # every lock would be cut to the cap
@@ -729,6 +730,23 @@ def _port_problems(data: dict[str, Any], problem: Any) -> None:
         check = listen_problem if path in LISTEN_KEYS else port_problem
         if (wrong := check(value)) is not None:
             problem(path, wrong)
+
+
+# the app's own routes (exporter/http/): the health document's path may not take one
+BUILT_IN_PATHS = ("/metrics", "/livez", "/readyz", "/openapi.json")
+BUILT_IN_PREFIXES = ("/api", "/dovecot", "/-")  # and everything under them
+
+
+def _health_path_problems(mon: dict[str, Any], problem: Any) -> None:
+    """A health path equal to a built-in route shadowed it or was shadowed by it (the
+    first in the route table wins), and under /api/ or /-/ it took their auth and limits."""
+    path = mon["health_endpoint_path"].rstrip("/") or "/"
+    if path in BUILT_IN_PATHS or any(path == prefix or path.startswith(prefix + "/")
+                                     for prefix in BUILT_IN_PREFIXES):
+        taken = ", ".join([*BUILT_IN_PATHS, *(f"{prefix}/..." for prefix in BUILT_IN_PREFIXES)])
+        problem(("monitoring", "health_endpoint_path"),
+                f"{mon['health_endpoint_path']} is a built-in route: the health document "
+                f"needs a path of its own (not {taken})")
 
 
 def _ca_files(node: Any, path: Path_ = ()) -> Iterator[tuple[Path_, str]]:

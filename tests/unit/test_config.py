@@ -187,6 +187,26 @@ def test_a_listen_override_is_checked_like_the_file(tmp_path):
     assert [p.path for p in info.value.problems] == ["server.listen_address"]
 
 
+@pytest.mark.parametrize("path", ["/metrics", "/livez", "/readyz/", "/openapi.json",
+                                  "/-/reload", "/-", "/api", "/api/v1/health",
+                                  "/dovecot/policy", "/dovecot/status"])
+def test_a_health_path_that_takes_a_built_in_route_is_a_config_error(tmp_path, path):
+    """/metrics as the health path answered the health document on /metrics (it comes
+    first in the route table); /api/... took the API's auth and rate limits."""
+    config = write(tmp_path, f"monitoring:\n  health_endpoint_path: {path}\n")
+    assert problems(config) == [
+        f"{config}:2: monitoring.health_endpoint_path: {path} is a built-in route: the health "
+        "document needs a path of its own (not /metrics, /livez, /readyz, /openapi.json, "
+        "/api/..., /dovecot/..., /-/...)"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/status/health", "/apis", "/metrics-health",
+                                  "/healthz", "/"])
+def test_a_health_path_of_its_own_loads(tmp_path, path):
+    config = write(tmp_path, f"monitoring:\n  health_endpoint_path: {path}\n")
+    assert load_config(config)["monitoring"]["health_endpoint_path"] == path
+
+
 def test_an_alert_template_prometheus_cannot_parse_is_a_config_error(tmp_path):
     path = write(tmp_path, """
         alerting:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import load_config
+from exporter.config import ConfigError, load_config
 from exporter.http import create_app
 from exporter.service import Exporter
 
@@ -98,6 +98,19 @@ async def test_health_path_and_switches_follow_config(serve):
     assert (await client.get("/status/health")).status_code == 200
     assert (await client.get("/health")).status_code == 404
     assert (await client.get("/metrics")).status_code == 404
+
+
+async def test_every_built_in_route_is_refused_as_the_health_path(serve, config_file,
+                                                                   tmp_path):
+    """The config check's list of built-in routes covers every route the app serves."""
+    exporter, _ = await serve({"security": {"enabled": True}})
+    paths = {route.path for route in create_app(exporter).app.routes}
+    paths.discard(exporter.config["monitoring"]["health_endpoint_path"])
+    assert {"/metrics", "/-/reload", "/dovecot/policy", "/api/v1/sessions/{id}"} <= paths
+    for path in paths:
+        concrete = path.replace("{", "").replace("}", "")
+        with pytest.raises(ConfigError, match="monitoring.health_endpoint_path"):
+            load_config(config_file({"monitoring": {"health_endpoint_path": concrete}}))
 
 
 async def test_readyz_turns_503_when_a_critical_component_fails(serve, tmp_path):
