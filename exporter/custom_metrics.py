@@ -13,13 +13,16 @@ import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
 from exporter import catalogue
 from exporter.catalogue import MetricSpec
 from exporter.instruments import CounterVec
+
+if TYPE_CHECKING:
+    from jsonschema import ValidationError
 
 MAX_LABEL_VALUE_LENGTH = 128
 _EMAIL = re.compile(r"[^@\s<>\"'(),;\[\]]+@[^@\s<>\"'(),;\[\]]+")
@@ -38,6 +41,21 @@ UPDATE_SCHEMA: dict[str, Any] = {
                    "default": {}, "description": "A value for every declared label name."},
     },
 }
+
+
+# the reason a body that breaks UPDATE_SCHEMA is counted under, by the key at fault
+_BODY_REASONS = {"op": "wrong_type", "value": "bad_value", "labels": "bad_labels"}
+
+
+def body_reason(error: ValidationError | None) -> str:
+    """The rejection reason of an update body that is not JSON (None) or breaks
+    UPDATE_SCHEMA: the reasons `update` counts under, `bad_body` for the rest."""
+    if error is None:
+        return "bad_body"
+    if error.validator == "required":  # value is the one key required
+        return "bad_value"
+    key = error.absolute_path[0] if error.absolute_path else None
+    return _BODY_REASONS.get(str(key), "bad_body")
 
 
 class UpdateError(Exception):
@@ -88,8 +106,14 @@ class CustomMetrics:
         try:
             return self._apply(metric, body)
         except UpdateError as exc:
-            self.rejections.inc((name, exc.code))
+            self.count_rejection(name, exc.code)
             raise
+
+    def count_rejection(self, name: str, reason: str) -> None:
+        """Counts a refused update of a declared metric (an undeclared name is not counted:
+        the label set would grow with every name a caller makes up)."""
+        if name in self.metrics:
+            self.rejections.inc((name, reason))
 
     def _apply(self, metric: Declared, body: dict[str, Any]) -> float:
         value = float(body["value"])
@@ -159,8 +183,14 @@ def _holds_an_address(value: str) -> bool:
 _ADDRESS_TOKEN = re.compile(r"[0-9A-Fa-f.:]*[.:][0-9A-Fa-f.:]*(?:/\d{1,3})?")
 
 
+# zeros that pad a number (192.168.001.001): ipaddress refuses them, inet_aton and many
+# a reader take the address all the same
+_PADDING_ZEROS = re.compile(r"(?<![0-9A-Fa-f])0+(?=[0-9])")
+
+
 def _is_ip(value: str) -> bool:
     candidates = [value, value.strip(":."), value.rstrip(":.").rsplit(":", 1)[0]]
+    candidates += [_PADDING_ZEROS.sub("", candidate) for candidate in candidates]
     for candidate in candidates:
         try:
             ipaddress.ip_network(candidate, strict=False)

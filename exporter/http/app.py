@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from exporter.config import Config
-from exporter.custom_metrics import UPDATE_SCHEMA, UpdateError
+from exporter.custom_metrics import UPDATE_SCHEMA, UpdateError, body_reason
 from exporter.exposition import (
     CONTENT_TYPE_OPENMETRICS,
     CONTENT_TYPE_TEXT,
@@ -143,11 +143,12 @@ def create_app(exporter: Exporter) -> ASGIApp:
         denied = await authorize(request, "metrics:write")
         if denied:
             return denied
+        name = request.path_params["name"]
         try:
             body = await _json_body(request, _update_validator)
         except BadRequest as exc:
+            exporter.custom.count_rejection(name, body_reason(exc.error))
             return error(400, "bad_request", str(exc))
-        name = request.path_params["name"]
         try:
             value = exporter.custom.update(name, body)
         except UpdateError as exc:

@@ -78,7 +78,11 @@ _ban_validator = jsonschema.Draft7Validator(BAN_SCHEMA)
 
 
 class BadRequest(Exception):
-    pass
+    """A request refused with 400; `error` is the body's first schema error, if that was it."""
+
+    def __init__(self, message: str, error: jsonschema.ValidationError | None = None):
+        super().__init__(message)
+        self.error = error
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -212,7 +216,7 @@ async def _json_body(request: Request, validator: jsonschema.Draft7Validator) ->
     except RecursionError:
         raise BadRequest("body must be UTF-8 JSON: nested too deeply") from None
     if errors:
-        raise BadRequest(schema_problem(errors[0]))
+        raise BadRequest(schema_problem(errors[0]), errors[0])
     result: dict[str, Any] = body
     return result
 

@@ -74,7 +74,9 @@ def test_labels_must_match_declaration():
     # inside a longer text (these were accepted and exported)
     "Alice <alice@example.org>", "alice@example.org ", " 198.51.100.7", "198.51.100.7:25",
     "[2001:db8::7]", "[2001:db8::1]:25", "client=198.51.100.7", "client 10.0.0.1",
-    "alice%40example.org", "from ::ffff:192.0.2.1"])
+    "alice%40example.org", "from ::ffff:192.0.2.1",
+    # zero-padded: ipaddress refuses the form, inet_aton reads the address
+    "192.168.001.001", "010.000.000.001", "client=192.168.001.001:25", "10.0.0.0/08"])
 def test_personal_data_is_refused_in_labels(value):
     custom = CustomMetrics(DECLS)
     err = refused(custom, "queue_depth", {"value": 1, "labels": {"queue": value}})
@@ -83,7 +85,8 @@ def test_personal_data_is_refused_in_labels(value):
 
 
 @pytest.mark.parametrize("value", ["imap", "std::vector", "v1.2.3", "12:30", "eu-west-1",
-                                   "2026-12-02", "/api/v1/jobs", "node01", "1.5"])
+                                   "2026-12-02", "/api/v1/jobs", "node01", "1.5",
+                                   "v1.02.3", "2026.01.02", "build 0042"])
 def test_label_values_that_only_resemble_addresses_are_taken(value):
     custom = CustomMetrics(DECLS)
     custom.update("queue_depth", {"value": 1, "labels": {"queue": value}})

@@ -228,6 +228,33 @@ async def test_custom_metrics_endpoint(serve, tmp_path):
     assert r.status_code == 404
 
 
+async def test_custom_metric_bodies_the_schema_refuses_are_counted(serve, tmp_path):
+    """A body refused by the body schema (op "mul", value "3", not JSON) was a 400 that
+    a3mailer_exporter_custom_metric_rejections_total never counted."""
+    _, client = await serve(admin_config(tmp_path, {"monitoring": {"custom_metrics": [
+        {"name": "depth", "type": "gauge", "help": "x", "labels": ["queue"]}]}}))
+    url = "/api/v1/metrics/custom/depth"
+    bodies = {
+        "wrong_type": ['{"value": 1, "op": "mul", "labels": {"queue": "a"}}'],
+        "bad_value": ['{"value": "3", "labels": {"queue": "a"}}', '{"labels": {"queue": "a"}}'],
+        "bad_labels": ['{"value": 1, "labels": {"queue": 7}}', '{"value": 1, "labels": []}'],
+        "bad_body": ["{not json", "[1]", '{"value": 1, "labels": {"queue": "a"}, "x": 1}'],
+        "personal_data": ['{"value": 1, "labels": {"queue": "192.168.001.001"}}'],
+    }
+    for reason, contents in bodies.items():
+        for content in contents:
+            r = await client.post(url, content=content, headers=ADMIN)
+            assert r.status_code == 400, content
+    r = await client.post("/api/v1/metrics/custom/undeclared", content="{not json",
+                          headers=ADMIN)
+    assert r.status_code == 400
+    metrics = (await client.get("/metrics")).text
+    for reason, contents in bodies.items():
+        assert metric_value(metrics, "a3mailer_exporter_custom_metric_rejections_total",
+                            metric="depth", reason=reason) == len(contents), reason
+    assert 'metric="undeclared"' not in metrics  # made-up names grow no series
+
+
 async def test_body_size_limit(serve, tmp_path):
     _, client = await serve(admin_config(tmp_path, {"server": {"max_request_body_bytes": 1024}}))
     r = await client.post("/-/reload", content=b"x" * 5000, headers=ADMIN)
