@@ -83,6 +83,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except OSError as exc:  # --out not writable, or not a directory
+        print(f"{exc.filename or args.out}: cannot write: {exc.strerror}", file=sys.stderr)
+        return 2
     if args.check:
         for path in changed:
             print(f"stale: {path} (run `a3mailer-exporter generate`)", file=sys.stderr)

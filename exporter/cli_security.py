@@ -68,7 +68,9 @@ def run_security(args: argparse.Namespace) -> int:
         print(f"{args.token_file}: cannot read the admin token: {reason}", file=sys.stderr)
         return 2
     if token is None:
-        print("no admin token: use --token-file or set A3MAILER_ADMIN_TOKEN", file=sys.stderr)
+        where = (f"{args.token_file} is empty" if args.token_file
+                 else "use --token-file or set A3MAILER_ADMIN_TOKEN")
+        print(f"no admin token: {where}", file=sys.stderr)
         return 2
     base = args.url.rstrip("/") + "/api/v1/security"
     action = args.action
@@ -128,7 +130,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 def _token(path: str | None) -> str | None:
     if path:
-        return Path(path).read_text(encoding="utf-8").strip()
+        return Path(path).read_text(encoding="utf-8").strip() or None  # not `Bearer `
     return os.environ.get("A3MAILER_ADMIN_TOKEN") or None
 
 

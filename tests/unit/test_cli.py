@@ -55,3 +55,26 @@ def test_run_checks_its_overrides_before_starting(monkeypatch, tmp_path, capsys,
     monkeypatch.setattr(cli, "hold_state_dir", started)  # the first step of a start
     assert main(["run", "--state-dir", str(tmp_path / "state"), *args]) == 2
     assert capsys.readouterr().err == message
+
+
+def test_generate_into_a_directory_it_cannot_write_is_one_line(tmp_path, capsys):
+    """--out /proc/nope ended in a FileNotFoundError traceback, exit 1."""
+    assert main(["generate", "--out", "/proc/nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("/proc/nope") and err.endswith(": cannot write: No such file or "
+                                                          "directory\n")
+    assert err.count("\n") == 1
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert main(["generate", "--out", str(not_a_dir)]) == 2
+    assert capsys.readouterr().err.endswith(": cannot write: Not a directory\n")
+
+
+def test_security_with_an_empty_token_file_has_no_admin_token(tmp_path, capsys):
+    """An empty --token-file sent `Authorization: Bearer ` and got 401, exit 1."""
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    # a port nothing listens on: the old code's request is refused at once
+    assert main(["security", "--url", "http://127.0.0.1:9", "--token-file", str(empty),
+                 "bans"]) == 2
+    assert capsys.readouterr().err == f"no admin token: {empty} is empty\n"
