@@ -350,9 +350,11 @@ def recorded(env: Env) -> set[str]:
 # --------------------------------------------------------------------------- tests
 
 
-def test_full_example_enables_every_feature(env, tmp_path):
+def test_full_example_enables_every_feature(env, tmp_path, monkeypatch):
     # the example as shipped, but for its credentials file, which the loader reads (it
-    # names /etc/a3mailer-exporter/probe.credentials)
+    # names /etc/a3mailer-exporter/probe.credentials), and the variable it names for
+    # Stalwart's password, which must be set
+    monkeypatch.setenv("A3MAILER_STALWART_PASSWORD", "stalwart-secret")
     credentials = tmp_path / "probe.credentials"
     credentials.write_text("probe:s3cret\n")
     copy = tmp_path / "full.yaml"
