@@ -165,11 +165,18 @@ class OidcValidator:
     async def _get_json(self, url: str, **kwargs: Any) -> dict[str, Any]:
         import httpx
 
+        limit = self.settings.http_timeout
         try:
-            response = await self.http.request(kwargs.pop("method", "GET"), check_url(url),
-                                               **kwargs)
+            # httpx's timeout bounds each read: a provider sending a byte now and then
+            # would hold the token check; this bounds the whole exchange
+            async with asyncio.timeout(limit):
+                response = await self.http.request(kwargs.pop("method", "GET"),
+                                                   check_url(url), **kwargs)
             response.raise_for_status()
             value = response.json()
+        except TimeoutError:
+            raise FederationError(f"{urlsplit(url).netloc}: no complete answer within "
+                                  f"{limit:g}s") from None
         except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FederationError(f"{urlsplit(url).netloc}: {exc}") from None
         except ValueError as exc:  # check_url: a URL the discovery document named

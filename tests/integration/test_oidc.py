@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from security.federation.oidc import FederationError, OidcSettings, OidcValidator, check_url
 from security.identity import IdentityStats
+from tests.integration.components import DribblingHTTPServer
 from tests.integration.oidc_server import OidcProvider
 from tests.unit.test_identity_http import running  # noqa: F401 - a fixture
 
@@ -165,6 +166,23 @@ async def test_an_unreachable_provider(provider):
             await dead.introspect("anything")
     finally:
         await dead.close()
+
+
+@pytest.mark.parametrize("body", [False, True])
+async def test_a_provider_that_dribbles_its_answer_is_cut_off_at_the_timeout(body):
+    """httpx's timeout is per read: a provider sending a header line (or a body byte)
+    every 0.2 s held a token check for as long as it liked."""
+    with DribblingHTTPServer(gap=0.2, body=body) as slow:
+        v = OidcValidator(OidcSettings(issuer=slow.url + "/realm", audience=("x",),
+                                       http_timeout=0.8))
+        try:
+            started = time.monotonic()
+            with pytest.raises(FederationError, match="no complete answer within 0.8s"):
+                await v.discovery()
+            took = time.monotonic() - started
+        finally:
+            await v.close()
+    assert 0.7 <= took < 2.0, f"took {took:.2f} s"
 
 
 async def test_introspection(provider, validator):
