@@ -405,6 +405,14 @@ def _index_node(
     return problems
 
 
+def _at(data: Mapping[str, Any], path: Path_) -> Any:
+    """The value at a key path of the (merged) config."""
+    value: Any = data
+    for key in path:
+        value = value[key]
+    return value
+
+
 def _dotted(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:
@@ -573,9 +581,7 @@ def _semantic_problems(
         if (wrong := ca_problem(ca_file)) is not None:
             problem(path, wrong)
     for section, name in secret_paths():
-        values: Any = data
-        for key in section:
-            values = values[key]
+        values = _at(data, section)
         try:
             secret = read_secret(values, name)
         except OSError as exc:
@@ -591,10 +597,7 @@ def _semantic_problems(
             problem((*section, key), f"the secret{origin} has {len(secret)} characters; "
                     f"at least {shortest} are needed")
     for path, where in URLS_WITHOUT_CREDENTIALS.items():
-        url: Any = data
-        for key in path:
-            url = url[key]
-        netloc = urllib.parse.urlsplit(url).netloc
+        netloc = urllib.parse.urlsplit(_at(data, path)).netloc
         userinfo = netloc.rpartition("@")[0]
         # Redis's ACL user may stand in its URL (redis://user@host), the password may not
         if userinfo and (path[-1] != "redis_url" or ":" in userinfo):
@@ -646,10 +649,7 @@ def _unset_variable(section: Path_, name: str, values: Mapping[str, Any]) -> str
     open, with server.auth's bearer_token_env). A default name unset is the feature off,
     as documented."""
     env = values.get(f"{name}_env") or ""
-    default: Any = _defaults()
-    for key in section:
-        default = default.get(key, {}) if isinstance(default, dict) else {}
-    if not env or env == default.get(f"{name}_env"):
+    if not env or env == _at(_defaults(), section).get(f"{name}_env"):
         return None
     return f"${env} is not set or is empty"
 
@@ -661,10 +661,7 @@ def _network_problems(security: dict[str, Any], problem: Any) -> None:
     from security.blocklist import parse_network
 
     for path in NETWORK_LISTS:
-        values: Any = security
-        for key in path:
-            values = values[key]
-        for index, value in enumerate(values):
+        for index, value in enumerate(_at(security, path)):
             try:
                 ipaddress.ip_network(value, strict=False)
             except ValueError:
@@ -724,11 +721,8 @@ def port_problem(address: str) -> str | None:
 
 def _port_problems(data: dict[str, Any], problem: Any) -> None:
     for path in LISTEN_KEYS + HOST_PORT_KEYS:
-        value: Any = data
-        for key in path:
-            value = value[key]
         check = listen_problem if path in LISTEN_KEYS else port_problem
-        if (wrong := check(value)) is not None:
+        if (wrong := check(_at(data, path))) is not None:
             problem(path, wrong)
 
 
