@@ -52,6 +52,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.span import TraceState
 
 from exporter.config import merge_headers
+from security import no_redirect
 
 CONTENT_TYPE = "application/x-protobuf"
 RETRYABLE = frozenset({429, 502, 503, 504})
@@ -346,10 +347,11 @@ class Sender(_Retrying):
                 raise TimeoutError("export timed out")
             connection = self._connection
             if connection is None:
-                connection = self._connection = self._connect(remaining)
-            connection.timeout = remaining
-            if connection.sock is not None:
-                connection.sock.settimeout(remaining)
+                connection = self._connection = no_redirect.bounded_connection(
+                    self._host, self._port, deadline, https=self._https,
+                    context=ssl.create_default_context() if self._https else None)
+            connection.deadline = deadline  # type: ignore[attr-defined]
+            connection.timeout = remaining  # the connect's, per step
             try:
                 connection.request("POST", self._path, body, self._headers)
                 response = connection.getresponse()
@@ -363,12 +365,6 @@ class Sender(_Retrying):
                 self.close()
             return response.status, _retry_after(response.getheader("retry-after"))
         raise AssertionError("unreachable")
-
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=ssl.create_default_context())
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def close(self) -> None:
         if self._connection is not None:

@@ -4,7 +4,8 @@ since following it would send the credentials to whoever the Location names.
 
 `open_within` also bounds the whole exchange in time. urllib's own timeout bounds each
 socket operation alone: a server that sends a header line or a body byte now and then
-holds the caller, and the thread it runs in, for as long as it likes."""
+holds the caller, and the thread it runs in, for as long as it likes. The OTLP/HTTP
+span sender's kept-alive connection (`bounded_connection`) is bounded the same way."""
 
 from __future__ import annotations
 
@@ -66,17 +67,18 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _DeadlineSocket:
-    """A connected socket whose sends and reads (through makefile) end at the deadline."""
+    """A connected socket whose sends and reads (through makefile) end at the deadline
+    (which a kept-alive connection moves on for each request it makes)."""
 
     def __init__(self, sock: Any, deadline: float):
         self._sock = sock
-        self._deadline = deadline
+        self.deadline = deadline
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+        return io.BufferedReader(_DeadlineReader(self._sock, self.deadline))
 
     def sendall(self, data: Any, *args: Any) -> None:
-        self._sock.settimeout(_remaining(self._deadline))
+        self._sock.settimeout(_remaining(self.deadline))
         self._sock.sendall(data, *args)
 
     def __getattr__(self, name: str) -> Any:
@@ -92,18 +94,29 @@ def _remaining(deadline: float) -> float:
 
 class _Bounded:
     """An http.client connection whose socket is wrapped in _DeadlineSocket once connected
-    (after the TLS handshake, which the connect timeout bounds per read)."""
+    (after the TLS handshake, which the connect timeout bounds per read). Setting
+    `deadline` moves it on for the connection's next exchange."""
 
     sock: Any
 
     def __init__(self, *args: Any, deadline: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.deadline = deadline
+        self._deadline = deadline
+
+    @property
+    def deadline(self) -> float:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if isinstance(self.sock, _DeadlineSocket):
+            self.sock.deadline = deadline
 
     def connect(self) -> None:
-        _remaining(self.deadline)
+        _remaining(self._deadline)
         super().connect()  # type: ignore[misc]
-        self.sock = _DeadlineSocket(self.sock, self.deadline)
+        self.sock = _DeadlineSocket(self.sock, self._deadline)
 
 
 class _BoundedHTTP(_Bounded, http.client.HTTPConnection):
@@ -112,6 +125,16 @@ class _BoundedHTTP(_Bounded, http.client.HTTPConnection):
 
 class _BoundedHTTPS(_Bounded, http.client.HTTPSConnection):
     pass
+
+
+def bounded_connection(host: str, port: int, deadline: float, *, https: bool = False,
+                       context: Any = None) -> http.client.HTTPConnection:
+    """A kept-alive http.client connection (it follows no redirect: http.client never
+    does) whose exchanges each end at `deadline`, set anew before each request."""
+    if https:
+        return _BoundedHTTPS(host, port, context=context, deadline=deadline,
+                             timeout=_remaining(deadline))
+    return _BoundedHTTP(host, port, deadline=deadline, timeout=_remaining(deadline))
 
 
 _BOUNDED: dict[Any, Any] = {http.client.HTTPConnection: _BoundedHTTP,

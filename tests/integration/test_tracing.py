@@ -5,9 +5,11 @@ an unreachable receiver never costs a request."""
 
 from __future__ import annotations
 
+import http.server
 import secrets
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,9 +19,15 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.otlp import Sender
 from exporter.probes import build_probes
 from tests.exporter_process import ExporterProcess
-from tests.integration.components import OTLPReceiver, RecordingHTTPServer, free_port
+from tests.integration.components import (
+    DribblingHTTPServer,
+    OTLPReceiver,
+    RecordingHTTPServer,
+    free_port,
+)
 
 LOGIN = "carol@example.test"
 REMOTE = "198.51.100.23"
@@ -212,6 +220,54 @@ def test_receiver_unreachable_requests_served_and_spans_counted(exporter_process
     assert metric(proc.url, "a3mailer_tracing_spans_exported_total") == 0
     assert policy(proc.url, "allow", {}).status_code == 200  # still serving
     assert "span export failing" in proc.log()
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["slow-headers", "slow-body"])
+def test_the_http_export_time_bounds_the_whole_exchange(body):
+    """A receiver that answers a header line (or a body byte) every 0.2 s is cut off at
+    the export's time, 1 s here. Each read alone is quick, so a per-read timeout never
+    fires: before, the send took 20 s (http.client's 100-header limit) or, for the body,
+    100,000 bytes at 0.2 s each."""
+    with DribblingHTTPServer(gap=0.2, body=body) as slow:
+        sender = Sender(slow.url + "/v1/traces", {}, 1.0, threading.Event())
+        started = time.monotonic()
+        ok = sender.send(b"\x0a\x00")
+        took = time.monotonic() - started
+        sender.close()
+    assert ok is False
+    assert 0.9 < took < 2.5, f"the send took {took:.1f} s"
+
+
+class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keeps the connection, as OTLP collectors do
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def test_a_kept_alive_export_connection_gets_a_fresh_deadline_per_send():
+    """The deadline moves on with each send: a connection kept alive for longer than
+    the export's time still sends (and is the same connection)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sender = Sender(f"http://127.0.0.1:{server.server_address[1]}/v1/traces", {}, 1.0,
+                    threading.Event())
+    try:
+        assert sender.send(b"") is True
+        first = sender._connection
+        time.sleep(1.3)
+        assert sender.send(b"") is True
+        assert first is not None and sender._connection is first
+    finally:
+        sender.close()
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
