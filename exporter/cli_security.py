@@ -8,6 +8,8 @@ works with the exporter stopped.
 from __future__ import annotations
 
 import argparse
+import functools
+import http.client
 import json
 import os
 import sys
@@ -20,6 +22,7 @@ from typing import Any
 from security import no_redirect
 
 DEFAULT_URL = "http://127.0.0.1:10587"
+DEFAULT_TIMEOUT = 30.0
 
 
 def add_parsers(sub: Any) -> None:
@@ -28,11 +31,15 @@ def add_parsers(sub: Any) -> None:
                      help=f"exporter base URL (default {DEFAULT_URL}, or $A3MAILER_URL)")
     sec.add_argument("--token-file", help="file holding the admin token "
                                           "(default: $A3MAILER_ADMIN_TOKEN)")
+    sec.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                     help=f"seconds for the whole request (default {DEFAULT_TIMEOUT:g})")
     # the same two options after the action too (`security unlock bob --url ...`); not
     # given there, they keep what came before it or the defaults
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--url", default=argparse.SUPPRESS, help="as before the action")
     after.add_argument("--token-file", default=argparse.SUPPRESS, help="as before the action")
+    after.add_argument("--timeout", type=_seconds, default=argparse.SUPPRESS,
+                       help="as before the action")
     actions = sec.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[after],
                        help="list lockouts in force and banned networks")
@@ -73,20 +80,21 @@ def run_security(args: argparse.Namespace) -> int:
         print(f"no admin token: {where}", file=sys.stderr)
         return 2
     base = args.url.rstrip("/") + "/api/v1/security"
+    call = functools.partial(_call, token=token, timeout=args.timeout)
     action = args.action
     if action == "list":
-        locks_status, locks = _call("GET", f"{base}/lockouts", token)
-        bans_status, bans = _call("GET", f"{base}/blocklist", token)
+        locks_status, locks = call("GET", f"{base}/lockouts")
+        bans_status, bans = call("GET", f"{base}/blocklist")
         status = max(locks_status, bans_status)
         body = {**locks, **bans} if status < 300 else locks if locks_status >= 300 else bans
     elif action == "lockouts":
-        status, body = _call("GET", f"{base}/lockouts", token)
+        status, body = call("GET", f"{base}/lockouts")
     elif action == "unlock":  # ?account=: a login may hold a "/"
         query = urllib.parse.urlencode({"account": args.account,
                                         **({"source": args.source} if args.source else {})})
-        status, body = _call("DELETE", f"{base}/lockouts?{query}", token)
+        status, body = call("DELETE", f"{base}/lockouts?{query}")
     elif action == "bans":
-        status, body = _call("GET", f"{base}/blocklist", token)
+        status, body = call("GET", f"{base}/blocklist")
     elif action == "ban":
         from exporter.config import parse_duration
 
@@ -97,10 +105,10 @@ def run_security(args: argparse.Namespace) -> int:
             return 2
         payload = {"network": args.network, "reason": args.reason,
                    "duration_seconds": duration}
-        status, body = _call("POST", f"{base}/blocklist", token, json.dumps(payload).encode())
+        status, body = call("POST", f"{base}/blocklist", json.dumps(payload).encode())
     elif action == "unban":
-        status, body = _call("DELETE", f"{base}/blocklist?network="
-                             + urllib.parse.quote(args.network), token)
+        status, body = call("DELETE", f"{base}/blocklist?network="
+                            + urllib.parse.quote(args.network))
     elif action == "import":
         feed = f"?feed={urllib.parse.quote(args.feed)}" if args.feed else ""
         try:
@@ -108,9 +116,9 @@ def run_security(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
             return 2
-        status, body = _call("POST", f"{base}/blocklist.txt{feed}", token, text, "text/plain")
+        status, body = call("POST", f"{base}/blocklist.txt{feed}", text, "text/plain")
     else:  # export
-        status, body = _call("GET", f"{base}/blocklist.txt", token)
+        status, body = call("GET", f"{base}/blocklist.txt")
     print(body if isinstance(body, str) else json.dumps(body, indent=2))
     return 0 if status < 300 else 1
 
@@ -134,27 +142,47 @@ def _token(path: str | None) -> str | None:
     return os.environ.get("A3MAILER_ADMIN_TOKEN") or None
 
 
-_OPENER = no_redirect.opener()
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {text!r}")
+    return seconds
 
 
-def _call(method: str, url: str, token: str, data: bytes | None = None,
-          content_type: str = "application/json") -> tuple[int, Any]:
+def _call(method: str, url: str, data: bytes | None = None,
+          content_type: str = "application/json", *, token: str,
+          timeout: float) -> tuple[int, Any]:
     if not url.startswith(("http://", "https://")):
         return 599, {"error": "bad_url", "message": f"not an http(s) URL: {url}"}
     request = urllib.request.Request(url, data=data, method=method, headers={  # noqa: S310
         "Authorization": f"Bearer {token}", "Content-Type": content_type})
     try:
-        # never redirected: the token would go along to whatever the Location names
-        with _OPENER.open(request, timeout=30) as response:
+        # never redirected: the token would go along to whatever the Location names;
+        # `timeout` bounds the whole exchange, not each read
+        with no_redirect.open_within(request, timeout) as response:
             status, raw, kind = response.status, response.read(), response.headers.get(
                 "content-type", "")
     except urllib.error.HTTPError as exc:
-        status, raw, kind = exc.code, exc.read(), exc.headers.get("content-type", "")
-        if 300 <= status < 400:
-            return status, {"error": "redirected", "message": (
-                f"the server answered {status} to {exc.headers.get('location', '?')}; not "
+        if 300 <= exc.code < 400:
+            return exc.code, {"error": "redirected", "message": (
+                f"the server answered {exc.code} to {exc.headers.get('location', '?')}; not "
                 "followed, as the admin token would go along: point --url at the exporter")}
+        try:
+            status, raw, kind = exc.code, exc.read(), exc.headers.get("content-type", "")
+        except (OSError, http.client.HTTPException) as error:
+            return 599, _unreachable(error, timeout)
     except urllib.error.URLError as exc:
-        return 599, {"error": "unreachable", "message": str(exc.reason)}
+        return 599, _unreachable(exc.reason, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        return 599, _unreachable(exc, timeout)
     text = raw.decode("utf-8", errors="replace")
     return status, json.loads(text) if "json" in kind else text
+
+
+def _unreachable(reason: object, timeout: float) -> dict[str, str]:
+    if isinstance(reason, TimeoutError):
+        return {"error": "timed_out", "message": f"no complete answer within {timeout:g} s"}
+    return {"error": "unreachable", "message": str(reason)}

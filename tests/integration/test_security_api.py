@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -236,6 +237,28 @@ def test_the_cli_never_follows_a_redirect_with_the_token(tmp_path):
         for server in (elsewhere, redirect):
             server.shutdown()
             server.server_close()
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["slow-headers", "slow-body"])
+def test_the_cli_timeout_bounds_the_whole_request(body):
+    """A server that answers a header line (or a body byte) every 0.2 s: each read is
+    quick, so urllib's per-read timeout never fired and the CLI waited 20 s (slow
+    headers) or without end (slow body); --timeout 1 ends it after a second."""
+    from types import SimpleNamespace
+
+    from tests.integration.components import DribblingHTTPServer
+
+    with DribblingHTTPServer(gap=0.2, body=body) as slow:
+        started = time.monotonic()
+        r = cli(SimpleNamespace(url=slow.url), "security", "bans", "--timeout", "1")
+        took = time.monotonic() - started
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert json.loads(r.stdout) == {"error": "timed_out",
+                                    "message": "no complete answer within 1 s"}
+    assert took < 8, f"the CLI took {took:.1f} s"  # a Python start-up included
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        r = cli(SimpleNamespace(url=slow.url), "security", "--timeout", bad, "bans")
+        assert r.returncode == 2 and "not a number of seconds above 0" in r.stderr, bad
 
 
 def signed(secret: bytes, events: list[dict]) -> tuple[bytes, dict]:
