@@ -529,6 +529,10 @@ def _pattern_rules() -> dict[str, str]:
                                     "starting with a digit)",
         "^(https?://[^@/]+(/.*)?)?$": "an http:// or https:// URL without user:password@ "
                                       "(credentials have keys of their own)",
+        # what a probe writes into its request line as it is: no space, CR or LF
+        "^/[!-~]*$": "a path starting with /, in visible ASCII (percent-encode the rest)",
+        r"^([A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[!-Z^-~]{1,250}\])$":
+            "a host name or an address literal such as [192.0.2.1]",
         selector: 'PromQL label matchers: name, =, !=, =~ or !~, a double-quoted value, '
                   'separated by commas (job="a3mailer-exporter", env="prod")',
         _listen_pattern(): LISTEN_RULE,
@@ -563,6 +567,7 @@ def _semantic_problems(
     _network_problems(data["security"], problem)
     _port_problems(data, problem)
     _health_path_problems(mon, problem)
+    _interval_problems(data, problem)
     security = data["security"]
     if parse_duration(security["lockout"]["max_duration"]) < parse_duration(
             security["lockout_duration"]):  # every lock would be cut to the cap
@@ -724,6 +729,27 @@ def _port_problems(data: dict[str, Any], problem: Any) -> None:
         check = listen_problem if path in LISTEN_KEYS else port_problem
         if (wrong := check(_at(data, path))) is not None:
             problem(path, wrong)
+
+
+# How often a job runs that reaches a server or reads the whole process: "1ms", a slip
+# for "1m", would run it a thousand times a second (poll intervals may be shorter).
+MIN_INTERVAL = 1.0
+JOB_INTERVALS: tuple[Path_, ...] = (
+    ("monitoring", "collection_interval"), ("monitoring", "health_check_interval"),
+    ("monitoring", "delivery", "interval"), ("monitoring", "dns", "interval"),
+    ("monitoring", "dnsbl", "interval"), ("monitoring", "stalwart", "interval"),
+    ("monitoring", "queues", "postfix", "interval"),
+    ("monitoring", "queues", "stalwart", "interval"))
+
+
+def _interval_problems(data: dict[str, Any], problem: Any) -> None:
+    probes = [("monitoring", "probes", index, "interval")
+              for index, item in enumerate(data["monitoring"]["probes"]) if "interval" in item]
+    for path in (*JOB_INTERVALS, *probes, ("alerting", "engine", "evaluation_interval")):
+        value = _at(data, path)
+        if parse_duration(value) < MIN_INTERVAL:
+            problem(path, f"{value} is below the 1s floor of a job's interval (a slip for "
+                          "1m?)")
 
 
 # the app's own routes (exporter/http/): the health document's path may not take one

@@ -54,6 +54,9 @@ TARGET_DEFAULTS: dict[str, Any] = {
 }
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PATH = re.compile(r"/[!-~]*")  # an HTTP request target: visible ASCII, no space
+# RFC 5321's EHLO argument: a domain, or an address literal in brackets
+_EHLO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[!-Z^-~]{1,250}\]")
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,14 @@ class Target:
             raise ValueError(f"probe {name}: tls must be one of {', '.join(TLS_MODES)}")
         if protocol == "http" and tls == "starttls":
             raise ValueError(f"probe {name}: http has no STARTTLS; use tls: implicit for https")
-        path = str(values["path"])
-        if protocol == "http" and not path.startswith("/"):
-            raise ValueError(f"probe {name}: path must start with /")
+        path, ehlo = str(values["path"]), str(values["ehlo"])
+        if protocol == "http" and not _PATH.fullmatch(path):
+            # written into the request line as it is: a space, CR or LF would end it
+            raise ValueError(f"probe {name}: path must start with / and hold only visible "
+                             "ASCII (percent-encode the rest)")
+        if not _EHLO.fullmatch(ehlo):
+            raise ValueError(f"probe {name}: ehlo must be a host name or an address literal "
+                             "such as [192.0.2.1]")
         port = int(values["port"]) or DEFAULT_PORTS[(protocol, tls)]
         return cls(
             name=name, protocol=protocol, host=host_name(values["host"]), port=port, tls=tls,
@@ -107,7 +115,7 @@ class Target:
             credentials_file=str(values["credentials_file"]),
             insecure_skip_verify=bool(values["insecure_skip_verify"]),
             ca_file=str(values["ca_file"]), server_name=str(values["server_name"]),
-            source_address=str(values["source_address"]), ehlo=str(values["ehlo"]),
+            source_address=str(values["source_address"]), ehlo=ehlo,
             path=path, expect_status=tuple(int(s) for s in values["expect_status"]),
         )
 

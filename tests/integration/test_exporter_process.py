@@ -194,7 +194,7 @@ def test_a_stalwart_that_dribbles_its_answer_leaves_the_exporter_ready_and_readi
             "health_check_interval": "1s", "health_check_timeout": "1s",
             "failure_threshold": 2,
             "stalwart": {"enabled": True, "url": stalwart.url, "timeout": "500ms",
-                         "interval": "200ms"},
+                         "interval": "1s"},
             "logs": {"poll_interval": "200ms", "files": [
                 {"name": "mail", "path": str(maillog), "format": "maillog",
                  "start_at": "beginning"}]}}}))

@@ -221,6 +221,79 @@ def test_an_alert_template_prometheus_cannot_parse_is_a_config_error(tmp_path):
         "action (Prometheus would refuse every rule)"]
 
 
+def test_a_jobs_interval_below_a_second_is_a_config_error(tmp_path):
+    """1ms (a slip for 1m) had probes and health checks run a thousand times a second,
+    and every alert evaluation fail with "timed out after 0.001s"."""
+    path = write(tmp_path, """
+        monitoring:
+          health_check_interval: 1ms
+          health_check_timeout: 1ms
+          probes:
+            - {name: smtp, protocol: smtp, host: 127.0.0.1, interval: 500ms}
+            - {name: imap, protocol: imap, host: 127.0.0.1, interval: 1s}
+          logs: {poll_interval: 100ms}
+        alerting:
+          engine: {evaluation_interval: 999ms}
+    """)
+    assert problems(path) == [
+        f"{path}:2: monitoring.health_check_interval: 1ms is below the 1s floor of a job's "
+        "interval (a slip for 1m?)",
+        f"{path}:5: monitoring.probes[0].interval: 500ms is below the 1s floor of a job's "
+        "interval (a slip for 1m?)",
+        f"{path}:9: alerting.engine.evaluation_interval: 999ms is below the 1s floor of a "
+        "job's interval (a slip for 1m?)"]
+
+
+PATH_RULE = "must be a path starting with /, in visible ASCII (percent-encode the rest)"
+EHLO_RULE = "must be a host name or an address literal such as [192.0.2.1]"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("path", '"/x HTTP/1.1\\r\\nX-Injected: yes\\r\\nY:"', PATH_RULE),
+    ("path", '"/a b"', PATH_RULE),
+    ("path", "healthz", PATH_RULE),
+    ("ehlo", '"mx.example.org\\r\\nMAIL FROM:<x@y>"', EHLO_RULE),
+    ("ehlo", '"two words"', EHLO_RULE),
+])
+def test_a_probe_line_that_would_reach_the_wire_unchecked_is_a_config_error(
+        tmp_path, key, value, message):
+    """A CR LF in an HTTP probe's path had sent the server an extra header line."""
+    protocol = "http" if key == "path" else "smtp"
+    path = write(tmp_path, f"""
+        monitoring:
+          probes:
+            - {{name: p, protocol: {protocol}, host: 127.0.0.1, {key}: {value}}}
+    """)
+    assert problems(path) == [f"{path}:3: monitoring.probes[0].{key}: {message}"]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("path", "/x", "path must start with / and hold only visible ASCII (percent-encode the "
+     "rest)"),
+    ("ehlo", "mx", "ehlo must be a host name or an address literal such as [192.0.2.1]")])
+def test_a_probe_line_ending_in_a_newline_is_a_config_error(tmp_path, key, value, message):
+    """A schema pattern's $ (Python's re) also matches before a last newline; the probe's
+    own check matches the whole value."""
+    protocol = "http" if key == "path" else "smtp"
+    path = write(tmp_path, f"""
+        monitoring:
+          probes:
+            - {{name: p, protocol: {protocol}, host: 127.0.0.1, {key}: "{value}\\n"}}
+    """)
+    assert problems(path) == [f"{path}:3: monitoring.probes[0]: probe p: {message}"]
+
+
+@pytest.mark.parametrize("ehlo", ["mx1.example.org", "a3mailer-exporter.invalid", "localhost",
+                                  "[192.0.2.1]", "[IPv6:2001:db8::1]"])
+def test_a_probe_ehlo_name_or_address_literal_loads(tmp_path, ehlo):
+    path = write(tmp_path, f"""
+        monitoring:
+          probes:
+            - {{name: p, protocol: smtp, host: 127.0.0.1, ehlo: "{ehlo}"}}
+    """)
+    assert load_config(path)["monitoring"]["probes"][0]["ehlo"] == ehlo
+
+
 def test_settings_that_cannot_work_together_are_config_errors(tmp_path):
     path = write(tmp_path, """
         security:
