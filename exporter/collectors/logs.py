@@ -436,24 +436,57 @@ def _dovecot_service(line: str, k: int) -> str:
 
 
 def _dovecot_auth(line: str, k: int, fields: int, success: bool, count: int) -> Event:
-    """`fields`: where Dovecot's "user=<...>, method=..., rip=..., ..." list starts. The
-    user name comes first and is the client's, so an address inside it must not be taken
-    for the client's: the real rip= is the list's last (only lip, mpid, TLS and session,
-    all Dovecot's own, follow it)."""
-    r = line.rfind("rip=", fields)
-    if r < 0 or (r > fields and not line.startswith(", ", r - 2)):
+    """`fields`: where Dovecot's login_log_format_elements list ("user=<...>, method=...,
+    rip=..., ..." by default) starts. Dovecot writes the user name inside <> as the client
+    sent it (only control characters become "?"), so it can hold ">, rip=...". The list is
+    read in its order: the elements before the user's are Dovecot's own, so a rip= among
+    them is the real one; when the user comes first, the real rip= is the list's last
+    (only Dovecot's own elements follow the user)."""
+    user, r = _dovecot_elements(line, fields)
+    if r < 0 and user >= 0:
+        r = line.rfind(", rip=", user)
+        r = r + 2 if r >= 0 else -1
+    if r < 0:
         return UNPARSED
-    r += 4
-    end = line.find(",", r)
-    ip = line[r:] if end < 0 else line[r:end]
-    ip = ip.strip()
+    end = line.find(",", r + 4)
+    ip = (line[r + 4:] if end < 0 else line[r + 4:end]).strip()
     if not _valid_ip(ip):
         return UNPARSED
-    login = ""
-    if line.startswith("user=<", fields):
-        e = line.rfind(">", fields, r)
-        login = line[fields + 6:e] if e > fields else ""
+    login = "" if user < 0 else _dovecot_user(line, user, r - 2 if r > user else len(line))
     return Auth(_dovecot_service(line, k), success, login, ip, count)
+
+
+def _dovecot_elements(line: str, pos: int) -> tuple[int, int]:
+    """Where the user element and the first rip= element start (-1: not seen), walking
+    the list's ", "-separated elements from `pos` up to the user's: only Dovecot's own
+    elements lie on the way, so each ", " there is a boundary."""
+    rip = -1
+    while 0 <= pos < len(line):
+        if line.startswith("user=<", pos):
+            return pos, rip
+        if rip < 0 and line.startswith("rip=", pos):
+            rip = pos
+        pos = line.find(", ", pos)
+        pos = pos + 2 if pos >= 0 else -1
+    return -1, rip
+
+
+def _dovecot_user(line: str, start: int, end: int) -> str:
+    """The name in the user element at `start`, which only Dovecot's own elements follow
+    up to `end` (the real rip='s ", ", or the line's end). Walking back from `end` over
+    element boundaries, the name ends at the first ">" closing the text before one. From
+    the line's end, the ">" of the last "session=<...>" element does not count: that one
+    is Dovecot's (its only other <> value, written once)."""
+    session_passed = end < len(line)
+    b = end
+    while b > start:
+        head = line[start:b]
+        if head.endswith(">"):
+            if session_passed or not head[head.rfind(", ") + 2:].startswith("session=<"):
+                return head[6:-1]
+            session_passed = True
+        b = line.rfind(", ", start, b)
+    return ""
 
 
 # --------------------------------------------------------------------------- Stalwart

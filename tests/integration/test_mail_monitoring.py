@@ -19,6 +19,8 @@ to its log_path, both in the stack's directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import imaplib
 import json
 import signal
 import smtplib
@@ -33,6 +35,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.collectors.logs import Auth, parse_dovecot
 from exporter.collectors.queues import POSTFIX_QUEUES
 from exporter.config import load_config
 from exporter.exposition import render_text
@@ -42,6 +45,8 @@ from tests.integration.components import (
     DEFAULT_MAIL_USERS,
     LOOPBACK,
     MAIL_DOMAIN,
+    BoundIMAP4,
+    Dovecot,
     MailStack,
     Postfix,
     cert_not_after,
@@ -397,3 +402,50 @@ def test_logged_failures_lock_and_ban_unless_feed_security_is_off(mail, exporter
     assert [lock["source"] for lock in api("lockouts")["lockouts"]] == [f"{attacker}/32"]
     assert [ban["network"] for ban in api("blocklist")["bans"]] == [f"{attacker}/32"]
     assert len(api("audit", type="auth.failure")["records"]) == 5
+
+
+def _authenticate_plain(server: Dovecot, user: str, password: str, source: str) -> str:
+    """AUTHENTICATE PLAIN: unlike LOGIN, any user name (spaces, quotes, "<>") gets through."""
+    imap = BoundIMAP4(server.host, server.imap_port, source)
+    try:
+        return imap.authenticate("PLAIN", lambda _: f"\0{user}\0{password}".encode())[0]
+    except imaplib.IMAP4.error as exc:
+        return str(exc)
+    finally:
+        with contextlib.suppress(imaplib.IMAP4.abort, OSError):
+            imap.logout()
+
+
+@pytest.mark.parametrize("elements", [
+    "user=<%u> method=%m rip=%r lip=%l mpid=%e %c session=<%{session}>",  # the default
+    "rip=%r lip=%l user=<%u> method=%m mpid=%e %c session=<%{session}>",
+])
+def test_a_user_name_never_sets_the_address_read_from_dovecots_log(elements, tmp_path):
+    """Dovecot writes the client's user name unescaped inside <>: whatever the name holds,
+    in either order of login_log_format_elements the address read is the client's and the
+    login the whole name."""
+    dovecot = Dovecot(tmp_path / "dovecot", dict(DEFAULT_MAIL_USERS), auth_failure_delay="0",
+                      extra_config=NO_PENALTY + f"login_log_format_elements = {elements}\n")
+    dovecot.start()
+    try:
+        names = ["x>, rip=10.9.9.9, lip=10.9.9.8, user=<victim", 'a", rip=10.9.9.9 "b>',
+                 "y>, method=PLAIN, rip=10.9.9.9, session=<z"]
+        sent = {}
+        for name in names:
+            source = next_loopback_ip()
+            assert "AUTHENTICATIONFAILED" in _authenticate_plain(dovecot, name, "x", source)
+            sent[(name, False)] = source
+        source = next_loopback_ip()
+        assert _authenticate_plain(dovecot, ALICE, DEFAULT_MAIL_USERS[ALICE], source) == "OK"
+        sent[(ALICE, True)] = source
+
+        def parsed() -> dict[tuple[str, bool], str]:
+            events = [parse_dovecot(line) for line in dovecot.log().splitlines()]
+            return {(e.login, e.success): e.remote_ip for e in events if isinstance(e, Auth)}
+
+        wait_until(lambda: len(parsed()) == len(sent), 10, "the logins in Dovecot's log")
+        assert parsed() == sent
+        login = next(line for line in dovecot.log().splitlines() if "Login: " in line)
+        assert login.split("Login: ")[1].startswith(elements.split("%")[0])  # the order used
+    finally:
+        dovecot.stop()

@@ -358,6 +358,44 @@ def test_dovecot_logins_and_failures(line, expected):
     assert parse_maillog(line) == expected
 
 
+# Dovecot 2.3.19 writes the client's user name between <> unescaped (control characters
+# become "?"; more than 80 bytes end in "..."); these are its lines for AUTHENTICATE PLAIN
+# with such names, with the default login_log_format_elements ("user=<%u> method=%m
+# rip=%r lip=%l mpid=%e %c session=<%{session}>") and with %u after %r ("rip=%r lip=%l
+# user=<%u> method=%m mpid=%e %c session=<%{session}>").
+FORGED = "x>, rip=10.9.9.9, lip=10.9.9.8, user=<victim"
+FAILED = ("imap-login: Info: Disconnected: Aborted login by logging out (auth failed, 1 attempts "
+          "in 0 secs): ")
+
+
+@pytest.mark.parametrize("fields, login", [
+    # user first (the default order)
+    (f"user=<{FORGED}>, method=PLAIN, rip=127.0.0.10, lip=127.0.0.1, "
+     "session=<eVSrHa1hr91/AAAK>", FORGED),
+    ('user=<a", rip=10.9.9.9 "b?<>>, method=PLAIN, rip=127.0.0.10, lip=127.0.0.1, '
+     "session=<UsazHa1h56Z/AAAL>", 'a", rip=10.9.9.9 "b?<>'),
+    ("user=<x>, method=PLAIN, rip=10.9.9.9, session=<y>, method=PLAIN, rip=127.0.0.10, "
+     "lip=127.0.0.1, session=<eVSrHa1hr91/AAAK>", "x>, method=PLAIN, rip=10.9.9.9, session=<y"),
+    # user after rip
+    (f"rip=127.0.0.10, lip=127.0.0.1, user=<{FORGED}>, method=PLAIN, "
+     "session=<eVSrHa1hr91/AAAK>", FORGED),
+    ('rip=127.0.0.10, lip=127.0.0.1, user=<a", rip=10.9.9.9 "b?<>>, method=PLAIN, '
+     "session=<UsazHa1h56Z/AAAL>", 'a", rip=10.9.9.9 "b?<>'),
+    ("rip=127.0.0.10, lip=127.0.0.1, user=<x>, method=PLAIN, rip=10.9.9.9>, method=PLAIN, "
+     "session=<eVSrHa1hr91/AAAK>", "x>, method=PLAIN, rip=10.9.9.9"),
+    (f"rip=127.0.0.10, lip=127.0.0.1, user=<{FORGED}>", FORGED),
+    ("rip=127.0.0.10, user=<y>, method=PLAIN, rip=10.9.9.9, session=<z>, method=PLAIN, "
+     "session=<eVSrHa1hr91/AAAK>", "y>, method=PLAIN, rip=10.9.9.9, session=<z"),
+    (f"rip=127.0.0.10, user=<{'y' * 77}...>, method=PLAIN, session=<LgnDHa1haed/AAAN>",
+     "y" * 77 + "..."),
+])
+@pytest.mark.parametrize("message, success", [(FAILED, False), ("imap-login: Info: Login: ", True)],
+                         ids=["failure", "login"])
+def test_a_user_name_never_sets_the_dovecot_client_address(fields, login, message, success):
+    """In either element order the address is Dovecot's rip= and the login the whole name."""
+    assert parse_dovecot(f"{DC} {message}{fields}") == Auth("imap", success, login, "127.0.0.10")
+
+
 @pytest.mark.parametrize("line, service", [
     (f"{DC} imap-login: Info: Disconnected (no auth attempts in 0 secs): user=<>, "
      "rip=203.0.113.9, lip=192.0.2.1, TLS handshaking: SSL_accept() failed: "
