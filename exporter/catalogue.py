@@ -195,7 +195,8 @@ _SPECS = [
           "confirm, remove).", ("method", "action"), "mfa"),
     _spec("a3mailer_mfa_code_deliveries_total", "counter", "",
           "One-time code sends by channel (email, sms) and result (sent, failed, rejected, "
-          "circuit_open, rate_limited, bad_destination).", ("channel", "result"), "mfa"),
+          "circuit_open, rate_limited, destination_limited, bad_destination).",
+          ("channel", "result"), "mfa"),
     _spec("a3mailer_mfa_sms_circuit_open", "gauge", "",
           "1 while the SMS provider's circuit breaker is open or half-open (sends fail at "
           "once), 0 while closed; present when SMS codes are enabled.", (), "mfa"),

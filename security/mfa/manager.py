@@ -374,6 +374,13 @@ class MfaManager:
             self.stats.count(self.stats.deliveries, (channel, "rate_limited"))
             raise MfaError("rate_limited", "a code was sent moments ago; wait before asking "
                                            "for another", limit.retry_after)
+        limit = self.limiter.hit(f"send-destination:{channel}",
+                                 self._destination_key(channel, destination),
+                                 self.settings.destination_limit, now)
+        if not limit.allowed:  # one number for many user names: SMS pumping
+            self.stats.count(self.stats.deliveries, (channel, "destination_limited"))
+            raise MfaError("rate_limited", "this destination got its codes for now; wait "
+                                           "before asking for another", limit.retry_after)
         held = await self.codes.held(user, channel)
         code = await self.codes.issue(user, channel, now)
         try:
@@ -388,6 +395,11 @@ class MfaManager:
         return {"sent": True, "channel": channel,
                 "expires_in": self.settings.code_lifetime,
                 "max_attempts": self.settings.code_max_attempts}
+
+    def _destination_key(self, channel: str, destination: str) -> str:
+        """A keyed hash of the destination: the limiter's state never holds the number or
+        address itself (e-mail addresses compared in lower case)."""
+        return self.sealer.digest(destination.lower(), f"send-destination:{channel}")
 
     def _send_failed(self, channel: str, exc: DeliveryError, actor: str, user: str) -> None:
         self.stats.count(self.stats.deliveries, (channel, exc.reason))

@@ -45,6 +45,7 @@ class MfaSettings:
     recovery_codes: int = 10
     verify_limit: Limit = field(default_factory=lambda: Limit(5, 60.0, 4))
     send_limit: Limit = field(default_factory=lambda: Limit(1, 30.0, 2))
+    destination_limit: Limit = field(default_factory=lambda: Limit(5, 3600.0, 4))
     max_failures: int = 10
     failure_window: float = 900.0
     code_digits: int = 6
@@ -67,6 +68,9 @@ class MfaSettings:
             verify_limit=Limit(section["verify_rate"], seconds(section["verify_window"]),
                                section["verify_burst"]),
             send_limit=Limit(1, seconds(codes["resend_interval"]), codes["resend_burst"]),
+            destination_limit=Limit(codes["destination_rate"],
+                                    seconds(codes["destination_window"]),
+                                    codes["destination_rate"] - 1),
             max_failures=section["max_failures"],
             failure_window=seconds(section["failure_window"]),
             code_digits=codes["digits"],

@@ -352,3 +352,41 @@ async def test_codes_through_the_api_as_configured(mail, serve, tmp_path):  # no
         assert 'a3mailer_mfa_code_deliveries_total{channel="email",result="sent"} 1.0' in metrics
         assert "a3mailer_mfa_sms_circuit_open 0.0" in metrics
         assert code not in metrics and ALICE not in metrics
+
+
+async def test_one_destination_gets_at_most_destination_rate_codes_whatever_the_user(
+        serve, tmp_path):  # noqa: F811
+    """SMS pumping: one number asked for under many user names (each within its own resend
+    limit) gets destination_rate codes per destination_window, then the same 429 as a
+    resend; the limiter holds a keyed hash, never the number."""
+    from tests.unit.test_http import ADMIN, metric_value
+    from tests.unit.test_mfa_routes import mfa_config
+
+    auth = tmp_path / "sms.auth"
+    auth.write_text("Bearer from-a-file\n")
+    victim, other = "+4915112345678", "+4915187654321"
+    with RecordingHTTPServer(Provider()) as provider:
+        exporter, client = await serve(mfa_config(
+            tmp_path, codes={"destination_rate": 3, "destination_window": "1h"},
+            sms={"enabled": True, "url": provider.url, "auth_value_file": str(auth)}))
+
+        async def send(user: str, phone: str):
+            return await client.post("/api/v1/mfa/sms/send",
+                                     json={"user": user, "phone": phone}, headers=ADMIN)
+
+        assert [(await send(f"user{n}", victim)).status_code for n in range(3)] == [202] * 3
+        refused = await send("user3", victim)
+        assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+        assert 1150 <= int(refused.headers["retry-after"]) <= 1200  # one send per 20 min
+        assert (await send("user3", other)).status_code == 202  # the user is not refused
+        assert (await send("user4", victim)).status_code == 429
+        assert [json.loads(r.body)["to"] for r in provider.requests] == [victim] * 3 + [other]
+        metrics = (await client.get("/metrics")).text
+        assert metric_value(metrics, "a3mailer_mfa_code_deliveries_total", channel="sms",
+                            result="destination_limited") == 2
+        assert metric_value(metrics, "a3mailer_mfa_code_deliveries_total", channel="sms",
+                            result="sent") == 4
+        assert victim[1:] not in metrics
+        state = repr(exporter.mfa.limiter._tats)
+        assert victim[1:] not in state and other[1:] not in state
+        assert sum(klass == "send-destination:sms" for klass, _ in exporter.mfa.limiter._tats) == 2
