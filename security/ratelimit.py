@@ -218,7 +218,11 @@ def headers(result: Result) -> dict[str, str]:
 
     `RateLimit-Limit` is the capacity (1 + burst), `RateLimit-Remaining` what may
     still be sent now, `RateLimit-Reset` the seconds until all of it is available
-    again; a refused request also gets `Retry-After` (at least 1 second).
+    again; a refused request also gets `Retry-After` (at least 1 second). The three
+    count the same quota units over the draft's window (the Reset of an empty bucket,
+    capacity * emission interval); the configured rate per `window` would not match
+    Remaining (at most the capacity) nor Reset (at most that window), so it is not the
+    Limit.
     """
     fields = {
         "RateLimit-Limit": str(result.limit),
