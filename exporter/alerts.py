@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -59,7 +60,10 @@ STATE_VERSION = 1
 # the outage tolerance counts from about when the exporter went down, not from the last
 # change of state
 STATE_REFRESH_S = 300.0
+# an evaluation's bound, whatever the interval (runs never overlap: the next waits for it)
+EVALUATION_TIMEOUT_S = 10.0
 PENDING, FIRING, INACTIVE = "pending", "firing", "inactive"
+TIME_FIELDS = ("active_at", "fired_at", "resolved_at", "keep_firing_since", "valid_until")
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class AlertEngine:
         # no result for them: a rate has no two samples yet, the first CPU reading is the
         # share since boot (Prometheus's own TSDB spans its restarts; this history does not)
         self._held: set[tuple[str, str]] = set()
+        self._failing = False  # an evaluation failed: logged once, and once when it recovers
 
     # --- configuration
 
@@ -177,19 +182,43 @@ class AlertEngine:
         """(Re)applies the config; alerts of rules that stay the same keep their state."""
         self.settings = EngineSettings.from_config(config)
         self.collect_source = source
-        self.periodic.interval = self.periodic.timeout = self.settings.interval
+        self.periodic.interval = self.settings.interval
+        self.periodic.timeout = max(self.settings.interval, EVALUATION_TIMEOUT_S)
         old = self.active
         self.rules = build_rules(config) if self.settings.enabled else []
         self.active = {rule.key: old.get(rule.key, {}) for rule in self.rules}
+        self.pusher.configure(PushSettings.from_config(config["alerting"]["engine"][
+            "alertmanager"]))
+        self._resolve_dropped(old)
         self._rate_names = {}
         for rule in self.rules:
             for name, window in windows(rule.alert).items():
                 self._rate_names[name] = max(window, self._rate_names.get(name, 0.0))
-        self.pusher.configure(PushSettings.from_config(config["alerting"]["engine"][
-            "alertmanager"]))
         if not self._restored:
             self._restored = True
             self._restore()
+
+    def _resolve_dropped(self, old: dict[str, dict[str, ActiveAlert]]) -> None:
+        """Alerts of rules the reload removed (disabled, other severity or labels, engine
+        off) that Alertmanager was told of get one resolved push now, not at their endsAt."""
+        now = round(self.clock() * 1000)
+        sends = {}
+        for key, group in old.items():
+            if key in self.active:
+                continue
+            for fp, alert in group.items():
+                if alert.last_sent_at is None or (alert.resolved_at
+                                                  and alert.resolved_at <= alert.last_sent_at):
+                    continue  # never sent, or its resolution was sent already
+                sends[fp] = {"labels": dict(alert.labels),
+                             "annotations": dict(alert.annotations),
+                             "startsAt": rfc3339(alert.fired_at),
+                             "endsAt": rfc3339(alert.resolved_at or now)}
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a test's configure): nothing was ever sent
+            return
+        self.pusher.submit(sends)
 
     # --- evaluation
 
@@ -202,19 +231,34 @@ class AlertEngine:
         try:
             families = await asyncio.to_thread(lambda: list(self.collect_source()))
         except Exception as exc:
-            log.warning("alert evaluation failed: reading the metrics raised",
-                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            self._failed(f"reading the metrics raised {type(exc).__name__}: {exc}")
             raise
-        sends = self.evaluate(families, self.clock())
+        errors: dict[str, str] = {}
+        sends = self.evaluate(families, self.clock(), errors)
         if sends:
             self.pusher.submit(sends)
         self.save()
+        if errors:
+            message = "; ".join(f"{name}: {error}" for name, error in errors.items())
+            self._failed(message)
+            raise RuntimeError(message)
+        if self._failing:
+            self._failing = False
+            log.info("alert evaluation recovered")
         return sum(a.state == FIRING for alerts in self.active.values()
                    for a in alerts.values())
 
-    def evaluate(self, families: Iterable[Metric], now: float) -> dict[str, dict[str, Any]]:
+    def _failed(self, error: str) -> None:
+        """Logs a failing evaluation once per streak (Periodic counts every one)."""
+        if not self._failing:
+            self._failing = True
+            log.warning("alert evaluation failing", extra={"error": error})
+
+    def evaluate(self, families: Iterable[Metric], now: float,
+                 errors: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
         """Evaluates every rule over one scrape at Unix time `now`; returns the alerts that
-        need sending to Alertmanager (fingerprint -> API v2 alert)."""
+        need sending to Alertmanager (fingerprint -> API v2 alert). A rule that raises is
+        put in `errors` (alert name -> error) and the other rules are evaluated."""
         t = round(now * 1000)
         samples = Samples(families, self.settings.target_labels)
         keep = round(max(self._rate_names.values(), default=0.0) * 1000)
@@ -222,9 +266,14 @@ class AlertEngine:
         sends: dict[str, dict[str, Any]] = {}
         counts: dict[tuple[str, str], tuple[int, int]] = {}
         for rule in self.rules:
-            self._step(rule, samples, t)
-            if self.pusher.enabled:
-                sends.update(self._to_send(rule, t))
+            try:
+                self._step(rule, samples, t)
+                if self.pusher.enabled:
+                    sends.update(self._to_send(rule, t))
+            except Exception as exc:
+                if errors is None:
+                    raise
+                errors[rule.name] = f"{type(exc).__name__}: {exc}"
             states = [a.state for a in self.active.get(rule.key, {}).values()]
             fired, waiting = counts.get((rule.name, rule.severity), (0, 0))
             counts[rule.name, rule.severity] = (fired + states.count(FIRING),
@@ -244,6 +293,7 @@ class AlertEngine:
             for name, template in rule.labels.items():
                 labels[name] = expand(template, series, value)
             labels["alertname"] = rule.name
+            labels = {k: v for k, v in labels.items() if v != ""}  # as Prometheus drops them
             annotations = {name: expand(template, series, value)
                            for name, template in rule.annotations.items()}
             key = fingerprint(labels)
@@ -409,9 +459,9 @@ class AlertEngine:
                 item = dict(item)
                 key = item.pop("rule")
                 alert = ActiveAlert(**item)
-                if not isinstance(alert.labels, dict) or alert.state not in (
-                        PENDING, FIRING, INACTIVE):
-                    raise ValueError("an alert without labels or state")
+                if not isinstance(key, str):
+                    raise ValueError("an alert without its rule")
+                _check_alert(alert)
                 restored.append((key, fingerprint(alert.labels), alert))
             history = CounterHistory()
             history.load(data.get("history") or {})
@@ -426,6 +476,31 @@ class AlertEngine:
                 self.active[key][fp] = alert
                 self._held.add((key, fp))
         log.info("alert states restored", extra={"alerts": len(self._held)})
+
+
+def _check_alert(alert: ActiveAlert) -> None:
+    """Raises ValueError unless every field of a restored alert has its type: a wrong one
+    would fail every evaluation after the restore."""
+    for name in ("labels", "annotations"):
+        pairs = getattr(alert, name)
+        if not isinstance(pairs, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+            raise ValueError(f"an alert's {name} are not a mapping of strings")
+    if alert.state not in (PENDING, FIRING, INACTIVE):
+        raise ValueError(f"an alert's state is {alert.state!r}")
+    if not _is_number(alert.value):
+        raise ValueError("an alert's value is not a number")
+    for name in TIME_FIELDS + ("last_sent_at",):
+        value = getattr(alert, name)
+        if value is None and name == "last_sent_at":
+            continue
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"an alert's {name} is not a time: {value!r}")
+        setattr(alert, name, round(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _json_number(value: float) -> float | str:

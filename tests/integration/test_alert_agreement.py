@@ -43,7 +43,10 @@ OVERRIDES = {
         "alerts": {
             # the overrides reach both: a shorter for, another severity and a label
             "A3MailerTlsCertificateExpiring": {"for": "20m"},
-            "A3MailerHighCpuUsage": {"severity": "critical", "labels": {"page": "yes"}},
+            # an empty label is dropped, as Prometheus drops it; for: 0s fires at once
+            "A3MailerHighCpuUsage": {"severity": "critical",
+                                     "labels": {"page": "yes", "empty": ""}},
+            "A3MailerMailQueueLarge": {"for": "0s"},
             "A3MailerBanSpike": {"keep_firing_for": "0s"},
             "A3MailerLockoutSpike": {"enabled": False},
         },
@@ -267,6 +270,9 @@ def test_for_and_hysteresis_steps_are_the_documented_ones(run):
                              "page": "yes", "team": "mail", **TARGET}
     assert cpu["annotations"]["description"] == (
         "CPU usage on mail1:10587 has been 160.0% for 10m, above the threshold of 80%.")
+    # for: 0s (written as such in the rule): the queue alert fires at its first bad step
+    [queue] = [p for (name, _), p in run["patterns"].items() if name == "A3MailerMailQueueLarge"]
+    assert _firing_steps(run, "A3MailerMailQueueLarge")[0] == queue.index(True) == 2
     # keep_firing_for 0s: the ban spike (5m for, breach from step 2) resolves at the first
     # step back (10), and the second breach (3 steps) is shorter than its for
     assert _firing_steps(run, "A3MailerBanSpike") == [7, 8, 9]

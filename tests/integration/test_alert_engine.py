@@ -15,8 +15,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +70,12 @@ def engine_alerts(url: str, name: str) -> list[dict[str, Any]]:
     return [a for a in body["alerts"] if a["name"] == name]
 
 
-def notified(alertmanager: Alertmanager, status: str) -> dict[str, Any]:
-    """The lockout alert in the first webhook notification with that status."""
+def notified(alertmanager: Alertmanager, status: str,
+             name: str = "A3MailerLockoutSpike") -> dict[str, Any]:
+    """The alert in the first webhook notification with that status."""
 
     def mine(alert: dict[str, Any]) -> bool:
-        return bool(alert["labels"]["alertname"] == "A3MailerLockoutSpike"
-                    and alert["status"] == status)
+        return bool(alert["labels"]["alertname"] == name and alert["status"] == status)
 
     note = alertmanager.wait_for_notification(lambda p: any(mine(a) for a in p["alerts"]),
                                               timeout=60)
@@ -161,6 +165,83 @@ def test_breach_reaches_alertmanager_and_agrees_with_prometheus(tmp_path, alertm
     finally:
         os.environ.pop("A3MAILER_ADMIN_TOKEN", None)
         prometheus.stop()
+        exporter.stop()
+
+
+def engine_status(url: str) -> dict[str, Any]:
+    return dict(httpx.get(url + "/api/v1/alerts", timeout=10).json())
+
+
+def test_a_state_file_with_a_wrong_typed_field_is_refused_and_evaluation_goes_on(tmp_path):
+    """A restored alert with resolved_at "yesterday" failed every evaluation (TypeError),
+    stayed firing and stopped the rules after it; the file is now unreadable: logged, and
+    the engine starts afresh."""
+    port = free_port()
+    workdir = tmp_path / "exporter"
+    (workdir / "state").mkdir(parents=True)
+    labels = {"alertname": "A3MailerTooManyConnections", "severity": "warning",
+              "instance": f"127.0.0.1:{port}", "job": JOB}
+    rule = json.dumps(["A3MailerTooManyConnections", {"severity": "warning"}], sort_keys=True)
+    now = int(time.time() * 1000)
+    (workdir / "state" / "alerts.json").write_text(json.dumps({
+        "version": 1, "saved_at": time.time(), "history": {}, "alerts": [{
+            "rule": rule, "labels": labels, "annotations": {}, "value": 1.0,
+            "state": "firing", "active_at": now - 60000, "fired_at": now - 30000,
+            "resolved_at": "yesterday", "keep_firing_since": 0, "last_sent_at": None,
+            "valid_until": 0}]}))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"alerting": {"engine": {"evaluation_interval": "1s"}}}))
+    exporter = ExporterProcess(workdir, path, port=port)
+    try:
+        exporter.start()
+        wait_until(lambda: engine_status(exporter.url)["evaluations"] >= 3, 20,
+                   "three evaluations", interval=0.2)
+        status = engine_status(exporter.url)
+        assert status["evaluation_failures"] == 0 and status["last_error"] is None
+        assert [a for a in status["alerts"] if a["name"] == "A3MailerTooManyConnections"] == []
+        log = exporter.log()
+        assert "cannot read saved alert states; starting afresh" in log
+        assert "resolved_at" in log and "alert states restored" not in log
+    finally:
+        exporter.stop()
+
+
+def test_a_reload_that_drops_a_firing_rule_resolves_it_in_alertmanager(tmp_path, alertmanager):
+    """Memory use above 0 % fires at once (for: 0s); a reload that disables the alert sends
+    its resolution at once, not at its endsAt four minutes on."""
+    port = free_port()
+    (tmp_path / "am.password").write_text(AM_PASSWORD + "\n")
+    engine = {"evaluation_interval": "1s",
+              "alertmanager": {"url": alertmanager.url, "username": AM_USER,
+                               "password_file": str(tmp_path / "am.password"),
+                               "resend_interval": "1m", "timeout": "5s"}}
+    config: dict[str, Any] = {
+        "monitoring": {"alert_thresholds": {"memory_usage_threshold": 0}},
+        "alerting": {"labels": {"team": "mail", "empty": ""},
+                     "alerts": {"A3MailerHighMemoryUsage": {"for": "0s"}}, "engine": engine}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "exporter").mkdir()
+    exporter = ExporterProcess(tmp_path / "exporter", path, port=port)
+    try:
+        exporter.start()
+        firing = notified(alertmanager, "firing", "A3MailerHighMemoryUsage")
+        assert firing["labels"]["team"] == "mail" and "empty" not in firing["labels"]
+        [mine] = engine_alerts(exporter.url, "A3MailerHighMemoryUsage")
+        assert mine["state"] == "firing" and mine["for_seconds"] == 0
+        assert mine["fired_at"] == mine["active_at"]  # fired at its first evaluation
+        assert "empty" not in mine["labels"]
+        config["alerting"]["alerts"]["A3MailerHighMemoryUsage"]["enabled"] = False
+        path.write_text(yaml.safe_dump(config))
+        reloaded = time.time()
+        exporter.signal(signal.SIGHUP)
+        gone = notified(alertmanager, "resolved", "A3MailerHighMemoryUsage")
+        assert time.time() - reloaded < 15
+        assert gone["labels"] == firing["labels"]
+        ends = datetime.fromisoformat(gone["endsAt"].replace("Z", "+00:00")).timestamp()
+        assert abs(ends - reloaded) < 10  # now, not four resend intervals on
+        assert engine_alerts(exporter.url, "A3MailerHighMemoryUsage") == []
+    finally:
         exporter.stop()
 
 

@@ -17,7 +17,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.alert_templates import expand, go_float, humanize, humanize_duration, printf
-from exporter.alerts import OUTAGE_TOLERANCE_S, AlertEngine, build_rules
+from exporter.alerts import (
+    EVALUATION_TIMEOUT_S,
+    OUTAGE_TOLERANCE_S,
+    ActiveAlert,
+    AlertEngine,
+    build_rules,
+)
 from exporter.config import ConfigError, load_config
 from exporter.generate.alerts import THRESHOLD_ALERTS
 from exporter.http import create_app
@@ -400,3 +406,38 @@ async def test_api_says_when_the_engine_is_disabled(served):
     assert answer.status_code == 404 and "alerting.engine.enabled" in answer.json()["message"]
     assert "a3mailer_alert_active" not in (await client.get("/metrics")).text
     assert await exporter.alerts.evaluate_once() == 0
+
+
+def test_a_failing_rule_leaves_the_others_evaluated_and_is_logged_once(engine_for, caplog):
+    """A corrupt alert of the first rule (resolved_at a string) raised in its step and the
+    rules after it were never evaluated, nothing saved, nothing logged above debug."""
+    caplog.set_level("INFO", logger="exporter.alerts")
+    engine = engine_for()
+    first = engine.rules[0]
+    engine.active[first.key]["x"] = ActiveAlert({"alertname": first.name}, {}, 1.0, "firing",
+                                                0, 1, "yesterday")  # type: ignore[arg-type]
+    engine.collect_source = lambda: gauge("a3mailer_queue_total_messages", 50000)
+    for _ in range(2):
+        outcome = asyncio.run(engine.periodic.once())
+        assert f"{first.name}: TypeError: unsupported operand" in outcome.error
+    assert [(a["name"], a["state"]) for a in engine.snapshot()
+            if a["name"] != first.name] == [("A3MailerMailQueueLarge", "pending")]
+    assert engine.periodic.last.failures == 2 and engine.state_path.exists()
+    assert caplog.text.count("alert evaluation failing") == 1
+    del engine.active[first.key]["x"]
+    assert asyncio.run(engine.periodic.once()).error == ""
+    assert "alert evaluation recovered" in caplog.text
+
+
+def test_a_short_interval_does_not_time_the_evaluation_out(engine_for):
+    """The timeout was the interval: at 1ms every evaluation timed out."""
+    engine = engine_for({"engine": {"evaluation_interval": "1ms"}})
+
+    def slow() -> list[Metric]:
+        time.sleep(0.05)
+        return gauge("a3mailer_queue_total_messages", 50000)
+
+    engine.collect_source = slow
+    assert engine.periodic.interval == 0.001 and engine.periodic.timeout == EVALUATION_TIMEOUT_S
+    outcome = asyncio.run(engine.periodic.once())
+    assert outcome.error == "" and outcome.value == 0
